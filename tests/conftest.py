@@ -1,0 +1,96 @@
+"""Shared fixtures: the tiny offline model, and a guard that fails any test leaking a process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    # Orphans (a worker whose supervisor was SIGKILLed) re-parent to us instead of init, so the
+    # leak check below sees them and can kill them.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:  # pragma: no cover - non-Linux
+        pass
+
+
+_become_subreaper()
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama + BPE tokenizer with a chat template, built offline once per session."""
+    from trainerd.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a trainerd subprocess: the repo importable, offline, quiet tokenizers."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def _descendants() -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes():
+    """Fail the test if it leaves any process behind (after a short grace to exit)."""
+    before = _descendants()
+    yield
+    deadline = time.monotonic() + 5.0
+    leaked: list[psutil.Process] = []
+    while True:
+        leaked = []
+        for pid in _descendants() - before:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    leaked.append(p)
+                else:
+                    os.waitpid(pid, os.WNOHANG)
+            except (psutil.Error, ChildProcessError):
+                pass
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if leaked:
+        desc = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in leaked if p.is_running()]
+        for p in leaked:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(leaked, timeout=5)
+        if desc:
+            pytest.fail(f"test leaked processes: {desc}")

@@ -1,0 +1,344 @@
+"""Typed configuration: one YAML file, validated all at once.
+
+Stdlib + pyyaml only: the supervisor, the CLI and the worker all load the same schema, so the
+settings file the supervisor hands a worker is checked by exactly the rules an operator's
+config is. Every problem is collected with its key path and raised once as ``ConfigError``;
+unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "load",
+    "from_dict",
+    "parse_size",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found, one ``path: reason`` per line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid configuration{f' in {source}' if source else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_MULT = {
+    None: 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """``12GiB`` / ``512MB`` / ``1048576`` -> bytes. Raises ValueError with the reason."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a size like 12GiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(float(m.group(1)) * _SIZE_MULT[unit])
+    raise ValueError(f"must be a size like 12GiB or a number of bytes, got {value!r}")
+
+
+# --- the schema -------------------------------------------------------------------------
+# Each section is a dataclass; field metadata carries the check. Defaults are the
+# documented ones in configs/trainerd.yaml.
+
+
+def _check(kind: str, **kw: Any) -> dict[str, Any]:
+    return {"check": (kind, kw)}
+
+
+@dataclass
+class ModelSettings:
+    path: str = field(default="models/SmolLM2-135M-Instruct", metadata=_check("str", nonempty=True))
+    dtype: str = field(default="auto", metadata=_check("choice", choices=("auto", "float32", "bfloat16")))
+    device: str = field(default="auto", metadata=_check("choice", choices=("auto", "cpu", "cuda")))
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata=_check("int", min=1))
+    alpha: float = field(default=16.0, metadata=_check("float", min=0.0, exclusive_min=True))
+    dropout: float = field(default=0.05, metadata=_check("float", min=0.0, max=0.99))
+    target_modules: list = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata=_check("strlist", nonempty=True)
+    )
+
+
+@dataclass
+class TrainSettings:
+    seq_len: int = field(default=256, metadata=_check("int", min=8, max=1 << 20))
+    micro_batch_size: int = field(default=4, metadata=_check("int", min=1))
+    grad_accum_steps: int = field(default=4, metadata=_check("int", min=1))
+    learning_rate: float = field(default=2e-4, metadata=_check("float", min=0.0, exclusive_min=True, max=1.0))
+    weight_decay: float = field(default=0.0, metadata=_check("float", min=0.0))
+    warmup_steps: int = field(default=10, metadata=_check("int", min=0))
+    max_grad_norm: float = field(default=1.0, metadata=_check("float", min=0.0))
+    epochs: int = field(default=1, metadata=_check("int", min=1))
+    seed: int = field(default=1234, metadata=_check("int", min=0))
+    checkpoint_every_steps: int = field(default=50, metadata=_check("int", min=0))
+    checkpoint_every_s: float = field(default=600.0, metadata=_check("float", min=0.0))
+    keep_checkpoints: int = field(default=3, metadata=_check("int", min=1))
+    gradient_checkpointing: bool = field(default=False, metadata=_check("bool"))
+    # 0 = let torch decide. Fixed thread counts keep CPU runs reproducible across machines.
+    threads: int = field(default=0, metadata=_check("int", min=0))
+
+
+@dataclass
+class DataSettings:
+    chunk_lines: int = field(default=1000, metadata=_check("int", min=1))
+    max_bad_fraction: float = field(default=0.01, metadata=_check("float", min=0.0, max=1.0))
+    max_line_bytes: int = field(default=1 << 20, metadata=_check("size", min=16))
+    max_errors_reported: int = field(default=20, metadata=_check("int", min=1))
+
+
+@dataclass
+class MemorySettings:
+    # "auto" = the smallest of the cgroup limit and physical memory.
+    limit: Any = field(default="auto", metadata=_check("size_or_auto"))
+    soft: float = field(default=0.85, metadata=_check("float", min=0.1, max=1.0))
+    hard: float = field(default=0.95, metadata=_check("float", min=0.1, max=1.0))
+    interval_ms: int = field(default=100, metadata=_check("int", min=10, max=60_000))
+    kill_grace_s: float = field(default=10.0, metadata=_check("float", min=0.0))
+    # PSI "some avg10" percentage that counts as the soft limit when sustained; 0 disables.
+    psi_threshold: float = field(default=40.0, metadata=_check("float", min=0.0, max=100.0))
+    psi_sustain_s: float = field(default=10.0, metadata=_check("float", min=0.0))
+    # Recycle a worker (checkpoint + restart) after this long; 0 disables.
+    max_worker_age_s: float = field(default=0.0, metadata=_check("float", min=0.0))
+    # Recycle when steady-state growth would reach the soft limit within this horizon; 0 disables.
+    leak_horizon_s: float = field(default=3600.0, metadata=_check("float", min=0.0))
+
+
+@dataclass
+class RetrySettings:
+    max_attempts: int = field(default=5, metadata=_check("int", min=1))
+    backoff_s: float = field(default=5.0, metadata=_check("float", min=0.0))
+    backoff_max_s: float = field(default=600.0, metadata=_check("float", min=0.0))
+    # Memory stops that made no progress before the batch is failed (never loop).
+    max_memory_stops: int = field(default=8, metadata=_check("int", min=1))
+
+
+@dataclass
+class SupervisorSettings:
+    stop_grace_s: float = field(default=60.0, metadata=_check("float", min=0.0))
+    rescan_s: float = field(default=5.0, metadata=_check("float", min=0.1))
+    # A file must be unchanged (size, mtime) for this long and not open for writing.
+    settle_s: float = field(default=1.0, metadata=_check("float", min=0.0))
+    watchdog_ping_s: float = field(default=0.0, metadata=_check("float", min=0.0))
+
+
+@dataclass
+class DiskSettings:
+    min_free_bytes: int = field(default=1 << 30, metadata=_check("size", min=0))
+
+
+@dataclass
+class LogSettings:
+    level: str = field(default="info", metadata=_check("choice", choices=("debug", "info", "warning", "error")))
+    file: bool = field(default=True, metadata=_check("bool"))
+    format: str = field(default="auto", metadata=_check("choice", choices=("auto", "json", "console")))
+
+
+@dataclass
+class Settings:
+    root: str = field(default="/var/lib/trainerd", metadata=_check("str", nonempty=True))
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    disk: DiskSettings = field(default_factory=DiskSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    # convenience
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root)
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.memory.limit == "auto" else int(self.memory.limit)
+
+
+def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
+    def bad(msg: str) -> None:
+        problems.append(f"{path}: {msg}")
+
+    if kind == "str":
+        if not isinstance(value, str):
+            return bad(f"must be a string, got {value!r}")
+        if kw.get("nonempty") and not value.strip():
+            return bad("must not be empty")
+        return value
+    if kind == "choice":
+        if value not in kw["choices"]:
+            return bad(f"must be one of {', '.join(kw['choices'])}, got {value!r}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return bad(f"must be true or false, got {value!r}")
+        return value
+    if kind == "strlist":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return bad(f"must be a list of names, got {value!r}")
+        if kw.get("nonempty") and not value:
+            return bad("must not be empty")
+        return list(value)
+    if kind in ("size", "size_or_auto"):
+        if kind == "size_or_auto" and value == "auto":
+            return value
+        try:
+            value = parse_size(value)
+        except ValueError as e:
+            return bad(str(e))
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return bad(f"must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return bad(f"must be a number, got {value!r}")
+        value = float(value)
+    lo, hi = kw.get("min"), kw.get("max")
+    if lo is not None:
+        if kw.get("exclusive_min") and not value > lo:
+            return bad(f"must be > {lo}, got {value}")
+        if not kw.get("exclusive_min") and value < lo:
+            return bad(f"must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        return bad(f"must be <= {hi}, got {value}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or '<top>'}: must be a mapping, got {type(data).__name__}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            problems.append(f"{path}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Settings")):
+            sub_cls = _SECTIONS[name]
+            kwargs[name] = _build(sub_cls, data[name], path, problems)
+            continue
+        kind, kw = f.metadata["check"]
+        n_before = len(problems)
+        value = _convert(path, data[name], kind, kw, problems)
+        if len(problems) == n_before:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "model": ModelSettings,
+    "lora": LoraSettings,
+    "train": TrainSettings,
+    "data": DataSettings,
+    "memory": MemorySettings,
+    "retry": RetrySettings,
+    "supervisor": SupervisorSettings,
+    "disk": DiskSettings,
+    "log": LogSettings,
+}
+
+
+def _cross_checks(s: Settings, problems: list[str]) -> None:
+    if s.memory.soft >= s.memory.hard:
+        problems.append(f"memory.soft: must be below memory.hard ({s.memory.hard}), got {s.memory.soft}")
+    if s.retry.backoff_max_s < s.retry.backoff_s:
+        problems.append(
+            f"retry.backoff_max_s: must be >= retry.backoff_s ({s.retry.backoff_s}), got {s.retry.backoff_max_s}"
+        )
+
+
+def from_dict(data: Any, *, source: str | None = None, base_dir: Path | None = None) -> Settings:
+    """Validate a mapping into Settings; relative paths resolve against ``base_dir``."""
+    problems: list[str] = []
+    settings = _build(Settings, data, "", problems)
+    _cross_checks(settings, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    if base_dir is not None:
+        settings.root = str((base_dir / os.path.expanduser(settings.root)).resolve())
+        settings.model.path = str((base_dir / os.path.expanduser(settings.model.path)).resolve())
+    return settings
+
+
+def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Settings:
+    """Load a YAML (or JSON) config file. Relative paths in it are relative to the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read config: {e.strerror or e}"], str(p)) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text: {e}"], str(p)) from e
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}not valid YAML: {getattr(e, 'problem', None) or e}"], str(p)) from e
+    if overrides:
+        data = _merge(data if isinstance(data, dict) else {}, overrides)
+    return from_dict(data, source=str(p), base_dir=p.resolve().parent)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def dump_json(settings: Settings, path: str | os.PathLike[str]) -> None:
+    """Write settings as JSON atomically (tmp + fsync + rename): a worker never reads half."""
+    from trainerd.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), json.dumps(to_dict(settings), indent=2, sort_keys=True).encode())
