@@ -1,0 +1,105 @@
+"""Worker entry point: exit 0 done, 75 stopped (resumable), 65 bad data, 78 bad settings.
+
+Anything else is a crash: the traceback goes to stderr and result.json says ``crashed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# Quiet, offline, no surprises: set before transformers/datasets are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _logger():
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    return structlog.get_logger().bind(pid=os.getpid())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainerd.worker", description=__doc__)
+    p.add_argument("batch_dir", type=Path)
+    p.add_argument("--init-adapter", type=Path, default=None,
+                   help="adapter to continue from when the batch has no checkpoint yet")
+    p.add_argument("--publish", type=Path, default=None,
+                   help="where to write the final adapter (atomically; must not exist)")
+    args = p.parse_args(argv)
+    log = _logger()
+    batch_dir = args.batch_dir.resolve()
+    result_path = batch_dir / "result.json"
+
+    from trainerd.config import ConfigError, from_dict
+    from trainerd.fsutil import atomic_write_json, read_json
+
+    def finish(status: str, reason: str, code: int, **extra) -> int:
+        body = {"status": status, "reason": reason, "exit_code": code, **extra}
+        try:
+            atomic_write_json(result_path, body)
+        except OSError as e:  # disk full: the exit code still tells the supervisor
+            log.error("result_write_failed", error=str(e))
+        log.info("worker_exit", status=status, reason=reason, exit_code=code)
+        return code
+
+    if not batch_dir.is_dir():
+        return finish("bad_config", f"batch folder missing: {batch_dir}", 78)
+    try:
+        raw = read_json(batch_dir / "settings.json")
+    except FileNotFoundError:
+        return finish("bad_config", f"settings file missing: {batch_dir / 'settings.json'}", 78)
+    except ValueError as e:
+        return finish("bad_config", f"settings.json is not valid JSON: {e}", 78)
+    try:
+        settings = from_dict(raw, source=str(batch_dir / "settings.json"))
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("bad_setting", problem=problem)
+        return finish("bad_config", "; ".join(e.problems), 78, problems=e.problems)
+    if args.init_adapter is not None and not (args.init_adapter / "adapter_config.json").is_file():
+        return finish("bad_config", f"--init-adapter: no adapter at {args.init_adapter}", 78)
+
+    from trainerd.worker.data import DataError
+    from trainerd.worker.train import ConfigProblem, Trainer
+
+    trainer = Trainer(batch_dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
+    try:
+        outcome = trainer.run()
+    except DataError as e:
+        log.error("bad_data", reason=e.reason, first_errors=e.errors[:5])
+        summary = trainer.summary()
+        summary["errors"] = e.errors or summary.get("errors", [])
+        return finish("bad_data", e.reason, 65, **summary)
+    except ConfigProblem as e:
+        log.error("bad_setting", problem=str(e))
+        return finish("bad_config", str(e), 78, problems=[str(e)], **trainer.summary())
+    except Exception as e:
+        traceback.print_exc()
+        log.error("worker_crashed", error=f"{type(e).__name__}: {e}")
+        try:
+            summary = trainer.summary()
+        except Exception:
+            summary = {}
+        return finish("crashed", f"{type(e).__name__}: {e}", 70, **summary)
+    return finish(outcome.status, outcome.reason, outcome.exit_code, **trainer.summary(), **outcome.extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""The training loop: one claimed batch, from its newest checkpoint to the end or a stop.
+
+Shape of a step: fetch ``effective_batch`` blocks (micro x accumulation), count their label
+tokens, run them in micro-batches with ``loss = sum / label_tokens_in_step`` (so the gradient
+does not depend on how the step is split: the memory back-off keeps the same optimizer step),
+clip, step, ``gc.collect()``. Stops are checked between micro-batches; a stop mid-step discards
+the partial gradient and checkpoints the state at the step's start (parameters, optimizer and
+scheduler are untouched until ``optimizer.step``; the RNG state and cursor are remembered), so
+a stop never waits for a long step, let alone an epoch.
+
+Distributed later: every stop decision goes through ``Stopper.agree`` (an all-reduce when
+torch.distributed is initialised) and only rank 0 writes checkpoints and the published adapter.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import resource
+import signal
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainerd.config import Settings
+from trainerd.fsutil import atomic_write_json, fsync_tree, read_json
+from trainerd.worker import checkpoint as ckpt
+from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, Scan, scan
+
+EX_OK, EX_DATAERR, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 65, 70, 75, 78
+
+
+class ConfigProblem(Exception):
+    """The settings cannot work (exit 78)."""
+
+
+class StopRequested(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- stopping ----------------------------------------------------------------------------
+
+
+class Stopper:
+    """Collects the reasons to stop. Signal handlers only set a flag (logging or raising in a
+    handler is unsafe); the loop asks ``check()`` between micro-batches."""
+
+    def __init__(self, batch_stop: Path, global_stop: Path):
+        self.batch_stop, self.global_stop = batch_stop, global_stop
+        self._signal_reason: str | None = None
+        self._lifeline_lost = threading.Event()
+        self._signals = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        if _stdin_is_pipe():
+            threading.Thread(target=self._watch_lifeline, name="lifeline", daemon=True).start()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Second signal: stop at once (cold stop). The last complete checkpoint stands.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self._signal_reason = "shutdown"
+
+    def _watch_lifeline(self) -> None:
+        # The supervisor holds the write end of our stdin and never writes: EOF means it died.
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        self._lifeline_lost.set()
+
+    def check(self) -> str | None:
+        if self._signal_reason:
+            return self._signal_reason
+        if self._lifeline_lost.is_set():
+            return "parent_gone"
+        try:
+            reason = self.batch_stop.read_text(encoding="utf-8", errors="replace").strip()
+            return reason if reason in ("memory", "recycle", "paused", "shutdown") else "memory"
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return "memory"
+        if self.global_stop.exists():
+            return "paused"
+        return None
+
+    def agree(self) -> str | None:
+        """The stop decision every rank must share (a no-op on one process)."""
+        reason = self.check()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if reason else 0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not reason:
+                reason = "peer_stopped"
+        return reason
+
+
+def _stdin_is_pipe() -> bool:
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def set_oom_score_adj(value: int = 1000) -> None:
+    """If the kernel must kill, it kills us, never the supervisor."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def pick_device(settings: Settings) -> torch.device:
+    want = settings.model.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigProblem("model.device: cuda requested but torch sees no CUDA device")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def pick_dtype(settings: Settings, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(weights dtype, bf16 autocast on?)."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if settings.model.dtype == "bfloat16":
+        return torch.bfloat16, device.type == "cuda"
+    if settings.model.dtype == "float32":
+        return torch.float32, bf16_ok
+    return (torch.bfloat16 if bf16_ok else torch.float32), bf16_ok
+
+
+@dataclass
+class Outcome:
+    status: str
+    reason: str
+    exit_code: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the trainer -------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, batch_dir: Path, settings: Settings, *, init_adapter: Path | None,
+                 publish: Path | None, log: Any):
+        self.batch_dir = batch_dir
+        self.s = settings
+        self.init_adapter = init_adapter
+        self.publish = publish
+        self.log = log
+        self.data_path = batch_dir / "data.jsonl"
+        self.ckpt_root = batch_dir / "checkpoints"
+        self.stopper = Stopper(batch_dir / ".stop", Path(settings.root) / ".stop")
+        self._last_ckpt_step = -1
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.started = time.monotonic()
+        self.result: dict[str, Any] = {
+            "micro_batch_size": settings.train.micro_batch_size,
+            "grad_accum_steps": settings.train.grad_accum_steps,
+        }
+        self.device: torch.device | None = None
+        self.micro = 0  # set once training starts
+        self.eff = 0
+        self.step = 0
+        self.tokens = 0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.train_tokens_this_run = 0
+        self.train_time_this_run = 0.0
+        self.steps_this_run = 0
+        self.total_steps = 0
+        self._last_progress = 0.0
+        self._last_ckpt_time = time.monotonic()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        mp = Path(self.s.model.path)
+        if not (mp / "config.json").is_file():
+            raise ConfigProblem(f"model.path: no model folder at {mp} (run scripts/fetch-model?)")
+        if self.s.train.threads:
+            torch.set_num_threads(self.s.train.threads)
+        self.device = pick_device(self.s)
+        self.dtype, self.autocast = pick_dtype(self.s, self.device)
+        t0 = time.monotonic()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(mp))
+        except Exception as e:
+            raise ConfigProblem(f"model.path: cannot load the tokenizer from {mp}: {e}") from e
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        try:
+            base = AutoModelForCausalLM.from_pretrained(str(mp), dtype=self.dtype)
+        except Exception as e:
+            raise ConfigProblem(f"model.path: cannot load the model from {mp}: {e}") from e
+        self.base_load_s = time.monotonic() - t0
+        self.base = base
+        self.log.info("model_loaded", path=str(mp), dtype=str(self.dtype).removeprefix("torch."),
+                      device=str(self.device), autocast_bf16=self.autocast, load_s=round(self.base_load_s, 2))
+
+    def _build_peft(self, adapter_dir: Path | None) -> None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        torch.manual_seed(self.s.train.seed)
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(self.base, str(adapter_dir), is_trainable=True)
+            cfg = model.peft_config["default"]
+            want = (self.s.lora.r, float(self.s.lora.alpha), sorted(self.s.lora.target_modules))
+            have = (cfg.r, float(cfg.lora_alpha), sorted(cfg.target_modules or []))
+            if want != have:
+                self.log.warning("adapter_config_differs", adapter=str(adapter_dir),
+                                 settings=list(map(str, want)), adapter_has=list(map(str, have)),
+                                 hint="the adapter's own LoRA shape is kept; start a new lineage to change it")
+        else:
+            cfg = LoraConfig(r=self.s.lora.r, lora_alpha=self.s.lora.alpha, lora_dropout=self.s.lora.dropout,
+                             target_modules=list(self.s.lora.target_modules), task_type="CAUSAL_LM")
+            try:
+                model = get_peft_model(self.base, cfg)
+            except ValueError as e:
+                raise ConfigProblem(f"lora.target_modules: {e}") from e
+        if self.s.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.to(self.device)
+        model.train()
+        self.model = model
+
+    def _schedule(self, total_steps: int):
+        from transformers import get_linear_schedule_with_warmup
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.s.train.learning_rate,
+                                           weight_decay=self.s.train.weight_decay)
+        warmup = min(self.s.train.warmup_steps, total_steps // 2)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        set_oom_score_adj(1000)
+        self.stopper.install()
+        if not self.data_path.is_file():
+            raise DataError(f"data file missing: {self.data_path}")
+        self._load()
+        encoder = Encoder(self.tokenizer)
+
+        # The first pass is reused on resume while the file is unchanged (size + mtime).
+        scan_path = self.batch_dir / "scan.json"
+        sc = self._cached_scan(scan_path)
+        if sc is None:
+            t0 = time.monotonic()
+            try:
+                sc = scan(self.data_path, encoder, seq_len=self.s.train.seq_len,
+                          max_line_bytes=self.s.data.max_line_bytes, chunk_lines=self.s.data.chunk_lines,
+                          max_bad_fraction=self.s.data.max_bad_fraction,
+                          errors_path=self.batch_dir / "errors.jsonl",
+                          max_errors=self.s.data.max_errors_reported,
+                          should_stop=lambda: self.stopper.check() is not None)
+            except Interrupted:
+                return self._stopped_before_training()
+            atomic_write_json(scan_path, sc.as_dict())
+            self.log.info("data_scanned", lines=sc.lines, good=sc.good, bad=sc.bad, blank=sc.blank,
+                          tokens=sc.tokens, blocks_per_epoch=sc.blocks_per_epoch,
+                          scan_s=round(time.monotonic() - t0, 2))
+        self.result.update(lines_good=sc.good, lines_bad=sc.bad, errors=sc.errors)
+
+        eff = self.s.train.micro_batch_size * self.s.train.grad_accum_steps
+        total_blocks = sc.blocks_per_epoch * self.s.train.epochs
+        cursor = Cursor()
+        resume = ckpt.complete(self.ckpt_root)
+        adapter_dir = self.init_adapter
+        state = None
+        if resume:
+            state = ckpt.load_state(resume[0])
+            eff = state["effective_batch"]
+            adapter_dir = resume[0]
+        self.total_steps = max(1, -(-total_blocks // eff))
+        self._build_peft(adapter_dir)
+        self._schedule(self.total_steps)
+        self.micro = min(self.s.train.micro_batch_size, eff)
+        if state is not None:
+            self._restore(resume[0], state)
+            self._last_ckpt_step = self.step
+            cursor = Cursor(**state["cursor"])
+        else:
+            torch.manual_seed(self.s.train.seed)
+        self.result.update(total_steps=self.total_steps, effective_batch=eff)
+        self.log.info("training_started", resumed_from=str(resume[0].name) if resume else None,
+                      init_adapter=str(self.init_adapter) if (self.init_adapter and not resume) else None,
+                      step=self.step, total_steps=self.total_steps, micro_batch_size=self.micro,
+                      effective_batch=eff, seq_len=self.s.train.seq_len, cursor=cursor.as_dict())
+
+        # Everything allocated so far lives for the whole run: move it out of the collector's
+        # sight so the per-step gc.collect() is ~1 ms instead of ~270 ms (FACTS.md).
+        gc.collect()
+        gc.freeze()
+
+        stream = iter(BlockStream(self.data_path, encoder, seq_len=self.s.train.seq_len,
+                                  max_line_bytes=self.s.data.max_line_bytes, chunk_lines=self.s.data.chunk_lines,
+                                  pad_id=self.tokenizer.pad_token_id, blocks_per_epoch=sc.blocks_per_epoch,
+                                  epochs=self.s.train.epochs, cursor=cursor))
+        self.eff = eff
+        self.result.pop("micro_batch_size", None), self.result.pop("grad_accum_steps", None)
+        try:
+            while self.step < self.total_steps:
+                step_cursor, step_rng = cursor, ckpt.rng_state()
+                blocks = []
+                for _ in range(min(eff, total_blocks - self.step * eff)):
+                    ids, labels, mask, cursor = next(stream)
+                    blocks.append((ids, labels, mask))
+                try:
+                    loss = self._train_step(blocks, step_rng)
+                except StopRequested as stop:
+                    self._checkpoint(step_cursor, step_rng)
+                    return self._stopped(stop.reason)
+                self.step += 1
+                self.steps_this_run += 1
+                self._fault_at_step()
+                self.last_loss = loss
+                if self.first_loss is None:
+                    self.first_loss = loss
+                self._progress(loss)
+                if self._checkpoint_due():
+                    self._checkpoint(cursor, ckpt.rng_state())
+                reason = self.stopper.agree()
+                if reason and self.step < self.total_steps:
+                    self._checkpoint(cursor, ckpt.rng_state())
+                    return self._stopped(reason)
+        except StopIteration:
+            raise DataError("data file changed while training: it ended before the counted blocks")
+        # The final state is checkpointed before publishing: a crash while publishing resumes
+        # here and only publishes again.
+        if self._last_ckpt_step != self.step:
+            self._checkpoint(cursor, ckpt.rng_state())
+        published = self._publish()
+        self._progress(self.last_loss, log_step=False)
+        return Outcome("done", "finished", EX_OK, {"adapter": str(published)})
+
+    def _cached_scan(self, scan_path: Path) -> Scan | None:
+        try:
+            d = read_json(scan_path)
+        except (OSError, ValueError):
+            return None
+        st = os.stat(self.data_path)
+        if d.get("size") != st.st_size or d.get("mtime_ns") != st.st_mtime_ns or d.get("seq_len") != self.s.train.seq_len:
+            if ckpt.complete(self.ckpt_root):
+                raise DataError("data file changed since it was scanned: size or mtime differ; "
+                                "its checkpoints no longer match it")
+            return None
+        d.pop("blocks_per_epoch", None)
+        return Scan(**d)
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(ckpt.load_tensors(path, "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_tensors(path, "scheduler.pt"))
+        ckpt.set_rng_state(ckpt.load_tensors(path, "rng.pt"))
+        self.step = state["step"]
+        self.tokens = state["tokens"]
+        self.first_loss = state.get("first_loss")
+        self.last_loss = state.get("last_loss")
+        if state.get("total_steps") != self.total_steps:
+            self.log.warning("checkpoint_schedule_differs", checkpoint_total=state.get("total_steps"),
+                             now_total=self.total_steps)
+
+    # -- one optimizer step --------------------------------------------------------------
+
+    def _train_step(self, blocks: list, step_rng: dict[str, Any]) -> float:
+        ids = torch.tensor([b[0] for b in blocks], dtype=torch.long)
+        labels = torch.tensor([b[1] for b in blocks], dtype=torch.long)
+        mask = torch.tensor([b[2] for b in blocks], dtype=torch.long)
+        # HF shifts labels inside the loss: position 0 of each block predicts nothing.
+        n_items = int((labels[:, 1:] != -100).sum())
+        t0 = time.monotonic()
+        while True:
+            try:
+                loss_sum = self._accumulate(ids, labels, mask, max(n_items, 1))
+                break
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro <= 1:
+                    self.log.error("cuda_oom_at_micro_batch_1", step=self.step + 1)
+                    raise StopRequested("memory")
+                old = self.micro
+                self.micro = max(1, self.micro // 2)
+                ckpt.set_rng_state(step_rng)  # redo the step with the same tokens and dropout
+                self.log.warning("cuda_oom_backoff", step=self.step + 1, micro_batch_size_was=old,
+                                 micro_batch_size=self.micro, grad_accum_steps=-(-len(blocks) // self.micro))
+        if self.s.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        del ids, labels, mask
+        gc.collect()  # cheap after gc.freeze(); keeps cyclic garbage from piling up per step
+        real_tokens = sum(sum(b[2]) for b in blocks)
+        self.tokens += real_tokens
+        self.train_tokens_this_run += real_tokens
+        self.train_time_this_run += time.monotonic() - t0
+        return loss_sum
+
+    def _accumulate(self, ids, labels, mask, n_items: int) -> float:
+        total = 0.0
+        for start in range(0, ids.shape[0], self.micro):
+            if start:  # a stop never waits for the rest of a long step
+                reason = self.stopper.check()
+                if reason:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise StopRequested(reason)
+            sl = slice(start, start + self.micro)
+            x, y, m = ids[sl].to(self.device), labels[sl].to(self.device), mask[sl].to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(input_ids=x, attention_mask=m, labels=y, num_items_in_batch=n_items)
+            out.loss.backward()
+            total += out.loss.item()  # a CPU-GPU sync point on CUDA, once per micro-batch
+            del out, x, y, m
+        return total
+
+    # -- checkpoints, progress, result ---------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        every = self.s.train.checkpoint_every_steps
+        if every and self.step % every == 0:
+            return True
+        secs = self.s.train.checkpoint_every_s
+        return bool(secs) and time.monotonic() - self._last_ckpt_time >= secs
+
+    def _checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        t0 = time.monotonic()
+        state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
+                 "effective_batch": self.eff, "micro_batch_size": self.micro,
+                 "first_loss": self.first_loss, "last_loss": self.last_loss}
+        path = ckpt.save(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+                         scheduler=self.scheduler, rng=rng, state=state, keep=self.s.train.keep_checkpoints)
+        self._last_ckpt_time = time.monotonic()
+        self._last_ckpt_step = self.step
+        self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
+        self.log.info("checkpoint_saved", step=self.step, path=path.name,
+                      save_s=round(time.monotonic() - t0, 3), cursor=cursor.as_dict())
+
+    def _publish(self) -> Path:
+        if self.rank != 0:
+            return Path()
+        dest = self.publish or (self.batch_dir / "final_adapter")
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp), safe_serialization=True)
+        atomic_write_json(tmp / "trainerd.json", {
+            "base_model": self.s.model.path, "init_adapter": str(self.init_adapter) if self.init_adapter else None,
+            "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
+            "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
+        })
+        ckpt._fault("crash_in_publish")
+        fsync_tree(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+        from trainerd.fsutil import fsync_dir
+
+        fsync_dir(dest.parent)
+        self.log.info("adapter_written", path=str(dest), steps=self.step)
+        return dest
+
+    def _progress(self, loss: float | None, log_step: bool = True) -> None:
+        """Log the step and refresh progress.json (for `trainerd status`) at most twice a second."""
+        now = time.monotonic()
+        tps = self.train_tokens_this_run / self.train_time_this_run if self.train_time_this_run else 0.0
+        eta = (self.total_steps - self.step) * self.train_time_this_run / max(1, self.steps_this_run)
+        if log_step:
+            self.log.info("step", step=self.step, total_steps=self.total_steps,
+                          loss=None if loss is None else round(loss, 5), lr=self.scheduler.get_last_lr()[0],
+                          tokens=self.tokens, tokens_per_s=round(tps, 1), eta_s=round(eta, 1), rss_bytes=current_rss_bytes())
+        if not log_step or now - self._last_progress >= 0.5:
+            self._last_progress = now
+            atomic_write_json(self.batch_dir / "progress.json", {
+                "step": self.step, "total_steps": self.total_steps, "loss": loss, "tokens": self.tokens,
+                "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
+                "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": self.micro,
+                "pid": os.getpid(), "updated": time.time(),
+            }, durable=False)
+
+    def _fault_at_step(self) -> None:
+        fault = os.environ.get("TRAINERD_FAULT", "")
+        if fault.startswith("crash_at_step:") and self.step == int(fault.split(":", 1)[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _stopped(self, reason: str) -> Outcome:
+        self.log.info("stopped", reason=reason, step=self.step, total_steps=self.total_steps)
+        return Outcome("stopped", reason, EX_TEMPFAIL)
+
+    def _stopped_before_training(self) -> Outcome:
+        reason = self.stopper.check() or "shutdown"
+        self.log.info("stopped", reason=reason, step=0, during="scan")
+        return Outcome("stopped", reason, EX_TEMPFAIL)
+
+    def summary(self) -> dict[str, Any]:
+        """What result.json reports; safe to call at any point of the run (even before set-up)."""
+        tps = self.train_tokens_this_run / self.train_time_this_run if self.train_time_this_run else 0.0
+        out = dict(self.result)
+        out.update(step=self.step, total_steps=self.total_steps, tokens=self.tokens, first_loss=self.first_loss,
+                   last_loss=self.last_loss, tokens_per_s=round(tps, 2), peak_rss_bytes=peak_rss_bytes(),
+                   elapsed_s=round(time.monotonic() - self.started, 2))
+        if self.micro:  # the CUDA OOM back-off may have changed the split: tell the supervisor
+            out.update(micro_batch_size=self.micro, grad_accum_steps=-(-self.eff // self.micro))
+        if self.device is not None and self.device.type == "cuda":
+            out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
