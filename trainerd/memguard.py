@@ -79,7 +79,7 @@ _LIMIT_REFRESH_S = 5.0      # re-read cgroup limits (systemctl set-property can 
 _RATE_WINDOW_S = 10.0       # growth rate: linear fit over this window (spans several steps)
 _RATE_MIN_SPAN_S = 0.3      # ... but only once the samples span at least this long
 _KILL_REPEAT_S = 1.0        # re-issue "kill" while the process is still there
-_LEAK_SAMPLE_S = 1.0        # one long-window sample per second for the leak fit
+_LEAK_SAMPLE_S = 1.0        # long-window samples for the leak fit: one a second (or window/20)
 _LEAK_MIN_RISE = 0.02       # a leak must have grown >= 2% of the limit across its window
 
 
@@ -709,9 +709,9 @@ class MemoryGuard:
             w.recycled = True
             return out("recycle", "age", self._write_stop(w, "recycle", now, s.usage_bytes))
         if st.leak_horizon_s > 0 and now - w.started_at >= self._leak_warmup_s():
-            if not w.long or now - w.long[-1][0] >= _LEAK_SAMPLE_S:
+            window = self._leak_window_s()
+            if not w.long or now - w.long[-1][0] >= min(_LEAK_SAMPLE_S, window / 20):
                 w.long.append((now, s.usage_bytes))
-                window = self._leak_window_s()
                 while w.long and now - w.long[0][0] > window:
                     w.long.popleft()
                 lrate, lspan = _slope(w.long)
