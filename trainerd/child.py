@@ -1,0 +1,190 @@
+"""Start one worker in its own session, relay its output, signal it, reap it, decode its exit.
+
+The worker gets:
+
+- its own session and process group (``start_new_session=True``): a Ctrl-C on the daemon's
+  terminal does not reach it, and ``killpg`` reaches it *and* every grandchild it started
+  (DataLoader workers, torchrun ranks), so nothing survives a SIGKILL;
+- stdin = a pipe whose write end only the supervisor holds and never writes to (the
+  lifeline): when the supervisor dies for any reason the kernel closes it and the worker
+  reads EOF, checkpoints and exits 75 (``parent_gone``);
+- stdout = a pipe relayed line by line into the supervisor's log, with ``batch`` and
+  ``attempt`` added (JSON lines keep their fields; anything else is logged as text);
+- stderr = ``batches/<id>/worker.stderr``, appended per attempt (tracebacks, library noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import psutil
+
+__all__ = ["Child", "ExitStatus", "describe_signal", "worker_command", "WORKER_CMD_ENV"]
+
+# Tests (and operators with a wrapper, e.g. `nice -n 10 python -m trainerd.worker`) point
+# this at another command; the batch folder and options are appended to it.
+WORKER_CMD_ENV = "TRAINERD_WORKER_CMD"
+
+_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def worker_command(override: Sequence[str] | str | None = None) -> list[str]:
+    """The worker command prefix: ``override``, else ``$TRAINERD_WORKER_CMD``, else the real worker."""
+    if override is None:
+        override = os.environ.get(WORKER_CMD_ENV) or None
+    if override is None:
+        return [sys.executable, "-m", "trainerd.worker"]
+    return shlex.split(override) if isinstance(override, str) else list(override)
+
+
+def describe_signal(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown"
+    return f"Signal {signum} ({name})"
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a worker ended: an exit code, or the signal that killed it."""
+
+    code: int | None  # exit code when it exited
+    signal: int | None  # signal number when a signal killed it
+
+    @classmethod
+    def from_returncode(cls, rc: int) -> "ExitStatus":
+        return cls(None, -rc) if rc < 0 else cls(rc, None)
+
+    def describe(self) -> str:
+        return describe_signal(self.signal) if self.signal is not None else f"exit code {self.code}"
+
+
+class Child:
+    """One running worker process (the leader of its own process group)."""
+
+    def __init__(self, argv: list[str], *, stderr_path: Path, log: Any, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None):
+        self.argv = argv
+        self.log = log
+        self.signals_sent: list[tuple[int, str]] = []  # (signal, who asked)
+        stderr_path = Path(stderr_path)
+        with open(stderr_path, "ab") as err:
+            err.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
+                      f"{shlex.join(argv)}\n".encode())
+            err.flush()
+            # Popen's fds are close-on-exec by default (the SQLite handle, the lock file and
+            # other workers' pipes never leak into the worker).
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd,
+                start_new_session=True, close_fds=True)
+        self.pid = self.proc.pid
+        self.pgid = self.pid  # start_new_session: the worker leads its own group
+        try:
+            self.create_time: float | None = psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            self.create_time = None
+        self.returncode: int | None = None
+        self._relay = threading.Thread(target=self._relay_stdout, name=f"relay-{self.pid}", daemon=True)
+        self._relay.start()
+
+    # --- output --------------------------------------------------------------------------
+
+    def _relay_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.strip():
+                    self._relay_line(line)
+
+    def _relay_line(self, line: str) -> None:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
+            self.log.info("worker_output", text=line, source="worker")
+            return
+        level = str(obj.pop("level", "info")).lower()
+        event = obj.pop("event")
+        # The relaying logger's batch/attempt win: a worker cannot mislabel its lines.
+        for key in ("batch", "attempt"):
+            obj.pop(key, None)
+        obj["source"] = "worker"
+        getattr(self.log, level if level in _LEVELS else "info")(event, **obj)
+
+    # --- signals and exit ----------------------------------------------------------------
+
+    def send(self, sig: int, *, by: str, group: bool = False) -> bool:
+        """Send ``sig`` to the worker (or its whole group); remember who sent it. False if gone."""
+        if self.returncode is not None and not group:
+            return False
+        self.signals_sent.append((int(sig), by))
+        try:
+            if group:
+                os.killpg(self.pgid, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill_group(self, *, by: str) -> None:
+        """SIGKILL the worker and every process left in its group (grandchildren included)."""
+        self.send(signal.SIGKILL, by=by, group=True)
+
+    def sent_by(self, sig: int) -> str | None:
+        """Who sent ``sig`` (the last time), or None if trainerd never sent it."""
+        for s, by in reversed(self.signals_sent):
+            if s == sig:
+                return by
+        return None
+
+    def poll(self) -> ExitStatus | None:
+        """Reap the worker if it ended (non-blocking). On exit, clean up its group and lifeline."""
+        if self.returncode is None:
+            rc = self.proc.poll()
+            if rc is None:
+                return None
+            self.returncode = rc
+            self._after_exit()
+        return ExitStatus.from_returncode(self.returncode)
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.poll()
+
+    def _after_exit(self) -> None:
+        # A grandchild that outlived the worker keeps the group alive: kill it. (The pgid
+        # cannot be reused while any member exists, so this never hits a stranger.)
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.close_lifeline()
+        self._relay.join(timeout=5.0)
+
+    def close_lifeline(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self.poll() is None
