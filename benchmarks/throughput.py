@@ -1,0 +1,431 @@
+"""Throughput benchmark: the trainerd worker against a plain PyTorch+peft loop and HF Trainer.
+
+One session, contenders alternating (worker, plain, hf, worker, plain, hf, ...) so machine
+noise lands on all of them alike. Every contender is a separate process started the same way,
+on the same model, the same token blocks, the same LoRA/optimizer settings, the same seed and
+the same thread count, for the same number of optimizer steps:
+
+- worker: ``python -m trainerd.worker BATCH_DIR`` exactly as the supervisor runs it (stdin a
+  pipe held open, settings.json, data.jsonl). It tokenizes and packs the JSONL itself.
+- plain:  a minimal loop over pre-tokenized packed blocks: forward with labels, backward,
+  clip, AdamW step, LR schedule, zero_grad.
+- hf:     ``transformers.Trainer`` over the same pre-tokenized blocks, sequential sampling.
+
+The data file is built so that it packs into exactly ``steps x micro x accum`` full blocks:
+the worker's own packing and the blocks handed to the other two are the same tokens in the
+same order (the first loss, taken before any update, must agree; it is printed as a check).
+
+What is timed (tokens/s) is the same span in all three: one optimizer step from just before
+the first forward to just after zero_grad (worker: its ``result.json`` ``tokens_per_s``, which
+counts step time only; plain: the same span with ``perf_counter``; hf: ``on_step_begin`` to
+``on_step_end``). Data fetching, logging, progress files and checkpoints are outside it.
+``tps`` INCLUDES the first (warm-up) step in all three; ``tps_steady`` excludes it in all
+three (for the worker, derived from the cumulative tokens/s in its per-step log lines). Peak
+RSS is ``ru_maxrss`` of each child from ``wait4``; wall time is process start to exit.
+
+Usage (from the repository root):
+    .venv/bin/python benchmarks/throughput.py --tiny --steps 5 --rounds 2      # smoke, ~1 min
+    .venv/bin/python benchmarks/throughput.py --steps 20 --rounds 3            # the real one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_MODEL,
+    REPO,
+    child_env,
+    gib,
+    iter_synthetic_lines,
+    json_lines,
+    machine_info,
+    median,
+    run_child,
+    spread,
+    tiny_model,
+    worker_settings,
+    write_batch,
+    write_json,
+)
+
+CONTENDERS = ("worker", "plain", "hf")
+IGNORE_INDEX = -100
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def build_data(model: Path, work: Path, *, n_blocks: int, seq_len: int, seed: int) -> dict[str, Any]:
+    """Write ``work/data.jsonl`` ({"text": ...} lines) whose tokens (+1 eos per line, as the
+    worker renders them) fill exactly ``n_blocks`` blocks of ``seq_len``, and ``work/blocks.pt``
+    holding those blocks as tensors for the plain loop and HF Trainer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    eos = tok.eos_token_id
+    target = n_blocks * seq_len
+
+    def ntok(texts: list[str]) -> list[list[int]]:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+
+    lines: list[str] = []
+    ids: list[int] = []
+    gen = iter_synthetic_lines(10**9, seed=seed)
+    done = False
+    while not done:
+        batch = [next(gen) for _ in range(64)]
+        for text, t in zip(batch, ntok(batch)):
+            if len(ids) + len(t) + 1 > target - 2:
+                done = True
+                break
+            lines.append(text)
+            ids.extend(t)
+            ids.append(eos)
+    # One filler line makes the total exact (>= 2 tokens: at least one word plus its eos).
+    need = target - len(ids) - 1
+    filler = _filler(tok, need)
+    lines.append(filler)
+    ids.extend(ntok([filler])[0])
+    ids.append(eos)
+    if len(ids) != target:
+        raise RuntimeError(f"data build: {len(ids)} tokens, wanted {target}")
+    with open(work / "data.jsonl", "w", encoding="utf-8") as f:
+        for text in lines:
+            f.write(json.dumps({"text": text}) + "\n")
+    t = torch.tensor(ids, dtype=torch.long).view(n_blocks, seq_len)
+    # Plain causal-LM blocks: every token is trained on (the worker's "text" format does the same).
+    torch.save({"input_ids": t, "labels": t.clone(), "attention_mask": torch.ones_like(t)}, work / "blocks.pt")
+    return {"lines": len(lines), "tokens": len(ids), "blocks": n_blocks, "bytes": (work / "data.jsonl").stat().st_size}
+
+
+def _filler(tok: Any, need: int) -> str:
+    """A text that tokenizes to exactly ``need`` tokens (``need`` >= 1)."""
+    for word in ("the", "a", "x", "model", "data"):
+        base = [word] * need
+        for k in range(need, 0, -1):
+            text = " ".join(base[:k])
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+            if n == need:
+                return text
+            if n < need:
+                break
+    raise RuntimeError(f"cannot build a filler line of exactly {need} tokens")
+
+
+# --- the contenders, as children of this file --------------------------------------------
+
+
+def _child_common(a: argparse.Namespace):
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    blocks = torch.load(a.blocks, weights_only=True)
+    base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    torch.manual_seed(a.seed)  # as the worker: seed, then wrap (LoRA A init draws from it)
+    cfg = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                     target_modules=list(a.targets), task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    model.train()
+    return torch, blocks, model, time.perf_counter() - t0
+
+
+def child_plain(a: argparse.Namespace) -> dict[str, Any]:
+    torch, blocks, model, load_s = _child_common(a)
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, min(a.warmup_steps, a.steps // 2), a.steps)
+    torch.manual_seed(a.seed)
+    eff = a.micro_batch * a.grad_accum
+    ids_all, labels_all, mask_all = blocks["input_ids"], blocks["labels"], blocks["attention_mask"]
+    step_s, losses, step_tokens = [], [], []
+    for step in range(a.steps):
+        sl = slice(step * eff, (step + 1) * eff)
+        ids, labels, mask = ids_all[sl], labels_all[sl], mask_all[sl]
+        n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        t0 = time.perf_counter()
+        total = 0.0
+        for start in range(0, ids.shape[0], a.micro_batch):
+            ms = slice(start, start + a.micro_batch)
+            out = model(input_ids=ids[ms], attention_mask=mask[ms], labels=labels[ms], num_items_in_batch=n_items)
+            out.loss.backward()
+            total += out.loss.item()
+        if a.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t0)
+        losses.append(total)
+        step_tokens.append(int(mask.sum()))
+    return {"step_s": step_s, "losses": losses, "step_tokens": step_tokens, "load_s": load_s}
+
+
+def child_hf(a: argparse.Namespace) -> dict[str, Any]:
+    torch, blocks, model, load_s = _child_common(a)
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return blocks["input_ids"].shape[0]
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {k: v[i] for k, v in blocks.items()}
+
+    rec: dict[str, Any] = {"step_s": [], "losses": [], "step_tokens": [], "load_s": load_s}
+
+    class StepTimer(TrainerCallback):
+        # on_step_begin fires after the step's batches were fetched, on_step_end after
+        # zero_grad: the same span the worker and the plain loop time.
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            rec["step_s"].append(time.perf_counter() - self.t0)
+            rec["step_tokens"].append(a.micro_batch * a.grad_accum * a.seq_len)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                rec["losses"].append(float(logs["loss"]))
+
+    out_dir = Path(a.result).with_suffix(".hf-out")
+    args = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=a.grad_accum, max_steps=a.steps, learning_rate=a.lr,
+        weight_decay=0.0, warmup_steps=min(a.warmup_steps, a.steps // 2), lr_scheduler_type="linear",
+        max_grad_norm=a.max_grad_norm,
+        optim="adamw_torch",  # torch.optim.AdamW, as the worker and the plain loop (HF's default is the fused one)
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=a.seed, data_seed=a.seed,
+        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True,
+        remove_unused_columns=False, train_sampling_strategy="sequential",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=default_data_collator,
+                      callbacks=[StepTimer()])
+    trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return rec
+
+
+# --- the parent ---------------------------------------------------------------------------
+
+
+def _shared_child_args(a: argparse.Namespace, model: Path) -> list[str]:
+    return ["--model", str(model), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
+            "--micro-batch", str(a.micro_batch), "--grad-accum", str(a.grad_accum), "--threads", str(a.threads),
+            "--seed", str(a.seed), "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps),
+            "--max-grad-norm", str(a.max_grad_norm), "--lora-r", str(a.lora_r), "--lora-alpha", str(a.lora_alpha),
+            "--lora-dropout", str(a.lora_dropout), "--targets", *a.targets]
+
+
+def _rates(step_s: list[float], step_tokens: list[int]) -> tuple[float, float]:
+    """(tokens/s over all steps, tokens/s over steps 2..N)."""
+    all_tps = sum(step_tokens) / sum(step_s) if step_s and sum(step_s) > 0 else float("nan")
+    if len(step_s) > 1 and sum(step_s[1:]) > 0:
+        steady = sum(step_tokens[1:]) / sum(step_s[1:])
+    else:
+        steady = float("nan")
+    return all_tps, steady
+
+
+def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> dict[str, Any]:
+    batch = work / f"round{rnd}" / "worker"
+    shutil.rmtree(batch, ignore_errors=True)
+    settings = worker_settings(root=work / "root", model=model, seq_len=a.seq_len, micro_batch=a.micro_batch,
+                               grad_accum=a.grad_accum, threads=a.threads, seed=a.seed, lr=a.lr,
+                               warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_r=a.lora_r,
+                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, targets=a.targets)
+    (work / "root").mkdir(exist_ok=True)
+    write_batch(batch, settings, work / "data.jsonl")
+    run = run_child([sys.executable, "-m", "trainerd.worker", str(batch)], env=child_env(a.threads), cwd=REPO,
+                    stderr_path=batch / "worker.stderr", stdin_pipe=True)
+    res = json.loads((batch / "result.json").read_text())
+    events = json_lines(run.stdout_lines)
+    # Per-step training time from the cumulative figures the worker logs after every step:
+    # time_k = tokens_k / tokens_per_s_k (tokens/s is rounded to 0.1: error < 0.1% of a step).
+    cum = [(e["tokens"], e["tokens_per_s"]) for e in events if e.get("event") == "step"]
+    t_cum = [tok / tps if tps else 0.0 for tok, tps in cum]
+    step_s = [t_cum[0]] + [t_cum[i] - t_cum[i - 1] for i in range(1, len(t_cum))] if t_cum else []
+    step_tokens = [cum[0][0]] + [cum[i][0] - cum[i - 1][0] for i in range(1, len(cum))] if cum else []
+    _all, steady = _rates(step_s, step_tokens)
+    ev = {e.get("event"): e for e in events}
+    out = {
+        "exit_code": run.exit_code, "status": res.get("status"),
+        "tps": float(res.get("tokens_per_s") or 0.0),  # straight from result.json (step time only)
+        "tps_steady": steady, "tps_derived_all": _all,
+        "steps": res.get("step"), "tokens": res.get("tokens"),
+        "first_loss": res.get("first_loss"), "last_loss": res.get("last_loss"),
+        "peak_rss_bytes": run.peak_rss_bytes, "self_reported_peak_rss_bytes": res.get("peak_rss_bytes"),
+        "wall_s": run.wall_s, "cpu_s": run.cpu_s, "train_s": sum(step_s),
+        "load_s": (ev.get("model_loaded") or {}).get("load_s"), "scan_s": (ev.get("data_scanned") or {}).get("scan_s"),
+        "step_s": step_s, "loadavg_before": run.loadavg_before,
+    }
+    if run.exit_code != 0:
+        out["stderr_tail"] = (batch / "worker.stderr").read_text(errors="replace")[-2000:]
+    return out
+
+
+def run_baseline(role: str, a: argparse.Namespace, model: Path, work: Path, rnd: int) -> dict[str, Any]:
+    d = work / f"round{rnd}"
+    d.mkdir(parents=True, exist_ok=True)
+    result = d / f"{role}.json"
+    result.unlink(missing_ok=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--blocks", str(work / "blocks.pt"),
+            "--result", str(result), *_shared_child_args(a, model)]
+    run = run_child(argv, env=child_env(a.threads), cwd=REPO, stderr_path=d / f"{role}.stderr")
+    out: dict[str, Any] = {"exit_code": run.exit_code, "peak_rss_bytes": run.peak_rss_bytes, "wall_s": run.wall_s,
+                           "cpu_s": run.cpu_s, "loadavg_before": run.loadavg_before}
+    if run.exit_code != 0 or not result.is_file():
+        out["stderr_tail"] = (d / f"{role}.stderr").read_text(errors="replace")[-2000:]
+        out.update(tps=float("nan"), tps_steady=float("nan"))
+        return out
+    rec = json.loads(result.read_text())
+    tps, steady = _rates(rec["step_s"], rec["step_tokens"])
+    out.update(tps=tps, tps_steady=steady, steps=len(rec["step_s"]), tokens=sum(rec["step_tokens"]),
+               first_loss=rec["losses"][0] if rec["losses"] else None,
+               last_loss=rec["losses"][-1] if rec["losses"] else None,
+               train_s=sum(rec["step_s"]), load_s=rec["load_s"], step_s=rec["step_s"])
+    return out
+
+
+def _line(name: str, r: dict[str, Any]) -> str:
+    fl = r.get("first_loss")
+    return (f"  {name:<6} tps {r.get('tps', float('nan')):8.2f}  steady {r.get('tps_steady', float('nan')):8.2f}  "
+            f"peak RSS {gib(r['peak_rss_bytes'])}  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
+            f"first loss {fl if fl is None else round(fl, 4)}  exit {r['exit_code']}")
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    for name in CONTENDERS:
+        rs = [r[name] for r in rounds if name in r and r[name].get("exit_code") == 0]
+        s[name] = {k: spread([float(x[k]) for x in rs if x.get(k) is not None])
+                   for k in ("tps", "tps_steady", "peak_rss_bytes", "wall_s", "cpu_s", "train_s")}
+    ratios: dict[str, Any] = {}
+    for other in ("plain", "hf"):
+        for k in ("tps", "tps_steady", "peak_rss_bytes", "wall_s"):
+            w, o = s["worker"].get(k, {}).get("median"), s[other].get(k, {}).get("median")
+            if w and o:
+                ratios[f"worker/{other} {k} (of medians)"] = round(w / o, 4)
+            # Paired: worker and the other ran back to back in the same round, so slow drifts
+            # of the machine's load cancel in each round's ratio.
+            paired = [r["worker"][k] / r[other][k] for r in rounds
+                      if r.get("worker", {}).get(k) and r.get(other, {}).get(k)
+                      and r["worker"].get("exit_code") == 0 and r[other].get("exit_code") == 0]
+            if paired:
+                ratios[f"worker/{other} {k} (paired per round)"] = {
+                    "per_round": [round(x, 4) for x in paired], "median": round(median(paired), 4)}
+    s["ratios"] = ratios
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--tiny", action="store_true", help="use the tiny random test model (quick smoke run)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (same for all three)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
+                   help="run a subset (the order stays worker, plain, hf)")
+    p.add_argument("--work", type=Path, default=REPO / "bench-out" / "throughput-work")
+    p.add_argument("--out", type=Path, default=REPO / "bench-out" / "throughput.json")
+    # internal: the baseline children
+    p.add_argument("--role", choices=("plain", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--blocks", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.role:
+        rec = (child_plain if a.role == "plain" else child_hf)(a)
+        Path(a.result).write_text(json.dumps(rec))
+        return 0
+
+    t_start = time.monotonic()
+    a.work.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(a.work / "tiny-model") if a.tiny else a.model.resolve()
+    if not (model / "config.json").is_file():
+        print(f"no model at {model}: run scripts/fetch-model (or use --tiny)", file=sys.stderr)
+        return 2
+    n_blocks = a.steps * a.micro_batch * a.grad_accum
+    data = build_data(model, a.work, n_blocks=n_blocks, seq_len=a.seq_len, seed=a.seed)
+    print(f"model {model}  steps {a.steps}  seq {a.seq_len}  micro {a.micro_batch}  accum {a.grad_accum}  "
+          f"threads {a.threads}  rounds {a.rounds}")
+    print(f"data: {data['lines']} lines, {data['tokens']} tokens = {data['blocks']} blocks of {a.seq_len}")
+    report: dict[str, Any] = {
+        "benchmark": "throughput", "machine": machine_info(), "model": str(model),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                     if k not in ("role", "blocks", "result")},
+        "data": data, "timed_span": "one optimizer step: first forward .. zero_grad; "
+        "tps includes step 1 (warm-up) in all three, tps_steady excludes it in all three",
+        "rounds": [],
+    }
+    for rnd in range(1, a.rounds + 1):
+        print(f"round {rnd}/{a.rounds}")
+        results: dict[str, Any] = {}
+        for name in CONTENDERS:
+            if name not in a.only:
+                continue
+            r = run_worker(a, model, a.work, rnd) if name == "worker" else run_baseline(name, a, model, a.work, rnd)
+            results[name] = r
+            print(_line(name, r), flush=True)
+            if r["exit_code"] != 0:
+                print(r.get("stderr_tail", ""), file=sys.stderr)
+        report["rounds"].append(results)
+        report["summary"] = summarize(report["rounds"])
+        write_json(a.out, report)  # after every round: an interrupted run still leaves figures
+
+    s = report["summary"]
+    report["total_s"] = round(time.monotonic() - t_start, 1)
+    write_json(a.out, report)
+    print("\nmedians over rounds (spread = (max-min)/median):")
+    for name in CONTENDERS:
+        if name not in a.only:
+            continue
+        m = s[name]
+        if not m.get("tps"):
+            print(f"  {name:<6} no successful run")
+            continue
+        print(f"  {name:<6} tps {m['tps']['median']:8.2f} (spread {m['tps']['spread_pct']:5.1f}%)  "
+              f"steady {m['tps_steady']['median']:8.2f} (spread {m['tps_steady']['spread_pct']:5.1f}%)  "
+              f"peak RSS {gib(m['peak_rss_bytes']['median'])}  wall {m['wall_s']['median']:.1f} s")
+    print("ratios:")
+    for k, v in s["ratios"].items():
+        print(f"  {k}: {v}")
+    r_tps = s["ratios"].get("worker/plain tps (of medians)")
+    r_rss = s["ratios"].get("worker/plain peak_rss_bytes (of medians)")
+    if r_tps is not None and r_rss is not None:
+        print(f"targets: tokens/s >= 0.97x plain (goal 1.00x): {r_tps:.3f}x {'OK' if r_tps >= 0.97 else 'MISSED'}; "
+              f"peak RSS <= 1.05x plain: {r_rss:.3f}x {'OK' if r_rss <= 1.05 else 'MISSED'}")
+    print(f"wrote {a.out}  ({report['total_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
