@@ -1,0 +1,318 @@
+"""trainerd under a real systemd: a Debian container with systemd as PID 1 (systemd-nspawn).
+
+The container's root is scripts/nspawn-rootfs's cached Debian bookworm (systemd 252, python
+3.11.2, a venv with trainerd's dependencies) under a per-test overlay. Each test copies the
+working tree in, pip-installs trainerd into that venv, runs scripts/install-service exactly as
+an operator would, and drives systemctl through nsenter. See tests/nspawnutil.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nspawnutil import Container, missing_prerequisites
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = "/opt/trainerd/venv"
+ROOT = "/var/lib/trainerd"
+UNIT = "trainerd.service"
+REAL_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+
+pytestmark = [pytest.mark.slow, pytest.mark.systemd]
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Path:
+    """The cached container root filesystem (built on first use: ~90 s, then instant)."""
+    why = missing_prerequisites()
+    if why:
+        pytest.skip(f"no systemd container here: {why}")
+    t0 = time.monotonic()
+    r = subprocess.run([str(REPO / "scripts" / "nspawn-rootfs")], capture_output=True, text=True, timeout=1200)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/nspawn-rootfs failed:\n{r.stderr[-3000:]}")
+    print(f"rootfs ready in {time.monotonic() - t0:.1f} s")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def container(rootfs, tmp_path):
+    """A freshly booted container (pristine overlay), powered off and cleaned up afterwards."""
+    binds = [f"{REAL_MODEL}:/opt/trainerd/real-model"] if (REAL_MODEL / ".fetch-complete").exists() else []
+    with Container(rootfs, tmp_path / "ct", binds_ro=binds) as c:
+        print(f"container booted in {c.boot_s:.2f} s")
+        yield c
+        # Worth having in the failure report: what systemd and the daemon said.
+        print(c.journal(UNIT, 400)[-20000:])
+
+
+def install_trainerd(c: Container, model_dir: Path | None, config: dict, *, dropin: str | None = None) -> float:
+    """Copy the working tree in, pip-install it into the venv, write the config, run install-service."""
+    t0 = time.monotonic()
+    src = c.path("/usr/src/trainerd")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("trainerd", "systemd", "scripts", "configs"):
+        if (REPO / name).exists():
+            shutil.copytree(REPO / name, src / name, ignore=ignore)
+    shutil.copy(REPO / "pyproject.toml", src / "pyproject.toml")
+    readme = REPO / "README.md"
+    (src / "README.md").write_text(readme.read_text() if readme.exists() else "trainerd\n")
+    if model_dir is not None:
+        shutil.copytree(model_dir, c.path("/opt/trainerd/model"))
+    cfg = c.path("/etc/trainerd/trainerd.yaml")
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    c.run([f"{VENV}/bin/pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+           "/usr/src/trainerd"], timeout=300)
+    # The container's own python3 (3.11.2, no packages) runs the installer: it is stdlib only.
+    r = c.run(["python3", "/usr/src/trainerd/scripts/install-service", "--venv", VENV,
+               "--model", "/opt/trainerd/model"])
+    print(r.stdout)
+    if dropin:
+        d = c.path(f"/etc/systemd/system/{UNIT}.d")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "test.conf").write_text(dropin)
+    c.run(["systemctl", "daemon-reload"])
+    return time.monotonic() - t0
+
+
+def wait_for(what: str, fn, timeout_s: float, c: Container | None = None, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            extra = ("\n--- journal ---\n" + c.journal(UNIT, 150)) if c else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{extra}")
+        time.sleep(every_s)
+
+
+# --- the harness itself, with a stand-in daemon ----------------------------------------------
+
+
+FAKE_DROPIN = """[Service]
+ExecStart=
+ExecStart=/opt/trainerd/venv/bin/python /usr/src/trainerd/tests-bin/sd_fake_daemon.py
+"""
+
+
+def _install_fake(c: Container, extra: str = "") -> None:
+    install_trainerd(c, None, {"root": ROOT, "model": {"path": "/opt/trainerd/model"}},
+                     dropin=FAKE_DROPIN + extra)
+    d = c.path("/usr/src/trainerd/tests-bin")
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "tests" / "bin" / "sd_fake_daemon.py", d)
+
+
+def test_notify_unit_is_active_only_after_ready(container):
+    """`systemctl start` of the hardened unit returns only once READY=1 arrives (2 s late), then stop is clean."""
+    c = container
+    _install_fake(c, "Environment=READY_DELAY_S=2\n")
+    t0 = time.monotonic()
+    c.run(["systemctl", "start", UNIT], timeout=60)
+    took = time.monotonic() - t0
+    p = c.show(UNIT, "ActiveState", "SubState", "StatusText", "WatchdogUSec", "NRestarts")
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), p
+    assert took >= 2.0, f"start returned after {took:.2f} s, before READY"
+    assert p["StatusText"] == "fake daemon ready"
+    seen = json.loads(c.path(f"{ROOT}/fake.json").read_text())
+    assert seen["uid"] != 0 and seen["cwd"] == ROOT and seen["watchdog_s"] == 60.0
+    assert seen["notify_socket_left"] is False
+    t1 = time.monotonic()
+    c.run(["systemctl", "stop", UNIT], timeout=120)
+    p = c.show(UNIT, "ActiveState", "Result", "ExecMainStatus")
+    assert p == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, p
+    print(f"start {took:.2f} s (READY after 2 s), stop {time.monotonic() - t1:.2f} s")
+
+
+def test_watchdog_fires_when_the_pings_stop(container):
+    """A main process that stops pinging is killed with Result=watchdog: the watchdog is real here."""
+    c = container
+    _install_fake(c, "Environment=READY_DELAY_S=0 STOP_PINGING_AFTER_S=1\nWatchdogSec=2s\nRestart=no\n")
+    c.run(["systemctl", "start", UNIT], timeout=60)
+    wait_for("the watchdog to fire", lambda: c.show(UNIT, "Result")["Result"] == "watchdog", 20, c)
+
+
+# --- the real daemon ---------------------------------------------------------------------------
+
+
+def _need_daemon():
+    if not (REPO / "trainerd" / "cli.py").exists() or not (REPO / "trainerd" / "supervisor.py").exists():
+        pytest.skip("the supervisor (trainerd run) is not in this tree yet")
+
+
+def _tiny_config(**over) -> dict:
+    cfg = {
+        "root": ROOT,
+        "model": {"path": "/opt/trainerd/model", "dtype": "float32", "device": "cpu"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 0,
+                  "checkpoint_every_steps": 5, "threads": 1},
+        "data": {"chunk_lines": 64},
+        "supervisor": {"stop_grace_s": 20, "rescan_s": 1, "settle_s": 0.5},
+        "disk": {"min_free_bytes": 0},
+        "log": {"format": "json"},
+    }
+    for k, v in over.items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    return cfg
+
+
+def _data(n_lines: int, words: int = 12) -> str:
+    return "".join(json.dumps({"text": f"line {i}: " + " ".join(["the quick brown fox"] * (words // 4))}) + "\n"
+                   for i in range(n_lines))
+
+
+def _batches(c: Container) -> list[Path]:
+    d = c.path(f"{ROOT}/batches")
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.exists() else []
+
+
+def _current(c: Container) -> str | None:
+    link = c.path(f"{ROOT}/adapters/current")
+    try:
+        import os
+        return os.readlink(link)
+    except OSError:
+        return None
+
+
+def _checkpoints(batch: Path) -> list[Path]:
+    d = batch / "checkpoints"
+    return sorted(p for p in d.iterdir() if p.name.startswith("step-")) if d.exists() else []
+
+
+def _events(c: Container) -> list[dict]:
+    out = []
+    for line in c.journal(UNIT, 5000).splitlines():
+        i = line.find("{")
+        if i >= 0:
+            try:
+                out.append(json.loads(line[i:]))
+            except ValueError:
+                pass
+    return out
+
+
+def _drop(c: Container, name: str, text: str) -> None:
+    """As an operator does it: write elsewhere, then rename into the inbox (as root, inside)."""
+    tmp = c.path(f"/root/{name}")
+    tmp.write_text(text)
+    c.run(["mv", f"/root/{name}", f"{ROOT}/inbox/{name}"])
+
+
+def test_trainerd_service_lifecycle(container, tiny_model_dir):
+    """start after READY -> file becomes adapter 1 -> touch .stop pauses -> resume -> systemctl stop checkpoints and exits 0."""
+    _need_daemon()
+    c = container
+    took = install_trainerd(c, tiny_model_dir, _tiny_config())
+    print(f"install (pip install trainerd + install-service): {took:.1f} s")
+    t0 = time.monotonic()
+    c.run(["systemctl", "start", UNIT], timeout=150)
+    p = c.show(UNIT, "ActiveState", "SubState", "StatusText", "MainPID", "User")
+    print(f"systemctl start: {time.monotonic() - t0:.2f} s, {p}")
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), p
+    assert p["StatusText"], "no STATUS= from the supervisor"
+
+    # 1. A file dropped into the inbox becomes adapter 1.
+    _drop(c, "one.jsonl", _data(40))
+    wait_for("adapters/current -> 1", lambda: _current(c) == "1", 180, c, every_s=0.5)
+    assert c.path(f"{ROOT}/adapters/1").is_dir()
+
+    # 2. `touch .stop` in the working directory pauses: the worker checkpoints and exits 75.
+    _drop(c, "two.jsonl", _data(3000))
+    wait_for("the second batch to train", lambda: len(_batches(c)) == 2
+             and (_batches(c)[-1] / "progress.json").exists(), 120, c)
+    c.run(["touch", ".stop"], cwd=ROOT)
+    b2 = _batches(c)[-1]
+    wait_for("a paused result", lambda: (b2 / "result.json").exists()
+             and json.loads((b2 / "result.json").read_text()).get("reason") == "paused", 60, c)
+    assert _checkpoints(b2), "pause left no checkpoint"
+    wait_for("the daemon to say paused", lambda: "paus" in c.show(UNIT, "StatusText")["StatusText"].lower(), 20, c)
+    time.sleep(3)
+    assert json.loads((b2 / "result.json").read_text())["reason"] == "paused"  # nothing restarted it
+    assert c.show(UNIT, "ActiveState")["ActiveState"] == "active"
+
+    # 3. Resume, then `systemctl stop` mid-training: checkpoint, exit 0, inside TimeoutStopSec.
+    c.run(["rm", ".stop"], cwd=ROOT)
+    wait_for("training to resume", lambda: "paus" not in c.show(UNIT, "StatusText")["StatusText"].lower(), 30, c)
+    n_ckpt = len(_checkpoints(b2))
+    time.sleep(2)
+    timeout_stop = c.show(UNIT, "TimeoutStopUSec")["TimeoutStopUSec"]
+    t1 = time.monotonic()
+    c.run(["systemctl", "stop", UNIT], timeout=200)
+    stop_s = time.monotonic() - t1
+    p = c.show(UNIT, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
+    print(f"systemctl stop: {stop_s:.2f} s (TimeoutStopSec {timeout_stop}), {p}")
+    assert p["ActiveState"] == "inactive" and p["Result"] == "success" and p["ExecMainStatus"] == "0", p
+    res = json.loads((b2 / "result.json").read_text())
+    if res.get("status") != "done":  # it may have finished in the 2 s; then there is nothing to stop
+        assert res.get("reason") == "shutdown", res
+        assert len(_checkpoints(b2)) >= 1 and res.get("checkpoint"), res
+    assert stop_s < 50  # TimeoutStopSec = stop_grace_s (20) + 30
+    assert not any(e.get("event") == "kernel_oom_kill" for e in _events(c))
+    print(f"checkpoints before/after stop: {n_ckpt} / {len(_checkpoints(b2))}")
+
+
+@pytest.mark.skipif(not (REAL_MODEL / ".fetch-complete").exists(),
+                    reason="needs the default model (scripts/fetch-model) for multi-second training steps")
+def test_watchdog_does_not_fire_during_long_steps(container):
+    """With WatchdogSec=3s and SmolLM2 steps of several seconds the unit keeps running, no restart."""
+    _need_daemon()
+    c = container
+    cfg = _tiny_config(model={"path": "/opt/trainerd/real-model"},
+                       train={"seq_len": 256, "micro_batch_size": 4, "grad_accum_steps": 1, "threads": 2})
+    install_trainerd(c, None, cfg, dropin="[Service]\nWatchdogSec=3s\n")
+    c.run(["systemctl", "start", UNIT], timeout=150)
+    _drop(c, "long.jsonl", _data(400, words=40))
+    wait_for("training to start", lambda: _batches(c) and (_batches(c)[0] / "progress.json").exists(), 120, c)
+    b = _batches(c)[0]
+    first = json.loads((b / "progress.json").read_text()).get("step", 0)
+    t0 = time.monotonic()
+    time.sleep(20)
+    p = c.show(UNIT, "ActiveState", "SubState", "NRestarts", "Result", "WatchdogUSec")
+    last = json.loads((b / "progress.json").read_text())
+    print(f"steps {first} -> {last.get('step')} in {time.monotonic() - t0:.0f} s; {p}")
+    assert p["ActiveState"] == "active" and p["NRestarts"] == "0" and p["WatchdogUSec"] == "3s", p
+    assert "watchdog" not in c.journal(UNIT).lower().replace("watchdog_interval", "")
+    c.run(["systemctl", "stop", UNIT], timeout=200)
+    assert c.show(UNIT, "Result")["Result"] == "success"
+
+
+@pytest.mark.skipif(not (REAL_MODEL / ".fetch-complete").exists(),
+                    reason="needs the default model (scripts/fetch-model) for a micro-batch that outgrows MemoryMax")
+def test_low_memory_max_is_met_by_a_graceful_stop_not_an_oom_kill(container):
+    """MemoryMax below micro-batch 4's need: the guard stops the worker, it backs off, no OOM kill is recorded."""
+    _need_daemon()
+    c = container
+    cfg = _tiny_config(model={"path": "/opt/trainerd/real-model"},
+                       train={"seq_len": 256, "micro_batch_size": 4, "grad_accum_steps": 1, "threads": 2})
+    install_trainerd(c, None, cfg, dropin="[Service]\nMemoryMax=2G\nMemorySwapMax=0\n")
+    c.run(["systemctl", "start", UNIT], timeout=150)
+    _drop(c, "big.jsonl", _data(200, words=40))
+    cg = c.show(UNIT, "ControlGroup")["ControlGroup"]
+    mem = c.path("/sys/fs/cgroup/memory") / cg.lstrip("/")
+    limit = int((c.path("/sys/fs/cgroup/memory") / cg.lstrip("/") / "memory.limit_in_bytes").read_text()) \
+        if (mem / "memory.limit_in_bytes").exists() else None
+    print(f"cgroup {cg}: limit {limit}")
+
+    def memory_stop():
+        return any(e.get("reason") == "memory" or "memory" in str(e.get("event", "")) for e in _events(c)
+                   if e.get("event") not in ("memory_guard_started",))
+
+    wait_for("a memory stop", memory_stop, 300, c, every_s=1)
+    time.sleep(5)
+    oom = c.sh(f"cat /sys/fs/cgroup/memory{cg}/memory.oom_control 2>/dev/null || cat /sys/fs/cgroup/unified{cg}/memory.events", check=False).stdout
+    print(oom)
+    p = c.show(UNIT, "ActiveState", "NRestarts", "Result")
+    assert p["ActiveState"] == "active" and p["NRestarts"] == "0", p
+    assert "oom_kill 0" in oom or "oom_kill" not in oom, oom
+    assert not any(e.get("event") == "kernel_oom_kill" for e in _events(c))
+    c.run(["systemctl", "stop", UNIT], timeout=200)
