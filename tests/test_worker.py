@@ -1,0 +1,243 @@
+"""The real worker as a subprocess on the tiny model: exit codes, stops, checkpoints, exactness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+from workerutil import (adapter_bytes, clean_runs, finish, make_batch, run_worker, sample_lines, start_worker,
+                        wait_for_event, write_settings)
+
+LONG = 600  # lines: enough steps that a stop lands mid-run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """One uninterrupted run that the resumed runs must match bit for bit."""
+    tmp = tmp_path_factory.mktemp("reference")
+    batch = make_batch(tmp, tiny_model_dir, sample_lines(120))
+    rc, result, logs = run_worker(batch)
+    assert rc == 0, result
+    return batch, result
+
+
+def test_uninterrupted_run_finishes_and_reports(reference):
+    """A clean run exits 0 and result.json carries steps, tokens, losses, tokens/s and peak RSS."""
+    batch, result = reference
+    assert result["status"] == "done" and result["exit_code"] == 0
+    assert result["step"] == result["total_steps"] > 1
+    assert result["tokens"] > 0 and result["tokens_per_s"] > 0 and result["peak_rss_bytes"] > 10 << 20
+    assert result["first_loss"] > 0 and result["last_loss"] > 0
+    assert (batch / "final_adapter" / "adapter_model.safetensors").is_file()
+    meta = json.loads((batch / "final_adapter" / "trainerd.json").read_text())
+    assert meta["steps"] == result["step"]
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, tiny_model_dir, reference):
+    """SIGKILL right after step 5 (checkpoint at 4), then a resume: the adapter equals the uninterrupted one."""
+    ref_batch, ref = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
+    assert rc == -signal.SIGKILL
+    rc, result, logs = run_worker(batch)
+    assert rc == 0
+    started = next(l for l in logs if l["event"] == "training_started")
+    assert started["resumed_from"] == "step-00000004" and started["step"] == 4
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
+    assert result["last_loss"] == ref["last_loss"]
+
+
+def test_stop_file_resume_many_times_is_bit_identical(tmp_path, tiny_model_dir, reference):
+    """Stopped by the batch .stop at arbitrary points (mid-step too) and resumed 3 times: bit-identical."""
+    ref_batch, _ = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    stops = 0
+    for min_step in (2, 5, 9):
+        proc = start_worker(batch)
+        wait_for_event(proc, "step", min_step=min_step)
+        (batch / ".stop").write_text("memory")
+        rc = finish(proc)
+        result = json.loads((batch / "result.json").read_text())
+        if rc == 0:
+            break
+        assert rc == 75 and result["reason"] == "memory" and result["checkpoint"]
+        stops += 1
+        clean_runs(batch)
+    assert stops >= 2
+    rc, result, _ = run_worker(batch)
+    assert rc == 0
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
+
+
+@pytest.mark.parametrize("how", ["batch_stop", "global_stop", "sigterm", "sigint", "stdin_closed"])
+def test_each_stop_gives_exit_75_and_a_checkpoint(tmp_path, tiny_model_dir, how):
+    """The batch .stop, the global .stop, SIGTERM, SIGINT and EOF on the lifeline each end in 75 + checkpoint."""
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(LONG), train={"checkpoint_every_steps": 0})
+    root = tmp_path / "root"
+    # Only the lifeline case gets a pipe: communicate() closes stdin, which is itself a stop.
+    proc = start_worker(batch, stdin=subprocess.PIPE if how == "stdin_closed" else subprocess.DEVNULL)
+    wait_for_event(proc, "step", min_step=1)
+    if how == "batch_stop":  # written atomically, as the memory guard does
+        (batch / ".stop.tmp").write_text("recycle")
+        os.replace(batch / ".stop.tmp", batch / ".stop")
+    elif how == "global_stop":
+        (root / ".stop").touch()
+    elif how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    elif how == "sigint":
+        proc.send_signal(signal.SIGINT)
+    else:
+        proc.stdin.close()
+    rc = finish(proc)
+    result = json.loads((batch / "result.json").read_text())
+    expected = {"batch_stop": "recycle", "global_stop": "paused", "sigterm": "shutdown", "sigint": "shutdown",
+                "stdin_closed": "parent_gone"}[how]
+    assert rc == 75, result
+    assert result["status"] == "stopped" and result["reason"] == expected
+    assert result["step"] < result["total_steps"]
+    ckpt = batch / result["checkpoint"]
+    assert (ckpt / "state.json").is_file() and (ckpt / "optimizer.pt").is_file()
+
+
+def test_torn_checkpoint_is_skipped(tmp_path, tiny_model_dir, reference):
+    """A newer checkpoint missing a file (torn) and a .tmp folder are ignored; resume uses the last complete one."""
+    ref_batch, _ = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
+    assert rc == -signal.SIGKILL
+    ck = batch / "checkpoints"
+    torn = ck / "step-00000009"
+    torn.mkdir()
+    (torn / "state.json").write_text('{"step": 9, "cursor": ')  # half-written JSON
+    (ck / ".tmp-step-00000010-99999").mkdir()
+    rc, _, logs = run_worker(batch)
+    assert rc == 0
+    started = next(l for l in logs if l["event"] == "training_started")
+    assert started["resumed_from"] == "step-00000004"
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, reference):
+    """Killed in the middle of writing a checkpoint: only a .tmp folder is left; resume is still exact."""
+    ref_batch, _ = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_in_checkpoint"))
+    assert rc == -signal.SIGKILL
+    assert not [p for p in (batch / "checkpoints").iterdir() if p.name.startswith("step-")]
+    rc, _, _ = run_worker(batch)
+    assert rc == 0
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
+
+
+def test_crash_during_publish_never_leaves_half_adapter(tmp_path, tiny_model_dir, reference):
+    """Killed while publishing: the destination does not exist; the rerun publishes the same adapter."""
+    ref_batch, _ = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    dest = tmp_path / "published"
+    rc, _, _ = run_worker(batch, "--publish", str(dest), env=subprocess_env(TRAINERD_FAULT="crash_in_publish"))
+    assert rc == -signal.SIGKILL and not dest.exists()
+    rc, result, logs = run_worker(batch, "--publish", str(dest))
+    assert rc == 0 and result["adapter"] == str(dest)
+    assert not [l for l in logs if l["event"] == "step"]  # resumed at the end: nothing retrained
+    assert adapter_bytes(dest) == adapter_bytes(ref_batch / "final_adapter")
+
+
+def test_memory_backoff_resume_keeps_cursor_and_effective_batch(tmp_path, tiny_model_dir, reference):
+    """Resumed with half the micro-batch and double accumulation: same cursor, same effective batch, same losses."""
+    ref_batch, ref = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
+    assert rc == -signal.SIGKILL
+    state = json.loads((batch / "checkpoints" / "step-00000004" / "state.json").read_text())
+    write_settings(batch, tmp_path / "root", tiny_model_dir, train={"micro_batch_size": 1, "grad_accum_steps": 4})
+    rc, result, logs = run_worker(batch)
+    assert rc == 0
+    started = next(l for l in logs if l["event"] == "training_started")
+    assert started["cursor"] == state["cursor"] and started["micro_batch_size"] == 1
+    assert started["effective_batch"] == 4 and result["total_steps"] == ref["total_steps"]
+    assert result["micro_batch_size"] == 1 and result["grad_accum_steps"] == 4
+    # Same tokens, same objective; only the float summation order differs.
+    assert result["last_loss"] == pytest.approx(ref["last_loss"], rel=1e-4)
+
+
+def test_continues_from_init_adapter(tmp_path, tiny_model_dir, reference):
+    """--init-adapter starts from the given adapter's weights rather than a fresh LoRA init."""
+    ref_batch, ref = reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    rc, result, logs = run_worker(batch, "--init-adapter", str(ref_batch / "final_adapter"))
+    assert rc == 0
+    started = next(l for l in logs if l["event"] == "training_started")
+    assert started["init_adapter"] == str(ref_batch / "final_adapter")
+    # Trained further from a trained adapter: it starts where the first run ended, not from scratch.
+    assert result["first_loss"] < ref["first_loss"]
+    assert adapter_bytes(batch / "final_adapter") != adapter_bytes(ref_batch / "final_adapter")
+
+
+def test_bad_lines_reported_and_file_rejected_above_threshold(tmp_path, tiny_model_dir):
+    """Too many bad lines: exit 65, result.json lists them with line numbers and reasons; errors.jsonl has all."""
+    lines = sample_lines(20)
+    lines[3] = "{not json"
+    lines[7] = json.dumps({"messages": [{"role": "bot", "content": "x"}]})
+    lines[11] = json.dumps([1, 2])
+    batch = make_batch(tmp_path, tiny_model_dir, lines, data={"max_bad_fraction": 0.1})
+    rc, result, logs = run_worker(batch)
+    assert rc == 65 and result["status"] == "bad_data"
+    assert "too many bad lines: 3 of 20" in result["reason"]
+    got = {e["line"]: e["reason"] for e in result["errors"]}
+    assert set(got) == {4, 8, 12}
+    assert "invalid JSON" in got[4] and "role" in got[8] and "array" in got[12]
+    assert len((batch / "errors.jsonl").read_text().splitlines()) == 3
+
+
+def test_few_bad_lines_are_skipped_and_training_goes_on(tmp_path, tiny_model_dir):
+    """Bad lines under the threshold are skipped, counted and written to errors.jsonl; the run finishes."""
+    lines = sample_lines(60)
+    lines[10] = "\xff garbage"
+    batch = make_batch(tmp_path, tiny_model_dir, lines, data={"max_bad_fraction": 0.05})
+    rc, result, _ = run_worker(batch)
+    assert rc == 0 and result["lines_bad"] == 1 and result["lines_good"] == 59
+    assert json.loads((batch / "errors.jsonl").read_text())["line"] == 11
+
+
+def test_settings_errors_exit_78_with_every_problem(tmp_path, tiny_model_dir):
+    """Invalid settings.json: exit 78 and every problem is named with its key path."""
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(5))
+    bad = json.loads((batch / "settings.json").read_text())
+    bad["train"]["micro_batch_size"] = 0
+    bad["train"]["learning_rat"] = 0.1
+    bad["lora"]["dropout"] = "high"
+    (batch / "settings.json").write_text(json.dumps(bad))
+    rc, result, _ = run_worker(batch)
+    assert rc == 78 and result["status"] == "bad_config"
+    problems = "\n".join(result["problems"])
+    assert "train.micro_batch_size: must be >= 1, got 0" in problems
+    assert "train.learning_rat: unknown key (did you mean 'learning_rate'?)" in problems
+    assert "lora.dropout: must be a number" in problems
+
+
+def test_missing_model_is_a_settings_error(tmp_path, tiny_model_dir):
+    """A model path with no model is exit 78 with a hint, not a crash."""
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(5), model={"path": str(tmp_path / "nope")})
+    rc, result, _ = run_worker(batch)
+    assert rc == 78 and "model.path" in result["reason"]
+
+
+def test_no_dataset_cache_files_appear(tmp_path, tiny_model_dir):
+    """Training writes nothing to the HF/datasets caches and only the documented files in the batch folder."""
+    cache = tmp_path / "hf-home"
+    cache.mkdir()
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(60))
+    env = subprocess_env(HF_HOME=str(cache), HF_DATASETS_CACHE=str(cache / "datasets"), XDG_CACHE_HOME=str(cache))
+    rc, _, _ = run_worker(batch, env=env)
+    assert rc == 0
+    assert [p for p in cache.rglob("*")] == []
+    assert sorted(p.name for p in batch.iterdir()) == sorted(
+        ["data.jsonl", "settings.json", "scan.json", "errors.jsonl", "checkpoints", "progress.json",
+         "result.json", "final_adapter"])
+    assert not list(batch.rglob("*.arrow")) and not list(tmp_path.rglob("cache-*"))
