@@ -172,8 +172,9 @@ class Container:
         if self.init_pid is None:
             raise RuntimeError("container not started")
         envl = [f"{k}={v}" for k, v in {"PATH": PATH, "LANG": "C.UTF-8", **(env or {})}.items()]
-        wd = ["--wd=" + cwd] if cwd else []
-        cmd = ["nsenter", "-t", str(self.init_pid), "-a", *wd, "env", "-i", *envl, *argv]
+        if cwd:  # nsenter --wd resolves the path outside the container's mount namespace
+            argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
+        cmd = ["nsenter", "-t", str(self.init_pid), "-a", "env", "-i", *envl, *argv]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"in container: {' '.join(argv)} -> {r.returncode}\n"

@@ -65,6 +65,9 @@ def install_trainerd(c: Container, model_dir: Path | None, config: dict, *, drop
     (src / "README.md").write_text(readme.read_text() if readme.exists() else "trainerd\n")
     if model_dir is not None:
         shutil.copytree(model_dir, c.path("/opt/trainerd/model"))
+        # pytest's tmp dirs are 0700 and safetensors writes 0600: make it readable, as an
+        # operator must (install-service checks that the service user can read it).
+        c.run(["chmod", "-R", "a+rX", "/opt/trainerd/model"])
     cfg = c.path("/etc/trainerd/trainerd.yaml")
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -227,7 +230,7 @@ def test_trainerd_service_lifecycle(container, tiny_model_dir):
     assert c.path(f"{ROOT}/adapters/1").is_dir()
 
     # 2. `touch .stop` in the working directory pauses: the worker checkpoints and exits 75.
-    _drop(c, "two.jsonl", _data(3000))
+    _drop(c, "two.jsonl", _data(8000))
     wait_for("the second batch to train", lambda: len(_batches(c)) == 2
              and (_batches(c)[-1] / "progress.json").exists(), 120, c)
     c.run(["touch", ".stop"], cwd=ROOT)
@@ -242,9 +245,11 @@ def test_trainerd_service_lifecycle(container, tiny_model_dir):
 
     # 3. Resume, then `systemctl stop` mid-training: checkpoint, exit 0, inside TimeoutStopSec.
     c.run(["rm", ".stop"], cwd=ROOT)
-    wait_for("training to resume", lambda: "paus" not in c.show(UNIT, "StatusText")["StatusText"].lower(), 30, c)
+    wait_for("training to resume from the checkpoint", lambda: any(
+        e.get("event") == "training_started" and e.get("batch") == 2 and e.get("resumed_from")
+        for e in _events(c)), 60, c)
     n_ckpt = len(_checkpoints(b2))
-    time.sleep(2)
+    time.sleep(1)
     timeout_stop = c.show(UNIT, "TimeoutStopUSec")["TimeoutStopUSec"]
     t1 = time.monotonic()
     c.run(["systemctl", "stop", UNIT], timeout=200)
