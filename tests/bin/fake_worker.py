@@ -48,8 +48,13 @@ def main() -> int:
     root = settings["root"]
 
     def log(event, **kw):
-        print(json.dumps({"timestamp": "2026-01-01T00:00:00Z", "level": "info", "event": event, **kw}),
-              flush=True)
+        # After the supervisor dies, stdout is a pipe without a reader: EPIPE must not kill a
+        # worker that is about to checkpoint (the contract says: treat it like parent_gone).
+        try:
+            print(json.dumps({"timestamp": "2026-01-01T00:00:00Z", "level": "info", "event": event, **kw}),
+                  flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
     def result(status, reason, code, **kw):
         body = {"status": status, "reason": reason, "exit_code": code, "step": 3, "total_steps": 10,
@@ -72,7 +77,10 @@ def main() -> int:
         return result("done", "done", 0, adapter=pub)
 
     log("fake_worker_started", action=action, attempt=attempt, batch="not-mine")
-    print("plain text from the worker", flush=True)
+    try:
+        print("plain text from the worker", flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     print("a line on stderr", file=sys.stderr, flush=True)
     with open(os.path.join(batch_dir, "progress.json"), "w") as f:
         json.dump({"step": 3, "total_steps": 10, "tokens_per_s": 123.4, "eta_s": 42, "rss_bytes": 50 << 20}, f)
