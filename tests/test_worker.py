@@ -241,3 +241,29 @@ def test_no_dataset_cache_files_appear(tmp_path, tiny_model_dir):
         ["data.jsonl", "settings.json", "scan.json", "errors.jsonl", "checkpoints", "progress.json",
          "result.json", "final_adapter"])
     assert not list(batch.rglob("*.arrow")) and not list(tmp_path.rglob("cache-*"))
+
+
+def test_out_of_memory_in_a_step_halves_micro_batch_and_redoes_the_step(tmp_path, tiny_model_dir):
+    """An OOM inside a step (injected) backs off 4 -> 2 -> 1 and ends bit-identical to a micro-batch-1 run."""
+    plain = make_batch(tmp_path / "plain", tiny_model_dir, sample_lines(60),
+                       train={"micro_batch_size": 1, "grad_accum_steps": 4})
+    rc, ref, _ = run_worker(plain)
+    assert rc == 0
+    batch = make_batch(tmp_path / "oom", tiny_model_dir, sample_lines(60),
+                       train={"micro_batch_size": 4, "grad_accum_steps": 1})
+    rc, result, logs = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="oom_above_micro:1"))
+    assert rc == 0, result
+    backoffs = [l for l in logs if l["event"] == "cuda_oom_backoff"]
+    assert [(b["micro_batch_size_was"], b["micro_batch_size"]) for b in backoffs] == [(4, 2), (2, 1)]
+    assert result["micro_batch_size"] == 1 and result["grad_accum_steps"] == 4
+    assert result["total_steps"] == ref["total_steps"]
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(plain / "final_adapter")
+
+
+def test_out_of_memory_at_micro_batch_1_is_a_memory_stop(tmp_path, tiny_model_dir):
+    """An OOM that persists at micro-batch 1 ends in exit 75, reason memory, with a checkpoint to resume from."""
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(60), train={"micro_batch_size": 2})
+    rc, result, logs = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="oom_above_micro:0"))
+    assert rc == 75 and result["reason"] == "memory"
+    assert (batch / result["checkpoint"] / "state.json").is_file()
+    assert any(l["event"] == "cuda_oom_at_micro_batch_1" for l in logs)

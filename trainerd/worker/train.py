@@ -201,6 +201,8 @@ class Trainer:
         self.train_tokens_this_run = 0
         self.train_time_this_run = 0.0
         self.steps_this_run = 0
+        fault = os.environ.get("TRAINERD_FAULT", "")
+        self._oom_above = int(fault.split(":", 1)[1]) if fault.startswith("oom_above_micro:") else None
         self.total_steps = 0
         self._last_progress = 0.0
         self._last_ckpt_time = time.monotonic()
@@ -444,6 +446,10 @@ class Trainer:
                 if reason:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise StopRequested(reason)
+            if self._oom_above is not None and self.micro > self._oom_above:
+                # Fault injection (TRAINERD_FAULT=oom_above_micro:K): the CPU has no CUDA OOM to
+                # provoke, so the back-off path is exercised by raising the very same error.
+                raise torch.OutOfMemoryError(f"injected: micro-batch {self.micro} > {self._oom_above}")
             sl = slice(start, start + self.micro)
             x, y, m = ids[sl].to(self.device), labels[sl].to(self.device), mask[sl].to(self.device)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
