@@ -1,0 +1,31 @@
+"""The supervisor side never imports torch & co. (checked in a fresh interpreter)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import subprocess_env
+
+HEAVY = ("torch", "transformers", "peft", "datasets", "accelerate")
+
+
+def _heavy_modules(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code + f"\nimport sys, json\n"
+                          f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"],
+                         env=subprocess_env(), capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_supervisor_and_cli_import_no_torch():
+    """Importing trainerd.supervisor and trainerd.cli loads none of the worker's libraries."""
+    assert _heavy_modules("import trainerd.supervisor, trainerd.cli, trainerd.memguard") == []
+
+
+def test_status_command_imports_no_torch(tmp_path):
+    """A full `trainerd status` run (with a ledger to read) loads none of the worker's libraries."""
+    from trainerd.ledger import Ledger
+
+    Ledger(tmp_path / "state.db").close()
+    code = (f"import sys\nsys.argv = ['trainerd', 'status', '--root', {str(tmp_path)!r}]\n"
+            "from trainerd.cli import main\nmain()")
+    assert _heavy_modules(code) == []
