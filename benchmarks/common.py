@@ -96,7 +96,7 @@ class ChildRun:
 
 def run_child(argv: list[str], *, env: dict[str, str], cwd: Path, stderr_path: Path,
               on_line: Callable[[str], None] | None = None, stdin_pipe: bool = False,
-              timeout_s: float = 3600.0) -> ChildRun:
+              on_start: Callable[[int], None] | None = None, timeout_s: float = 3600.0) -> ChildRun:
     """Run ``argv``, relay nothing, collect stdout lines, and reap it with wait4 for its rusage.
 
     ``stdin_pipe`` keeps the write end of a pipe on the child's stdin open for its whole life,
@@ -112,6 +112,8 @@ def run_child(argv: list[str], *, env: dict[str, str], cwd: Path, stderr_path: P
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=err,
                                 stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL)
+        if on_start is not None:
+            on_start(proc.pid)
 
         def reader() -> None:
             assert proc.stdout is not None
