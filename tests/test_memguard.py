@@ -225,19 +225,19 @@ def test_sustained_psi_counts_as_soft(tmp_path, sleeper):
     psi = tmp_path / "pressure"
     psi.write_text("some avg10=80.00 avg60=50.00 avg300=10.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     log = ListLog()
-    g = MemoryGuard(settings(psi_threshold=40.0, psi_sustain_s=1.0), log=log, psi_path=psi)
+    g = MemoryGuard(settings(psi_threshold=40.0, psi_sustain_s=2.0), log=log, psi_path=psi)
     g.attach(sleeper.pid, tmp_path, 100.0)
     assert g.poll(100.0).action == "none"
     assert g.poll(100.6).action == "none"
     psi.write_text("some avg10=10.00 avg60=50.00 avg300=10.00 total=2\n")
-    assert g.poll(100.8).action == "none"  # dipped: the sustain clock restarts
+    assert g.poll(101.2).action == "none"  # dipped: the sustain clock restarts
     psi.write_text("some avg10=80.00 avg60=50.00 avg300=10.00 total=3\n")
-    assert g.poll(101.0).action == "none"
-    assert g.poll(101.7).action == "none"
-    d = g.poll(102.05)
+    assert g.poll(101.8).action == "none"
+    assert g.poll(103.0).action == "none"
+    d = g.poll(103.9)
     assert (d.action, d.reason, d.psi_some_avg10) == ("stop", "psi", 80.0)
     assert (tmp_path / ".stop").read_text() == "memory"
-    assert g.poll(103.0).action == "none"  # once
+    assert g.poll(105.0).action == "none"  # once
     assert log.find("memory_stop_decided")[0]["psi_some_avg10"] == 80.0
 
 

@@ -76,8 +76,17 @@ LOGIT_COPIES = 4
 
 _TREE_REFRESH_S = 1.0       # re-discover the worker's descendants at most this often
 _LIMIT_REFRESH_S = 5.0      # re-read cgroup limits (systemctl set-property can change them)
-_RATE_WINDOW_S = 10.0       # growth rate: linear fit over this window (spans several steps)
-_RATE_MIN_SPAN_S = 0.3      # ... but only once the samples span at least this long
+_STAT_REFRESH_S = 1.0       # re-read memory.stat (inactive_file) at least this often
+_PSI_REFRESH_S = 1.0        # PSI averages change every 2 s in the kernel
+# Two growth rates, both least-squares fits. The trend spans several training steps, so a
+# step's sawtooth averages out; the recent one is what is happening now. Predictions use the
+# smaller of the two (both must say "growing"): a one-off jump (loading the model) leaves
+# the trend high for a while but the recent rate at zero; a step's forward pass makes the
+# recent rate high but not the trend.
+_TREND_WINDOW_S = 10.0
+_TREND_SAMPLE_S = 0.25      # the trend keeps one sample per quarter second (<= 40 points)
+_RECENT_WINDOW_S = 1.0
+_RATE_MIN_SPAN_S = 0.3      # a fit needs samples spanning at least this long
 _KILL_REPEAT_S = 1.0        # re-issue "kill" while the process is still there
 _LEAK_SAMPLE_S = 1.0        # long-window samples for the leak fit: one a second (or window/20)
 _LEAK_MIN_RISE = 0.02       # a leak must have grown >= 2% of the limit across its window
@@ -116,6 +125,46 @@ def _read_int(path: str | Path) -> int | None:
     except ValueError:
         return None
     return None if v >= _NO_LIMIT else v
+
+
+class _OpenFiles:
+    """Hot files kept open and re-read with pread(fd, n, 0).
+
+    Saves the path walk of open(2) on every poll (~30% of a cold read here). procfs and
+    cgroupfs files are regenerated on every read from offset 0. An open /proc/<pid>/status
+    stays bound to that process: once it is reaped, reads fail (ESRCH) instead of silently
+    describing a new process that reused the pid.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read(self, path: str, limit: int = 1 << 13) -> str:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fds[path] = fd
+        try:
+            data = os.pread(fd, limit, 0)
+        except OSError:
+            self.close(path)
+            raise
+        return data.decode("ascii", "replace")
+
+    def close(self, path: str) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self, prefix: str = "") -> None:
+        for path in [p for p in self._fds if p.startswith(prefix)]:
+            self.close(path)
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown
+        try:
+            self.close_all()
+        except Exception:
+            pass
 
 
 def _parse_keyed(text: str) -> dict[str, int]:
@@ -163,42 +212,41 @@ def _meminfo(limit: int = 1 << 14) -> dict[str, int]:
     return out
 
 
-def _mem_available() -> int:
+def _mem_available(files: _OpenFiles | None = None) -> int:
     # MemAvailable is the third line; 256 bytes cover it without formatting the whole file.
-    text = _read("/proc/meminfo", 256)
+    text = files.read("/proc/meminfo", 256) if files is not None else _read("/proc/meminfo", 256)
     i = text.find("MemAvailable:")
     if i < 0:
         return _meminfo().get("MemAvailable", 0)
     return int(text[i + 13:].split(None, 1)[0]) * 1024
 
 
-def _proc_status(pid: int) -> tuple[bool, int, int, int]:
-    """(alive, unreclaimable_bytes, rss_bytes, threads) from /proc/<pid>/status.
+def _status_kib(text: str, key: str) -> int:
+    i = text.find(key)
+    if i < 0:
+        return 0
+    j = text.find("kB", i)
+    return int(text[i + len(key):j]) * 1024
+
+
+def _proc_status(pid: int, files: _OpenFiles | None = None) -> tuple[bool, int, int]:
+    """(alive, unreclaimable_bytes, rss_bytes) from /proc/<pid>/status.
 
     Unreclaimable = RssAnon + RssShmem: file-backed pages (memory-mapped weights, libraries)
     are clean page cache the kernel can drop; anonymous and shmem pages are not.
     A zombie counts as dead: it holds no memory, only its pid (the supervisor reaps it).
     """
     try:
-        text = _read(f"/proc/{pid}/status", 1 << 13)
+        path = f"/proc/{pid}/status"
+        text = files.read(path) if files is not None else _read(path, 1 << 13)
     except OSError:
-        return False, 0, 0, 0
-    alive = True
-    anon = shmem = rss = 0
-    threads = 1
-    for line in text.splitlines():
-        if line.startswith("State:"):
-            st = line[6:].strip()[:1]
-            alive = st not in ("Z", "X")
-        elif line.startswith("RssAnon:"):
-            anon = int(line.split()[1]) * 1024
-        elif line.startswith("RssShmem:"):
-            shmem = int(line.split()[1]) * 1024
-        elif line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-        elif line.startswith("Threads:"):
-            threads = int(line.split()[1])
-    return alive, anon + shmem, rss, threads
+        return False, 0, 0
+    i = text.find("State:")
+    st = text[i + 6:i + 16].strip()[:1] if i >= 0 else "?"
+    if st in ("Z", "X"):
+        return False, 0, 0
+    # str.find, not a loop over ~55 lines: this runs for every process of the tree, every poll.
+    return True, _status_kib(text, "RssAnon:") + _status_kib(text, "RssShmem:"), _status_kib(text, "VmRSS:")
 
 
 def _children(pid: int) -> list[int] | None:
@@ -304,13 +352,24 @@ class Cgroup:
 
     def usage(self) -> tuple[int, int]:
         """(usage, inactive_file) in bytes. v1 usage is hierarchical, so is total_inactive_file."""
-        if self.version == 2:
-            usage = _read_int(self.path / "memory.current") or 0
-            stat = _parse_keyed(_read(self.path / "memory.stat"))
-            return usage, stat.get("inactive_file", 0)
-        usage = _read_int(self.path / "memory.usage_in_bytes") or 0
+        return self.raw_usage(), self.inactive_file()
+
+    def raw_usage(self, files: _OpenFiles | None = None) -> int:
+        """One counter: cheap."""
+        path = self.path / ("memory.current" if self.version == 2 else "memory.usage_in_bytes")
+        if files is None:
+            return _read_int(path) or 0
+        try:
+            return int(files.read(str(path), 64))
+        except (OSError, ValueError):
+            return _read_int(path) or 0
+
+    def inactive_file(self) -> int:
+        """From memory.stat: the kernel flushes per-CPU statistics to format it — the costly read."""
         stat = _parse_keyed(_read(self.path / "memory.stat"))
-        return usage, stat.get("total_inactive_file", stat.get("inactive_file", 0))
+        if self.version == 2:
+            return stat.get("inactive_file", 0)
+        return stat.get("total_inactive_file", stat.get("inactive_file", 0))
 
     def limit(self) -> tuple[int | None, str]:
         """The smallest limit that applies to this cgroup (its own or an ancestor's) and where."""
@@ -426,7 +485,8 @@ class Decision:
     source: str = ""
     soft_bytes: int = 0
     hard_bytes: int = 0
-    rate_bytes_per_s: float = 0.0    # growth, linear fit over the recent window
+    rate_bytes_per_s: float = 0.0    # sustained growth: min(trend, recent) when both grow, else 0
+    recent_rate_bytes_per_s: float = 0.0  # growth over the last second
     time_to_hard_s: float | None = None  # at that rate; None when not growing
     tree_bytes: int = 0
     psi_some_avg10: float | None = None
@@ -437,6 +497,7 @@ class Decision:
             "action": self.action, "reason": self.reason, "usage_bytes": self.usage_bytes,
             "limit_bytes": self.limit_bytes, "source": self.source, "soft_bytes": self.soft_bytes,
             "hard_bytes": self.hard_bytes, "rate_bytes_per_s": round(self.rate_bytes_per_s),
+            "recent_rate_bytes_per_s": round(self.recent_rate_bytes_per_s),
             "time_to_hard_s": None if self.time_to_hard_s is None else round(self.time_to_hard_s, 3),
             "tree_bytes": self.tree_bytes, "psi_some_avg10": self.psi_some_avg10,
         }
@@ -462,7 +523,8 @@ class _Worker:
     started_at: float
     tree: list[int] = field(default_factory=list)
     tree_at: float = -math.inf
-    short: deque = field(default_factory=deque)   # (t, usage) over _RATE_WINDOW_S
+    trend: deque = field(default_factory=deque)   # (t, usage) over _TREND_WINDOW_S, downsampled
+    recent: deque = field(default_factory=deque)  # (t, usage) over _RECENT_WINDOW_S
     long: deque = field(default_factory=deque)    # (t, usage) one a second over leak_window_s
     stop_reason: str | None = None
     stop_at: float | None = None
@@ -508,6 +570,14 @@ class MemoryGuard:
         self.checkpoint_s = float(getattr(settings, "checkpoint_estimate_s", 5.0))
         self.checkpoint_bytes = 0
         self._w: _Worker | None = None
+        self._files = _OpenFiles()
+        self._psi: float | None = None
+        self._psi_at = -math.inf
+        self._inactive = 0
+        self._inactive_at: float | None = None
+        # Below this fraction of the limit nothing can fire (the stop prediction starts at
+        # soft - (hard - soft)); keep a margin under it.
+        self._stat_every_poll_from = max(0.05, settings.soft - 2 * (settings.hard - settings.soft) - 0.05)
         self._limit_at = -math.inf
         self._refresh_limit(force=True)
         self.log.info(
@@ -546,6 +616,7 @@ class MemoryGuard:
     def detach(self) -> None:
         """Stop watching; learn from a graceful stop how long stopping takes."""
         w, self._w = self._w, None
+        self._files.close_all("/proc/")  # the tree's status files (meminfo reopens on the next poll)
         if w is None or w.stop_at is None or w.term_at is not None or w.kill_at is not None:
             return
         end = w.exited_at if w.exited_at is not None else w.last_t
@@ -580,31 +651,44 @@ class MemoryGuard:
                 w.tree_at = now
             live = []
             for i, pid in enumerate(w.tree):
-                ok, unrecl, rss, _ = _proc_status(pid)
+                ok, unrecl, rss = _proc_status(pid, self._files)
                 if i == 0:
                     alive = ok
                 if ok:
                     live.append(pid)
                     tree_bytes += unrecl
                     tree_rss += rss
+                else:
+                    self._files.close(f"/proc/{pid}/status")
             w.tree = live if alive else live or [w.pid]
             npids = len(live)
-        avail = _mem_available()
+        avail = _mem_available(self._files)
         cg_usage = inactive = None
         if self.cgroup is not None and self.cgroup_limit_bytes is not None:
-            cg_usage, inactive = self.cgroup.usage()
+            cg_usage = self.cgroup.raw_usage(self._files)
+            # memory.stat costs several times the usage counter (a stats flush), and
+            # inactive_file moves slowly next to a 100 ms poll: re-read it once a second, and on
+            # every poll once usage minus the last value is anywhere near a threshold.
+            if (self._inactive_at is None or now - self._inactive_at >= _STAT_REFRESH_S
+                    or cg_usage - self._inactive >= self._stat_every_poll_from * self.limit_bytes):
+                self._inactive = self.cgroup.inactive_file()
+                self._inactive_at = now
+            inactive = self._inactive
             usage = max(0, cg_usage - inactive)
         else:
             usage = tree_bytes
         limit, source = self.limit_bytes, self.source
         if usage + avail < limit:
             limit, source = usage + avail, "available:/proc/meminfo:MemAvailable"
-        psi = None
-        if self.psi_path is not None:
+        # The kernel updates the PSI averages every 2 s: reading them ten times a second is waste.
+        if self.psi_path is not None and self.settings.psi_threshold > 0 \
+                and now - self._psi_at >= min(_PSI_REFRESH_S, self.settings.psi_sustain_s / 4):
+            self._psi_at = now
             try:
-                psi = parse_psi(_read(self.psi_path, 512)).get("some", {}).get("avg10")
+                self._psi = parse_psi(_read(self.psi_path, 512)).get("some", {}).get("avg10")
             except OSError:
-                psi = None
+                self._psi = None
+        psi = self._psi
         return Sample(t=now, usage_bytes=usage, limit_bytes=limit, source=source, tree_bytes=tree_bytes,
                       tree_rss_bytes=tree_rss, tree_pids=npids, cgroup_usage_bytes=cg_usage,
                       inactive_file_bytes=inactive, mem_available_bytes=avail, psi_some_avg10=psi, alive=alive)
@@ -631,12 +715,19 @@ class MemoryGuard:
         if w.stop_at is not None:
             w.peak_after_stop = max(w.peak_after_stop, s.usage_bytes)
 
-        w.short.append((now, s.usage_bytes))
-        while w.short and now - w.short[0][0] > _RATE_WINDOW_S:
-            w.short.popleft()
-        rate, span = _slope(w.short)
-        if span < _RATE_MIN_SPAN_S:
-            rate = 0.0
+        point = (now, s.usage_bytes)
+        if not w.trend or now - w.trend[-1][0] >= _TREND_SAMPLE_S:
+            w.trend.append(point)
+        while w.trend and now - w.trend[0][0] > _TREND_WINDOW_S:
+            w.trend.popleft()
+        w.recent.append(point)
+        while w.recent and now - w.recent[0][0] > _RECENT_WINDOW_S:
+            w.recent.popleft()
+        trend, tspan = _slope(w.trend if w.trend[-1] is point else [*w.trend, point])
+        recent, rspan = _slope(w.recent)
+        trend = trend if tspan >= _RATE_MIN_SPAN_S else 0.0
+        recent = recent if rspan >= _RATE_MIN_SPAN_S else 0.0
+        rate = min(trend, recent) if trend > 0 and recent > 0 else 0.0
         limit = s.limit_bytes
         soft_b = int(limit * st.soft)
         hard_b = int(limit * st.hard)
@@ -651,6 +742,7 @@ class MemoryGuard:
         def out(action: str, reason: str, wrote: bool = False) -> Decision:
             d = Decision(action=action, reason=reason, usage_bytes=s.usage_bytes, limit_bytes=limit,
                          source=s.source, soft_bytes=soft_b, hard_bytes=hard_b, rate_bytes_per_s=rate,
+                         recent_rate_bytes_per_s=recent,
                          time_to_hard_s=tth, tree_bytes=s.tree_bytes, psi_some_avg10=s.psi_some_avg10,
                          stop_written=wrote)
             if action != "none":
@@ -673,8 +765,8 @@ class MemoryGuard:
         if s.usage_bytes >= margin_b:
             w.kill_at = now
             return out("kill", "margin")
-        if (w.term_at is not None or s.usage_bytes >= hard_b) and rate > 0 \
-                and s.usage_bytes + rate * 2 * self.interval_s >= limit:
+        if (w.term_at is not None or s.usage_bytes >= hard_b) and recent > 0 \
+                and s.usage_bytes + recent * 2 * self.interval_s >= limit:
             # The limit is less than two polls away at this rate: the kernel would get there first.
             w.kill_at = now
             return out("kill", "imminent")

@@ -15,7 +15,9 @@ unless ``--ignore-term``. Without ``--stop-file`` it never honours a stop. At ``
 it stops growing and keeps stepping; after ``--max-s`` it exits 0.
 
 ``--jump-mib`` adds that much in one go after ``--jump-after-s`` and prints
-``{"jumped_at": <CLOCK_MONOTONIC>}`` on stdout once it is resident (reaction-time benchmark).
+``{"jumped_at": <CLOCK_MONOTONIC>}`` on stdout once it is resident; with ``--watch-cgroup DIR
+--watch-bytes N`` it also prints ``{"crossed_at": ...}`` when the cgroup's working set first
+reaches N during the jump (reaction-time benchmark).
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ def _on_term(signum, frame):  # only record it; the loop acts
     _term = True
 
 
+def _cgroup_ws(d: str) -> int:
+    """usage minus inactive_file, as the guard measures it (v1 or v2 files)."""
+    v2 = os.path.exists(os.path.join(d, "memory.current"))
+    usage = int(open(os.path.join(d, "memory.current" if v2 else "memory.usage_in_bytes")).read())
+    key = "inactive_file" if v2 else "total_inactive_file"
+    for line in open(os.path.join(d, "memory.stat")):
+        k, _, v = line.partition(" ")
+        if k == key:
+            return usage - int(v)
+    return usage
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate-mib-s", type=float, default=100.0)
@@ -50,6 +64,8 @@ def main() -> int:
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--step-s", type=float, default=0.02)
     ap.add_argument("--max-s", type=float, default=60.0)
+    ap.add_argument("--watch-cgroup", help="cgroup dir whose working set to watch during the jump")
+    ap.add_argument("--watch-bytes", type=int, default=0)
     a = ap.parse_args()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_term else _on_term)
@@ -66,6 +82,7 @@ def main() -> int:
     grow(int(a.start_mib * MiB))
     t0 = time.monotonic()
     jumped = a.jump_mib <= 0
+    crossed = False
     step = 0
     while True:
         now = time.monotonic()
@@ -85,7 +102,15 @@ def main() -> int:
         if now - t0 >= a.max_s:
             return 0
         if not jumped and now - t0 >= a.jump_after_s:
-            grow(int(a.jump_mib * MiB))
+            # in 2 MiB pieces, so the moment the cgroup's working set crosses --watch-bytes
+            # can be told to within one piece (reaction-time benchmark)
+            left = int(a.jump_mib * MiB)
+            while left > 0:
+                grow(min(left, 2 * MiB))
+                left -= 2 * MiB
+                if a.watch_cgroup and not crossed and _cgroup_ws(a.watch_cgroup) >= a.watch_bytes:
+                    crossed = True
+                    print(json.dumps({"crossed_at": time.monotonic()}), flush=True)
             jumped = True
             print(json.dumps({"jumped_at": time.monotonic(), "held_bytes": held}), flush=True)
         # time-based, so the rate holds however long a step really took
