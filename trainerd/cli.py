@@ -275,11 +275,21 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
     }
     if not layout.db.exists():
         return out
-    led = Ledger.open_readonly(layout.db)
+    import sqlite3
+
     try:
-        rows = led.batches()
-        out["counts"] = led.counts()
-        out["kernel_oom_kills"] = led.counter("kernel_oom_kills")
+        led = Ledger.open_readonly(layout.db)
+    except (OSError, sqlite3.Error) as e:
+        out["ledger_error"] = str(e)
+        return out
+    try:
+        try:
+            rows = led.batches()
+            out["counts"] = led.counts()
+            out["kernel_oom_kills"] = led.counter("kernel_oom_kills")
+        except sqlite3.Error as e:  # the daemon is creating the ledger right now
+            out["ledger_error"] = str(e)
+            return out
         now = time.time()
         for b in rows:
             out["batches"].append({"id": b["id"], "file": b["name"], "state": b["state"], "attempts": b["attempts"],
@@ -355,6 +365,8 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"  #{b['id']:<5} {b['state']:<8} {b['file']}  {what}")
     if not st["recent"]:
         lines.append("  -")
+    if st.get("ledger_error"):
+        lines.append(f"ledger    unreadable right now: {st['ledger_error']}")
     c = st["counts"]
     lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in ("done", "failed", "skipped", "queued", "running")))
     return "\n".join(lines)
