@@ -83,6 +83,8 @@ def test_each_stop_gives_exit_75_and_a_checkpoint(tmp_path, tiny_model_dir, how)
     # Only the lifeline case gets a pipe: communicate() closes stdin, which is itself a stop.
     proc = start_worker(batch, stdin=subprocess.PIPE if how == "stdin_closed" else subprocess.DEVNULL)
     wait_for_event(proc, "step", min_step=1)
+    # If the kernel must kill, it kills the worker, never the supervisor.
+    assert Path(f"/proc/{proc.pid}/oom_score_adj").read_text().strip() == "1000"
     if how == "batch_stop":  # written atomically, as the memory guard does
         (batch / ".stop.tmp").write_text("recycle")
         os.replace(batch / ".stop.tmp", batch / ".stop")

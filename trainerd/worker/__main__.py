@@ -21,18 +21,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _logger():
-    import structlog
+    from trainerd import logs
 
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
-    )
-    return structlog.get_logger().bind(pid=os.getpid())
+    # JSON lines on stdout whatever stdout is: the supervisor relays and re-tags them.
+    logs.configure(fmt="json", stream=sys.stdout)
+    return logs.get_logger(pid=os.getpid())
 
 
 def main(argv: list[str] | None = None) -> int:
