@@ -51,6 +51,8 @@ EX_DATAERR = 65
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
+_HINT_SCAN_MIN_S = 0.1
+
 # Stop reasons after which the batch resumes at once (no back-off, no retry charged).
 _RESUME_AT_ONCE = ("recycle", "parent_gone", "shutdown")
 
@@ -92,6 +94,7 @@ class _Running:
     # an exit caused by our own SIGTERM/SIGKILL is not mistaken for a crash or an OOM kill.
     stop_cause: str | None = None
     kill_at: float | None = None  # SIGKILL the group at this time (stop grace expired)
+    oom_kills_at_start: int | None = None  # the kernel's OOM kill count (/proc/vmstat) at start
     next_guard_poll: float = 0.0
     signals: list[str] = field(default_factory=list)
 
@@ -119,6 +122,8 @@ class Supervisor:
         self._wake_r: int | None = None
         self._wake_w: int | None = None
         self._scan_due = 0.0  # next periodic rescan
+        self._last_scan = -1e18
+        self._guard_stale = False
         self._hinted = True
         self._inbox_recheck: float | None = None
         self._next_ping: float | None = None
@@ -177,7 +182,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The C-level handler writes to this pipe; the Python-level handler only records.
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._record_signal)
         try:
             self.open()
@@ -249,7 +254,13 @@ class Supervisor:
     # --- the loop ------------------------------------------------------------------------
 
     def tick(self, now: float) -> float | None:
-        """Do everything that is due at ``now``; return when to be called next (None = on an event)."""
+        """Do everything that is due at ``now``; return when to be called next (None = on an event).
+
+        ``now`` is wall-clock seconds (it is stored in the ledger: back-off deadlines must
+        survive a restart). The memory guard gets the same ``now``; it only compares its own
+        samples with each other, so one consistent clock is all it needs. A wall-clock step
+        (NTP) distorts one growth-rate estimate at worst.
+        """
         assert self.ledger is not None, "call open() first"
         self._handle_signals(now)
         self._check_pause(now)
@@ -258,8 +269,10 @@ class Supervisor:
         if self.stopping and self.running is None:
             self.finished = True
             return None
-        if self._hinted or now >= self._scan_due or (self._inbox_recheck is not None
-                                                     and now >= self._inbox_recheck):
+        # inotify hints arrive per write while a big file is copied in: at most one hinted
+        # scan per _HINT_SCAN_MIN_S, the periodic rescan regardless.
+        hinted = self._hinted and now >= self._last_scan + _HINT_SCAN_MIN_S
+        if hinted or now >= self._scan_due or (self._inbox_recheck is not None and now >= self._inbox_recheck):
             self._scan(now)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
@@ -269,6 +282,8 @@ class Supervisor:
 
     def _next_wake(self, now: float) -> float:
         times = [self._scan_due]
+        if self._hinted:
+            times.append(self._last_scan + _HINT_SCAN_MIN_S)
         if self._inbox_recheck is not None:
             times.append(self._inbox_recheck)
         if self._next_ping is not None:
@@ -278,8 +293,8 @@ class Supervisor:
             times.append(r.next_guard_poll)
             if r.kill_at is not None:
                 times.append(r.kill_at)
-            # Reaping: a worker's exit does not write to our wakeup pipe, so poll for it.
-            times.append(now + 0.2)
+            # SIGCHLD wakes us when the worker exits; this is only a backstop.
+            times.append(now + 1.0)
         elif not self.paused and not self.stopping:
             head = self.ledger.next_queued() if self.ledger else None
             if head is not None and head["next_attempt_at"] > now:
@@ -289,6 +304,8 @@ class Supervisor:
     def _handle_signals(self, now: float) -> None:
         while self._pending_signals:
             sig = self._pending_signals.pop(0)
+            if sig == signal.SIGCHLD:
+                continue  # only a wake-up: _supervise reaps
             if sig == signal.SIGHUP:
                 self.reload()
             elif sig in (signal.SIGTERM, signal.SIGINT):
@@ -320,10 +337,12 @@ class Supervisor:
         if self.config_path is None:
             self.log.warning("config_reload_skipped", reason="started without a config file")
             return
+        self.notifier.reloading()
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as e:
             self.log.error("config_reload_failed", config=str(self.config_path), problems=e.problems)
+            self.notifier.ready(status=self._describe_state())
             return
         new.root = str(Path(new.root).resolve())
         if new.root != self.settings.root:
@@ -332,7 +351,9 @@ class Supervisor:
             new.root = self.settings.root
         self.settings = new
         self.inbox.settle_s = new.supervisor.settle_s
+        self._guard_stale = True  # rebuilt with the new memory settings before the next attempt
         self.log.info("config_reloaded", config=str(self.config_path))
+        self.notifier.ready(status=self._describe_state())
 
     def _check_pause(self, now: float) -> None:
         paused = os.path.lexists(self.layout.stop)
@@ -394,6 +415,7 @@ class Supervisor:
 
     def _scan(self, now: float) -> None:
         self._hinted = False
+        self._last_scan = now
         self._scan_due = now + self.settings.supervisor.rescan_s
         ready, rejected, recheck = self.inbox.scan(now)
         self._inbox_recheck = recheck
@@ -496,6 +518,9 @@ class Supervisor:
         if self._disk_low:
             self._disk_low = False
             self.log.info("disk_ok", free_bytes=free)
+        if self._guard_stale:
+            self._guard_stale = False
+            self.guard = MemoryGuard(self.settings.memory, log=self.log)
         self.start(head, now)
 
     def start(self, batch: dict[str, Any], now: float) -> None:
@@ -543,7 +568,7 @@ class Supervisor:
             return
         self.ledger.set_attempt_pid(bid, n, child.pid, child.create_time)
         self.running = _Running(bid, n, batch["name"], bdir, publish, child, now, alog,
-                                next_guard_poll=now)
+                                next_guard_poll=now, oom_kills_at_start=_vmstat_oom_kills())
         alog.info("worker_started", file=batch["name"], pid=child.pid,
                   init_adapter=str(init_adapter) if init_adapter else None,
                   init_adapter_version=latest["n"] if latest else None,
@@ -609,10 +634,12 @@ class Supervisor:
             (r.batch_dir / ".stop").unlink()
         except FileNotFoundError:
             pass
-        self._settle(batch, r.attempt, st, result, r.stop_cause, kill_sender, now, log)
+        self._settle(batch, r.attempt, st, result, r.stop_cause, kill_sender, now, log,
+                     oom_kills_before=r.oom_kills_at_start, pid=r.child.pid)
 
     def _settle(self, batch: dict[str, Any], n: int, st: ExitStatus, result: dict[str, Any] | None,
-                stop_cause: str | None, kill_sender: str | None, now: float, log: Any) -> None:
+                stop_cause: str | None, kill_sender: str | None, now: float, log: Any, *,
+                oom_kills_before: int | None = None, pid: int | None = None) -> None:
         """Decide what an ended attempt means for its batch (also used by reconcile)."""
         assert self.ledger is not None
         bid = batch["id"]
@@ -652,6 +679,16 @@ class Supervisor:
                 reason = stop_cause or "shutdown"
                 self.ledger.end_attempt(bid, n, now, outcome="stopped", reason=reason, **end)
                 self._stopped(batch, reason, result, now, log)
+            return
+        if st.signal == signal.SIGKILL and self.kernel_oom_killed(pid, oom_kills_before) is False:
+            # Nobody in trainerd sent it and the kernel says it killed nothing for memory while
+            # this attempt ran (or named another pid): an operator's `kill -9`, a chaos test. A
+            # crash, not a memory problem: backing off would shrink the batch for nothing.
+            reason = f"{st.describe()} sent by another process (the kernel counted no OOM kill of it)"
+            log.warning("worker_killed_externally", exit=st.describe(), pid=pid,
+                        kernel_oom_kills_before=oom_kills_before, kernel_oom_kills_now=_vmstat_oom_kills())
+            self.ledger.end_attempt(bid, n, now, outcome="crashed", reason=reason, **end)
+            self._crashed(batch, n, reason, now, log)
             return
         if st.signal == signal.SIGKILL:
             # Nobody in trainerd sent it: the kernel's OOM killer (the usual sender of a bare
@@ -694,6 +731,18 @@ class Supervisor:
             log.warning("memory_back_off", micro_batch_size=nxt[0], grad_accum_steps=nxt[1],
                         gradient_checkpointing=nxt[2], previous_micro_batch_size=cur[0],
                         memory_stops=stops, peak_rss_bytes=(result or {}).get("peak_rss_bytes"))
+            return
+        if reason == "disk_full":
+            # The worker could not write a checkpoint or the adapter; the previous ones are
+            # intact. Wait for space: the start check (disk.min_free_bytes) holds the batch
+            # back, and a short back-off keeps a too-small min_free_bytes from spinning.
+            free = _safe_call(lambda: shutil.disk_usage(self.layout.root).free)
+            self._disk_low = True
+            self.ledger.requeue(bid, now, reason=reason,  # RUNNING -> QUEUED
+                                next_attempt_at=now + self.settings.retry.backoff_s)
+            log.error("disk_full", free_bytes=free, min_free_bytes=self.settings.disk.min_free_bytes,
+                      step=(result or {}).get("step"), checkpoint=(result or {}).get("checkpoint"),
+                      action="training paused until free space is back; resumes from the newest checkpoint")
             return
         self.ledger.requeue(bid, now, reason=reason)  # RUNNING -> QUEUED
         if reason == "paused":
@@ -738,6 +787,7 @@ class Supervisor:
             # this rename makes it visible as a version in one step.
             os.rename(staged, dest)
             fsync_dir(self.layout.adapters)
+            _fault("supervisor_crash_in_publish")  # chaos tests: die before `current` moves
         if not dest.exists():
             self.log.error("adapter_missing", batch=batch["id"], version=n, path=str(dest))
         self._switch_current()
@@ -853,6 +903,20 @@ class Supervisor:
         self.log.info("reconciled", counts=self.ledger.counts(),
                       adapter_version=(self.ledger.latest_version() or {}).get("n"))
 
+    @staticmethod
+    def kernel_oom_killed(pid: int | None, oom_kills_before: int | None) -> bool | None:
+        """Did the kernel's OOM killer end this worker? False only on evidence: its OOM kill
+        count did not move during the attempt, or it moved and the kernel log names other
+        pids. None = cannot tell (then a bare SIGKILL is taken for an OOM kill, as before)."""
+        if pid is None or oom_kills_before is None:
+            return None
+        now = _vmstat_oom_kills()
+        if now is None:
+            return None
+        if now == oom_kills_before:
+            return False
+        return _kmsg_names_oom_kill(pid)
+
     def find_leftover_workers(self) -> list[psutil.Process]:
         """Processes whose command line names a folder under ``root/batches/``: our workers."""
         prefix = str(self.layout.batches) + os.sep
@@ -875,6 +939,8 @@ class Supervisor:
             return
         for p in procs:
             self.log.warning("leftover_worker_found", pid=p.pid, cmdline=" ".join(p.cmdline()[:6]))
+        # Before READY: ask systemd for the time this may take instead of failing the start.
+        self.notifier.extend_timeout(self.settings.supervisor.stop_grace_s + 30)
         deadline = time.monotonic() + self.settings.supervisor.stop_grace_s
         pending = list(procs)
         while pending and time.monotonic() < deadline:
@@ -895,6 +961,53 @@ class Supervisor:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the chaos tests (docs/architecture.md): ``TRAINERD_FAULT=<point>``
+    SIGKILLs the supervisor itself at that point, as a power cut or the OOM killer would."""
+    if os.environ.get("TRAINERD_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _vmstat_oom_kills() -> int | None:
+    """The kernel's count of OOM kills since boot (every kind: global and cgroup), or None."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _kmsg_names_oom_kill(pid: int) -> bool | None:
+    """Does the kernel log say the OOM killer killed ``pid``? None when it cannot be read
+    (/dev/kmsg needs CAP_SYSLOG; systemd's ProtectKernelLogs hides it)."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    needle = f"Killed process {pid} ".encode()
+    found = False
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # records overwritten while reading: go on
+                    continue
+                return None
+            if not rec:
+                break
+            if needle in rec:
+                found = True
+    finally:
+        os.close(fd)
+    return found
 
 
 def _alive(p: psutil.Process) -> bool:
