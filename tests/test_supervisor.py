@@ -16,7 +16,7 @@ import pytest
 
 from trainerd.config import from_dict
 from trainerd.ledger import Ledger
-from trainerd.supervisor import Supervisor, back_off
+from trainerd.supervisor import Supervisor, _vmstat_oom_kills, back_off
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"
 
@@ -161,12 +161,28 @@ def test_crash_retries_with_exponential_back_off_then_fails(sup):
 
 
 def test_unsent_sigkill_counts_as_kernel_oom_kill(sup):
-    """A SIGKILL trainerd did not send is logged as kernel_oom_kill, counted, and backs off."""
+    """A SIGKILL trainerd did not send, which the kernel's evidence does not rule out as an OOM
+    kill, is logged as kernel_oom_kill, counted, and backs off (the evidence is stubbed here:
+    provoking a real OOM kill is test_memguard's job)."""
+    sup.kernel_oom_killed = lambda pid, before: True
     drop(sup, "a.jsonl", ["sigkill", "done"])
     drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
     assert sup.ledger.counter("kernel_oom_kills") == 1
     b = state(sup)
     assert b["crashes"] == 0 and b["memory_stops"] == 1 and b["micro_batch_size"] == 2
+
+
+def test_sigkill_the_kernel_did_not_count_is_a_crash(sup):
+    """A bare SIGKILL while /proc/vmstat's oom_kill count stays put (someone's kill -9) is a
+    crash with back-off, logged as worker_killed_externally: no OOM count, no memory back-off."""
+    if _vmstat_oom_kills() is None:
+        pytest.skip("/proc/vmstat has no oom_kill counter here")
+    drop(sup, "a.jsonl", ["sigkill", "done"])
+    drive(sup, lambda: sup.ledger.batches() and state(sup)["crashes"] == 1)
+    b = state(sup)
+    assert sup.ledger.counter("kernel_oom_kills") == 0
+    assert b["memory_stops"] == 0 and b["micro_batch_size"] == 4 and b["state"] == "queued"
+    assert "sent by another process" in b["last_reason"]
 
 
 def test_bad_file_fails_while_next_trains(sup):

@@ -59,14 +59,20 @@ def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: A
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # save_pretrained writes adapter_model.safetensors + adapter_config.json (+ README.md).
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _fault("crash_in_checkpoint")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
-    fsync_tree(tmp)
+    try:
+        # save_pretrained writes adapter_model.safetensors + adapter_config.json (+ README.md).
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _fault("crash_in_checkpoint")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
+        fsync_tree(tmp)
+    except BaseException:
+        # Disk full (or any other failure): the torn folder would hold the space the next
+        # attempt needs; the previous complete checkpoint is untouched either way.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. stop right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)

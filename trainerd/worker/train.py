@@ -41,6 +41,52 @@ class ConfigProblem(Exception):
     """The settings cannot work (exit 78)."""
 
 
+class DiskFull(Exception):
+    """A checkpoint or the adapter could not be written for lack of space (exit 75, ``disk_full``)."""
+
+
+def _no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain (safetensors wraps it in its message)."""
+    import errno
+
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _disk_full(exc: BaseException, folder: Path, need_bytes: int) -> bool:
+    """Was this write failure the file system running out of space?
+
+    torch.save reports a short write as a bare RuntimeError ("unexpected pos ..."), with no
+    errno: then judge by the space left once the torn temporary is gone.
+    """
+    if _no_space(exc):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < max(need_bytes, 1 << 20)
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 class StopRequested(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -119,6 +165,14 @@ def _stdin_is_pipe() -> bool:
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def set_oom_score_adj(value: int = 1000) -> None:
@@ -274,6 +328,20 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        except (DiskFull, OSError) as e:
+            if isinstance(e, OSError) and not _no_space(e):
+                raise
+            # The previous checkpoint and adapter are intact (writes are tmp + rename and a
+            # torn temporary is removed); the supervisor waits for space and resumes us.
+            free = _free_bytes(self.batch_dir)
+            self.log.error("disk_full", error=str(e), free_bytes=free, step=self.step,
+                           checkpoint=self.result.get("checkpoint"),
+                           action="stopping; resumes from the newest complete checkpoint once space is back")
+            return Outcome("stopped", "disk_full", EX_TEMPFAIL, {"free_bytes": free})
+
+    def _run(self) -> Outcome:
         set_oom_score_adj(1000)
         self.stopper.install()
         if not self.data_path.is_file():
@@ -475,8 +543,14 @@ class Trainer:
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
                  "effective_batch": self.eff, "micro_batch_size": self.micro,
                  "first_loss": self.first_loss, "last_loss": self.last_loss}
-        path = ckpt.save(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
-                         scheduler=self.scheduler, rng=rng, state=state, keep=self.s.train.keep_checkpoints)
+        try:
+            path = ckpt.save(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+                             scheduler=self.scheduler, rng=rng, state=state, keep=self.s.train.keep_checkpoints)
+        except Exception as e:
+            newest = ckpt.complete(self.ckpt_root)
+            if _disk_full(e, self.ckpt_root, _tree_bytes(newest[0]) if newest else 0):
+                raise DiskFull(f"cannot write checkpoint step-{self.step:08d}: {e}") from e
+            raise
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = self.step
         self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
@@ -491,14 +565,22 @@ class Trainer:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp), safe_serialization=True)
-        atomic_write_json(tmp / "trainerd.json", {
-            "base_model": self.s.model.path, "init_adapter": str(self.init_adapter) if self.init_adapter else None,
-            "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
-            "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
-        })
-        ckpt._fault("crash_in_publish")
-        fsync_tree(tmp)
+        try:
+            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            atomic_write_json(tmp / "trainerd.json", {
+                "base_model": self.s.model.path,
+                "init_adapter": str(self.init_adapter) if self.init_adapter else None,
+                "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
+                "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
+            })
+            ckpt._fault("crash_in_publish")
+            fsync_tree(tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter holding the space
+            newest = ckpt.complete(self.ckpt_root)
+            if _disk_full(e, dest.parent, _tree_bytes(newest[0]) // 2 if newest else 0):
+                raise DiskFull(f"cannot write the adapter to {dest}: {e}") from e
+            raise
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
@@ -519,12 +601,18 @@ class Trainer:
                           tokens=self.tokens, tokens_per_s=round(tps, 1), eta_s=round(eta, 1), rss_bytes=current_rss_bytes())
         if not log_step or now - self._last_progress >= 0.5:
             self._last_progress = now
-            atomic_write_json(self.batch_dir / "progress.json", {
-                "step": self.step, "total_steps": self.total_steps, "loss": loss, "tokens": self.tokens,
-                "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
-                "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": self.micro,
-                "pid": os.getpid(), "updated": time.time(),
-            }, durable=False)
+            try:
+                atomic_write_json(self.batch_dir / "progress.json", {
+                    "step": self.step, "total_steps": self.total_steps, "loss": loss, "tokens": self.tokens,
+                    "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
+                    "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": self.micro,
+                    "pid": os.getpid(), "updated": time.time(),
+                }, durable=False)
+            except OSError as e:
+                # A status hint only: a full disk must not end the run here; the next
+                # checkpoint tells (and stops cleanly) if the space does not come back.
+                if not _no_space(e):
+                    raise
 
     def _fault_at_step(self) -> None:
         fault = os.environ.get("TRAINERD_FAULT", "")
