@@ -20,8 +20,10 @@ the first forward to just after zero_grad (worker: its ``result.json`` ``tokens_
 counts step time only; plain: the same span with ``perf_counter``; hf: ``on_step_begin`` to
 ``on_step_end``). Data fetching, logging, progress files and checkpoints are outside it.
 ``tps`` INCLUDES the first (warm-up) step in all three; ``tps_steady`` excludes it in all
-three (for the worker, derived from the cumulative tokens/s in its per-step log lines). Peak
-RSS is ``ru_maxrss`` of each child from ``wait4``; wall time is process start to exit.
+three (for the worker, derived from the cumulative tokens/s in its per-step log lines);
+``tps_mstep`` is tokens per step over the median time of steps 2..N, the figure least moved by
+bursts of load from other processes on a shared machine. Peak RSS is ``ru_maxrss`` of each
+child from ``wait4``; wall time is process start to exit.
 
 Usage (from the repository root):
     .venv/bin/python benchmarks/throughput.py --tiny --steps 5 --rounds 2      # smoke, ~1 min
@@ -36,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -233,14 +236,19 @@ def _shared_child_args(a: argparse.Namespace, model: Path) -> list[str]:
             "--lora-dropout", str(a.lora_dropout), "--targets", *a.targets]
 
 
-def _rates(step_s: list[float], step_tokens: list[int]) -> tuple[float, float]:
-    """(tokens/s over all steps, tokens/s over steps 2..N)."""
-    all_tps = sum(step_tokens) / sum(step_s) if step_s and sum(step_s) > 0 else float("nan")
+def _rates(step_s: list[float], step_tokens: list[int]) -> dict[str, float]:
+    """tokens/s three ways from per-step times: over all steps (``tps``), over steps 2..N
+    (``tps_steady``), and tokens per step over the median time of steps 2..N (``tps_mstep``:
+    robust to bursts of load from other processes on a shared machine)."""
+    nan = float("nan")
+    out = {"tps": sum(step_tokens) / sum(step_s) if step_s and sum(step_s) > 0 else nan,
+           "tps_steady": nan, "tps_mstep": nan}
     if len(step_s) > 1 and sum(step_s[1:]) > 0:
-        steady = sum(step_tokens[1:]) / sum(step_s[1:])
-    else:
-        steady = float("nan")
-    return all_tps, steady
+        out["tps_steady"] = sum(step_tokens[1:]) / sum(step_s[1:])
+        m = median(step_s[1:])
+        if m > 0:
+            out["tps_mstep"] = median(step_tokens[1:]) / m
+    return out
 
 
 def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> dict[str, Any]:
@@ -262,12 +270,19 @@ def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> dict
     t_cum = [tok / tps if tps else 0.0 for tok, tps in cum]
     step_s = [t_cum[0]] + [t_cum[i] - t_cum[i - 1] for i in range(1, len(t_cum))] if t_cum else []
     step_tokens = [cum[0][0]] + [cum[i][0] - cum[i - 1][0] for i in range(1, len(cum))] if cum else []
-    _all, steady = _rates(step_s, step_tokens)
+    rates = _rates(step_s, step_tokens)
+    # Cross-check at microsecond precision: the interval between consecutive step log lines is
+    # the step plus the worker's between-step work (fetching blocks, progress file, stop check).
+    stamps = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+              for e in events if e.get("event") == "step" and "timestamp" in e]
+    intervals = [b - a_ for a_, b in zip(stamps, stamps[1:])]
+    (batch / "worker.stdout").write_text("\n".join(run.stdout_lines) + "\n")
     ev = {e.get("event"): e for e in events}
     out = {
         "exit_code": run.exit_code, "status": res.get("status"),
         "tps": float(res.get("tokens_per_s") or 0.0),  # straight from result.json (step time only)
-        "tps_steady": steady, "tps_derived_all": _all,
+        "tps_steady": rates["tps_steady"], "tps_mstep": rates["tps_mstep"], "tps_derived_all": rates["tps"],
+        "median_step_interval_s": median(intervals) if intervals else None,
         "steps": res.get("step"), "tokens": res.get("tokens"),
         "first_loss": res.get("first_loss"), "last_loss": res.get("last_loss"),
         "peak_rss_bytes": run.peak_rss_bytes, "self_reported_peak_rss_bytes": res.get("peak_rss_bytes"),
@@ -292,11 +307,10 @@ def run_baseline(role: str, a: argparse.Namespace, model: Path, work: Path, rnd:
                            "cpu_s": run.cpu_s, "loadavg_before": run.loadavg_before}
     if run.exit_code != 0 or not result.is_file():
         out["stderr_tail"] = (d / f"{role}.stderr").read_text(errors="replace")[-2000:]
-        out.update(tps=float("nan"), tps_steady=float("nan"))
+        out.update(tps=float("nan"), tps_steady=float("nan"), tps_mstep=float("nan"))
         return out
     rec = json.loads(result.read_text())
-    tps, steady = _rates(rec["step_s"], rec["step_tokens"])
-    out.update(tps=tps, tps_steady=steady, steps=len(rec["step_s"]), tokens=sum(rec["step_tokens"]),
+    out.update(**_rates(rec["step_s"], rec["step_tokens"]), steps=len(rec["step_s"]), tokens=sum(rec["step_tokens"]),
                first_loss=rec["losses"][0] if rec["losses"] else None,
                last_loss=rec["losses"][-1] if rec["losses"] else None,
                train_s=sum(rec["step_s"]), load_s=rec["load_s"], step_s=rec["step_s"])
@@ -305,7 +319,8 @@ def run_baseline(role: str, a: argparse.Namespace, model: Path, work: Path, rnd:
 
 def _line(name: str, r: dict[str, Any]) -> str:
     fl = r.get("first_loss")
-    return (f"  {name:<6} tps {r.get('tps', float('nan')):8.2f}  steady {r.get('tps_steady', float('nan')):8.2f}  "
+    return (f"  {name:<6} tps {r.get('tps', float('nan')):7.2f}  steady {r.get('tps_steady', float('nan')):7.2f}  "
+            f"median-step {r.get('tps_mstep', float('nan')):7.2f}  "
             f"peak RSS {gib(r['peak_rss_bytes'])}  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
             f"first loss {fl if fl is None else round(fl, 4)}  exit {r['exit_code']}")
 
@@ -315,10 +330,10 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     for name in CONTENDERS:
         rs = [r[name] for r in rounds if name in r and r[name].get("exit_code") == 0]
         s[name] = {k: spread([float(x[k]) for x in rs if x.get(k) is not None])
-                   for k in ("tps", "tps_steady", "peak_rss_bytes", "wall_s", "cpu_s", "train_s")}
+                   for k in ("tps", "tps_steady", "tps_mstep", "peak_rss_bytes", "wall_s", "cpu_s", "train_s")}
     ratios: dict[str, Any] = {}
     for other in ("plain", "hf"):
-        for k in ("tps", "tps_steady", "peak_rss_bytes", "wall_s"):
+        for k in ("tps", "tps_steady", "tps_mstep", "peak_rss_bytes", "wall_s"):
             w, o = s["worker"].get(k, {}).get("median"), s[other].get(k, {}).get("median")
             if w and o:
                 ratios[f"worker/{other} {k} (of medians)"] = round(w / o, 4)
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.monotonic()
+    a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
     model = tiny_model(a.work / "tiny-model") if a.tiny else a.model.resolve()
     if not (model / "config.json").is_file():
@@ -383,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
                      if k not in ("role", "blocks", "result")},
         "data": data, "timed_span": "one optimizer step: first forward .. zero_grad; "
-        "tps includes step 1 (warm-up) in all three, tps_steady excludes it in all three",
+        "tps includes step 1 (warm-up) in all three, tps_steady excludes it in all three, "
+        "tps_mstep = tokens per step / median time of steps 2..N",
         "rounds": [],
     }
     for rnd in range(1, a.rounds + 1):
@@ -414,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"  {name:<6} tps {m['tps']['median']:8.2f} (spread {m['tps']['spread_pct']:5.1f}%)  "
               f"steady {m['tps_steady']['median']:8.2f} (spread {m['tps_steady']['spread_pct']:5.1f}%)  "
+              f"median-step {m['tps_mstep']['median']:8.2f} (spread {m['tps_mstep']['spread_pct']:5.1f}%)  "
               f"peak RSS {gib(m['peak_rss_bytes']['median'])}  wall {m['wall_s']['median']:.1f} s")
     print("ratios:")
     for k, v in s["ratios"].items():
