@@ -307,3 +307,70 @@ def test_second_supervisor_refused(sup, tmp_path):
     other = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
     with pytest.raises(AlreadyRunning):
         other.open()
+
+
+class ScriptedGuard:
+    """The MemoryGuard interface with scripted decisions: stands in for memory pressure (which
+    tests/test_memguard.py produces for real), so these tests check only the supervisor's reaction."""
+
+    def __init__(self, real, actions):
+        self.real, self.actions, self.attached = real, list(actions), []
+
+    def attach(self, pid, batch_dir, started_at):
+        self.attached.append(pid)
+
+    def detach(self):
+        pass
+
+    def poll(self, now):
+        from trainerd.memguard import Decision
+
+        return Decision(action=self.actions.pop(0) if self.actions else "none", reason="scripted")
+
+    def kernel_oom_kills(self):
+        return 0
+
+    def plan_micro_batch(self, model_dir, train, lora=None):
+        return self.real.plan_micro_batch(model_dir, train, lora)
+
+
+@pytest.mark.parametrize("action", ["term", "kill"])
+def test_guard_term_or_kill_is_a_memory_stop_not_a_crash(sup, action):
+    """When the guard asks for SIGTERM/SIGKILL the supervisor sends it, records itself as the
+    sender, and treats the exit as a memory stop (back-off), not a crash or a kernel OOM kill."""
+    sup.guard = ScriptedGuard(sup.guard, ["none", action])
+    drop(sup, "a.jsonl", ["wait", "done"])
+    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    b = state(sup)
+    assert b["memory_stops"] == 1 and b["crashes"] == 0 and b["micro_batch_size"] == 2
+    assert sup.ledger.counter("kernel_oom_kills") == 0
+    first = sup.ledger.attempts(1)[0]
+    assert first["reason"] == "memory" and first["outcome"] == "stopped"
+    if action == "kill":
+        assert first["signal"] == signal.SIGKILL and first["signal_sent_by"] == "guard"
+
+
+def test_sighup_reload_applies_to_next_attempt_and_keeps_old_on_error(tmp_path):
+    """reload() takes a valid new config for the next attempts; an invalid one is logged and ignored."""
+    cfg = tmp_path / "c.yaml"
+    base = {"root": str(tmp_path / "root"), "model": {"path": str(tmp_path / "m")},
+            "supervisor": {"settle_s": 0, "rescan_s": 0.2}, "disk": {"min_free_bytes": 0},
+            "train": {"seq_len": 64}}
+    cfg.write_text(json.dumps(base))
+    from trainerd.config import load
+
+    s = Supervisor(load(cfg), config_path=cfg, worker_cmd=[sys.executable, str(FAKE)])
+    s.open()
+    try:
+        base["train"]["seq_len"] = 128
+        cfg.write_text(json.dumps(base))
+        s.reload()
+        assert s.settings.train.seq_len == 128
+        cfg.write_text(json.dumps({**base, "train": {"seq_len": 1}}))
+        s.reload()
+        assert s.settings.train.seq_len == 128
+        drop(s, "a.jsonl", ["done"])
+        drive(s, lambda: s.ledger.batches() and state(s)["state"] == "done")
+        assert json.loads((s.layout.batch_dir(1) / "settings.json").read_text())["train"]["seq_len"] == 128
+    finally:
+        s.close()
