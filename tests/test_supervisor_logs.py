@@ -37,3 +37,22 @@ def test_console_format_is_human_readable():
     logs.get_logger().info("paused", stop_file="/x/.stop")
     text = out.getvalue()
     assert "paused" in text and "stop_file=/x/.stop" in text and not text.startswith("{")
+
+
+def test_broken_stdout_pipe_goes_quiet(tmp_path):
+    """A process logging to a pipe whose reader died neither crashes nor spams stderr."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("import time, sys\nfrom trainerd import logs\nlogs.configure(fmt='json')\nlog = logs.get_logger()\n"
+            "log.info('first')\ntime.sleep(0.5)\nfor i in range(50): log.info('after_reader_died', i=i)\n"
+            "print('survived', file=sys.stderr)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert b"first" in p.stdout.readline()
+    p.stdout.close()  # the reader (the supervisor) is gone
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0
+    assert err.decode().strip() == "survived"

@@ -41,6 +41,30 @@ def _order(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, An
     return out
 
 
+class _PipeSafeStreamHandler(logging.StreamHandler):
+    """A StreamHandler that goes quiet once its reader is gone.
+
+    The worker's stdout is a pipe to the supervisor; if the supervisor dies, every write fails
+    with EPIPE. stdlib logging would print a traceback to stderr for each line; instead send
+    the stream (and, for stdout, fd 1 itself, so the exit-time flush is quiet too) to
+    /dev/null once. The worker learns of the loss through its stdin lifeline, not through this.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                if self.stream is sys.stdout:
+                    os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            finally:
+                os.close(devnull)
+            self.stream = open(os.devnull, "w")
+            return
+        super().handleError(record)
+
+
 def _json_renderer() -> Any:
     return structlog.processors.JSONRenderer(default=str, ensure_ascii=False)
 
@@ -77,7 +101,7 @@ def configure(*, level: str = "info", fmt: str = "auto", file: str | os.PathLike
     logger.propagate = False
 
     console = structlog.dev.ConsoleRenderer(colors=False) if fmt == "console" else _json_renderer()
-    out = logging.StreamHandler(stream)
+    out = _PipeSafeStreamHandler(stream)
     out.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _order, console],
         foreign_pre_chain=pre_chain))

@@ -26,6 +26,7 @@ import signal
 import stat
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,6 +125,7 @@ class Supervisor:
         self._scan_due = 0.0  # next periodic rescan
         self._last_scan = -1e18
         self._guard_stale = False
+        self._start_blocked_until = 0.0
         self._hinted = True
         self._inbox_recheck: float | None = None
         self._next_ping: float | None = None
@@ -404,12 +406,12 @@ class Supervisor:
         self.notifier.status(text)
         r = self.running
         # Not fsynced: a status hint, rewritten on every change; losing it on power loss is fine.
-        atomic_write_json(self.layout.daemon, {
+        self._guarded("daemon_state_unwritable", partial(atomic_write_json, durable=False), self.layout.daemon, {
             "pid": os.getpid(), "state": text, "paused": self.paused, "stopping": self.stopping,
             "disk_low": self._disk_low, "updated_at": time.time(),
             "running": None if r is None else {"batch": r.batch_id, "attempt": r.attempt,
                                                "pid": r.child.pid, "started_at": r.started_at},
-        }, durable=False)
+        })
 
     # --- inbox ---------------------------------------------------------------------------
 
@@ -417,12 +419,25 @@ class Supervisor:
         self._hinted = False
         self._last_scan = now
         self._scan_due = now + self.settings.supervisor.rescan_s
+        assert self.ledger is not None
+        # A claim that hit an error (disk full, EIO) stays CLAIMING; finish it when we can.
+        for b in self.ledger.batches(BatchState.CLAIMING):
+            self._guarded("claim_failed", self._complete_claim, b["id"], b["name"], now, file=b["name"])
         ready, rejected, recheck = self.inbox.scan(now)
         self._inbox_recheck = recheck
         for rej in rejected:
-            self._reject_entry(rej, now)
+            self._guarded("inbox_entry_unmovable", self._reject_entry, rej, now, file=rej.name)
         for name in ready:
-            self.claim(name, now)
+            self._guarded("claim_failed", self.claim, name, now, file=name)
+
+    def _guarded(self, event: str, fn: Callable[..., Any], *args: Any, **fields: Any) -> Any:
+        """Run a file-system step; an OSError (ENOSPC, EIO, EACCES) is logged, not fatal: the
+        ledger says where the step stopped and the next scan or start retries it."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.log.error(event, error=str(e), errno=errno.errorcode.get(e.errno or 0, e.errno), **fields)
+            return None
 
     def _reject_entry(self, rej: Rejected, now: float) -> None:
         """Move a non-regular ``*.jsonl`` entry to failed/ without ever opening it."""
@@ -501,7 +516,7 @@ class Supervisor:
         if self.paused:
             return
         head = self.ledger.next_queued()
-        if head is None:
+        if head is None or now < self._start_blocked_until:
             return
         if head["next_attempt_at"] > now:
             if self._waiting_logged != head["id"]:
@@ -521,7 +536,13 @@ class Supervisor:
         if self._guard_stale:
             self._guard_stale = False
             self.guard = MemoryGuard(self.settings.memory, log=self.log)
-        self.start(head, now)
+        try:
+            self.start(head, now)
+        except OSError as e:
+            # Before the worker exists (settings.json, folders): the batch is still QUEUED.
+            self.log.error("worker_start_failed", batch=head["id"], error=str(e),
+                           retry_in_s=self.settings.supervisor.rescan_s)
+            self._start_blocked_until = now + self.settings.supervisor.rescan_s
 
     def start(self, batch: dict[str, Any], now: float) -> None:
         """QUEUED -> RUNNING: write the attempt's settings and start the worker."""
@@ -857,7 +878,14 @@ class Supervisor:
 
     @staticmethod
     def _free_name(folder: Path, name: str, tag: str) -> str:
-        """``name`` if free in ``folder``, else ``<tag>-name``: originals are never overwritten."""
+        """``name`` if free in ``folder``, else ``<tag>-name``: originals are never overwritten.
+
+        A name near NAME_MAX (255 bytes) is shortened so that ``<tag>-`` and ``.error.json``
+        still fit; the full original name is in the ledger and in the error file.
+        """
+        if len(name.encode()) > 200:
+            name = name.encode()[:180].decode(errors="ignore") + "~.jsonl"
+            return f"{tag}-{name}"
         if not os.path.lexists(folder / name) and not os.path.lexists(folder / f"{name}.error.json"):
             return name
         return f"{tag}-{name}"
@@ -918,14 +946,16 @@ class Supervisor:
         return _kmsg_names_oom_kill(pid)
 
     def find_leftover_workers(self) -> list[psutil.Process]:
-        """Processes whose command line names a folder under ``root/batches/``: our workers."""
+        """Our workers from an earlier life: a command line with ``--publish`` and a batch folder
+        of this root as an argument of its own (an operator's `less batches/000001/...` is not)."""
         prefix = str(self.layout.batches) + os.sep
         found = []
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 cmd = p.info["cmdline"] or []
-                if p.pid != os.getpid() and any(arg.startswith(prefix) for arg in cmd[1:]) \
-                        and p.status() != psutil.STATUS_ZOMBIE:
+                ours = "--publish" in cmd and any(
+                    a.startswith(prefix) and a[len(prefix):].isdigit() for a in cmd[1:])
+                if ours and p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
             except psutil.Error:
                 continue
