@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from trainerd.child import Child, ExitStatus, describe_signal, worker_command
 

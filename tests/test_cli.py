@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import subprocess_env
 from trainerd.cli import collect_status, main

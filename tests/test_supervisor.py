@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 from trainerd.config import from_dict
-from trainerd.ledger import Ledger
 from trainerd.supervisor import Supervisor, _vmstat_oom_kills, back_off
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"

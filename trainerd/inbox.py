@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -108,7 +107,6 @@ class Inbox:
         self._seen: dict[str, _Seen] = {}
         self._writing_logged: set[tuple[str, int]] = set()
         self._observer: Any = None
-        self._hint = threading.Event()
 
     # --- watchdog hints ------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote

@@ -25,7 +25,7 @@ import shutil
 import signal
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +33,7 @@ from typing import Any, Callable
 import psutil
 
 from trainerd import config as config_mod
-from trainerd.child import Child, ExitStatus, describe_signal, worker_command
+from trainerd.child import Child, ExitStatus, worker_command
 from trainerd.config import ConfigError, Settings
 from trainerd.fsutil import atomic_write_json, fsync_dir
 from trainerd.inbox import Inbox, Rejected
@@ -97,7 +97,6 @@ class _Running:
     kill_at: float | None = None  # SIGKILL the group at this time (stop grace expired)
     oom_kills_at_start: int | None = None  # the kernel's OOM kill count (/proc/vmstat) at start
     next_guard_poll: float = 0.0
-    signals: list[str] = field(default_factory=list)
 
 
 class Supervisor:
