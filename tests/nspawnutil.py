@@ -122,15 +122,18 @@ class Container:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no container init after {self.boot_timeout_s} s: {self.console()[-2000:]}")
             try:
-                kids = psutil.Process(self.nspawn.pid).children()
-                if kids and "systemd" in " ".join(kids[0].cmdline()) + kids[0].name():
-                    self.init_pid = kids[0].pid
+                # nspawn forks an intermediate child (also named systemd-nspawn) that forks the
+                # container's PID 1 and exits: wait for the one that has exec'ed systemd.
+                for kid in psutil.Process(self.nspawn.pid).children():
+                    if kid.name() == "systemd":
+                        self.init_pid = kid.pid
             except psutil.Error:
                 pass
             time.sleep(0.05)
+        state = ""
         while True:
             r = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
-            state = r.stdout.strip()
+            state = r.stdout.strip() or r.stderr.strip()
             if state in ("running", "degraded"):
                 break
             if time.monotonic() > deadline:
