@@ -233,7 +233,9 @@ def test_trainerd_service_lifecycle(container, tiny_model_dir):
     _drop(c, "two.jsonl", _data(8000))
     wait_for("the second batch to train", lambda: len(_batches(c)) == 2
              and (_batches(c)[-1] / "progress.json").exists(), 120, c)
-    c.run(["touch", ".stop"], cwd=ROOT)
+    # An operator (not root, in group trainerd) does it, exactly as the README says.
+    c.run(["useradd", "--create-home", "--groups", "trainerd", "alice"])
+    c.run(["runuser", "-u", "alice", "--", "/bin/sh", "-c", f"cd {ROOT} && touch .stop"])
     b2 = _batches(c)[-1]
     wait_for("a paused result", lambda: (b2 / "result.json").exists()
              and json.loads((b2 / "result.json").read_text()).get("reason") == "paused", 60, c)
@@ -244,7 +246,7 @@ def test_trainerd_service_lifecycle(container, tiny_model_dir):
     assert c.show(UNIT, "ActiveState")["ActiveState"] == "active"
 
     # 3. Resume, then `systemctl stop` mid-training: checkpoint, exit 0, inside TimeoutStopSec.
-    c.run(["rm", ".stop"], cwd=ROOT)
+    c.run(["runuser", "-u", "alice", "--", "/bin/sh", "-c", f"cd {ROOT} && rm .stop"])
     wait_for("training to resume from the checkpoint", lambda: any(
         e.get("event") == "training_started" and e.get("batch") == 2 and e.get("resumed_from")
         for e in _events(c)), 60, c)
