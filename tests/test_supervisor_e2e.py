@@ -94,7 +94,10 @@ class Daemon:
         return [x for x in self.logs() if x["event"] == event]
 
     def worker_pid(self) -> int | None:
-        st = json.loads((self.root / "daemon.json").read_text())
+        try:
+            st = json.loads((self.root / "daemon.json").read_text())
+        except (OSError, ValueError):  # not written yet by a daemon that just started
+            return None
         return (st.get("running") or {}).get("pid")
 
     def terminate(self, timeout: float = 90) -> int:
@@ -111,9 +114,14 @@ class Daemon:
         self.proc = None
 
     def cleanup(self) -> None:
+        """After a failed test: stop gracefully (the worker goes with it), kill only if that hangs."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 @pytest.fixture

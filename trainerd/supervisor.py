@@ -187,8 +187,14 @@ class Supervisor:
             signal.signal(sig, self._record_signal)
         try:
             self.open()
-            self.inbox.start_watching(self._hint)
-            self._watch_root()
+            try:
+                self.inbox.start_watching(self._hint)
+                self._watch_root()
+            except OSError as e:
+                # inotify unavailable (NFS, fs.inotify.max_user_watches exhausted): the
+                # periodic rescan alone still finds every file, only later.
+                self.log.warning("inotify_unavailable", error=str(e), rescan_s=self.settings.supervisor.rescan_s)
+                self.inbox.stop_watching()
             now = time.time()
             self._scan(now)
             self.notifier.ready(status=self._describe_state())
