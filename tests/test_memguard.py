@@ -488,3 +488,19 @@ def test_plan_halves_and_keeps_effective_batch(tmp_path):
                                                                        grad_accum_steps=3))
     assert p.micro_batch_size in (1, 2) and p.micro_batch_size * p.grad_accum_steps == 24
     assert p.estimate_bytes <= p.budget_bytes and not p.gradient_checkpointing
+
+
+@pytest.mark.cgroup
+def test_limit_change_at_runtime_is_seen_and_logged(memcg, tmp_path, sleeper):
+    """Raising the cgroup limit while a worker runs (systemctl set-property) is picked up and logged."""
+    cg = memcg(300 * MiB)
+    log = ListLog()
+    g = MemoryGuard(settings(), log=log, cgroup=cg.path)
+    g.attach(sleeper.pid, tmp_path, 0.0)
+    assert g.poll(0.0).limit_bytes <= 300 * MiB
+    name = "memory.max" if cg.version == 2 else "memory.limit_in_bytes"
+    if cg.version == 1 and (cg.path / "memory.memsw.limit_in_bytes").exists():
+        (cg.path / "memory.memsw.limit_in_bytes").write_text(str(400 * MiB))  # raising: memsw first
+    (cg.path / name).write_text(str(400 * MiB))
+    assert g.poll(10.0).limit_bytes == 400 * MiB
+    assert log.find("memory_limit_changed")[0]["previous_limit_bytes"] == 300 * MiB

@@ -246,7 +246,10 @@ def _proc_status(pid: int, files: _OpenFiles | None = None) -> tuple[bool, int, 
     if st in ("Z", "X"):
         return False, 0, 0
     # str.find, not a loop over ~55 lines: this runs for every process of the tree, every poll.
-    return True, _status_kib(text, "RssAnon:") + _status_kib(text, "RssShmem:"), _status_kib(text, "VmRSS:")
+    rss = _status_kib(text, "VmRSS:")
+    if "RssAnon:" not in text:  # kernels before 4.5: all of RSS, the conservative side
+        return True, rss, rss
+    return True, _status_kib(text, "RssAnon:") + _status_kib(text, "RssShmem:"), rss
 
 
 def _children(pid: int) -> list[int] | None:
@@ -541,7 +544,8 @@ class _Worker:
 class MemoryGuard:
     """Samples the running worker and decides none / stop / recycle / term / kill.
 
-    ``now`` and ``started_at`` must come from the same clock (``time.monotonic()``).
+    ``now`` and ``started_at`` must come from the same clock; ``time.monotonic()`` is best
+    (a wall-clock step would read as sudden age, or distort a growth rate).
     Not thread-safe: the supervisor's main loop owns it.
     """
 
@@ -604,7 +608,12 @@ class MemoryGuard:
             cands.append((cg_limit, cg_source))
         if self.configured_bytes is not None:
             cands.append((self.configured_bytes, "config:memory.limit"))
-        self.limit_bytes, self.source = min(cands, key=lambda c: c[0])
+        limit, source = min(cands, key=lambda c: c[0])
+        old = getattr(self, "limit_bytes", None)
+        self.limit_bytes, self.source = limit, source
+        if old is not None and old != limit:
+            # e.g. `systemctl set-property trainerd MemoryMax=...` while running
+            self.log.info("memory_limit_changed", limit_bytes=limit, previous_limit_bytes=old, source=source)
 
     # --- the worker --------------------------------------------------------------------
 
