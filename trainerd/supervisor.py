@@ -213,11 +213,19 @@ class Supervisor:
                 self._drain_wakeups()
             self.log.info("supervisor_stopped")
             return 0
+        except Exception:
+            self.log.exception("supervisor_crashed")
+            raise
         finally:
             signal.set_wakeup_fd(-1)
-            if self.running is not None:  # only on an exception: never leave a worker behind
-                self.running.child.kill_group(by="supervisor")
-                self.running.child.wait(5.0)
+            if self.running is not None:
+                # Only after an exception. Let the worker checkpoint (it would also stop on its
+                # lifeline, but then the next start has to wait for it); kill it if it hangs.
+                child = self.running.child
+                child.send(signal.SIGTERM, by="supervisor")
+                if child.wait(self.settings.supervisor.stop_grace_s) is None:
+                    child.kill_group(by="supervisor")
+                    child.wait(5.0)
             self.close()
 
     def _record_signal(self, signum: int, _frame: Any) -> None:
