@@ -81,6 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainerd.ledger import Layout
     from trainerd.supervisor import AlreadyRunning, Supervisor
 
+    # Training data, adapters and logs are nobody else's business: no world (or group write)
+    # access for anything the daemon or its workers create (SQLite's -wal/-shm, the log file).
+    os.umask(0o027)
     layout = Layout(settings.root)
     try:
         layout.make()
