@@ -863,8 +863,13 @@ class Supervisor:
         """Quarantine: original to failed/ with ``<name>.error.json`` beside it (idempotent)."""
         bdir = self.layout.batch_dir(batch["id"])
         data = bdir / "data.jsonl"
-        if not os.path.lexists(data):
-            return None
+        gone = not os.path.lexists(data)
+        if gone:
+            # The data vanished (deleted by hand while queued or training): nothing to move,
+            # but the reason still goes where the operator looks. Once only (reconcile repeats).
+            for cand in (batch["name"], f"{batch['id']:06d}-{batch['name']}"):
+                if (_read_result(self.layout.failed / f"{cand}.error.json") or {}).get("batch") == batch["id"]:
+                    return None
         name = self._free_name(self.layout.failed, batch["name"], f"{batch['id']:06d}")
         result = _read_result(bdir / "result.json") or {}
         atomic_write_json(self.layout.failed / f"{name}.error.json", {
@@ -873,7 +878,11 @@ class Supervisor:
             "lines_good": result.get("lines_good"), "lines_bad": result.get("lines_bad"),
             "errors": result.get("errors") or _read_errors(bdir / "errors.jsonl"),
             "exit_code": result.get("exit_code"), "batch_dir": str(bdir), "failed_at": batch["finished_at"],
+            "original": None if gone else name,
         })
+        if gone:
+            fsync_dir(self.layout.failed)
+            return None
         os.rename(data, self.layout.failed / name)
         fsync_dir(self.layout.failed)
         return self.layout.failed / name
