@@ -129,6 +129,7 @@ class Supervisor:
         self._inbox_recheck: float | None = None
         self._next_ping: float | None = None
         self._disk_low = False
+        self._unmovable: set[tuple[str, Any]] = set()  # rejected inbox entries we could not move
         self._waiting_logged: int | None = None
         self._state_text = ""
         self.notifier = Notifier.from_env(unset_environment=True)
@@ -459,7 +460,13 @@ class Supervisor:
         try:
             os.rename(src, self.layout.failed / dest_name)  # rename never follows a symlink
         except OSError as e:
-            self.log.error("inbox_entry_unmovable", file=rej.name, kind=rej.kind, error=str(e))
+            # E.g. another user's directory (moving it needs write access to the directory
+            # itself). Say so once per entry, not on every rescan; it stays, never read.
+            key = (rej.name, _safe_call(lambda: os.lstat(src).st_ino))
+            if key not in self._unmovable:
+                self._unmovable.add(key)
+                self.log.error("inbox_entry_unmovable", file=rej.name, kind=rej.kind, reason=rej.reason,
+                               error=str(e), hint="it is left in the inbox, unread; remove it by hand")
             return
         atomic_write_json(self.layout.failed / f"{dest_name}.error.json", {
             "file": rej.name, "reason": rej.reason, "kind": rej.kind, "failed_at": now})
