@@ -52,7 +52,8 @@ def container(rootfs, tmp_path):
         print(c.journal(UNIT, 400)[-20000:])
 
 
-def install_trainerd(c: Container, model_dir: Path | None, config: dict, *, dropin: str | None = None) -> float:
+def install_trainerd(c: Container, model_dir: Path | None, config: dict, *, dropin: str | None = None,
+                     install_args: tuple[str, ...] = ()) -> float:
     """Copy the working tree in, pip-install it into the venv, write the config, run install-service."""
     t0 = time.monotonic()
     src = c.path("/usr/src/trainerd")
@@ -75,7 +76,7 @@ def install_trainerd(c: Container, model_dir: Path | None, config: dict, *, drop
            "/usr/src/trainerd"], timeout=300)
     # The container's own python3 (3.11.2, no packages) runs the installer: it is stdlib only.
     r = c.run(["python3", "/usr/src/trainerd/scripts/install-service", "--venv", VENV,
-               "--model", "/opt/trainerd/model"])
+               "--model", "/opt/trainerd/model", *install_args])
     print(r.stdout)
     if dropin:
         d = c.path(f"/etc/systemd/system/{UNIT}.d")
@@ -106,9 +107,9 @@ ExecStart=/opt/trainerd/venv/bin/python /usr/src/trainerd/tests-bin/sd_fake_daem
 """
 
 
-def _install_fake(c: Container, extra: str = "") -> None:
+def _install_fake(c: Container, extra: str = "", install_args: tuple[str, ...] = ()) -> None:
     install_trainerd(c, None, {"root": ROOT, "model": {"path": "/opt/trainerd/model"}},
-                     dropin=FAKE_DROPIN + extra)
+                     dropin=FAKE_DROPIN + extra, install_args=install_args)
     d = c.path("/usr/src/trainerd/tests-bin")
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "tests" / "bin" / "sd_fake_daemon.py", d)
@@ -141,6 +142,23 @@ def test_watchdog_fires_when_the_pings_stop(container):
     _install_fake(c, "Environment=READY_DELAY_S=0 STOP_PINGING_AFTER_S=1\nWatchdogSec=2s\nRestart=no\n")
     c.run(["systemctl", "start", UNIT], timeout=60)
     wait_for("the watchdog to fire", lambda: c.show(UNIT, "Result")["Result"] == "watchdog", 20, c)
+
+
+def test_gpu_and_multinode_dropins_load_and_open_what_they_say(container):
+    """With install-service --gpu --multinode the unit still starts, gets the network back and a device ACL."""
+    c = container
+    _install_fake(c, "Environment=READY_DELAY_S=0\n", install_args=("--gpu", "--multinode"))
+    c.run(["systemctl", "start", UNIT], timeout=60)
+    p = c.show(UNIT, "ActiveState", "DropInPaths", "PrivateNetwork", "PrivateDevices", "DeviceAllow",
+               "RestrictAddressFamilies")
+    print(p)
+    assert p["ActiveState"] == "active", p
+    assert "gpu.conf" in p["DropInPaths"] and "multinode.conf" in p["DropInPaths"]
+    assert p["PrivateNetwork"] == "no" and p["PrivateDevices"] == "no"
+    acl = c.run(["systemctl", "show", UNIT, "-p", "DeviceAllow"]).stdout  # one line per entry
+    assert all(f"char-nvidia-{g}" in acl for g in ("frontend", "uvm", "caps")), acl
+    assert "AF_INET" in p["RestrictAddressFamilies"]
+    c.run(["systemctl", "stop", UNIT], timeout=60)
 
 
 # --- the real daemon ---------------------------------------------------------------------------
