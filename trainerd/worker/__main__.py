@@ -28,6 +28,65 @@ def _logger():
     return logs.get_logger(pid=os.getpid())
 
 
+def _precheck(batch_dir: Path, settings):
+    """Judge the file by its lines alone before importing torch (seconds of imports and a model
+    load): returns the rejecting ScanReport, or None to go on. Same line rules and verdict as
+    the full scan (which also tokenizes, so it can only find more bad lines, never fewer), and
+    the same errors.jsonl. Skipped on a resume (scan.json exists: the file was accepted).
+    Costs one extra streamed read of a good file, once, against hours of training."""
+    import json
+
+    from trainerd.lines import LineError, ScanReport, iter_lines, judge, open_regular, parse_line
+
+    data = batch_dir / "data.jsonl"
+    if (batch_dir / "scan.json").exists():
+        return None
+    try:
+        f = open_regular(data)
+    except OSError:
+        return None  # the trainer reports a missing or unreadable file with its own words
+    rep = ScanReport(path=str(data))
+    # Every bad line goes to errors.jsonl as it is found (a file of millions of bad lines
+    # must not grow this process); kept only if the file is rejected.
+    tmp = batch_dir / ".errors.jsonl.precheck"
+    try:
+        errf = open(tmp, "wb")
+    except OSError:
+        errf = None
+    with f:
+        for raw in iter_lines(f, settings.data.max_line_bytes):
+            rep.lines += 1
+            ex, err = parse_line(raw)
+            if err is not None:
+                rep.bad += 1
+                e = LineError(raw.number, raw.offset, err).as_dict()
+                if errf is not None:
+                    try:
+                        errf.write(json.dumps(e).encode() + b"\n")
+                    except OSError:
+                        errf.close()
+                        errf = None
+                if len(rep.errors) < settings.data.max_errors_reported:
+                    rep.errors.append(e)
+            elif ex is None:
+                rep.blank += 1
+            else:
+                rep.good += 1
+    judge(rep, settings.data.max_bad_fraction)
+    try:
+        if errf is not None:
+            errf.close()
+            if rep.rejected:
+                os.replace(tmp, batch_dir / "errors.jsonl")
+        if not rep.rejected or errf is None:
+            os.unlink(tmp)
+    except OSError:
+        pass
+    if not rep.rejected:
+        return None
+    return rep
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainerd.worker", description=__doc__)
     p.add_argument("batch_dir", type=Path)
@@ -68,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         return finish("bad_config", "; ".join(e.problems), 78, problems=e.problems)
     if args.init_adapter is not None and not (args.init_adapter / "adapter_config.json").is_file():
         return finish("bad_config", f"--init-adapter: no adapter at {args.init_adapter}", 78)
+
+    rejected = _precheck(batch_dir, settings)
+    if rejected is not None:
+        log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="precheck")
+        return finish("bad_data", rejected.reason, 65, lines_good=rejected.good, lines_bad=rejected.bad,
+                      errors=rejected.errors, step=0, total_steps=0)
 
     from trainerd.worker.data import DataError
     from trainerd.worker.train import ConfigProblem, Trainer
