@@ -309,6 +309,8 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
                     "tokens_per_s": prog.get("tokens_per_s"), "eta_s": prog.get("eta_s"),
                     "rss_bytes": prog.get("rss_bytes"), "loss": prog.get("loss"),
                     "micro_batch_size": b["micro_batch_size"], "grad_accum_steps": b["grad_accum_steps"],
+                    # The ledger says running but no daemon holds the lock: it died mid-attempt.
+                    "interrupted": pid is None,
                 }
             elif b["state"] in (BatchState.QUEUED.value, BatchState.CLAIMING.value):
                 wait = b["next_attempt_at"] - now
@@ -354,9 +356,13 @@ def render_status(st: dict[str, Any]) -> str:
     if r:
         step = f"{r['step']}/{r['total_steps']}" if r.get("step") is not None else "starting"
         tps = f"{r['tokens_per_s']:.0f} tok/s" if isinstance(r.get("tokens_per_s"), (int, float)) else "- tok/s"
-        lines.append(f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
-                     f"ETA {_fmt_s(r.get('eta_s'))}, memory {_fmt_bytes(r.get('rss_bytes'))}, "
-                     f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")
+        if r.get("interrupted"):
+            lines.append(f"training  #{r['id']} {r['file']} interrupted at step {step} "
+                         "(the daemon is not running; it resumes at the next start)")
+        else:
+            lines.append(f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
+                         f"ETA {_fmt_s(r.get('eta_s'))}, memory {_fmt_bytes(r.get('rss_bytes'))}, "
+                         f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")
     else:
         lines.append("training  -")
     lines.append(f"queue     {len(st['queue'])} file(s)")
