@@ -96,3 +96,26 @@ def test_non_regular_entries_rejected_unread(inbox, tmp_path):
     assert ready == ready2 == []
     kinds = {r.name: r.kind for r in rejected}
     assert kinds == {"link.jsonl": "symlink", "pipe.jsonl": "FIFO", "dir.jsonl": "directory"}
+
+
+def test_writer_check_throttled_per_file(tmp_path):
+    """A settled file that stays open is re-checked for writers at most every WRITER_RECHECK_S."""
+    from trainerd.inbox import WRITER_RECHECK_S
+
+    d = tmp_path / "inbox"
+    d.mkdir()
+    calls = []
+
+    def counting_check(path):
+        calls.append(path)
+        return open_for_writing(path)
+
+    box = Inbox(d, settle_s=0.0, log=NullLog(), writer_check=counting_check)
+    f = d / "held.jsonl"
+    with open(f, "w") as w:
+        w.write("{}\n")
+        w.flush()
+        assert box.scan(100.0)[0] == [] and len(calls) == 1
+        ready, _, recheck = box.scan(100.5)
+        assert ready == [] and len(calls) == 1 and recheck == 100.0 + WRITER_RECHECK_S
+    assert box.scan(100.0 + WRITER_RECHECK_S)[0] == ["held.jsonl"] and len(calls) == 2

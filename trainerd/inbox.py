@@ -93,6 +93,13 @@ class Rejected:
 class _Seen:
     key: tuple[int, int, int]  # (size, mtime_ns, inode)
     since: float  # when this key was first seen
+    writer_checked_at: float | None = None  # last /proc walk that found a writer
+
+
+# A /proc walk costs ~5 ms per 100 processes: for a file that stays open without changing
+# (a writer that paused), look again at most this often. Its close also wakes the daemon
+# through inotify, so the claim is late by at most this much.
+WRITER_RECHECK_S = 2.0
 
 
 class Inbox:
@@ -163,13 +170,18 @@ class Inbox:
             if now < due:
                 recheck_at = due if recheck_at is None else min(recheck_at, due)
                 continue
+            if seen.writer_checked_at is not None and now < seen.writer_checked_at + WRITER_RECHECK_S:
+                nxt = seen.writer_checked_at + WRITER_RECHECK_S
+                recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
+                continue
             writer = self.writer_check(Path(entry.path))
             if writer is not None:
+                seen.writer_checked_at = now
                 if (name, st.st_ino) not in self._writing_logged:
                     self._writing_logged.add((name, st.st_ino))
                     self.log.info("inbox_file_still_open", file=name, writer_pid=writer)
-                # Still being written: the close will produce an inotify event; poll as well.
-                nxt = now + max(self.settle_s, 0.5)
+                # Still open: its close produces an inotify event; poll as well, slowly.
+                nxt = now + WRITER_RECHECK_S
                 recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
                 continue
             ready.append((st.st_mtime_ns, name))
