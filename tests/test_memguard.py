@@ -504,3 +504,18 @@ def test_limit_change_at_runtime_is_seen_and_logged(memcg, tmp_path, sleeper):
     (cg.path / name).write_text(str(400 * MiB))
     assert g.poll(10.0).limit_bytes == 400 * MiB
     assert log.find("memory_limit_changed")[0]["previous_limit_bytes"] == 300 * MiB
+
+
+def test_without_cgroup_limit_tree_usage_against_configured_limit(tmp_path):
+    """No cgroup limit (this process's cgroup has none): the worker tree's memory is compared with memory.limit."""
+    g = MemoryGuard(settings(limit=400 * MiB, interval_ms=50))
+    if g.cgroup_limit_bytes is not None:
+        pytest.skip(f"this process runs under a cgroup limit ({g.cgroup_limit_bytes} bytes)")
+    state = tmp_path / "state.json"
+    cmd = [sys.executable, BALLOON, "--rate-mib-s", "200", "--stop-file", str(tmp_path / ".stop"),
+           "--checkpoint-s", "0.1", "--state", str(state), "--max-s", "10"]
+    rc, acted, max_usage = supervise(g, cmd, tmp_path)
+    assert rc == 75 and [d.action for d in acted] == ["stop"]
+    assert acted[0].source == "config:memory.limit" and acted[0].usage_bytes == acted[0].tree_bytes
+    assert max_usage < 0.95 * 400 * MiB
+    assert json.loads(state.read_text())["held_bytes"] < 400 * MiB
