@@ -219,6 +219,11 @@ def judge(report: ScanReport, max_bad_fraction: float) -> None:
         report.rejected = True
         report.reason = (f"too many bad lines: {report.bad} of {report.good + report.bad} "
                          f"({report.bad_fraction:.1%}) > data.max_bad_fraction {max_bad_fraction:.1%}")
+    if report.rejected and report.errors:
+        # The operator's first question is "bad how?": name the first bad line in the reason
+        # itself (the log line and failed/<name>.error.json), the rest are in "errors".
+        first = report.errors[0]
+        report.reason += f" (first: line {first['line']}: {first['reason']})"
 
 
 def open_regular(path: str | os.PathLike[str]) -> BinaryIO:

@@ -54,6 +54,10 @@ EX_CONFIG = 78
 
 _HINT_SCAN_MIN_S = 0.1
 
+# A ballast file under the root keeps this much of its file system for the ledger (see
+# _keep_reserve): when the disk fills, SQLite must still be able to record what happened.
+_RESERVE_BYTES = 1 << 20
+
 # Stop reasons after which the batch resumes at once (no back-off, no retry charged).
 _RESUME_AT_ONCE = ("recycle", "parent_gone", "shutdown")
 
@@ -278,6 +282,8 @@ class Supervisor:
         (NTP) distorts one growth-rate estimate at worst.
         """
         assert self.ledger is not None, "call open() first"
+        if self.running is None or self.running.child.poll() is not None:
+            self._keep_reserve()  # before this tick writes: claims, an exit's settlement
         self._handle_signals(now)
         self._check_pause(now)
         if self.running is not None:
@@ -443,6 +449,39 @@ class Supervisor:
             self._guarded("inbox_entry_unmovable", self._reject_entry, rej, now, file=rej.name)
         for name in ready:
             self._guarded("claim_failed", self.claim, name, now, file=name)
+
+    def _keep_reserve(self) -> None:
+        """Hold ``root/.disk-reserve`` (1 MiB of real blocks) while space allows; release it as
+        soon as the file system is nearly full, so the ledger's next commits have room (no
+        SQLITE_FULL crash) and the batch can be requeued as ``disk_full``. Called only while no
+        worker runs, so a worker cannot eat the released room before the ledger uses it; made
+        again once free space is back above ``disk.min_free_bytes`` plus a margin."""
+        path = self.layout.root / ".disk-reserve"
+        try:
+            st = os.statvfs(self.layout.root)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        have = os.path.exists(path)
+        if have and free < _RESERVE_BYTES:
+            try:
+                os.unlink(path)
+            except OSError:
+                return
+            self._disk_low = True
+            self.log.error("disk_reserve_released", free_bytes=free, released_bytes=_RESERVE_BYTES,
+                           action="the file system is full: no new attempt until space is back")
+        elif not have and free > 4 * _RESERVE_BYTES + self.settings.disk.min_free_bytes:
+            try:
+                with open(path, "wb") as f:
+                    f.write(b"\0" * _RESERVE_BYTES)  # written, not sparse: tmpfs and ext4 allocate on write
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def _guarded(self, event: str, fn: Callable[..., Any], *args: Any, **fields: Any) -> Any:
         """Run a file-system step; an OSError (ENOSPC, EIO, EACCES) is logged, not fatal: the

@@ -28,6 +28,24 @@ def _logger():
     return logs.get_logger(pid=os.getpid())
 
 
+RESERVE_BYTES = 64 << 10
+
+
+def _make_reserve(path: Path) -> None:
+    """A small ballast file, written for real (tmpfs and ext4 allocate on write), released by
+    finish() so that result.json can still be written when the disk fills during the run."""
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * RESERVE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def _precheck(batch_dir: Path, settings):
     """Judge the file by its lines alone before importing torch (seconds of imports and a model
     load): returns the rejecting ScanReport, or None to go on. Same line rules and verdict as
@@ -102,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     from trainerd.config import ConfigError, from_dict
     from trainerd.fsutil import atomic_write_json, read_json
 
+    reserve = batch_dir / ".reserve"
+
     def finish(status: str, reason: str, code: int, **extra) -> int:
         body = {"status": status, "reason": reason, "exit_code": code, **extra}
+        # Free the reserve first: on a full disk it is the room result.json is written into,
+        # so the supervisor learns *why* (disk_full) and not just "75".
+        try:
+            os.unlink(reserve)
+        except OSError:
+            pass
         try:
             atomic_write_json(result_path, body)
         except OSError as e:  # disk full: the exit code still tells the supervisor
@@ -137,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainerd.worker.data import DataError
     from trainerd.worker.train import ConfigProblem, Trainer
 
+    _make_reserve(reserve)
     trainer = Trainer(batch_dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
     try:
         outcome = trainer.run()
