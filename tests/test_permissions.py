@@ -1,0 +1,98 @@
+"""File permissions: nothing the daemon or its workers create is readable by other users, even
+when started with a wide-open umask, and the daemon does its whole job as an unprivileged user
+(nobody, no capabilities) — see tests/test_hostile_inbox.py for how it is started."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+from test_hostile_inbox import NOBODY, UnprivilegedDaemon, unprivileged_prefix
+from workerutil import sample_lines
+
+pytestmark = pytest.mark.slow
+
+
+class UmaskDaemon(UnprivilegedDaemon):
+    """Started with umask 000, the worst an init system or a shell could hand it."""
+
+    def start(self) -> "UmaskDaemon":
+        with open(self.out, "ab") as out:
+            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "trainerd", "run", "--config",
+                                          str(self.config)], env=subprocess_env(**self.extra_env),
+                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(0))
+        self.wait_for(lambda: (self.root / "trainerd.pid").exists() and self.status()["daemon"]["running"], 60)
+        return self
+
+
+def world_access(root: Path, originals: set[str]) -> list[str]:
+    """Paths under ``root`` that others can read, write or enter; the operator's own files that
+    the daemon moved (never created) are judged by their folder alone."""
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                continue  # adapters/current: a link's own mode means nothing
+            if name in originals or (name == "data.jsonl" and p.parent.parent.name == "batches"):
+                continue
+            if mode & 0o007:
+                bad.append(f"{p.relative_to(root)} {stat.filemode(mode)}")
+    return bad
+
+
+def test_nothing_created_is_world_readable_and_root_is_not_needed(tiny_model_dir):
+    """Started with umask 000 (as nobody where possible): state.db with its -wal/-shm, logs, batch
+    folders, checkpoints, adapters, done/failed records are all closed to others, while a good
+    file trains to adapter 1 and a bad one is quarantined."""
+    base = Path(tempfile.mkdtemp(prefix="trainerd-perms-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "stash").mkdir()
+    model = base / "model"
+    shutil.copytree(tiny_model_dir, model)
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    prefix, why = unprivileged_prefix(base / "stash")
+    home = base / "home"
+    home.mkdir()
+    ddir = base / "d"
+    ddir.mkdir(mode=0o755)
+    d = UmaskDaemon(ddir, model, prefix, {"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
+    if prefix is not None:
+        os.chown(home, NOBODY, NOBODY)
+        d.root.mkdir(mode=0o700)
+        os.chown(d.root, NOBODY, NOBODY)
+    try:
+        d.start()
+        for name, body in (("good.jsonl", "\n".join(sample_lines(20)) + "\n"), ("bad.jsonl", "nope\n")):
+            part = d.root / "inbox" / f".{name}.part"
+            part.write_text(body)
+            os.chmod(part, 0o644)
+            os.rename(part, d.root / "inbox" / name)
+        d.wait_for(lambda: d.state_of("good.jsonl") == "done" and d.state_of("bad.jsonl") == "failed", 300)
+        # While it runs, so the SQLite -wal and -shm files exist (they go at a clean close).
+        assert (d.root / "state.db-wal").exists() and (d.root / "state.db-shm").exists()
+        running_bad = world_access(d.root, {"good.jsonl", "bad.jsonl"})
+        for f in ("state.db", "state.db-wal", "state.db-shm", "logs/trainerd.jsonl", "daemon.json", "trainerd.pid"):
+            assert not os.stat(d.root / f).st_mode & 0o007, f"{f} {stat.filemode(os.stat(d.root / f).st_mode)}"
+        assert d.terminate() == 0
+        assert running_bad == [], running_bad
+        assert world_access(d.root, {"good.jsonl", "bad.jsonl"}) == []
+        assert (d.root / "adapters" / "1" / "adapter_model.safetensors").is_file()
+        if prefix is None:
+            pytest.skip(f"ran as root: {why}")
+        owners = {os.lstat(p).st_uid for p in (d.root / "adapters" / "1").iterdir()}
+        assert owners == {NOBODY}
+        ckpts = list(d.root.glob("batches/*/checkpoints/step-*/*"))
+        assert ckpts and {os.lstat(p).st_uid for p in ckpts} == {NOBODY}
+    finally:
+        d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
