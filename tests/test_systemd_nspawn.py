@@ -397,3 +397,27 @@ def test_memory_max_too_low_for_the_micro_batch_is_met_by_a_graceful_stop(contai
     assert p["ActiveState"] == "active" and p["NRestarts"] == "0", p
     c.run(["systemctl", "stop", UNIT], timeout=200)
     assert c.show(UNIT, "Result")["Result"] == "success"
+
+
+@needs_real_model
+def test_memory_max_set_too_low_from_the_start_never_starts_an_oversized_worker(container):
+    """MemoryMax=2G in a drop-in: the guard plans a smaller micro-batch before the first start; it trains, no OOM kill."""
+    _need_daemon()
+    c = container
+    install_trainerd(c, None, _real_config(), dropin="[Service]\nMemoryMax=2G\n")
+    c.run(["systemctl", "start", UNIT], timeout=150)
+    _drop(c, "big.jsonl", _data(400, words=40))
+    wait_for("a first step", lambda: any(e.get("event") == "step" and e.get("batch") == 1 for e in _events(c)),
+             400, c, every_s=1)
+    ev = _events(c)
+    plans = [e for e in ev if str(e.get("event", "")).startswith("memory_plan")]
+    starts = [e for e in ev if e.get("event") == "worker_started"]
+    print("plan:", [(e["event"], e.get("micro_batch_size"), e.get("limit_bytes"), e.get("source")) for e in plans])
+    assert plans and plans[0]["event"] == "memory_plan_reduced", plans
+    assert starts and starts[0]["micro_batch_size"] < 4, starts
+    cg = c.show(UNIT, "ControlGroup")["ControlGroup"]
+    oom = c.sh(f"cat /sys/fs/cgroup/memory{cg}/memory.oom_control 2>/dev/null || cat /sys/fs/cgroup{cg}/memory.events").stdout
+    assert "oom_kill 0" in oom, oom
+    assert not any(e.get("event") == "kernel_oom_kill" for e in ev)
+    c.run(["systemctl", "stop", UNIT], timeout=200)
+    assert c.show(UNIT, "Result")["Result"] == "success"
