@@ -348,5 +348,11 @@ class Layout:
         return self.adapters / str(n)
 
     def make(self) -> None:
-        for d in (self.root, self.inbox, self.batches, self.adapters, self.done, self.failed, self.logs):
+        for d in (self.root, self.batches, self.adapters, self.done, self.failed, self.logs):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # The inbox is where operators (group members, not the daemon's user) drop files: group
+        # writable, and setgid so what they drop stays in the daemon's group. Set explicitly:
+        # mkdir's mode is filtered by the daemon's umask 027. Nothing else is group-writable.
+        if not self.inbox.is_dir():
+            self.inbox.mkdir(mode=0o750, parents=True, exist_ok=True)
+            os.chmod(self.inbox, 0o2770)
