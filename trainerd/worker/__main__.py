@@ -19,6 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from trainerd.worker import record_early_signals  # noqa: E402 (torch-free; first thing we do)
+
+record_early_signals()
+
 
 def _logger():
     from trainerd import logs

@@ -107,8 +107,13 @@ class Stopper:
         self._signals = 0
 
     def install(self) -> None:
+        from trainerd.worker import EARLY_SIGNALS
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        if EARLY_SIGNALS:  # read after installing: none can fall between the two handlers
+            self._signals = len(EARLY_SIGNALS)
+            self._signal_reason = "shutdown"
         if _stdin_is_pipe():
             threading.Thread(target=self._watch_lifeline, name="lifeline", daemon=True).start()
 
@@ -565,6 +570,10 @@ class Trainer:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+        # Half adapters of earlier attempts that died mid-write (SIGKILL, power loss): never
+        # visible (they were never renamed), but they hold space; only this worker writes here.
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             atomic_write_json(tmp / "trainerd.json", {
