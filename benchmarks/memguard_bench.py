@@ -7,8 +7,8 @@
    one ~20 ms allocation and prints the CLOCK_MONOTONIC time once the memory is resident.
    Soft: from that moment to ``.stop`` written. Hard: to the term/kill decision. The guard
    polls every 100 ms (the default), so the expected mean is ~half an interval. The stop
-   prediction is switched off here (``checkpoint_estimate_s: 0``) so that what is timed is the
-   threshold itself, not an earlier prediction.
+   prediction is kept short here (``checkpoint_estimate_s: 0``, so its horizon is two polls)
+   so that what is timed is the threshold itself, not an earlier prediction.
 2. CPU cost. The guard polls a steady balloon every 100 ms for ``--cpu-s`` seconds; this
    process does nothing else, so its own user+system CPU time over the wall time is the cost.
 3. Trials. ``--trials`` balloons growing at 100..1000 MiB/s under a 768 MiB cgroup, each
@@ -128,14 +128,15 @@ def reaction(n: int, work: Path, log) -> dict:
     with cgroups.memory_cgroup(limit) as cg:
         for kind, jump, threshold in (("soft", 150, settings.soft), ("hard", 270, settings.hard)):
             for i in range(n):
-                # 1200 MiB + the interpreter is under soft (1305 MiB); the jump crosses the
-                # threshold in 2 MiB pieces and the balloon notes when the cgroup's working set
-                # passed it. +150 stays under hard; +270 crosses hard (1459 MiB).
+                # Up to 1200 MiB at 600 MiB/s (+ the interpreter: under soft, 1305 MiB, and too
+                # slow for a 0.2 s prediction horizon to reach hard), hold, then jump across the
+                # threshold in 2 MiB pieces; the balloon notes when the cgroup's working set passed
+                # it. +150 stays under hard; +270 crosses hard (1459 MiB).
                 # A fresh guard each time: nothing learned from the previous stop moves anything.
                 guard = MemoryGuard(settings, log=log, cgroup=cg.path)
                 b = work / f"{kind}{i}"
-                r = run_balloon(guard, cg, ["--rate-mib-s", "0", "--start-mib", "1200", "--jump-mib", str(jump),
-                                            "--jump-after-s", "0.6", "--stop-file", str(b / ".stop"),
+                r = run_balloon(guard, cg, ["--rate-mib-s", "600", "--max-mib", "1200", "--jump-mib", str(jump),
+                                            "--jump-after-s", "2.6", "--stop-file", str(b / ".stop"),
                                             "--checkpoint-s", "0.05", "--max-s", "10",
                                             "--watch-cgroup", str(cg.path),
                                             "--watch-bytes", str(int(limit * threshold))], b)

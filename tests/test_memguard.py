@@ -259,17 +259,28 @@ def _fake(g: MemoryGuard, usage: int, limit: int, t: float) -> Sample:
 
 
 def test_fast_growth_is_stopped_before_soft(tmp_path, sleeper):
-    """Growing 100 MiB/s at 78% of 1 GiB, a 5 s stop would pass hard: stop now (predicted), before soft."""
+    """Growing 100 MiB/s for seconds, at 76% of 1 GiB a 5 s stop would pass hard: stop now (predicted), before soft."""
     g = MemoryGuard(settings(checkpoint_estimate_s=5.0))
     g.attach(sleeper.pid, tmp_path, 0.0)
     limit = 1024 * MiB
-    for i in range(20):
-        d = g.decide(_fake(g, int(0.74 * limit) + i * 10 * MiB, limit, i * 0.1), i * 0.1)
+    for i in range(40):
+        d = g.decide(_fake(g, int(0.55 * limit) + i * 10 * MiB, limit, i * 0.1), i * 0.1)
         if d.action != "none":
             break
     assert (d.action, d.reason) == ("stop", "predicted")
     assert d.usage_bytes < d.soft_bytes and 90 * MiB < d.rate_bytes_per_s < 110 * MiB
     assert 0 < d.time_to_hard_s < 5
+
+
+def test_burst_then_plateau_and_one_off_jump_do_not_predict_a_stop(tmp_path, sleeper):
+    """A burst to 72% (loading), a plateau, a one-off jump to 78%, a plateau: no sustained growth, no stop."""
+    g = MemoryGuard(settings(checkpoint_estimate_s=5.0))
+    g.attach(sleeper.pid, tmp_path, 0.0)
+    limit = 1024 * MiB
+    for i in range(200):
+        frac = 0.72 * min(1.0, i / 8) + (0.06 if i >= 60 else 0.0)  # 0 -> 72% in 0.8 s; +6% at 6 s
+        d = g.decide(_fake(g, int(frac * limit), limit, i * 0.1), i * 0.1)
+        assert d.action == "none", (i, d)
 
 
 def test_flat_usage_near_soft_does_not_stop(tmp_path, sleeper):

@@ -78,11 +78,12 @@ _TREE_REFRESH_S = 1.0       # re-discover the worker's descendants at most this 
 _LIMIT_REFRESH_S = 5.0      # re-read cgroup limits (systemctl set-property can change them)
 _STAT_REFRESH_S = 1.0       # re-read memory.stat (inactive_file) at least this often
 _PSI_REFRESH_S = 1.0        # PSI averages change every 2 s in the kernel
-# Two growth rates, both least-squares fits. The trend spans several training steps, so a
-# step's sawtooth averages out; the recent one is what is happening now. Predictions use the
-# smaller of the two (both must say "growing"): a one-off jump (loading the model) leaves
-# the trend high for a while but the recent rate at zero; a step's forward pass makes the
-# recent rate high but not the trend.
+# Two growth rates. The trend spans several training steps and is a Theil-Sen fit (the
+# median of the slopes between every pair of samples): a one-off jump (loading the model, the
+# first forward pass) moves only the pairs that straddle it, so the median stays at the
+# plateau's zero where a least-squares line would tilt for the whole window. The recent rate
+# (least squares over the last second) is what is happening now. Predictions use the smaller
+# of the two, and only when both say "growing".
 _TREND_WINDOW_S = 10.0
 _TREND_SAMPLE_S = 0.25      # the trend keeps one sample per quarter second (<= 40 points)
 _RECENT_WINDOW_S = 1.0
@@ -284,6 +285,30 @@ def _tree(pid: int) -> list[int]:
         out.extend(k for k in kids if k not in out)
         i += 1
     return out
+
+
+def _robust_slope(points: Any) -> tuple[float, float]:
+    """Theil-Sen slope (median of pairwise slopes, per second) and span of (t, y) points.
+
+    O(n^2): keep n small (the trend holds <= 41 points: ~800 pairs, ~0.2 ms).
+    """
+    pts = list(points)
+    n = len(pts)
+    if n < 2:
+        return 0.0, 0.0
+    slopes = []
+    for i in range(n - 1):
+        ti, yi = pts[i]
+        for j in range(i + 1, n):
+            dt = pts[j][0] - ti
+            if dt > 0:
+                slopes.append((pts[j][1] - yi) / dt)
+    if not slopes:
+        return 0.0, 0.0
+    slopes.sort()
+    m = len(slopes) // 2
+    med = slopes[m] if len(slopes) % 2 else 0.5 * (slopes[m - 1] + slopes[m])
+    return med, pts[-1][0] - pts[0][0]
 
 
 def _slope(points: Any) -> tuple[float, float]:
@@ -488,7 +513,9 @@ class Decision:
     source: str = ""
     soft_bytes: int = 0
     hard_bytes: int = 0
-    rate_bytes_per_s: float = 0.0    # sustained growth: min(trend, recent) when both grow, else 0
+    # sustained growth: min(trend, recent) when both grow, else 0; computed from soft - (hard -
+    # soft) up (below that nothing is predicted, and the robust trend is not worth its cost)
+    rate_bytes_per_s: float = 0.0
     recent_rate_bytes_per_s: float = 0.0  # growth over the last second
     time_to_hard_s: float | None = None  # at that rate; None when not growing
     tree_bytes: int = 0
@@ -633,9 +660,10 @@ class MemoryGuard:
             return
         dur = max(0.05, end - w.stop_at)
         grew = max(0, w.peak_after_stop - w.usage_at_stop)
-        # EWMA, but never forget a slow one quickly: a checkpoint that took long once will again.
-        self.checkpoint_s = max(dur, 0.5 * self.checkpoint_s + 0.5 * dur)
-        self.checkpoint_bytes = max(grew, (self.checkpoint_bytes + grew) // 2)
+        # EWMA that forgets slowly, and never below the latest: a stop that took long once
+        # (a long step to finish first) will again.
+        self.checkpoint_s = max(dur, 0.7 * self.checkpoint_s + 0.3 * dur)
+        self.checkpoint_bytes = max(grew, int(0.7 * self.checkpoint_bytes + 0.3 * grew))
         self.log.info("memory_stop_timing_learned", stop_to_exit_s=round(dur, 3), checkpoint_added_bytes=grew,
                       checkpoint_estimate_s=round(self.checkpoint_s, 3), checkpoint_bytes=self.checkpoint_bytes)
 
@@ -732,12 +760,19 @@ class MemoryGuard:
         w.recent.append(point)
         while w.recent and now - w.recent[0][0] > _RECENT_WINDOW_S:
             w.recent.popleft()
-        trend, tspan = _slope(w.trend if w.trend[-1] is point else [*w.trend, point])
         recent, rspan = _slope(w.recent)
-        trend = trend if tspan >= _RATE_MIN_SPAN_S else 0.0
         recent = recent if rspan >= _RATE_MIN_SPAN_S else 0.0
-        rate = min(trend, recent) if trend > 0 and recent > 0 else 0.0
         limit = s.limit_bytes
+        gate = int(limit * (2 * st.soft - st.hard))  # where predictions start: soft - (hard - soft)
+        trend = 0.0
+        if recent > 0 and s.usage_bytes >= gate:
+            # The trend costs ~0.2 ms (Theil-Sen): only near the limits, while growing. A
+            # minimum span of 0.3 s, not seconds: at 1 GiB/s under a small limit the stop must be
+            # predicted within the first second (measured: requiring 2 s let 1 of 10 such
+            # balloons be OOM-killed by the kernel).
+            trend, tspan = _robust_slope(w.trend if w.trend[-1] is point else [*w.trend, point])
+            trend = trend if tspan >= _RATE_MIN_SPAN_S else 0.0
+        rate = min(trend, recent) if trend > 0 and recent > 0 else 0.0
         soft_b = int(limit * st.soft)
         hard_b = int(limit * st.hard)
         margin_b = hard_b + (limit - hard_b) // 2
@@ -791,9 +826,11 @@ class MemoryGuard:
         # STOP: soft limit, predicted crossing, sustained pressure.
         if s.usage_bytes >= soft_b:
             return out("stop", "soft", self._write_stop(w, "memory", now, s.usage_bytes))
-        gate = soft_b - (hard_b - soft_b)
+        # Horizon: the stop as learned, plus two polls (this sample is up to one old; the
+        # worker notices .stop only at its next check).
+        horizon_s = self.checkpoint_s + 2 * self.interval_s
         if rate > 0 and s.usage_bytes >= gate and \
-                s.usage_bytes + rate * self.checkpoint_s + self.checkpoint_bytes >= hard_b:
+                s.usage_bytes + rate * horizon_s + self.checkpoint_bytes >= hard_b:
             return out("stop", "predicted", self._write_stop(w, "memory", now, s.usage_bytes))
         if st.psi_threshold > 0 and s.psi_some_avg10 is not None and s.psi_some_avg10 > st.psi_threshold:
             if w.psi_since is None:
