@@ -36,7 +36,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -129,6 +132,12 @@ def _filler(tok: Any, need: int) -> str:
 # --- the contenders, as children of this file --------------------------------------------
 
 
+def _step_line(step: int) -> None:
+    """One JSON line per finished step on stdout (outside the timed span), as the worker logs
+    one: the lock-step mode of the parent paces every contender by these lines."""
+    print(json.dumps({"event": "step", "step": step}), flush=True)
+
+
 def _child_common(a: argparse.Namespace):
     import torch
 
@@ -166,9 +175,13 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
         total = 0.0
         for start in range(0, ids.shape[0], a.micro_batch):
             ms = slice(start, start + a.micro_batch)
-            out = model(input_ids=ids[ms], attention_mask=mask[ms], labels=labels[ms], num_items_in_batch=n_items)
-            out.loss.backward()
-            total += out.loss.item()
+            # Keep only the loss: holding the whole output would keep this step's logits
+            # (micro x seq x vocab fp32, ~200 MB here) alive into the next forward.
+            loss = model(input_ids=ids[ms], attention_mask=mask[ms], labels=labels[ms],
+                         num_items_in_batch=n_items).loss
+            loss.backward()
+            total += loss.item()
+            del loss
         if a.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
         opt.step()
@@ -177,6 +190,7 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
         step_s.append(time.perf_counter() - t0)
         losses.append(total)
         step_tokens.append(int(mask.sum()))
+        _step_line(step + 1)
     return {"step_s": step_s, "losses": losses, "step_tokens": step_tokens, "load_s": load_s}
 
 
@@ -202,6 +216,7 @@ def child_hf(a: argparse.Namespace) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kw):
             rec["step_s"].append(time.perf_counter() - self.t0)
             rec["step_tokens"].append(a.micro_batch * a.grad_accum * a.seq_len)
+            _step_line(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -251,15 +266,18 @@ def _rates(step_s: list[float], step_tokens: list[int]) -> dict[str, float]:
     return out
 
 
+def _worker_settings(a: argparse.Namespace, model: Path, work: Path) -> dict[str, Any]:
+    (work / "root").mkdir(exist_ok=True)
+    return worker_settings(root=work / "root", model=model, seq_len=a.seq_len, micro_batch=a.micro_batch,
+                           grad_accum=a.grad_accum, threads=a.threads, seed=a.seed, lr=a.lr,
+                           warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_r=a.lora_r,
+                           lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, targets=a.targets)
+
+
 def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> dict[str, Any]:
     batch = work / f"round{rnd}" / "worker"
     shutil.rmtree(batch, ignore_errors=True)
-    settings = worker_settings(root=work / "root", model=model, seq_len=a.seq_len, micro_batch=a.micro_batch,
-                               grad_accum=a.grad_accum, threads=a.threads, seed=a.seed, lr=a.lr,
-                               warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_r=a.lora_r,
-                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, targets=a.targets)
-    (work / "root").mkdir(exist_ok=True)
-    write_batch(batch, settings, work / "data.jsonl")
+    write_batch(batch, _worker_settings(a, model, work), work / "data.jsonl")
     run = run_child([sys.executable, "-m", "trainerd.worker", str(batch)], env=child_env(a.threads), cwd=REPO,
                     stderr_path=batch / "worker.stderr", stdin_pipe=True)
     res = json.loads((batch / "result.json").read_text())
@@ -317,6 +335,170 @@ def run_baseline(role: str, a: argparse.Namespace, model: Path, work: Path, rnd:
     return out
 
 
+# --- lock-step mode -----------------------------------------------------------------------
+
+
+class Paced:
+    """A contender process run one optimizer step at a time: SIGCONT, wait for its step line,
+    SIGSTOP. The reader thread stops the child itself, the moment the line arrives, so the
+    child gets as little as possible of its next step done before it is frozen."""
+
+    def __init__(self, name: str, argv: list[str], *, env: dict[str, str], stderr_path: Path, stdin_pipe: bool):
+        self.name = name
+        self.err = open(stderr_path, "ab")
+        self.proc = subprocess.Popen(argv, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=self.err,
+                                     stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL)
+        self.lines: list[str] = []
+        self.target = 1
+        self.arrived = threading.Event()
+        self.arrived_at = 0.0
+        self.stopped = False
+        self.rusage = None
+        self.status = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            now = time.monotonic()
+            self.lines.append(line)
+            if not line.startswith("{") or '"step"' not in line:
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == "step" and ev.get("step") == self.target:
+                os.kill(self.proc.pid, signal.SIGSTOP)
+                self.stopped = True
+                self.arrived_at = now
+                self.arrived.set()
+
+    def step(self, k: int, timeout_s: float) -> float | None:
+        """Let the child run until it reports step ``k``; the seconds it was allowed to run."""
+        self.target = k
+        self.arrived.clear()
+        t0 = time.monotonic()
+        if k > 1:
+            self.stopped = False
+            os.kill(self.proc.pid, signal.SIGCONT)
+        while not self.arrived.wait(1.0):
+            if self._reaped_nohang() or time.monotonic() - t0 > timeout_s:
+                return None
+        return self.arrived_at - t0
+
+    def _reaped_nohang(self) -> bool:
+        if self.rusage is None:
+            pid, status, ru = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid == 0:
+                return False
+            self.rusage, self.status = ru, os.waitstatus_to_exitcode(status)
+        return True
+
+    def finish(self) -> None:
+        """Let it run to its end (final checkpoint, publish, result file) and reap it."""
+        if self.rusage is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            _pid, status, self.rusage = os.wait4(self.proc.pid, 0)
+            self.status = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.status
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.err.close()
+
+    def kill(self) -> None:
+        if self.rusage is None:
+            try:
+                self.proc.kill()  # SIGKILL ends a stopped process too
+                _pid, status, self.rusage = os.wait4(self.proc.pid, 0)
+                self.status = os.waitstatus_to_exitcode(status)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> dict[str, Any]:
+    """All contenders alive at once but only one running: step k of worker, plain, hf, then
+    step k + 1 of each, ... The parent times each step from SIGCONT to the step line, the same
+    way for all three, so the load of the moment is shared step by step, not run by run.
+
+    Step 1 (start-up, model load, first pass, warm-up step) runs alone and is not timed. Each
+    timed interval holds one optimizer step plus the contender's own between-step work
+    (fetching the next blocks, logging); the in-process step timers are not used here (a
+    SIGSTOP can land after a child started its next step's timer)."""
+    d = work / f"round{rnd}"
+    d.mkdir(parents=True, exist_ok=True)
+    children: dict[str, Paced] = {}
+    batch = d / "worker"
+    try:
+        for name in CONTENDERS:
+            if name not in a.only:
+                continue
+            if name == "worker":
+                shutil.rmtree(batch, ignore_errors=True)
+                write_batch(batch, _worker_settings(a, model, work), work / "data.jsonl")
+                argv = [sys.executable, "-m", "trainerd.worker", str(batch)]
+                c = Paced(name, argv, env=child_env(a.threads), stderr_path=batch / "worker.stderr", stdin_pipe=True)
+            else:
+                result = d / f"{name}.json"
+                result.unlink(missing_ok=True)
+                argv = [sys.executable, str(Path(__file__).resolve()), "--role", name, "--blocks",
+                        str(work / "blocks.pt"), "--result", str(result), *_shared_child_args(a, model)]
+                c = Paced(name, argv, env=child_env(a.threads), stderr_path=d / f"{name}.stderr", stdin_pipe=False)
+            children[name] = c
+            # Start-up and step 1 one contender at a time (never two loads at once).
+            if c.step(1, timeout_s=1800) is None:
+                raise RuntimeError(f"{name} did not reach step 1 (exit {c.status}); see its stderr")
+        intervals: dict[str, list[float]] = {n: [] for n in children}
+        for k in range(2, a.steps + 1):
+            for name, c in children.items():
+                dt = c.step(k, timeout_s=1800)
+                if dt is None:
+                    raise RuntimeError(f"{name} did not reach step {k} (exit {c.status}); see its stderr")
+                intervals[name].append(dt)
+            print("  step %2d  " % k + "  ".join(f"{n} {intervals[n][-1]:6.2f} s" for n in children), flush=True)
+        for c in children.values():
+            c.finish()
+    finally:
+        for c in children.values():
+            c.kill()
+    tokens_per_step = a.micro_batch * a.grad_accum * a.seq_len
+    out: dict[str, Any] = {}
+    for name, c in children.items():
+        iv = intervals[name]
+        r: dict[str, Any] = {
+            "exit_code": c.status, "peak_rss_bytes": c.rusage.ru_maxrss * 1024 if c.rusage else 0,
+            "cpu_s": (c.rusage.ru_utime + c.rusage.ru_stime) if c.rusage else 0.0, "wall_s": float("nan"),
+            "tps": float("nan"), "tps_steady": tokens_per_step * len(iv) / sum(iv) if iv else float("nan"),
+            "tps_mstep": tokens_per_step / median(iv) if iv else float("nan"), "step_s": iv,
+        }
+        if name == "worker":
+            (batch / "worker.stdout").write_text("\n".join(c.lines) + "\n")
+            try:
+                res = json.loads((batch / "result.json").read_text())
+                r.update(status=res.get("status"), steps=res.get("step"), tokens=res.get("tokens"),
+                         first_loss=res.get("first_loss"), last_loss=res.get("last_loss"),
+                         self_reported_tps=res.get("tokens_per_s"))
+            except (OSError, ValueError):
+                pass
+        else:
+            try:
+                rec = json.loads((d / f"{name}.json").read_text())
+                r.update(steps=len(rec["step_s"]), tokens=sum(rec["step_tokens"]),
+                         first_loss=rec["losses"][0] if rec["losses"] else None,
+                         last_loss=rec["losses"][-1] if rec["losses"] else None)
+            except (OSError, ValueError, KeyError):
+                pass
+        out[name] = r
+    # Step-by-step pairs: worker step k against the plain loop's step k, run seconds apart.
+    for other in ("plain", "hf"):
+        if "worker" in intervals and other in intervals:
+            pr = [o / w for w, o in zip(intervals["worker"], intervals[other]) if w > 0]  # = tps ratio
+            out["worker"][f"paired_step_tps_ratio_vs_{other}"] = {
+                "median": round(median(pr), 4), "min": round(min(pr), 4), "max": round(max(pr), 4)} if pr else {}
+    return out
+
+
 def _line(name: str, r: dict[str, Any]) -> str:
     fl = r.get("first_loss")
     return (f"  {name:<6} tps {r.get('tps', float('nan')):7.2f}  steady {r.get('tps_steady', float('nan')):7.2f}  "
@@ -329,7 +511,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     s: dict[str, Any] = {}
     for name in CONTENDERS:
         rs = [r[name] for r in rounds if name in r and r[name].get("exit_code") == 0]
-        s[name] = {k: spread([float(x[k]) for x in rs if x.get(k) is not None])
+        s[name] = {k: spread([float(x[k]) for x in rs if x.get(k) is not None and x[k] == x[k]])  # x == x: not NaN
                    for k in ("tps", "tps_steady", "tps_mstep", "peak_rss_bytes", "wall_s", "cpu_s", "train_s")}
     ratios: dict[str, Any] = {}
     for other in ("plain", "hf"):
@@ -341,6 +523,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             # of the machine's load cancel in each round's ratio.
             paired = [r["worker"][k] / r[other][k] for r in rounds
                       if r.get("worker", {}).get(k) and r.get(other, {}).get(k)
+                      and r["worker"][k] == r["worker"][k] and r[other][k] == r[other][k]
                       and r["worker"].get("exit_code") == 0 and r[other].get("exit_code") == 0]
             if paired:
                 ratios[f"worker/{other} {k} (paired per round)"] = {
@@ -369,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
                    help="run a subset (the order stays worker, plain, hf)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="alternate step by step instead of run by run (all contenders alive, one running; "
+                        "timed from outside) - for a busy machine")
     p.add_argument("--work", type=Path, default=REPO / "bench-out" / "throughput-work")
     p.add_argument("--out", type=Path, default=REPO / "bench-out" / "throughput.json")
     # internal: the baseline children
@@ -406,6 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(1, a.rounds + 1):
         print(f"round {rnd}/{a.rounds}")
         results: dict[str, Any] = {}
+        if a.lockstep:
+            results = run_lockstep(a, model, a.work, rnd)
+            for name, r in results.items():
+                print(_line(name, r), flush=True)
+            report["rounds"].append(results)
+            report["summary"] = summarize(report["rounds"])
+            write_json(a.out, report)
+            continue
         for name in CONTENDERS:
             if name not in a.only:
                 continue
@@ -426,21 +620,31 @@ def main(argv: list[str] | None = None) -> int:
         if name not in a.only:
             continue
         m = s[name]
-        if not m.get("tps"):
-            print(f"  {name:<6} no successful run")
-            continue
-        print(f"  {name:<6} tps {m['tps']['median']:8.2f} (spread {m['tps']['spread_pct']:5.1f}%)  "
-              f"steady {m['tps_steady']['median']:8.2f} (spread {m['tps_steady']['spread_pct']:5.1f}%)  "
-              f"median-step {m['tps_mstep']['median']:8.2f} (spread {m['tps_mstep']['spread_pct']:5.1f}%)  "
-              f"peak RSS {gib(m['peak_rss_bytes']['median'])}  wall {m['wall_s']['median']:.1f} s")
+        parts = []
+        for k, label in (("tps", "tps"), ("tps_steady", "steady"), ("tps_mstep", "median-step")):
+            if m.get(k):
+                parts.append(f"{label} {m[k]['median']:8.2f} (spread {m[k]['spread_pct']:5.1f}%)")
+        if m.get("peak_rss_bytes"):
+            parts.append(f"peak RSS {gib(m['peak_rss_bytes']['median'])}")
+        if m.get("wall_s"):
+            parts.append(f"wall {m['wall_s']['median']:.1f} s")
+        print(f"  {name:<6} " + ("  ".join(parts) or "no successful run"))
     print("ratios:")
     for k, v in s["ratios"].items():
         print(f"  {k}: {v}")
-    r_tps = s["ratios"].get("worker/plain tps (of medians)")
+    if a.lockstep:
+        for i, r in enumerate(report["rounds"], 1):
+            pr = r.get("worker", {}).get("paired_step_tps_ratio_vs_plain")
+            if pr:
+                print(f"  round {i}: worker/plain tokens/s, step by step: median {pr['median']} "
+                      f"(min {pr['min']}, max {pr['max']})")
+    head = "tps_steady" if a.lockstep else "tps"
+    r_tps = s["ratios"].get(f"worker/plain {head} (of medians)")
     r_rss = s["ratios"].get("worker/plain peak_rss_bytes (of medians)")
     if r_tps is not None and r_rss is not None:
-        print(f"targets: tokens/s >= 0.97x plain (goal 1.00x): {r_tps:.3f}x {'OK' if r_tps >= 0.97 else 'MISSED'}; "
-              f"peak RSS <= 1.05x plain: {r_rss:.3f}x {'OK' if r_rss <= 1.05 else 'MISSED'}")
+        print(f"targets ({head}): tokens/s >= 0.97x plain (goal 1.00x): {r_tps:.3f}x "
+              f"{'OK' if r_tps >= 0.97 else 'MISSED'}; peak RSS <= 1.05x plain: {r_rss:.3f}x "
+              f"{'OK' if r_rss <= 1.05 else 'MISSED'}")
     print(f"wrote {a.out}  ({report['total_s']} s)")
     return 0
 
