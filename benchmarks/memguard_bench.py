@@ -7,8 +7,8 @@
    one ~20 ms allocation and prints the CLOCK_MONOTONIC time once the memory is resident.
    Soft: from that moment to ``.stop`` written. Hard: to the term/kill decision. The guard
    polls every 100 ms (the default), so the expected mean is ~half an interval. The stop
-   prediction is kept short here (``checkpoint_estimate_s: 0``, so its horizon is two polls)
-   so that what is timed is the threshold itself, not an earlier prediction.
+   prediction is switched off here (horizon 0) so that what is timed is the threshold itself,
+   not an earlier prediction; in the hard runs the balloon ignores ``.stop`` (SIGTERM ends it).
 2. CPU cost. The guard polls a steady balloon every 100 ms for ``--cpu-s`` seconds; this
    process does nothing else, so its own user+system CPU time over the wall time is the cost.
 3. Trials. ``--trials`` balloons growing at 100..1000 MiB/s under a 768 MiB cgroup, each
@@ -134,9 +134,13 @@ def reaction(n: int, work: Path, log) -> dict:
                 # it. +150 stays under hard; +270 crosses hard (1459 MiB).
                 # A fresh guard each time: nothing learned from the previous stop moves anything.
                 guard = MemoryGuard(settings, log=log, cgroup=cg.path)
+                guard.checkpoint_s = -2 * guard.interval_s  # prediction horizon 0: thresholds only
                 b = work / f"{kind}{i}"
+                # hard: the balloon ignores .stop (a worker deep in a long step), so the soft stop
+                # written on the way up does not end it before hard is crossed
+                stop = ["--stop-file", str(b / ".stop")] if kind == "soft" else []
                 r = run_balloon(guard, cg, ["--rate-mib-s", "600", "--max-mib", "1200", "--jump-mib", str(jump),
-                                            "--jump-after-s", "2.6", "--stop-file", str(b / ".stop"),
+                                            "--jump-after-s", "2.6", *stop,
                                             "--checkpoint-s", "0.05", "--max-s", "10",
                                             "--watch-cgroup", str(cg.path),
                                             "--watch-bytes", str(int(limit * threshold))], b)

@@ -259,7 +259,7 @@ def _fake(g: MemoryGuard, usage: int, limit: int, t: float) -> Sample:
 
 
 def test_fast_growth_is_stopped_before_soft(tmp_path, sleeper):
-    """Growing 100 MiB/s for seconds, at 76% of 1 GiB a 5 s stop would pass hard: stop now (predicted), before soft."""
+    """Growing 100 MiB/s for seconds, past 65% of 1 GiB a 5 s stop would pass hard: stop now (predicted), before soft."""
     g = MemoryGuard(settings(checkpoint_estimate_s=5.0))
     g.attach(sleeper.pid, tmp_path, 0.0)
     limit = 1024 * MiB
@@ -273,12 +273,12 @@ def test_fast_growth_is_stopped_before_soft(tmp_path, sleeper):
 
 
 def test_burst_then_plateau_and_one_off_jump_do_not_predict_a_stop(tmp_path, sleeper):
-    """A burst to 72% (loading), a plateau, a one-off jump to 78%, a plateau: no sustained growth, no stop."""
+    """A burst to 60% (loading), a plateau, a one-off jump to 72% (past where predictions start), a plateau: no stop."""
     g = MemoryGuard(settings(checkpoint_estimate_s=5.0))
     g.attach(sleeper.pid, tmp_path, 0.0)
     limit = 1024 * MiB
     for i in range(200):
-        frac = 0.72 * min(1.0, i / 8) + (0.06 if i >= 60 else 0.0)  # 0 -> 72% in 0.8 s; +6% at 6 s
+        frac = 0.60 * min(1.0, i / 8) + (0.12 if i >= 60 else 0.0)  # 0 -> 60% in 0.8 s; +12% at 6 s
         d = g.decide(_fake(g, int(frac * limit), limit, i * 0.1), i * 0.1)
         assert d.action == "none", (i, d)
 
