@@ -402,6 +402,8 @@ def run(tiny_model_dir) -> Run:
         finally:
             led.close()
         opens = watch.events()
+        (outside / "secret.jsonl").read_bytes()  # positive control: the watch does see an open
+        dynamic["control_events"] = watch.events()
         assert d.terminate() == 0
         yield Run(d, d.root, outside, originals, rows, d.logs(), opens, prefix is not None, why, dynamic)
     finally:
@@ -488,6 +490,7 @@ def test_case_outcome(run, case):
 
 def test_nothing_outside_the_root_was_opened(run):
     """inotify saw no open or read of the symlinks' targets outside the root (the FIFO would have hung)."""
+    assert run.dynamic["control_events"], "the inotify watch saw nothing even when the test opened the file"
     assert run.outside_opens == []
     assert (run.outside / "secret.jsonl").read_bytes() == _good(3, 950)
 
