@@ -129,12 +129,22 @@ def test_daemon_refuses_unreadable_config(tmp_path, what):
     assert not (tmp_path / "root").exists()
 
 
-def test_root_that_cannot_be_created_is_a_config_error(tmp_path):
+def test_missing_model_is_a_config_error(tmp_path):
+    """A model.path with no model in it stops the daemon at start (exit 78) instead of letting every
+    file dropped in fail its worker and land in failed/ for a mistake in the config."""
+    cfg = _yaml(tmp_path, f"model: {{path: {tmp_path}/no-such-model}}\n")
+    r = run_daemon(cfg)
+    assert r.returncode == EX_CONFIG, r.stderr
+    assert f"model.path: no model folder at {tmp_path}/no-such-model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_root_that_cannot_be_created_is_a_config_error(tmp_path, tiny_model_dir):
     """`root` under a regular file cannot be created: exit 78 naming the root, no traceback."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cfg = tmp_path / "trainerd.yaml"
-    cfg.write_text(f"root: {blocker}/root\n")
+    cfg.write_text(f"root: {blocker}/root\nmodel: {{path: {tiny_model_dir}}}\n")
     r = run_daemon(cfg)
     assert r.returncode == EX_CONFIG, r.stderr
     assert f"cannot create the root {blocker}/root" in r.stderr and "Traceback" not in r.stderr

@@ -77,6 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the -wal/-shm SQLite creates with 0644, logs, batches, adapters, and the workers'
     # checkpoints, which inherit this mask. Group keeps read access for operators.
     os.umask(0o027)
+    from trainerd.child import WORKER_CMD_ENV
+
+    model = Path(settings.model.path)
+    if not os.environ.get(WORKER_CMD_ENV) and not (model / "config.json").is_file():
+        # Refuse to start: otherwise every file dropped in would fail its worker with exit 78
+        # and be quarantined in failed/ for a mistake in this file, not in the data.
+        print(f"trainerd: invalid configuration in {cfg}:\n  model.path: no model folder at {model} "
+              "(run scripts/fetch-model, or point it at a transformers causal-LM folder)", file=sys.stderr)
+        return EX_CONFIG
     from trainerd import logs
     from trainerd.ledger import Layout
     from trainerd.supervisor import AlreadyRunning, Supervisor
