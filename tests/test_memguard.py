@@ -258,18 +258,44 @@ def _fake(g: MemoryGuard, usage: int, limit: int, t: float) -> Sample:
                   psi_some_avg10=None, alive=True)
 
 
-def test_fast_growth_is_stopped_before_soft(tmp_path, sleeper):
-    """Growing 100 MiB/s for seconds, past 65% of 1 GiB a 5 s stop would pass hard: stop now (predicted), before soft."""
+def test_sustained_growth_is_stopped_before_soft(tmp_path, sleeper):
+    """Growing 30 MiB/s for 10 s past 65% of 1 GiB, a 5 s stop would pass hard: stop now (predicted), before soft."""
     g = MemoryGuard(settings(checkpoint_estimate_s=5.0))
     g.attach(sleeper.pid, tmp_path, 0.0)
     limit = 1024 * MiB
-    for i in range(40):
-        d = g.decide(_fake(g, int(0.55 * limit) + i * 10 * MiB, limit, i * 0.1), i * 0.1)
+    for i in range(200):
+        d = g.decide(_fake(g, int(0.55 * limit) + i * 3 * MiB, limit, i * 0.1), i * 0.1)
         if d.action != "none":
             break
     assert (d.action, d.reason) == ("stop", "predicted")
-    assert d.usage_bytes < d.soft_bytes and 90 * MiB < d.rate_bytes_per_s < 110 * MiB
-    assert 0 < d.time_to_hard_s < 5
+    assert d.usage_bytes < d.soft_bytes and 25 * MiB < d.rate_bytes_per_s < 35 * MiB
+    assert 0 < d.time_to_hard_s < 5.2
+
+
+def test_runaway_is_stopped_when_hard_is_three_polls_away(tmp_path, sleeper):
+    """1 GiB/s under 768 MiB: stopped (predicted_fast) before soft, with no history needed."""
+    g = MemoryGuard(settings(interval_ms=100))
+    g.attach(sleeper.pid, tmp_path, 0.0)
+    limit = 768 * MiB
+    for i in range(20):
+        d = g.decide(_fake(g, i * 100 * MiB, limit, i * 0.1), i * 0.1)
+        if d.action != "none":
+            break
+    assert (d.action, d.reason) == ("stop", "predicted_fast")
+    assert 0.65 * limit <= d.usage_bytes < d.soft_bytes
+
+
+def test_training_sawtooth_below_soft_is_left_alone(tmp_path, sleeper):
+    """Steps rising 30% -> 80% over 6 s and falling, for 2 minutes, look like training, not a runaway: no stop."""
+    g = MemoryGuard(settings(checkpoint_estimate_s=5.0))
+    g.attach(sleeper.pid, tmp_path, 0.0)
+    limit = 4096 * MiB
+    for i in range(1200):
+        t = i * 0.1
+        ph = (t % 7.0) / 7.0
+        frac = 0.3 + 0.5 * ph / 0.85 if ph < 0.85 else 0.8 - 0.5 * (ph - 0.85) / 0.15
+        d = g.decide(_fake(g, int(frac * limit), limit, t), t)
+        assert d.action == "none", (t, d)
 
 
 def test_burst_then_plateau_and_one_off_jump_do_not_predict_a_stop(tmp_path, sleeper):

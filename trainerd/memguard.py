@@ -15,9 +15,9 @@ Measuring
 
 Deciding (one ``poll(now)`` per ``memory.interval_ms``)::
 
-    usage >= soft, or (above soft - 2 x (hard - soft), growing both over the last second and
-    over a robust 10 s trend) predicted to pass hard before a stop could finish (learned stop
-    time + two polls), or PSI sustained
+    usage >= soft; or, above soft - 2 x (hard - soft): growing so fast that hard is < 3 polls
+    away, or growing over the last second and over a full robust 10 s trend so that the learned
+    stop time (+ 2 polls) would carry it past hard; or PSI sustained
         -> "stop"     (.stop = "memory", written once, atomically)
     usage >= hard                    -> "term"      (the supervisor sends SIGTERM)
     term + kill_grace_s, usage >= hard + half the rest, or the limit is one poll away
@@ -89,7 +89,8 @@ _PSI_REFRESH_S = 1.0        # PSI averages change every 2 s in the kernel
 _TREND_WINDOW_S = 10.0
 _TREND_SAMPLE_S = 0.25      # the trend keeps one sample per quarter second (<= 40 points)
 _RECENT_WINDOW_S = 1.0
-_RATE_MIN_SPAN_S = 0.3      # a fit needs samples spanning at least this long
+_RATE_MIN_SPAN_S = 0.3      # the recent fit needs samples spanning at least this long
+_TREND_MIN_SPAN_S = 0.95 * _TREND_WINDOW_S  # the trend, a (nearly) full window
 _KILL_REPEAT_S = 1.0        # re-issue "kill" while the process is still there
 _LEAK_SAMPLE_S = 1.0        # long-window samples for the leak fit: one a second (or window/20)
 _LEAK_MIN_RISE = 0.02       # a leak must have grown >= 2% of the limit across its window
@@ -516,7 +517,8 @@ class Decision:
     """What the supervisor should do now, and the numbers behind it."""
 
     action: str = "none"             # none | stop | recycle | term | kill
-    reason: str = ""                 # soft | predicted | psi | hard | grace | margin | imminent | leak | age
+    # soft | predicted | predicted_fast | psi | hard | grace | margin | imminent | leak | age
+    reason: str = ""
     usage_bytes: int = 0
     limit_bytes: int = 0
     source: str = ""
@@ -775,12 +777,12 @@ class MemoryGuard:
         gate = int(limit * _predict_from(st))
         trend = 0.0
         if recent > 0 and s.usage_bytes >= gate:
-            # The trend costs ~0.2 ms (Theil-Sen): only near the limits, while growing. A
-            # minimum span of 0.3 s, not seconds: at 1 GiB/s under a small limit the stop must be
-            # predicted within the first second (measured: requiring 2 s let 1 of 10 such
-            # balloons be OOM-killed by the kernel).
+            # The trend costs ~0.2 ms (Theil-Sen): only near the limits, while growing. It must
+            # span the whole window: a training step's rise (seconds, repeated every step) would
+            # otherwise read as a runaway on the first step of every worker whose peak is above
+            # the gate (simulated: every sawtooth peaking at 70% was stopped).
             trend, tspan = _robust_slope(w.trend if w.trend[-1] is point else [*w.trend, point])
-            trend = trend if tspan >= _RATE_MIN_SPAN_S else 0.0
+            trend = trend if tspan >= _TREND_MIN_SPAN_S else 0.0
         rate = min(trend, recent) if trend > 0 and recent > 0 else 0.0
         soft_b = int(limit * st.soft)
         hard_b = int(limit * st.hard)
@@ -837,6 +839,12 @@ class MemoryGuard:
             return out("stop", "soft", self._write_stop(w, "memory", now, s.usage_bytes))
         # Horizon: the stop as learned, plus two polls (this sample is up to one old; the
         # worker notices .stop only at its next check).
+        # Two predictions. Fast: at the last second's rate hard is less than three polls away
+        # (this sample is up to a poll old, the next poll, the worker's next check of .stop) —
+        # a runaway, whatever its history. Sustained: growing over the whole trend window too,
+        # and the learned stop time (plus two polls) would carry usage past hard.
+        if recent > 0 and s.usage_bytes >= gate and s.usage_bytes + recent * 3 * self.interval_s >= hard_b:
+            return out("stop", "predicted_fast", self._write_stop(w, "memory", now, s.usage_bytes))
         horizon_s = self.checkpoint_s + 2 * self.interval_s
         if rate > 0 and s.usage_bytes >= gate and \
                 s.usage_bytes + rate * horizon_s + self.checkpoint_bytes >= hard_b:
