@@ -352,6 +352,23 @@ def test_leak_recycles_and_flat_does_not(tmp_path):
             assert acted == [] and rc == 0
 
 
+def test_one_off_step_up_is_not_a_leak(tmp_path, sleeper):
+    """A single +5% step in a long flat stretch at 75% (arenas, first checkpoint) does not recycle; steady growth does."""
+    s = settings(leak_horizon_s=3600.0, leak_warmup_s=0.0, leak_window_s=60.0)
+    limit = 1024 * MiB
+    for leak, expect in ((False, "none"), (True, "recycle")):
+        g = MemoryGuard(s)
+        g.attach(sleeper.pid, tmp_path / str(leak), 0.0)
+        (tmp_path / str(leak)).mkdir()
+        acted = []
+        for i in range(1200):  # 120 s at 100 ms
+            t = i * 0.1
+            frac = 0.70 + (0.05 * t / 120 if leak else (0.05 if t >= 60 else 0.0))
+            d = g.decide(_fake(g, int(frac * limit), limit, t), t)
+            acted += [(d.action, d.reason)] if d.action != "none" else []
+        assert acted == ([] if expect == "none" else [("recycle", "leak")])
+
+
 def test_tree_counts_children(tmp_path):
     """The worker's whole tree counts: a shell with two 100 MiB balloon children is ~200 MiB."""
     g = MemoryGuard(settings())
@@ -556,3 +573,21 @@ def test_without_cgroup_limit_tree_usage_against_configured_limit(tmp_path):
     assert acted[0].source == "config:memory.limit" and acted[0].usage_bytes == acted[0].tree_bytes
     assert max_usage < 0.95 * 400 * MiB
     assert json.loads(state.read_text())["held_bytes"] < 400 * MiB
+
+
+def test_leak_under_a_training_sawtooth_recycles_and_a_clean_sawtooth_does_not(tmp_path, sleeper):
+    """Steps 30% -> 60% every 7 s: with +0.05%/s beneath them a recycle (leak), without it nothing."""
+    s = settings(leak_horizon_s=3600.0, leak_warmup_s=0.0, leak_window_s=60.0)
+    limit = 4096 * MiB
+    for leak in (0.0, 0.0005):
+        (tmp_path / str(leak)).mkdir()
+        g = MemoryGuard(s)
+        g.attach(sleeper.pid, tmp_path / str(leak), 0.0)
+        acted = []
+        for i in range(1500):
+            t = i * 0.1
+            ph = (t % 7.0) / 7.0
+            frac = leak * t + (0.3 + 0.3 * ph / 0.85 if ph < 0.85 else 0.6 - 0.3 * (ph - 0.85) / 0.15)
+            d = g.decide(_fake(g, int(frac * limit), limit, t), t)
+            acted += [(d.action, d.reason)] if d.action != "none" else []
+        assert acted == ([("recycle", "leak")] if leak else [])

@@ -133,8 +133,9 @@ class MemorySettings:
     max_worker_age_s: float = field(default=0.0, metadata=_check("float", min=0.0))
     # Recycle when steady-state growth would reach the soft limit within this horizon; 0 disables.
     leak_horizon_s: float = field(default=3600.0, metadata=_check("float", min=0.0))
-    # Leak fit: ignore the first leak_warmup_s of a worker (loading), then fit a line over
-    # the last leak_window_s (long enough to span many steps, so a step's sawtooth averages out).
+    # Leak fit: ignore the first leak_warmup_s of a worker (loading), then fit the peaks of
+    # eighths of the last leak_window_s (a training step must be shorter than an eighth, so
+    # that every eighth holds one of its peaks).
     leak_warmup_s: float = field(default=300.0, metadata=_check("float", min=0.0))
     leak_window_s: float = field(default=600.0, metadata=_check("float", min=1.0))
     # First guess of how long a stop takes (finish the step + checkpoint + exit) before the

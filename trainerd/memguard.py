@@ -92,7 +92,7 @@ _RECENT_WINDOW_S = 1.0
 _RATE_MIN_SPAN_S = 0.3      # the recent fit needs samples spanning at least this long
 _TREND_MIN_SPAN_S = 0.95 * _TREND_WINDOW_S  # the trend, a (nearly) full window
 _KILL_REPEAT_S = 1.0        # re-issue "kill" while the process is still there
-_LEAK_SAMPLE_S = 1.0        # long-window samples for the leak fit: one a second (or window/20)
+_LEAK_BINS = 8              # the leak fit: the peak of each 1/8 of leak_window_s (steps must be shorter)
 _LEAK_MIN_RISE = 0.02       # a leak must have grown >= 2% of the limit across its window
 
 
@@ -566,7 +566,7 @@ class _Worker:
     tree_at: float = -math.inf
     trend: deque = field(default_factory=deque)   # (t, usage) over _TREND_WINDOW_S, downsampled
     recent: deque = field(default_factory=deque)  # (t, usage) over _RECENT_WINDOW_S
-    long: deque = field(default_factory=deque)    # (t, usage) one a second over leak_window_s
+    long: deque = field(default_factory=deque)    # [bin start, highest usage in it], _LEAK_BINS bins
     stop_reason: str | None = None
     stop_at: float | None = None
     usage_at_stop: int = 0
@@ -864,20 +864,43 @@ class MemoryGuard:
             w.recycled = True
             return out("recycle", "age", self._write_stop(w, "recycle", now, s.usage_bytes))
         if st.leak_horizon_s > 0 and now - w.started_at >= self._leak_warmup_s():
-            window = self._leak_window_s()
-            if not w.long or now - w.long[-1][0] >= min(_LEAK_SAMPLE_S, window / 20):
-                w.long.append((now, s.usage_bytes))
-                while w.long and now - w.long[0][0] > window:
-                    w.long.popleft()
-                lrate, lspan = _slope(w.long)
-                if lspan >= 0.9 * window and lrate > 0 and lrate * lspan >= _LEAK_MIN_RISE * limit \
-                        and s.usage_bytes < soft_b and (soft_b - s.usage_bytes) / lrate <= st.leak_horizon_s:
-                    w.recycled = True
-                    d = out("recycle", "leak", self._write_stop(w, "recycle", now, s.usage_bytes))
-                    self.log.info("memory_leak_detected", pid=w.pid, leak_bytes_per_s=round(lrate),
-                                  window_s=round(lspan, 1), time_to_soft_s=round((soft_b - s.usage_bytes) / lrate, 1))
-                    return d
+            d = self._leak_check(w, s, now, limit, soft_b, out)
+            if d is not None:
+                return d
         return out("none", "")
+
+    def _leak_check(self, w: _Worker, s: Sample, now: float, limit: int, soft_b: int, out: Any) -> Decision | None:
+        """Recycle on steady growth of the *peaks*.
+
+        The window is cut into _LEAK_BINS bins and each keeps its highest usage, so a training
+        step's sawtooth (period shorter than a bin) leaves a flat row of peaks, and a leak a
+        rising one. A leak also grows in both halves of the window; a one-off step up
+        (allocator arenas, the first checkpoint's buffers) leaves one half flat, which a single
+        fit across the window would read as growth. So: Theil-Sen per half, the smaller wins.
+        """
+        window = self._leak_window_s()
+        bin_s = window / _LEAK_BINS
+        if w.long and now - w.long[-1][0] < bin_s:
+            w.long[-1][1] = max(w.long[-1][1], s.usage_bytes)
+            return None
+        w.long.append([now, s.usage_bytes])  # closes the previous bin
+        while w.long and now - w.long[0][0] > window + bin_s:
+            w.long.popleft()
+        closed = [(t, y) for t, y in list(w.long)[:-1]]
+        if len(closed) < _LEAK_BINS:
+            return None
+        half = len(closed) // 2
+        lrate = min(_robust_slope(closed[:half])[0], _robust_slope(closed[half:])[0])
+        span = closed[-1][0] - closed[0][0]
+        level = closed[-1][1]  # the latest peak: peaks reach soft first
+        if lrate <= 0 or lrate * span < _LEAK_MIN_RISE * limit or level >= soft_b \
+                or (soft_b - level) / lrate > self.settings.leak_horizon_s:
+            return None
+        w.recycled = True
+        d = out("recycle", "leak", self._write_stop(w, "recycle", now, s.usage_bytes))
+        self.log.info("memory_leak_detected", pid=w.pid, leak_bytes_per_s=round(lrate), window_s=round(span, 1),
+                      recent_peak_bytes=level, time_to_soft_s=round((soft_b - level) / lrate, 1))
+        return d
 
     def _leak_warmup_s(self) -> float:
         return float(getattr(self.settings, "leak_warmup_s", 300.0))
