@@ -73,10 +73,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = _load_settings(cfg)
     except ConfigError as e:
         return _print_config_error(e)
-    # Nothing the daemon writes is for other users (training data is private): the ledger and
-    # the -wal/-shm SQLite creates with 0644, logs, batches, adapters, and the workers'
-    # checkpoints, which inherit this mask. Group keeps read access for operators.
-    os.umask(0o027)
     from trainerd.child import WORKER_CMD_ENV
 
     model = Path(settings.model.path)
