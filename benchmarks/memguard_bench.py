@@ -75,6 +75,7 @@ def run_balloon(guard: MemoryGuard, cg: cgroups.TestCgroup, args: list[str], bat
     guard.attach(proc.pid, batch, started)
     events = []
     next_poll = started
+    last_poll = started
     try:
         while proc.poll() is None:
             now = time.monotonic()
@@ -83,9 +84,11 @@ def run_balloon(guard: MemoryGuard, cg: cgroups.TestCgroup, args: list[str], bat
             if now >= next_poll:
                 next_poll += guard.interval_s
                 d = guard.poll(now)
+                prev_poll, last_poll = last_poll, now
                 if d.action != "none":
                     t = time.monotonic()
                     events.append({"t": t, "action": d.action, "reason": d.reason, "usage_bytes": d.usage_bytes,
+                                   "poll_gap_s": round(now - prev_poll, 3),
                                    "rate_bytes_per_s": round(d.rate_bytes_per_s), "time_to_hard_s": d.time_to_hard_s})
                     if d.action == "term":
                         os.killpg(proc.pid, signal.SIGTERM)
@@ -200,12 +203,14 @@ def trials(n: int, work: Path, log) -> dict:
                                         "--checkpoint-s", str(ck), "--checkpoint-mib", "20", "--max-s", "30"], b)
             rows.append({"trial": i, "rate_mib_s": rate, "checkpoint_s": ck, "rc": r["rc"],
                          "actions": [f"{e['action']}:{e['reason']}" for e in r["events"]],
+                         "poll_gap_ms": [round(e["poll_gap_s"] * 1e3) for e in r["events"]],
                          "stop_usage_mib": round(r["events"][0]["usage_bytes"] / MiB, 1) if r["events"] else None,
                          "peak_mib": round(r["peak_bytes"] / MiB, 1) if r["peak_bytes"] else None,
                          "oom_kills": r["oom_kills"], "reached_step": r["reached_step"],
                          "checkpointed_step": r["checkpointed_step"], "lost_steps": r["lost_steps"],
                          "guard_checkpoint_estimate_s": round(guard.checkpoint_s, 3)})
             print(f"  trial {i:2d}: {rate:5d} MiB/s ckpt {ck:.1f}s rc={r['rc']} {rows[-1]['actions']} "
+                  f"(poll gap {rows[-1]['poll_gap_ms']} ms) "
                   f"stop@{rows[-1]['stop_usage_mib']} MiB peak {rows[-1]['peak_mib']} MiB "
                   f"oom={r['oom_kills']} lost={r['lost_steps']}", flush=True)
     return {"limit_mib": limit // MiB, "trials": rows,

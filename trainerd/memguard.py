@@ -755,6 +755,9 @@ class MemoryGuard:
         if w is None:
             return Decision()
         st = self.settings
+        # A long gap between polls means the supervisor itself was starved of CPU (or stopped):
+        # the log says so, since it explains a late decision.
+        gap_s = None if w.last_t is None else now - w.last_t
         w.last_t = now
         if not s.alive:
             if w.exited_at is None:
@@ -805,6 +808,7 @@ class MemoryGuard:
                 log = self.log.warning if action in ("term", "kill") and hasattr(self.log, "warning") else self.log.info
                 log(f"memory_{action}_decided", pid=w.pid, batch_dir=str(w.batch_dir),
                     age_s=round(now - w.started_at, 3), tree_pids=s.tree_pids, stop_written=wrote,
+                    since_last_poll_s=None if gap_s is None else round(gap_s, 3),
                     checkpoint_estimate_s=round(self.checkpoint_s, 3), **d.fields(), **extra)
             return d
 
