@@ -20,16 +20,20 @@ Deciding (one ``poll(now)`` per ``memory.interval_ms``)::
     stop time (+ 2 polls) would carry it past hard; or PSI sustained
         -> "stop"     (.stop = "memory", written once, atomically)
     usage >= hard                    -> "term"      (the supervisor sends SIGTERM)
-    term + kill_grace_s, usage >= hard + half the rest, or the limit is one poll away
+    term + kill_grace_s, usage >= hard + half the rest, or (at/after hard) the limit is
+    under two polls away at the last second's rate
                                      -> "kill"      (the supervisor sends SIGKILL)
-    steady growth reaching soft within leak_horizon_s, or age > max_worker_age_s
+    peaks growing steadily (both halves of leak_window_s) to reach soft within
+    leak_horizon_s, or age > max_worker_age_s
                                      -> "recycle"   (.stop = "recycle", once)
 
 Every non-"none" decision is logged with the numbers behind it.
 
-Cost: a poll reads a handful of small procfs/cgroupfs files (no psutil per poll); the
-worker's process tree is re-discovered at most once a second through
-``/proc/<pid>/task/<tid>/children`` (psutil's full /proc walk only where that file is missing).
+Cost: a poll preads two or three small procfs/cgroupfs files kept open (no psutil per
+poll); memory.stat (a kernel stats flush) and PSI once a second, memory.stat every poll only
+near the thresholds; the worker's process tree is re-discovered at most once a second through
+``/proc/<pid>/task/<tid>/children`` (psutil's full /proc walk only where that file is
+missing). Measured: ~0.35% of a core at 100 ms on a loaded 2-core VM.
 """
 
 from __future__ import annotations
@@ -84,8 +88,8 @@ _PSI_REFRESH_S = 1.0        # PSI averages change every 2 s in the kernel
 # median of the slopes between every pair of samples): a one-off jump (loading the model, the
 # first forward pass) moves only the pairs that straddle it, so the median stays at the
 # plateau's zero where a least-squares line would tilt for the whole window. The recent rate
-# (least squares over the last second) is what is happening now. Predictions use the smaller
-# of the two, and only when both say "growing".
+# (least squares over the last second) is what is happening now. The sustained prediction
+# uses the smaller of the two, and only when both say "growing"; the fast one the recent.
 _TREND_WINDOW_S = 10.0
 _TREND_SAMPLE_S = 0.25      # the trend keeps one sample per quarter second (<= 40 points)
 _RECENT_WINDOW_S = 1.0
