@@ -353,6 +353,11 @@ class Layout:
         # The inbox is where operators (group members, not the daemon's user) drop files: group
         # writable, and setgid so what they drop stays in the daemon's group. Set explicitly:
         # mkdir's mode is filtered by the daemon's umask 027. Nothing else is group-writable.
+        # Under the hardened unit (RestrictSUIDSGID=yes) setting setgid fails with EPERM; there
+        # scripts/install-service creates the inbox 2770 beforehand, as root.
         if not self.inbox.is_dir():
             self.inbox.mkdir(mode=0o750, parents=True, exist_ok=True)
-            os.chmod(self.inbox, 0o2770)
+            try:
+                os.chmod(self.inbox, 0o2770)
+            except PermissionError:
+                os.chmod(self.inbox, 0o770)

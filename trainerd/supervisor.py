@@ -655,7 +655,9 @@ class Supervisor:
                   micro_batch_size=settings.train.micro_batch_size,
                   grad_accum_steps=settings.train.grad_accum_steps,
                   gradient_checkpointing=settings.train.gradient_checkpointing)
-        self.guard.attach(child.pid, bdir, now)
+        # The guard gets monotonic time: it only compares its own samples (growth rates, worker
+        # age), and a wall-clock step (NTP) must not read as a burst of growth or a sudden age.
+        self.guard.attach(child.pid, bdir, time.monotonic())
 
     def _plan(self, batch: dict[str, Any], now: float, log: Any) -> dict[str, Any]:
         """Before the first attempt: ask the guard for a micro-batch that fits the memory limit."""
@@ -676,7 +678,7 @@ class Supervisor:
         if status is None:
             if now >= r.next_guard_poll:
                 r.next_guard_poll = now + self.settings.memory.interval_ms / 1000.0
-                self._act_on_guard(r, self.guard.poll(now))
+                self._act_on_guard(r, self.guard.poll(time.monotonic()))
             if r.kill_at is not None and now >= r.kill_at:
                 r.log.warning("worker_killed", reason="stop grace expired",
                               stop_grace_s=self.settings.supervisor.stop_grace_s)
@@ -693,7 +695,9 @@ class Supervisor:
             return
         if action in ("stop", "recycle"):
             # The guard already wrote batch_dir/.stop; the worker checkpoints and exits 75.
-            r.stop_cause = r.stop_cause or ("memory" if action == "stop" else "recycle")
+            # A memory stop outranks an earlier recycle (the guard upgrades .stop the same way).
+            if action == "stop" or r.stop_cause is None:
+                r.stop_cause = "memory" if action == "stop" else "recycle"
         elif action == "term":
             r.stop_cause = "memory"
             r.child.send(signal.SIGTERM, by="guard")
