@@ -135,7 +135,12 @@ def _filler(tok: Any, need: int) -> str:
 def _step_line(step: int) -> None:
     """One JSON line per finished step on stdout (outside the timed span), as the worker logs
     one: the lock-step mode of the parent paces every contender by these lines."""
-    print(json.dumps({"event": "step", "step": step}), flush=True)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        rss = 0
+    print(json.dumps({"event": "step", "step": step, "rss_bytes": rss}), flush=True)
 
 
 def _child_common(a: argparse.Namespace):
@@ -176,12 +181,16 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
         for start in range(0, ids.shape[0], a.micro_batch):
             ms = slice(start, start + a.micro_batch)
             # Keep only the loss: holding the whole output would keep this step's logits
-            # (micro x seq x vocab fp32, ~200 MB here) alive into the next forward.
-            loss = model(input_ids=ids[ms], attention_mask=mask[ms], labels=labels[ms],
-                         num_items_in_batch=n_items).loss
+            # (micro x seq x vocab fp32, ~200 MB here) alive through backward (the peak).
+            out = model(input_ids=ids[ms], attention_mask=mask[ms], labels=labels[ms], num_items_in_batch=n_items)
+            loss = out.loss
+            if not a.hold_output:
+                del out
             loss.backward()
             total += loss.item()
             del loss
+            if a.hold_output:
+                del out
         if a.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
         opt.step()
@@ -352,6 +361,7 @@ class Paced:
         self.target = 1
         self.arrived = threading.Event()
         self.arrived_at = 0.0
+        self.cpu_at_arrival = 0.0
         self.stopped = False
         self.rusage = None
         self.status = None
@@ -373,12 +383,25 @@ class Paced:
                 os.kill(self.proc.pid, signal.SIGSTOP)
                 self.stopped = True
                 self.arrived_at = now
+                self.cpu_at_arrival = self.cpu_s()
                 self.arrived.set()
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the child used so far, from /proc."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
     def step(self, k: int, timeout_s: float) -> float | None:
-        """Let the child run until it reports step ``k``; the seconds it was allowed to run."""
+        """Let the child run until it reports step ``k``; the seconds it was allowed to run.
+        ``self.last_cpu_s`` is the CPU time it used meanwhile (less moved by other processes'
+        load than wall time, though OpenMP threads spinning for a descheduled sibling count)."""
         self.target = k
         self.arrived.clear()
+        cpu0 = self.cpu_s()
         t0 = time.monotonic()
         if k > 1:
             self.stopped = False
@@ -386,6 +409,7 @@ class Paced:
         while not self.arrived.wait(1.0):
             if self._reaped_nohang() or time.monotonic() - t0 > timeout_s:
                 return None
+        self.last_cpu_s = self.cpu_at_arrival - cpu0
         return self.arrived_at - t0
 
     def _reaped_nohang(self) -> bool:
@@ -450,13 +474,16 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> di
             if c.step(1, timeout_s=1800) is None:
                 raise RuntimeError(f"{name} did not reach step 1 (exit {c.status}); see its stderr")
         intervals: dict[str, list[float]] = {n: [] for n in children}
+        cpu: dict[str, list[float]] = {n: [] for n in children}
         for k in range(2, a.steps + 1):
             for name, c in children.items():
                 dt = c.step(k, timeout_s=1800)
                 if dt is None:
                     raise RuntimeError(f"{name} did not reach step {k} (exit {c.status}); see its stderr")
                 intervals[name].append(dt)
-            print("  step %2d  " % k + "  ".join(f"{n} {intervals[n][-1]:6.2f} s" for n in children), flush=True)
+                cpu[name].append(c.last_cpu_s)
+            print("  step %2d  " % k + "  ".join(f"{n} {intervals[n][-1]:6.2f} s (cpu {cpu[n][-1]:6.2f})"
+                                                 for n in children), flush=True)
         for c in children.values():
             c.finish()
     finally:
@@ -471,6 +498,7 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> di
             "cpu_s": (c.rusage.ru_utime + c.rusage.ru_stime) if c.rusage else 0.0, "wall_s": float("nan"),
             "tps": float("nan"), "tps_steady": tokens_per_step * len(iv) / sum(iv) if iv else float("nan"),
             "tps_mstep": tokens_per_step / median(iv) if iv else float("nan"), "step_s": iv,
+            "step_cpu_s": cpu[name], "median_step_cpu_s": median(cpu[name]) if cpu[name] else float("nan"),
         }
         if name == "worker":
             (batch / "worker.stdout").write_text("\n".join(c.lines) + "\n")
@@ -496,6 +524,9 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int) -> di
             pr = [o / w for w, o in zip(intervals["worker"], intervals[other]) if w > 0]  # = tps ratio
             out["worker"][f"paired_step_tps_ratio_vs_{other}"] = {
                 "median": round(median(pr), 4), "min": round(min(pr), 4), "max": round(max(pr), 4)} if pr else {}
+            wc, oc = out["worker"]["median_step_cpu_s"], out[other]["median_step_cpu_s"]
+            if wc and oc:
+                out["worker"][f"median_step_cpu_ratio_vs_{other}"] = round(wc / oc, 4)
     return out
 
 
@@ -561,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=("plain", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--blocks", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    # diagnostic: the plain loop keeps the model output (and its logits) alive through backward
+    p.add_argument("--hold-output", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     if a.role:
