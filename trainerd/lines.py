@@ -241,8 +241,13 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
 
 
 def scan_file(path: str | os.PathLike[str], *, max_line_bytes: int, max_bad_fraction: float,
-              max_errors: int = 20) -> ScanReport:
-    """Validate every line of a file (streamed; memory does not grow with the file)."""
+              max_errors: int = 20, errors_out: BinaryIO | None = None) -> ScanReport:
+    """Validate every line of a file (streamed; memory does not grow with the file).
+
+    ``errors_out``: a binary file that gets every bad line as a JSON line, as it is found (a
+    file of millions of bad lines must not grow this process); ``report.errors`` keeps the first
+    ``max_errors``.
+    """
     report = ScanReport(path=os.fspath(path))
     try:
         f = open_regular(path)
@@ -256,8 +261,11 @@ def scan_file(path: str | os.PathLike[str], *, max_line_bytes: int, max_bad_frac
             ex, err = parse_line(raw)
             if err is not None:
                 report.bad += 1
+                error = LineError(raw.number, raw.offset, err).as_dict()
+                if errors_out is not None:
+                    errors_out.write(json.dumps(error).encode() + b"\n")
                 if len(report.errors) < max_errors:
-                    report.errors.append(LineError(raw.number, raw.offset, err).as_dict())
+                    report.errors.append(error)
             elif ex is None:
                 report.blank += 1
             else:

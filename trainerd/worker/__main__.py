@@ -56,55 +56,27 @@ def _precheck(batch_dir: Path, settings):
     the full scan (which also tokenizes, so it can only find more bad lines, never fewer), and
     the same errors.jsonl. Skipped on a resume (scan.json exists: the file was accepted).
     Costs one extra streamed read of a good file, once, against hours of training."""
-    import json
-
-    from trainerd.lines import LineError, ScanReport, iter_lines, judge, open_regular, parse_line
+    from trainerd.lines import scan_file
 
     data = batch_dir / "data.jsonl"
-    if (batch_dir / "scan.json").exists():
-        return None
-    try:
-        f = open_regular(data)
-    except OSError:
-        return None  # the trainer reports a missing or unreadable file with its own words
-    rep = ScanReport(path=str(data))
-    # Every bad line goes to errors.jsonl as it is found (a file of millions of bad lines
-    # must not grow this process); kept only if the file is rejected.
+    if (batch_dir / "scan.json").exists() or not data.is_file():
+        return None  # a missing or unreadable file is reported by the trainer in its own words
     tmp = batch_dir / ".errors.jsonl.precheck"
     try:
-        errf = open(tmp, "wb")
+        with open(tmp, "wb") as errf:
+            rep = scan_file(data, max_line_bytes=settings.data.max_line_bytes,
+                            max_bad_fraction=settings.data.max_bad_fraction,
+                            max_errors=settings.data.max_errors_reported, errors_out=errf)
+        if rep.rejected and rep.lines:
+            os.replace(tmp, batch_dir / "errors.jsonl")  # kept only when the file is rejected
     except OSError:
-        errf = None
-    with f:
-        for raw in iter_lines(f, settings.data.max_line_bytes):
-            rep.lines += 1
-            ex, err = parse_line(raw)
-            if err is not None:
-                rep.bad += 1
-                e = LineError(raw.number, raw.offset, err).as_dict()
-                if errf is not None:
-                    try:
-                        errf.write(json.dumps(e).encode() + b"\n")
-                    except OSError:
-                        errf.close()
-                        errf = None
-                if len(rep.errors) < settings.data.max_errors_reported:
-                    rep.errors.append(e)
-            elif ex is None:
-                rep.blank += 1
-            else:
-                rep.good += 1
-    judge(rep, settings.data.max_bad_fraction)
-    try:
-        if errf is not None:
-            errf.close()
-            if rep.rejected:
-                os.replace(tmp, batch_dir / "errors.jsonl")
-        if not rep.rejected or errf is None:
+        return None  # disk full writing the errors: the full scan will judge (and say so)
+    finally:
+        try:
             os.unlink(tmp)
-    except OSError:
-        pass
-    if not rep.rejected:
+        except FileNotFoundError:
+            pass
+    if not rep.rejected or rep.reason.startswith("cannot read"):
         return None
     return rep
 
