@@ -12,7 +12,6 @@ at seeded random moments, and through a daemon restarted with each fault injecti
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import random

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path

@@ -22,14 +22,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
