@@ -88,5 +88,23 @@ def publish_dir(src_tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+def write_ballast(path: Path, size: int) -> bool:
+    """Write a ballast file of ``size`` bytes (written for real: tmpfs and ext4 allocate on write,
+    a sparse file reserves nothing). Deleting it later frees room for the writes that must still
+    succeed on a full disk. False (and nothing left behind) when there is no room for it."""
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)

@@ -81,7 +81,10 @@ ESTIMATE_MARGIN = 1.10
 LOGIT_COPIES = 4
 
 _TREE_REFRESH_S = 1.0       # re-discover the worker's descendants at most this often
-_LIMIT_REFRESH_S = 5.0      # re-read cgroup limits (systemctl set-property can change them)
+# Re-read cgroup limits this often: `systemctl set-property MemoryMax=` takes effect in the
+# kernel at once, and in a container test a limit lowered under a running worker killed it
+# 1.7 s later while a 5 s refresh still had the guard on the old limit. Three small reads.
+_LIMIT_REFRESH_S = 0.5
 _STAT_REFRESH_S = 1.0       # re-read memory.stat (inactive_file) at least this often
 _PSI_REFRESH_S = 1.0        # PSI averages change every 2 s in the kernel
 # Two growth rates. The trend spans several training steps and is a Theil-Sen fit (the

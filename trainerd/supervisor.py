@@ -35,7 +35,7 @@ import psutil
 from trainerd import config as config_mod
 from trainerd.child import Child, ExitStatus, worker_command
 from trainerd.config import ConfigError, Settings
-from trainerd.fsutil import atomic_write_json, fsync_dir
+from trainerd.fsutil import atomic_write_json, fsync_dir, write_ballast
 from trainerd.inbox import Inbox, Rejected
 from trainerd.ledger import Layout, Ledger
 from trainerd.logs import get_logger
@@ -472,16 +472,7 @@ class Supervisor:
             self.log.error("disk_reserve_released", free_bytes=free, released_bytes=_RESERVE_BYTES,
                            action="the file system is full: no new attempt until space is back")
         elif not have and free > 4 * _RESERVE_BYTES + self.settings.disk.min_free_bytes:
-            try:
-                with open(path, "wb") as f:
-                    f.write(b"\0" * _RESERVE_BYTES)  # written, not sparse: tmpfs and ext4 allocate on write
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            write_ballast(path, _RESERVE_BYTES)
 
     def _guarded(self, event: str, fn: Callable[..., Any], *args: Any, **fields: Any) -> Any:
         """Run a file-system step; an OSError (ENOSPC, EIO, EACCES) is logged, not fatal: the

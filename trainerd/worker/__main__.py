@@ -35,21 +35,6 @@ def _logger():
 RESERVE_BYTES = 64 << 10
 
 
-def _make_reserve(path: Path) -> None:
-    """A small ballast file, written for real (tmpfs and ext4 allocate on write), released by
-    finish() so that result.json can still be written when the disk fills during the run."""
-    try:
-        with open(path, "wb") as f:
-            f.write(b"\0" * RESERVE_BYTES)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
 def _precheck(batch_dir: Path, settings):
     """Judge the file by its lines alone before importing torch (seconds of imports and a model
     load): returns the rejecting ScanReport, or None to go on. Same line rules and verdict as
@@ -94,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     result_path = batch_dir / "result.json"
 
     from trainerd.config import ConfigError, from_dict
-    from trainerd.fsutil import atomic_write_json, read_json
+    from trainerd.fsutil import atomic_write_json, read_json, write_ballast
 
     reserve = batch_dir / ".reserve"
 
@@ -139,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainerd.worker.data import DataError
     from trainerd.worker.train import ConfigProblem, Trainer
 
-    _make_reserve(reserve)
+    # released by finish() so that result.json can still be written when the disk fills
+    write_ballast(reserve, RESERVE_BYTES)
     trainer = Trainer(batch_dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
     try:
         outcome = trainer.run()
