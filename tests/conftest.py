@@ -46,6 +46,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture
+def memcg():
+    """Factory for real memory cgroups; skips with the reason where none can be created."""
+    from tests import cgroups
+
+    reason = cgroups.unavailable_reason()
+    if reason:
+        pytest.skip(f"cannot create a memory cgroup: {reason}")
+    made: list = []
+
+    def make(limit_bytes: int):
+        cg = cgroups.create(limit_bytes)
+        made.append(cg)
+        return cg
+
+    yield make
+    for cg in made:
+        cg.destroy()
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a trainerd subprocess: the repo importable, offline, quiet tokenizers."""
     env = dict(os.environ)

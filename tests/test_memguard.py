@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import cgroups
+from conftest import subprocess_env
 from trainerd.config import MemorySettings, TrainSettings
 from trainerd.memguard import (
     Cgroup,
@@ -47,30 +47,6 @@ class ListLog:
 
     def find(self, event: str) -> list[dict]:
         return [kw for _, e, kw in self.lines if e == event]
-
-
-@pytest.fixture
-def memcg():
-    """Factory for real memory cgroups; skips with the reason where none can be created."""
-    reason = cgroups.unavailable_reason()
-    if reason:
-        pytest.skip(f"cannot create a memory cgroup: {reason}")
-    made: list[cgroups.TestCgroup] = []
-
-    def make(limit_bytes: int) -> cgroups.TestCgroup:
-        cg = cgroups.create(limit_bytes)
-        made.append(cg)
-        return cg
-
-    yield make
-    for cg in made:
-        cg.destroy()
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 def settings(**kw) -> MemorySettings:

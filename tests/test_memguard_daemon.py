@@ -32,24 +32,6 @@ BALLOON = str(REPO / "tests" / "bin" / "balloon.py")
 LINES = 1200  # ~25 blocks of 2048 tokens: a few optimizer steps
 
 
-@pytest.fixture
-def memcg():
-    """Factory for real memory cgroups; skips with the reason where none can be created."""
-    reason = cgroups.unavailable_reason()
-    if reason:
-        pytest.skip(f"cannot create a memory cgroup: {reason}")
-    made: list[cgroups.TestCgroup] = []
-
-    def make(limit_bytes: int) -> cgroups.TestCgroup:
-        cg = cgroups.create(limit_bytes)
-        made.append(cg)
-        return cg
-
-    yield make
-    for cg in made:
-        cg.destroy()
-
-
 class CgroupDaemon:
     """`python -m trainerd run` started inside a memory cgroup (it detects the limit itself)."""
 
