@@ -15,12 +15,11 @@ torch.distributed is initialised) and only rank 0 writes checkpoints and the pub
 from __future__ import annotations
 
 import gc
-import math
 import os
 import resource
+import shutil
 import signal
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from trainerd.config import Settings
-from trainerd.fsutil import atomic_write_json, fsync_tree, read_json
+from trainerd.fsutil import atomic_write_json, fsync_dir, fsync_tree, read_json
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, Scan, scan
 
@@ -410,7 +409,8 @@ class Trainer:
                                   pad_id=self.tokenizer.pad_token_id, blocks_per_epoch=sc.blocks_per_epoch,
                                   epochs=self.s.train.epochs, cursor=cursor))
         self.eff = eff
-        self.result.pop("micro_batch_size", None), self.result.pop("grad_accum_steps", None)
+        for key in ("micro_batch_size", "grad_accum_steps"):  # summary() reports the live split now
+            self.result.pop(key, None)
         try:
             while self.step < self.total_steps:
                 step_cursor, step_rng = cursor, ckpt.rng_state()
@@ -570,8 +570,6 @@ class Trainer:
             return Path()
         dest = self.publish or (self.batch_dir / "final_adapter")
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         # Half adapters of earlier attempts that died mid-write (SIGKILL, power loss): never
         # visible (they were never renamed), but they hold space; only this worker writes here.
@@ -596,8 +594,6 @@ class Trainer:
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
-        from trainerd.fsutil import fsync_dir
-
         fsync_dir(dest.parent)
         self.log.info("adapter_written", path=str(dest), steps=self.step)
         return dest
