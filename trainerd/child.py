@@ -77,7 +77,6 @@ class Child:
                  cwd: str | os.PathLike[str] | None = None):
         self.argv = argv
         self.log = log
-        self.signals_sent: list[tuple[int, str]] = []  # (signal, who asked)
         stderr_path = Path(stderr_path)
         with open(stderr_path, "ab") as err:
             err.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
@@ -126,11 +125,14 @@ class Child:
 
     # --- signals and exit ----------------------------------------------------------------
 
-    def send(self, sig: int, *, by: str, group: bool = False) -> bool:
-        """Send ``sig`` to the worker (or its whole group); remember who sent it. False if gone."""
+    def send(self, sig: int, *, group: bool = False) -> bool:
+        """Send ``sig`` to the worker (or its whole group). False if it is gone.
+
+        Who asked, and why, is recorded by the caller's
+        :class:`trainerd.supervisor.stopping.Escalation`, the one place that stops a worker.
+        """
         if self.returncode is not None and not group:
             return False
-        self.signals_sent.append((int(sig), by))
         try:
             if group:
                 os.killpg(self.pgid, sig)
@@ -140,16 +142,9 @@ class Child:
             return False
         return True
 
-    def kill_group(self, *, by: str) -> None:
+    def kill_group(self) -> None:
         """SIGKILL the worker and every process left in its group (grandchildren included)."""
-        self.send(signal.SIGKILL, by=by, group=True)
-
-    def sent_by(self, sig: int) -> str | None:
-        """Who sent ``sig`` (the last time), or None if trainerd never sent it."""
-        for s, by in reversed(self.signals_sent):
-            if s == sig:
-                return by
-        return None
+        self.send(signal.SIGKILL, group=True)
 
     def poll(self) -> ExitStatus | None:
         """Reap the worker if it ended (non-blocking). On exit, clean up its group and lifeline."""

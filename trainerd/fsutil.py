@@ -11,17 +11,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
+    "fmt_bytes",
+    "free_bytes",
     "fsync_dir",
     "fsync_tree",
+    "open_regular",
     "publish_dir",
     "read_json",
+    "read_json_or_none",
+    "unlink_quietly",
+    "write_ballast",
 ]
 
 
@@ -65,6 +72,61 @@ def read_json(path: Path) -> Any:
         return json.loads(f.read())
 
 
+def read_json_or_none(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable, torn or not an object.
+
+    For the files one process writes and the other only reads as a hint or a last word
+    (result.json, progress.json, daemon.json): their absence is an answer, never an error.
+    """
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading without following a symlink (O_NOFOLLOW) or blocking on a
+    FIFO (O_NONBLOCK, cleared once fstat says it is a regular file). OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{os.fspath(path)}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=1 << 16)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged writer can still use on the file system of ``path``; None if unknown."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def unlink_quietly(path: str | os.PathLike[str]) -> None:
+    """Remove a file if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fmt_bytes(n: Any) -> str:
+    """``3.2 GiB``; ``-`` for an unknown or non-positive figure."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def fsync_tree(path: Path) -> None:
     """fsync every file and directory under ``path`` (bottom-up), then ``path`` itself."""
     for dirpath, _dirnames, filenames in os.walk(path, topdown=False):
@@ -77,13 +139,18 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(dirpath)
 
 
-def publish_dir(src_tmp: Path, dest: Path) -> None:
-    """Move a fully written, fsynced temporary directory to ``dest`` atomically.
+def publish_dir(src_tmp: Path, dest: Path, *, replace: bool = False) -> None:
+    """Make a fully written temporary directory visible as ``dest`` in one step.
 
-    ``dest`` must not exist (versions are immutable); if it does, the caller raced itself.
+    Every file in it is fsynced, then it is renamed, then the parent is fsynced: a reader (or a
+    restart after a power cut) sees no ``dest`` or the whole of it, never half. ``replace``
+    removes an existing ``dest`` first (re-saving the same checkpoint step); without it an
+    existing ``dest`` fails the rename (versions are immutable; the caller raced itself).
     """
     src_tmp, dest = Path(src_tmp), Path(dest)
     fsync_tree(src_tmp)
+    if replace and dest.exists():
+        shutil.rmtree(dest)
     os.rename(src_tmp, dest)  # rename(2) of a directory fails if dest is a non-empty dir
     fsync_dir(dest.parent)
 
@@ -104,7 +171,3 @@ def write_ballast(path: Path, size: int) -> bool:
         except OSError:
             pass
         return False
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""The contract both processes share, said once (stdlib only).
+
+The supervisor and the worker talk through argv, files and exit codes (docs/architecture.md);
+everything they must agree on is named here: exit codes, stop reasons, attempt outcomes, and
+every path under the root and inside a batch folder. A literal repeated in two processes is a
+rename waiting to break the other one.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum, IntEnum
+from pathlib import Path
+
+__all__ = ["BatchFiles", "ExitCode", "Outcome", "RootLayout", "StopReason"]
+
+
+class ExitCode(IntEnum):
+    """Process exit codes (sysexits.h). An IntEnum: ``sys.exit`` of a str-Enum would exit 1."""
+
+    OK = os.EX_OK                # worker: done; CLI: success
+    FAIL = 1                     # CLI: a general failure
+    DATAERR = os.EX_DATAERR      # 65: the data is unusable (a file would be rejected)
+    SOFTWARE = os.EX_SOFTWARE    # 70: the worker crashed with a Python exception
+    TEMPFAIL = os.EX_TEMPFAIL    # 75: stopped, resumable (CLI: a daemon already runs)
+    CONFIG = os.EX_CONFIG        # 78: the settings are unusable
+
+
+class StopReason(str, Enum):
+    """Why a worker stopped (exit 75), as ``result.json`` and the ledger say it."""
+
+    PAUSED = "paused"                  # root/.stop (the operator)
+    MEMORY = "memory"                  # the memory guard (.stop "memory", SIGTERM at hard), a CUDA OOM at micro 1
+    RECYCLE = "recycle"                # the guard: a steady leak or max_worker_age_s
+    SHUTDOWN = "shutdown"              # SIGTERM/SIGINT: the daemon (or systemd) is stopping
+    PARENT_GONE = "parent_gone"        # EOF on the stdin lifeline: the supervisor died
+    DISK_FULL = "disk_full"            # a checkpoint or the adapter found no space
+    PEER_STOPPED = "peer_stopped"      # distributed: another rank asked to stop
+    KERNEL_OOM_KILL = "kernel_oom_kill"  # supervisor only: SIGKILLed by the kernel's OOM killer
+    SUPERVISOR_RESTART = "supervisor_restart"  # supervisor only: the attempt was lost with its supervisor
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def from_stop_file(cls, text: str) -> "StopReason":
+        """The reason a batch ``.stop`` asks for; unknown or empty content means memory."""
+        try:
+            reason = cls(text.strip())
+        except ValueError:
+            return cls.MEMORY
+        return reason if reason in STOP_FILE_REASONS else cls.MEMORY
+
+
+# What a batch's .stop may say (the guard writes memory/recycle; an operator may write the rest).
+STOP_FILE_REASONS = (StopReason.MEMORY, StopReason.RECYCLE, StopReason.PAUSED, StopReason.SHUTDOWN)
+# Stops after which the batch resumes at once: no back-off, no retry charged.
+RESUME_AT_ONCE = (StopReason.RECYCLE, StopReason.PARENT_GONE, StopReason.SHUTDOWN)
+
+
+class Outcome(str, Enum):
+    """How an attempt ended: ``result.json``'s ``status`` and the ledger's attempt outcome."""
+
+    DONE = "done"
+    STOPPED = "stopped"
+    BAD_DATA = "bad_data"
+    BAD_CONFIG = "bad_config"
+    CRASHED = "crashed"
+    LOST = "lost"  # ledger only: the supervisor died and no result.json says what happened
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BatchFiles:
+    """The files of one batch folder, ``root/batches/<id>/`` (or any folder the worker is given)."""
+
+    def __init__(self, batch_dir: str | os.PathLike[str]):
+        self.dir = d = Path(batch_dir)
+        self.data = d / "data.jsonl"              # the claimed file itself (original bytes)
+        self.settings = d / "settings.json"       # this attempt's resolved settings
+        self.stop = d / ".stop"                   # stop request for this batch; content = reason
+        self.scan = d / "scan.json"               # the worker's first pass, reused on resume
+        self.errors = d / "errors.jsonl"          # every bad line
+        self.checkpoints = d / "checkpoints"
+        self.progress = d / "progress.json"       # live progress (status reads it)
+        self.result = d / "result.json"           # the worker's last word for the attempt
+        self.stderr = d / "worker.stderr"
+        self.published = d / "published"         # the attempt's final adapter (--publish)
+        self.final_adapter = d / "final_adapter"  # the adapter when the worker runs without --publish
+        self.reserve = d / ".reserve"             # ballast the worker frees to write result.json on a full disk
+
+    def __repr__(self) -> str:
+        return f"BatchFiles({str(self.dir)!r})"
+
+
+class RootLayout:
+    """Every path under ``root`` (docs/architecture.md). Creates nothing but in :meth:`make`."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = r = Path(root)
+        self.inbox = r / "inbox"
+        self.batches = r / "batches"
+        self.adapters = r / "adapters"
+        self.current = self.adapters / "current"
+        self.done = r / "done"
+        self.failed = r / "failed"
+        self.logs = r / "logs"
+        self.log_file = self.logs / "trainerd.jsonl"
+        self.db = r / "state.db"
+        self.stop = r / ".stop"
+        self.lock = r / "trainerd.pid"          # flock held by the running supervisor; holds its pid
+        self.daemon = r / "daemon.json"         # what the supervisor is doing now (for status)
+        self.disk_reserve = r / ".disk-reserve"  # ballast the supervisor frees so the ledger can commit
+
+    @staticmethod
+    def batch_name(batch_id: int) -> str:
+        """The folder name (and the tag of a renamed original) of a batch: zero-padded."""
+        return f"{batch_id:06d}"
+
+    def batch_dir(self, batch_id: int) -> Path:
+        return self.batches / self.batch_name(batch_id)
+
+    def batch(self, batch_id: int) -> BatchFiles:
+        return BatchFiles(self.batch_dir(batch_id))
+
+    def adapter_dir(self, n: int) -> Path:
+        return self.adapters / str(n)
+
+    def looks_like_root(self) -> bool:
+        return self.db.exists() or self.inbox.is_dir()
+
+    def make(self) -> None:
+        for d in (self.root, self.batches, self.adapters, self.done, self.failed, self.logs):
+            d.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # The inbox is where operators (group members, not the daemon's user) drop files: group
+        # writable, and setgid so what they drop stays in the daemon's group. Set explicitly:
+        # mkdir's mode is filtered by the daemon's umask 027. Nothing else is group-writable.
+        # Under the hardened unit (RestrictSUIDSGID=yes) setting setgid fails with EPERM; there
+        # scripts/install-service creates the inbox 2770 beforehand, as root.
+        if not self.inbox.is_dir():
+            self.inbox.mkdir(mode=0o750, parents=True, exist_ok=True)
+            try:
+                os.chmod(self.inbox, 0o2770)
+            except PermissionError:
+                os.chmod(self.inbox, 0o770)

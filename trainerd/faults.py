@@ -1,0 +1,48 @@
+"""Fault injection for the chaos tests: the one reader of ``TRAINERD_FAULT`` (stdlib only).
+
+``TRAINERD_FAULT=<point>`` or ``<point>:<number>`` in a process's environment makes that
+process fail at that point, as a power cut or the OOM killer would (docs/architecture.md):
+
+  crash_in_checkpoint           worker: SIGKILL itself in the middle of writing a checkpoint
+  crash_in_publish              worker: SIGKILL itself in the middle of writing the adapter
+  crash_at_step:N               worker: SIGKILL itself right after optimizer step N
+  oom_above_micro:K             worker: raise a CUDA out-of-memory error for micro-batches above K
+  supervisor_crash_in_publish   supervisor: SIGKILL itself after adapters/<n> appears, before
+                                ``current`` moves
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["ENV", "active", "die_at", "number"]
+
+ENV = "TRAINERD_FAULT"
+
+
+def _spec() -> tuple[str, str | None]:
+    point, sep, arg = os.environ.get(ENV, "").partition(":")
+    return point, (arg if sep else None)
+
+
+def active(point: str) -> bool:
+    """Is fault ``point`` switched on in this process?"""
+    return _spec()[0] == point
+
+
+def number(point: str) -> int | None:
+    """The N of ``point:N`` when that fault is on, else None."""
+    name, arg = _spec()
+    if name != point or arg is None:
+        return None
+    try:
+        return int(arg)
+    except ValueError:
+        return None
+
+
+def die_at(point: str) -> None:
+    """SIGKILL this process now if fault ``point`` is on: no handler, no cleanup, no flush."""
+    if active(point):
+        os.kill(os.getpid(), signal.SIGKILL)
