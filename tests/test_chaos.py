@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,9 @@ def drop(d: Daemon, name: str, start: int) -> None:
 def ledger_rows(root: Path) -> tuple[list[dict], list[dict], dict[int, list[dict]]]:
     led = Ledger.open_readonly(root / "state.db")
     try:
-        batches = led.batches()
-        return batches, led.adapter_versions(), {b["id"]: led.attempts(b["id"]) for b in batches}
+        batches = [asdict(b) for b in led.batches()]
+        return (batches, [asdict(v) for v in led.adapter_versions()],
+                {b["id"]: [asdict(a) for a in led.attempts(b["id"])] for b in batches})
     finally:
         led.close()
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 
 from trainerd.child import Child, ExitStatus, describe_signal, worker_command
+from trainerd.contract import BatchFiles, StopReason
+from trainerd.supervisor.stopping import Escalation, Sender
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"
 
@@ -78,7 +80,8 @@ def test_lifeline_eof_stops_worker(tmp_path):
 
 
 def test_kill_group_reaches_grandchildren(tmp_path):
-    """kill_group SIGKILLs the worker and every grandchild; the sender is remembered."""
+    """The escalation's kill SIGKILLs the worker's group, grandchildren included; the sender and the
+    cause are remembered by the escalation (the one record of who stopped a worker and why)."""
     d = batch(tmp_path, ["grandchild"])
     c = spawn(d, ListLog())
     deadline = time.monotonic() + 10
@@ -87,9 +90,11 @@ def test_kill_group_reaches_grandchildren(tmp_path):
         time.sleep(0.05)
     gc = psutil.Process(int((d / "grandchild.pid").read_text()))
     assert os.getpgid(gc.pid) == c.pgid != os.getpgid(0)
-    c.kill_group(by="test")
+    esc = Escalation(c, BatchFiles(d), ListLog())
+    esc.kill(StopReason.SHUTDOWN, Sender.SUPERVISOR)
     assert c.wait(10) == ExitStatus(None, signal.SIGKILL)
-    assert c.sent_by(signal.SIGKILL) == "test" and c.sent_by(signal.SIGTERM) is None
+    assert esc.sent_by(signal.SIGKILL) == "supervisor" and esc.sent_by(signal.SIGTERM) is None
+    assert esc.cause == "shutdown"
     _, alive = psutil.wait_procs([gc], timeout=5)
     assert not alive
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 
 from conftest import subprocess_env
-from trainerd.cli import collect_status, main
-from trainerd.ledger import Layout, Ledger
+from trainerd.cli import main
+from trainerd.status import collect_status
+from trainerd.contract import RootLayout as Layout
+from trainerd.ledger import AttemptRecord, Ledger
 
 GOOD = '{"text": "hello"}\n{"prompt": "2+2?", "completion": "4"}\n'
 
@@ -80,11 +82,10 @@ def _ledger_with_history(root: Path) -> None:
     led = Ledger(layout.db)
     now = time.time()
     for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
-        bid = led.begin_claim(name, 1, now)
+        bid = led.begin_claim(name, 1, now).id
         led.finish_claim(bid, name, 1, now)
-    n = led.start_attempt(1, now, None)
-    led.end_attempt(1, n, now, outcome="done", reason="done", exit_code=0)
-    led.finish_done(1, layout.adapter_dir, now)
+    n = led.start_attempt(1, now, None).attempts
+    led.finish(led.decide_done(1, layout.adapter_dir, now, attempt=AttemptRecord(n, "done", "done", exit_code=0)), now)
     layout.adapter_dir(1).mkdir()
     os.symlink("1", layout.current)
     led.start_attempt(2, now, str(layout.adapter_dir(1)))

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +397,7 @@ def run(tiny_model_dir) -> Run:
 
         led = Ledger.open_readonly(d.root / "state.db")
         try:
-            rows = {b["name"]: b for b in led.batches()}
+            rows = {b.name: asdict(b) for b in led.batches()}
         finally:
             led.close()
         opens = watch.events()

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import subprocess_env
 from tests import cgroups
-from trainerd.cli import collect_status
+from trainerd.status import collect_status
 from workerutil import sample_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.cgroup]

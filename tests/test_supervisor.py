@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from trainerd.config import from_dict
-from trainerd.supervisor import Supervisor, _vmstat_oom_kills, back_off
+from trainerd.planning import back_off
+from trainerd.supervisor import Supervisor, forensics
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"
 
@@ -40,7 +41,7 @@ def sup(tmp_path):
     s.open()
     yield s
     if s.running is not None:
-        s.running.child.kill_group(by="test")
+        s.running.child.kill_group()
         s.running.child.wait(5)
     s.close()
 
@@ -79,12 +80,12 @@ def test_back_off_keeps_effective_batch():
 def test_done_publishes_adapter_and_moves_original(sup):
     """Exit 0 publishes adapters/1, points current at it, moves the original to done/."""
     drop(sup, "a.jsonl", ["done"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     assert (sup.layout.adapters / "1" / "adapter_config.json").is_file()
     assert os.readlink(sup.layout.current) == "1"
     assert (sup.layout.done / "a.jsonl").is_file()
     assert not (sup.layout.inbox / "a.jsonl").exists()
-    assert state(sup)["adapter_version"] == 1
+    assert state(sup).adapter_version == 1
     stderr = (sup.layout.batch_dir(1) / "worker.stderr").read_text()
     assert "a line on stderr" in stderr
 
@@ -92,9 +93,9 @@ def test_done_publishes_adapter_and_moves_original(sup):
 def test_second_batch_starts_from_first_adapter(sup):
     """The second batch's worker gets --init-adapter adapters/1, and publishes adapters/2."""
     drop(sup, "a.jsonl", ["done"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     drop(sup, "b.jsonl", ["done"])
-    drive(sup, lambda: len(sup.ledger.batches()) == 2 and state(sup, 2)["state"] == "done")
+    drive(sup, lambda: len(sup.ledger.batches()) == 2 and state(sup, 2).state == "done")
     call = json.loads((sup.layout.batch_dir(2) / "fake_calls.jsonl").read_text().splitlines()[0])
     assert call["argv"][call["argv"].index("--init-adapter") + 1] == str(sup.layout.adapters / "1")
     assert os.readlink(sup.layout.current) == "2"
@@ -105,10 +106,10 @@ def test_second_batch_starts_from_first_adapter(sup):
 def test_memory_stop_backs_off_in_next_settings(sup):
     """A memory stop (exit 75) resumes at once with half the micro-batch and double accumulation."""
     drop(sup, "a.jsonl", ["stop:memory", "stop:memory", "stop:memory", "done"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     b = state(sup)
-    assert (b["micro_batch_size"], b["grad_accum_steps"], b["gradient_checkpointing"]) == (1, 16, 1)
-    assert b["memory_stops"] == 3 and b["crashes"] == 0 and b["attempts"] == 4
+    assert (b.micro_batch_size, b.grad_accum_steps, b.gradient_checkpointing) == (1, 16, 1)
+    assert b.memory_stops == 3 and b.crashes == 0 and b.attempts == 4
     settings = json.loads((sup.layout.batch_dir(1) / "settings.json").read_text())
     assert settings["train"]["micro_batch_size"] == 1
     assert settings["train"]["grad_accum_steps"] == 16
@@ -118,10 +119,10 @@ def test_memory_stop_backs_off_in_next_settings(sup):
 def test_memory_stop_beyond_last_setting_fails(sup):
     """After micro-batch 1 with checkpointing, one more memory stop fails the batch with a clear reason."""
     drop(sup, "a.jsonl", ["stop:memory"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "failed")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "failed")
     b = state(sup)
-    assert b["memory_stops"] == 4
-    assert "needs more memory than the limit" in b["last_reason"]
+    assert b.memory_stops == 4
+    assert "needs more memory than the limit" in b.last_reason
     err = json.loads((sup.layout.failed / "a.jsonl.error.json").read_text())
     assert "needs more memory" in err["reason"]
 
@@ -129,7 +130,7 @@ def test_memory_stop_beyond_last_setting_fails(sup):
 def test_bad_data_quarantined_with_line_numbers(sup):
     """Exit 65 moves the original to failed/ with an error.json naming the bad lines."""
     drop(sup, "bad.jsonl", ["bad_data"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "failed")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "failed")
     err = json.loads((sup.layout.failed / "bad.jsonl.error.json").read_text())
     assert [e["line"] for e in err["errors"]] == [2, 3]
     assert "too many bad lines" in err["reason"]
@@ -139,49 +140,49 @@ def test_bad_data_quarantined_with_line_numbers(sup):
 def test_bad_config_fails_the_batch(sup):
     """Exit 78 fails the batch (settings unusable) and quarantines it."""
     drop(sup, "c.jsonl", ["bad_config"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "failed")
-    assert "settings unusable" in state(sup)["last_reason"]
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "failed")
+    assert "settings unusable" in state(sup).last_reason
 
 
 def test_crash_retries_with_exponential_back_off_then_fails(sup):
     """Crashes (exit 3, SIGSEGV) retry after backoff_s * 2^k, then fail after retry.max_attempts."""
     drop(sup, "a.jsonl", ["exit:3", "segv", "exit:3"])
     t0 = time.time()
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["crashes"] == 1, now=t0)
-    assert state(sup)["next_attempt_at"] == pytest.approx(t0 + 10)
+    drive(sup, lambda: sup.ledger.batches() and state(sup).crashes == 1, now=t0)
+    assert state(sup).next_attempt_at == pytest.approx(t0 + 10)
     sup.tick(t0 + 9.9)
-    assert sup.running is None and state(sup)["state"] == "queued"
-    drive(sup, lambda: state(sup)["crashes"] == 2, now=t0 + 10)
-    assert "Signal 11 (SIGSEGV)" in state(sup)["last_reason"]
-    assert state(sup)["next_attempt_at"] == pytest.approx(t0 + 10 + 15)  # 20 capped at backoff_max_s
-    drive(sup, lambda: state(sup)["state"] == "failed", now=t0 + 25)
-    assert "crashed 3 times" in state(sup)["last_reason"]
+    assert sup.running is None and state(sup).state == "queued"
+    drive(sup, lambda: state(sup).crashes == 2, now=t0 + 10)
+    assert "Signal 11 (SIGSEGV)" in state(sup).last_reason
+    assert state(sup).next_attempt_at == pytest.approx(t0 + 10 + 15)  # 20 capped at backoff_max_s
+    drive(sup, lambda: state(sup).state == "failed", now=t0 + 25)
+    assert "crashed 3 times" in state(sup).last_reason
     assert (sup.layout.failed / "a.jsonl").is_file()
 
 
-def test_unsent_sigkill_counts_as_kernel_oom_kill(sup):
+def test_unsent_sigkill_counts_as_kernel_oom_kill(sup, monkeypatch):
     """A SIGKILL trainerd did not send, which the kernel's evidence does not rule out as an OOM
     kill, is logged as kernel_oom_kill, counted, and backs off (the evidence is stubbed here:
     provoking a real OOM kill is test_memguard's job)."""
-    sup.kernel_oom_killed = lambda pid, before: True
+    monkeypatch.setattr(forensics, "kernel_oom_killed", lambda pid, before: True)
     drop(sup, "a.jsonl", ["sigkill", "done"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     assert sup.ledger.counter("kernel_oom_kills") == 1
     b = state(sup)
-    assert b["crashes"] == 0 and b["memory_stops"] == 1 and b["micro_batch_size"] == 2
+    assert b.crashes == 0 and b.memory_stops == 1 and b.micro_batch_size == 2
 
 
 def test_sigkill_the_kernel_did_not_count_is_a_crash(sup):
     """A bare SIGKILL while /proc/vmstat's oom_kill count stays put (someone's kill -9) is a
     crash with back-off, logged as worker_killed_externally: no OOM count, no memory back-off."""
-    if _vmstat_oom_kills() is None:
+    if forensics.vmstat_oom_kills() is None:
         pytest.skip("/proc/vmstat has no oom_kill counter here")
     drop(sup, "a.jsonl", ["sigkill", "done"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["crashes"] == 1)
+    drive(sup, lambda: sup.ledger.batches() and state(sup).crashes == 1)
     b = state(sup)
     assert sup.ledger.counter("kernel_oom_kills") == 0
-    assert b["memory_stops"] == 0 and b["micro_batch_size"] == 4 and b["state"] == "queued"
-    assert "sent by another process" in b["last_reason"]
+    assert b.memory_stops == 0 and b.micro_batch_size == 4 and b.state == "queued"
+    assert "sent by another process" in b.last_reason
 
 
 def test_bad_file_fails_while_next_trains(sup):
@@ -189,8 +190,8 @@ def test_bad_file_fails_while_next_trains(sup):
     drop(sup, "bad.jsonl", ["bad_data"])
     drop(sup, "good.jsonl", ["done"])
     drive(sup, lambda: len(sup.ledger.batches()) == 2 and all(
-        b["state"] in ("done", "failed") for b in sup.ledger.batches()))
-    by_name = {b["name"]: b["state"] for b in sup.ledger.batches()}
+        b.state in ("done", "failed") for b in sup.ledger.batches()))
+    by_name = {b.name: b.state for b in sup.ledger.batches()}
     assert by_name == {"bad.jsonl": "failed", "good.jsonl": "done"}
 
 
@@ -198,11 +199,11 @@ def test_same_content_twice_trained_once(sup):
     """A second file with the same bytes is skipped with a clear reason, never trained twice."""
     content = json.dumps({"plan": ["done"], "salt": "same"}) + "\n"
     (sup.layout.inbox / "one.jsonl").write_text(content)
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     (sup.layout.inbox / "two.jsonl").write_text(content)
     drive(sup, lambda: len(sup.ledger.batches()) == 2)
     b2 = state(sup, 2)
-    assert b2["state"] == "skipped" and b2["duplicate_of"] == 1
+    assert b2.state == "skipped" and b2.duplicate_of == 1
     assert not (sup.layout.batch_dir(2) / "fake_calls.jsonl").exists()
     assert (sup.layout.done / "two.jsonl").is_file()
     assert len(sup.ledger.adapter_versions()) == 1
@@ -215,15 +216,15 @@ def test_pause_stops_worker_and_nothing_starts(sup):
     sup.layout.stop.write_text("")
     drive(sup, lambda: sup.running is None)
     b = state(sup)
-    assert b["state"] == "queued" and b["last_reason"] == "paused" and sup.paused
+    assert b.state == "queued" and b.last_reason == "paused" and sup.paused
     for _ in range(5):
         sup.tick(time.time())
     assert sup.running is None
     daemon = json.loads(sup.layout.daemon.read_text())
     assert daemon["paused"] is True
     sup.layout.stop.unlink()
-    drive(sup, lambda: state(sup)["state"] == "done")
-    assert state(sup)["crashes"] == 0
+    drive(sup, lambda: state(sup).state == "done")
+    assert state(sup).crashes == 0
 
 
 def test_request_stop_checkpoints_and_requeues(sup):
@@ -233,21 +234,21 @@ def test_request_stop_checkpoints_and_requeues(sup):
     sup.request_stop(time.time(), "SIGTERM")
     drive(sup, lambda: sup.finished)
     b = state(sup)
-    assert b["state"] == "queued" and b["last_reason"] == "shutdown" and b["crashes"] == 0
+    assert b.state == "queued" and b.last_reason == "shutdown" and b.crashes == 0
 
 
 def test_stop_grace_then_sigkill_of_whole_group(sup):
     """A worker that ignores SIGTERM is SIGKILLed with its group after the grace; no grandchild survives."""
     drop(sup, "a.jsonl", ["ignore_term"])
     drive(sup, lambda: sup.running is not None)
-    child = sup.running.child
+    stop = sup.running.stop
     t0 = time.time()
     sup.request_stop(t0, "SIGTERM")
     sup.tick(t0 + 1)
     assert sup.running is not None  # still within the grace
     drive(sup, lambda: sup.finished, now=t0 + 3.1)
-    assert child.sent_by(signal.SIGKILL) == "supervisor"
-    assert state(sup)["state"] == "queued" and state(sup)["crashes"] == 0
+    assert stop.sent_by(signal.SIGKILL) == "supervisor"
+    assert state(sup).state == "queued" and state(sup).crashes == 0
 
 
 def test_kill_group_leaves_no_grandchild(sup):
@@ -272,9 +273,9 @@ def test_disk_low_waits_without_failing(tmp_path):
         drop(s, "a.jsonl", ["done"])
         for _ in range(3):
             s.tick(time.time())
-        assert s.running is None and state(s)["state"] == "queued" and s._disk_low
+        assert s.running is None and state(s).state == "queued" and s.disk_low
         s.settings.disk.min_free_bytes = 0
-        drive(s, lambda: state(s)["state"] == "done")
+        drive(s, lambda: state(s).state == "done")
     finally:
         s.close()
 
@@ -288,7 +289,7 @@ def test_relay_adds_batch_and_attempt(tmp_path, capsys):
     s.open()
     try:
         drop(s, "a.jsonl", ["done"])
-        drive(s, lambda: s.ledger.batches() and state(s)["state"] == "done")
+        drive(s, lambda: s.ledger.batches() and state(s).state == "done")
     finally:
         s.close()
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -339,14 +340,14 @@ def test_guard_term_or_kill_is_a_memory_stop_not_a_crash(sup, action):
     sender, and treats the exit as a memory stop (back-off), not a crash or a kernel OOM kill."""
     sup.guard = ScriptedGuard(sup.guard, ["none", action])
     drop(sup, "a.jsonl", ["wait", "done"])
-    drive(sup, lambda: sup.ledger.batches() and state(sup)["state"] == "done")
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     b = state(sup)
-    assert b["memory_stops"] == 1 and b["crashes"] == 0 and b["micro_batch_size"] == 2
+    assert b.memory_stops == 1 and b.crashes == 0 and b.micro_batch_size == 2
     assert sup.ledger.counter("kernel_oom_kills") == 0
     first = sup.ledger.attempts(1)[0]
-    assert first["reason"] == "memory" and first["outcome"] == "stopped"
+    assert first.reason == "memory" and first.outcome == "stopped"
     if action == "kill":
-        assert first["signal"] == signal.SIGKILL and first["signal_sent_by"] == "guard"
+        assert first.signal == signal.SIGKILL and first.signal_sent_by == "guard"
 
 
 def test_sighup_reload_applies_to_next_attempt_and_keeps_old_on_error(tmp_path):
@@ -369,7 +370,7 @@ def test_sighup_reload_applies_to_next_attempt_and_keeps_old_on_error(tmp_path):
         s.reload()
         assert s.settings.train.seq_len == 128
         drop(s, "a.jsonl", ["done"])
-        drive(s, lambda: s.ledger.batches() and state(s)["state"] == "done")
+        drive(s, lambda: s.ledger.batches() and state(s).state == "done")
         assert json.loads((s.layout.batch_dir(1) / "settings.json").read_text())["train"]["seq_len"] == 128
     finally:
         s.close()

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from conftest import subprocess_env
-from trainerd.cli import collect_status
+from trainerd.status import collect_status
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow

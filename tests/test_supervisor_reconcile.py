@@ -39,13 +39,13 @@ def test_claim_interrupted_before_rename(tmp_path):
     s = new_sup(tmp_path)
     s.open()
     drop(s, "a.jsonl", ["done"])
-    bid = s.ledger.begin_claim("a.jsonl", 10, time.time())  # died right after the ledger row
+    bid = s.ledger.begin_claim("a.jsonl", 10, time.time()).id  # died right after the ledger row
     crash(s)
     s2 = new_sup(tmp_path)
     s2.open()
     try:
-        assert s2.ledger.batch(bid)["state"] == "queued"
-        drive(s2, lambda: state(s2, bid)["state"] == "done")
+        assert s2.ledger.batch(bid).state == "queued"
+        drive(s2, lambda: state(s2, bid).state == "done")
         assert len(s2.ledger.batches()) == 1
     finally:
         s2.close()
@@ -56,7 +56,7 @@ def test_claim_interrupted_after_rename(tmp_path):
     s = new_sup(tmp_path)
     s.open()
     drop(s, "a.jsonl", ["done"])
-    bid = s.ledger.begin_claim("a.jsonl", 10, time.time())
+    bid = s.ledger.begin_claim("a.jsonl", 10, time.time()).id
     s.layout.batch_dir(bid).mkdir()
     os.rename(s.layout.inbox / "a.jsonl", s.layout.batch_dir(bid) / "data.jsonl")  # died here
     crash(s)
@@ -64,7 +64,7 @@ def test_claim_interrupted_after_rename(tmp_path):
     s2.open()
     try:
         b = s2.ledger.batch(bid)
-        assert b["state"] == "queued" and b["sha256"]
+        assert b.state == "queued" and b.sha256
         assert len(s2.ledger.batches()) == 1
     finally:
         s2.close()
@@ -100,9 +100,9 @@ def test_leftover_worker_found_and_stopped(tmp_path):
         old_child.wait(5)  # we are its parent in this test; reap it
         assert not old.is_running()
         b = state(s2)
-        assert b["state"] == "queued" and b["crashes"] == 0 and b["last_reason"] == "supervisor_restart"
-        assert s2.ledger.attempts(1)[0]["outcome"] == "lost"
-        drive(s2, lambda: state(s2)["state"] == "done")
+        assert b.state == "queued" and b.crashes == 0 and b.last_reason == "supervisor_restart"
+        assert s2.ledger.attempts(1)[0].outcome == "lost"
+        drive(s2, lambda: state(s2).state == "done")
     finally:
         s2.close()
 
@@ -120,27 +120,38 @@ def test_result_written_while_supervisor_dead_is_honoured(tmp_path):
     s2.open()
     try:
         b = state(s2)
-        assert b["state"] == "done" and b["adapter_version"] == 1
+        assert b.state == "done" and b.adapter_version == 1
         assert os.readlink(s2.layout.current) == "1"
         assert (s2.layout.done / "a.jsonl").is_file()
     finally:
         s2.close()
 
 
+class _Died(Exception):
+    pass
+
+
 def test_publish_rolled_forward(tmp_path):
-    """A done batch whose adapter was still staged (died after the ledger commit) is finished."""
+    """A batch whose publish was decided (version reserved) but whose adapter was still staged when
+    the supervisor died is not yet done in the ledger; the restart files it, then finishes it."""
     s = new_sup(tmp_path)
     s.open()
     drop(s, "a.jsonl", ["done"])
-    orig = s._finish_done
-    s._finish_done = lambda b: None  # die between the ledger commit and the rename
-    drive(s, lambda: s.ledger.batches() and state(s)["state"] == "done")
-    assert not (s.layout.adapters / "1").exists()
-    s._finish_done = orig
+
+    def die(_batch):
+        raise _Died  # between the ledger's decision and the rename
+
+    s.filing.finish_done = die
+    with pytest.raises(_Died):
+        drive(s, lambda: False)
+    b = state(s)
+    assert b.state == "running" and b.adapter_version == 1 and b.finished_at is not None
+    assert not (s.layout.adapters / "1").exists() and s.ledger.open_attempts() == []
     crash(s)
     s2 = new_sup(tmp_path)
     s2.open()
     try:
+        assert state(s2).state == "done" and state(s2).adapter_version == 1
         assert (s2.layout.adapters / "1" / "adapter_config.json").is_file()
         assert os.readlink(s2.layout.current) == "1"
         assert (s2.layout.done / "a.jsonl").is_file()
@@ -160,7 +171,7 @@ def test_hostile_entries_quarantined_unread(tmp_path):
         os.mkfifo(s.layout.inbox / "pipe.jsonl")
         (s.layout.inbox / "dir.jsonl").mkdir()
         drop(s, "good.jsonl", ["done"])
-        drive(s, lambda: s.ledger.batches() and state(s)["state"] == "done")
+        drive(s, lambda: s.ledger.batches() and state(s).state == "done")
         for name, kind in (("link.jsonl", "symlink"), ("pipe.jsonl", "FIFO"), ("dir.jsonl", "directory")):
             assert os.path.lexists(s.layout.failed / name)
             err = json.loads((s.layout.failed / f"{name}.error.json").read_text())

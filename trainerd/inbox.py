@@ -131,6 +131,20 @@ class Inbox:
         self._observer.daemon = True
         self._observer.start()
 
+    def watch_also(self, folder: Path, names: set[str], on_hint: Callable[[], None]) -> None:
+        """Also call ``on_hint`` when an entry named one of ``names`` in ``folder`` is created,
+        removed or renamed (the daemon watches ``root/.stop`` this way)."""
+        from watchdog.events import FileSystemEventHandler
+
+        class _Named(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:  # noqa: D401 - watchdog's API
+                paths = (getattr(event, "src_path", ""), getattr(event, "dest_path", ""))
+                if any(os.path.basename(str(p)) in names for p in paths if p):
+                    on_hint()
+
+        if self._observer is not None:
+            self._observer.schedule(_Named(), str(folder), recursive=False)
+
     def stop_watching(self) -> None:
         if self._observer is not None:
             self._observer.stop()

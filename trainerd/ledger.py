@@ -4,89 +4,133 @@ adapter versions.
 Single writer: the supervisor. Every state change is ``UPDATE ... WHERE id=? AND state=?``
 and raises :class:`LedgerConflict` when the row was not in the state the caller believed, so
 a logic error shows up as a loud failure instead of a batch trained twice. The transition
-table itself lives in :mod:`trainerd.states`.
+table itself lives in :mod:`trainerd.states`. Every transition returns the row as it now is
+(a frozen :class:`Batch`): nobody re-reads what they just wrote.
 
 Durability: WAL with ``synchronous=FULL`` (every commit is fsynced before it returns; the
 default NORMAL could lose the last commits on power loss, and a claim that is on disk as a
 rename but not in the ledger is exactly what reconcile must then guess at). Readers
 (``trainerd status``) open the file read-only and never block the writer (WAL).
+
+The tables, their version and the migrations between versions are in :mod:`trainerd.schema`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 from urllib.parse import quote
 
-from trainerd.states import BatchState, check_transition
+from trainerd import schema
+from trainerd.schema import LedgerTooNew
+from trainerd.states import FINAL_STATES, BatchState, check_transition
 
-__all__ = ["Layout", "Ledger", "LedgerConflict", "SCHEMA_VERSION"]
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    id                     INTEGER PRIMARY KEY AUTOINCREMENT,
-    name                   TEXT NOT NULL,          -- original file name in the inbox
-    sha256                 TEXT,                   -- NULL until the claim hashed it
-    size_bytes             INTEGER,
-    state                  TEXT NOT NULL,
-    attempts               INTEGER NOT NULL DEFAULT 0,  -- every worker start
-    crashes                INTEGER NOT NULL DEFAULT 0,  -- attempts that crashed (retry budget)
-    memory_stops           INTEGER NOT NULL DEFAULT 0,
-    micro_batch_size       INTEGER,                -- NULL = the config's value
-    grad_accum_steps       INTEGER,
-    gradient_checkpointing INTEGER,
-    next_attempt_at        REAL NOT NULL DEFAULT 0,
-    last_reason            TEXT,
-    last_step              INTEGER,
-    total_steps            INTEGER,
-    adapter_version        INTEGER,                -- the version this batch published
-    duplicate_of           INTEGER,
-    created_at             REAL NOT NULL,
-    updated_at             REAL NOT NULL,
-    finished_at            REAL
-);
-CREATE INDEX IF NOT EXISTS batches_state ON batches(state, id);
-CREATE INDEX IF NOT EXISTS batches_sha ON batches(sha256);
-CREATE TABLE IF NOT EXISTS attempts (
-    batch_id        INTEGER NOT NULL REFERENCES batches(id),
-    n               INTEGER NOT NULL,
-    pid             INTEGER,
-    pid_started_at  REAL,            -- psutil create_time: tells our worker from a reused pid
-    started_at      REAL NOT NULL,
-    ended_at        REAL,
-    init_adapter    TEXT,
-    exit_code       INTEGER,
-    signal          INTEGER,
-    signal_sent_by  TEXT,            -- who sent a fatal signal: supervisor, guard, NULL = nobody we know
-    outcome         TEXT,            -- done | stopped | bad_data | bad_config | crashed | lost
-    reason          TEXT,
-    result_json     TEXT,
-    PRIMARY KEY (batch_id, n)
-);
-CREATE TABLE IF NOT EXISTS adapter_versions (
-    n           INTEGER PRIMARY KEY,
-    batch_id    INTEGER NOT NULL REFERENCES batches(id),
-    path        TEXT NOT NULL,
-    created_at  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name   TEXT PRIMARY KEY,
-    value  INTEGER NOT NULL
-);
-"""
-
+__all__ = ["AdapterVersion", "Attempt", "AttemptRecord", "Batch", "Ledger", "LedgerConflict", "LedgerTooNew",
+           "decided_end"]
 
 class LedgerConflict(RuntimeError):
     """A guarded update found the row in another state than expected: a bug, say it loudly."""
 
 
-def _row(r: sqlite3.Row | None) -> dict[str, Any] | None:
-    return dict(r) if r is not None else None
+# --- rows ------------------------------------------------------------------------------
+
+
+def _from_row(cls: type, row: sqlite3.Row, **convert: Callable[[Any], Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: row[k] for k in row.keys() if k in names}
+    for k, fn in convert.items():
+        if k in values and values[k] is not None:
+            values[k] = fn(values[k])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One claimed file, as the ledger has it."""
+
+    id: int
+    name: str
+    state: BatchState
+    created_at: float
+    updated_at: float
+    sha256: str | None = None
+    size_bytes: int | None = None
+    attempts: int = 0
+    crashes: int = 0
+    memory_stops: int = 0
+    micro_batch_size: int | None = None
+    grad_accum_steps: int | None = None
+    gradient_checkpointing: bool | None = None
+    next_attempt_at: float = 0.0
+    last_reason: str | None = None
+    last_step: int | None = None
+    total_steps: int | None = None
+    adapter_version: int | None = None
+    duplicate_of: int | None = None
+    finished_at: float | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Batch":
+        return _from_row(cls, row, state=BatchState, gradient_checkpointing=bool)
+
+    @property
+    def planned(self) -> bool:
+        return self.micro_batch_size is not None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One worker start for a batch."""
+
+    batch_id: int
+    n: int
+    started_at: float
+    pid: int | None = None
+    pid_started_at: float | None = None
+    ended_at: float | None = None
+    init_adapter: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    signal_sent_by: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    result: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Attempt":
+        a = _from_row(cls, row)
+        raw = row["result_json"]
+        return dataclasses.replace(a, result=json.loads(raw)) if raw else a
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    n: int
+    batch_id: int
+    path: str
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "AdapterVersion":
+        return _from_row(cls, row)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """What the attempts row records when an attempt is over."""
+
+    n: int
+    outcome: str
+    reason: str | None
+    exit_code: int | None = None
+    signal: int | None = None
+    signal_sent_by: str | None = None
+    result: dict[str, Any] | None = None
 
 
 class Ledger:
@@ -97,14 +141,14 @@ class Ledger:
         self.readonly = False
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        with self.transaction():
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            schema.upgrade(self.db, self.path, self.transaction)
+        except BaseException:
+            self.db.close()
+            raise
         os.chmod(self.path, 0o640)
 
     @classmethod
@@ -128,6 +172,9 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+    def schema_version(self) -> int:
+        return schema.version(self.db)
+
     # --- plumbing ------------------------------------------------------------------------
 
     class _Tx:
@@ -146,8 +193,15 @@ class Ledger:
     def transaction(self) -> "Ledger._Tx":
         return Ledger._Tx(self.db)
 
+    @staticmethod
+    def _get(db: sqlite3.Connection, batch_id: int) -> Batch:
+        r = db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
+        if r is None:
+            raise KeyError(f"no batch {batch_id}")
+        return Batch.from_row(r)
+
     def _transition(self, db: sqlite3.Connection, batch_id: int, from_state: BatchState,
-                    to_state: BatchState, now: float, **fields: Any) -> None:
+                    to_state: BatchState, now: float, **fields: Any) -> Batch:
         check_transition(from_state, to_state)  # from -> to
         cols = ", ".join(f"{k}=?" for k in fields)
         sql = f"UPDATE batches SET state=?, updated_at=?{', ' + cols if cols else ''} WHERE id=? AND state=?"
@@ -157,17 +211,20 @@ class Ledger:
             raise LedgerConflict(
                 f"batch {batch_id}: expected state {from_state.value} for -> {to_state.value}, "
                 f"found {actual['state'] if actual else 'no such batch'}")
+        return self._get(db, batch_id)
 
     # --- queries -------------------------------------------------------------------------
 
-    def batch(self, batch_id: int) -> dict[str, Any]:
-        r = _row(self.db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone())
-        if r is None:
-            raise KeyError(f"no batch {batch_id}")
-        return r
+    def batch(self, batch_id: int) -> Batch:
+        return self._get(self.db, batch_id)
 
-    def batches(self, *states: BatchState, limit: int | None = None, newest_first: bool = False
-                ) -> list[dict[str, Any]]:
+    def decided(self) -> list[Batch]:
+        """Batches whose end was decided but whose files were not all filed (a crash in between)."""
+        return [Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE finished_at IS NOT NULL AND state NOT IN ({','.join('?' * len(FINAL_STATES))})"
+            " ORDER BY id", [s.value for s in FINAL_STATES])]
+
+    def batches(self, *states: BatchState, limit: int | None = None, newest_first: bool = False) -> list[Batch]:
         sql = "SELECT * FROM batches"
         args: list[Any] = []
         if states:
@@ -176,33 +233,34 @@ class Ledger:
         sql += " ORDER BY id" + (" DESC" if newest_first else "")
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [dict(r) for r in self.db.execute(sql, args)]
+        return [Batch.from_row(r) for r in self.db.execute(sql, args)]
 
-    def next_queued(self) -> dict[str, Any] | None:
+    def next_queued(self) -> Batch | None:
         """The head of the FIFO queue (lowest id), whether or not its back-off has expired."""
-        return _row(self.db.execute(
-            "SELECT * FROM batches WHERE state=? ORDER BY id LIMIT 1", (BatchState.QUEUED.value,)
-        ).fetchone())
+        r = self.db.execute("SELECT * FROM batches WHERE state=? AND finished_at IS NULL ORDER BY id LIMIT 1",
+                            (BatchState.QUEUED.value,)).fetchone()
+        return Batch.from_row(r) if r else None
 
-    def find_by_sha(self, sha256: str, states: tuple[BatchState, ...], exclude_id: int
-                    ) -> dict[str, Any] | None:
-        return _row(self.db.execute(
+    def find_by_sha(self, sha256: str, states: tuple[BatchState, ...], exclude_id: int) -> Batch | None:
+        r = self.db.execute(
             f"SELECT * FROM batches WHERE sha256=? AND id<>? AND state IN ({','.join('?' * len(states))})"
-            " ORDER BY id LIMIT 1", (sha256, exclude_id, *[s.value for s in states])).fetchone())
+            " ORDER BY id LIMIT 1", (sha256, exclude_id, *[s.value for s in states])).fetchone()
+        return Batch.from_row(r) if r else None
 
-    def attempts(self, batch_id: int) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute(
+    def attempts(self, batch_id: int) -> list[Attempt]:
+        return [Attempt.from_row(r) for r in self.db.execute(
             "SELECT * FROM attempts WHERE batch_id=? ORDER BY n", (batch_id,))]
 
-    def open_attempts(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute(
+    def open_attempts(self) -> list[Attempt]:
+        return [Attempt.from_row(r) for r in self.db.execute(
             "SELECT * FROM attempts WHERE ended_at IS NULL ORDER BY batch_id, n")]
 
-    def adapter_versions(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM adapter_versions ORDER BY n")]
+    def adapter_versions(self) -> list[AdapterVersion]:
+        return [AdapterVersion.from_row(r) for r in self.db.execute("SELECT * FROM adapter_versions ORDER BY n")]
 
-    def latest_version(self) -> dict[str, Any] | None:
-        return _row(self.db.execute("SELECT * FROM adapter_versions ORDER BY n DESC LIMIT 1").fetchone())
+    def latest_version(self) -> AdapterVersion | None:
+        r = self.db.execute("SELECT * FROM adapter_versions ORDER BY n DESC LIMIT 1").fetchone()
+        return AdapterVersion.from_row(r) if r else None
 
     def counter(self, name: str) -> int:
         r = self.db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
@@ -220,13 +278,13 @@ class Ledger:
                        "ON CONFLICT(name) DO UPDATE SET value=value+excluded.value", (name, by))
             return int(db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()[0])
 
-    def begin_claim(self, name: str, size_bytes: int, now: float) -> int:
+    def begin_claim(self, name: str, size_bytes: int, now: float) -> Batch:
         """Insert a CLAIMING row; committed before the file is touched, so a crash leaves a trace."""
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO batches(name, size_bytes, state, created_at, updated_at) VALUES (?,?,?,?,?)",
                 (name, size_bytes, BatchState.CLAIMING.value, now, now))
-            return int(cur.lastrowid)
+            return self._get(db, int(cur.lastrowid))
 
     def forget_claim(self, batch_id: int) -> None:
         """Drop a CLAIMING row whose file vanished before it was renamed (nothing was taken)."""
@@ -235,129 +293,119 @@ class Ledger:
             if cur.rowcount != 1:
                 raise LedgerConflict(f"batch {batch_id}: forget_claim needs state claiming")
 
-    def finish_claim(self, batch_id: int, sha256: str, size_bytes: int, now: float) -> None:
+    def finish_claim(self, batch_id: int, sha256: str, size_bytes: int, now: float) -> Batch:
         with self.transaction() as db:
             # CLAIMING -> QUEUED
-            self._transition(db, batch_id, BatchState.CLAIMING, BatchState.QUEUED, now,
-                             sha256=sha256, size_bytes=size_bytes)
-
-    def skip_duplicate(self, batch_id: int, sha256: str, duplicate_of: int, now: float) -> None:
-        with self.transaction() as db:
-            # CLAIMING -> SKIPPED
-            self._transition(db, batch_id, BatchState.CLAIMING, BatchState.SKIPPED, now, sha256=sha256,
-                             duplicate_of=duplicate_of, finished_at=now,
-                             last_reason=f"same content as batch {duplicate_of}")
-
-    def fail(self, batch_id: int, from_state: BatchState, reason: str, now: float) -> None:
-        with self.transaction() as db:
-            # CLAIMING | QUEUED | RUNNING -> FAILED
-            self._transition(db, batch_id, from_state, BatchState.FAILED, now, last_reason=reason,
-                             finished_at=now)
+            return self._transition(db, batch_id, BatchState.CLAIMING, BatchState.QUEUED, now,
+                                    sha256=sha256, size_bytes=size_bytes)
 
     def set_plan(self, batch_id: int, micro_batch_size: int, grad_accum_steps: int,
-                 gradient_checkpointing: bool, now: float) -> None:
-        """Record the micro-batch settings the next attempt runs with (planning and back-off)."""
+                 gradient_checkpointing: bool, now: float) -> Batch:
+        """Record the micro-batch settings the next attempt runs with (planning)."""
         with self.transaction() as db:
             db.execute("UPDATE batches SET micro_batch_size=?, grad_accum_steps=?, gradient_checkpointing=?,"
                        " updated_at=? WHERE id=?",
                        (micro_batch_size, grad_accum_steps, int(gradient_checkpointing), now, batch_id))
+            return self._get(db, batch_id)
 
-    def start_attempt(self, batch_id: int, now: float, init_adapter: str | None) -> int:
-        """QUEUED -> RUNNING and a new attempt row (pid still unknown); returns the attempt number."""
+    def start_attempt(self, batch_id: int, now: float, init_adapter: str | None) -> Batch:
+        """QUEUED -> RUNNING and a new attempt row (pid still unknown); the attempt number is
+        the returned row's ``attempts``."""
         with self.transaction() as db:
-            n = int(db.execute("SELECT attempts FROM batches WHERE id=?", (batch_id,)).fetchone()[0]) + 1
+            n = self._get(db, batch_id).attempts + 1
             # QUEUED -> RUNNING
-            self._transition(db, batch_id, BatchState.QUEUED, BatchState.RUNNING, now, attempts=n)
+            b = self._transition(db, batch_id, BatchState.QUEUED, BatchState.RUNNING, now, attempts=n)
             db.execute("INSERT INTO attempts(batch_id, n, started_at, init_adapter) VALUES (?,?,?,?)",
                        (batch_id, n, now, init_adapter))
-            return n
+            return b
 
     def set_attempt_pid(self, batch_id: int, n: int, pid: int, pid_started_at: float | None) -> None:
         with self.transaction() as db:
             db.execute("UPDATE attempts SET pid=?, pid_started_at=? WHERE batch_id=? AND n=?",
                        (pid, pid_started_at, batch_id, n))
 
-    def end_attempt(self, batch_id: int, n: int, now: float, *, outcome: str, reason: str | None,
-                    exit_code: int | None = None, signal: int | None = None,
-                    signal_sent_by: str | None = None, result: dict[str, Any] | None = None) -> None:
-        with self.transaction() as db:
-            cur = db.execute(
-                "UPDATE attempts SET ended_at=?, outcome=?, reason=?, exit_code=?, signal=?, signal_sent_by=?,"
-                " result_json=? WHERE batch_id=? AND n=? AND ended_at IS NULL",
-                (now, outcome, reason, exit_code, signal, signal_sent_by,
-                 json.dumps(result) if result is not None else None, batch_id, n))
-            if cur.rowcount != 1:
-                raise LedgerConflict(f"batch {batch_id} attempt {n}: not open")
+    def _end_attempt(self, db: sqlite3.Connection, batch_id: int, end: AttemptRecord | None, now: float) -> None:
+        if end is None:
+            return
+        cur = db.execute(
+            "UPDATE attempts SET ended_at=?, outcome=?, reason=?, exit_code=?, signal=?, signal_sent_by=?,"
+            " result_json=? WHERE batch_id=? AND n=? AND ended_at IS NULL",
+            (now, str(end.outcome), end.reason, end.exit_code, end.signal,
+             None if end.signal_sent_by is None else str(end.signal_sent_by),
+             json.dumps(end.result) if end.result is not None else None, batch_id, end.n))
+        if cur.rowcount != 1:
+            raise LedgerConflict(f"batch {batch_id} attempt {end.n}: not open")
+        if end.result:
+            db.execute("UPDATE batches SET last_step=?, total_steps=? WHERE id=?",
+                       (end.result.get("step"), end.result.get("total_steps"), batch_id))
 
     def requeue(self, batch_id: int, now: float, *, reason: str, next_attempt_at: float = 0.0,
-                **fields: Any) -> None:
-        """RUNNING -> QUEUED after a stop or a crash with retries left (``fields``: counters, plan)."""
+                attempt: AttemptRecord | None = None, **fields: Any) -> Batch:
+        """RUNNING -> QUEUED after a stop or a crash with retries left (``fields``: counters, plan),
+        closing ``attempt`` in the same transaction."""
         with self.transaction() as db:
+            self._end_attempt(db, batch_id, attempt, now)
             # RUNNING -> QUEUED
-            self._transition(db, batch_id, BatchState.RUNNING, BatchState.QUEUED, now,
-                             last_reason=reason, next_attempt_at=next_attempt_at, **fields)
+            return self._transition(db, batch_id, BatchState.RUNNING, BatchState.QUEUED, now,
+                                    last_reason=reason, next_attempt_at=next_attempt_at, **fields)
 
-    def update_progress(self, batch_id: int, step: int | None, total_steps: int | None) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE batches SET last_step=?, total_steps=? WHERE id=?", (step, total_steps, batch_id))
+    # --- ends: decide, file, finish ------------------------------------------------------
+    # A final state in the ledger means its files are in place: the end is first *decided*
+    # (finished_at set, with what filing needs: the version, the duplicate, the reason), then
+    # the folders are filed, then the state is *finished*. A crash in between leaves a decided,
+    # unfinished batch, which reconcile files and finishes.
 
-    def finish_done(self, batch_id: int, path_for: Any, now: float) -> int:
-        """RUNNING -> DONE and the next adapter version, in one transaction; returns the version.
+    def decide_done(self, batch_id: int, path_for: Callable[[int], Path], now: float, *,
+                    attempt: AttemptRecord | None = None) -> Batch:
+        """Reserve the next adapter version for a RUNNING batch (its ``adapter_version``).
 
-        ``path_for(n)`` gives the folder version ``n`` will live in. The folder is renamed
-        into place *after* this commits; reconcile rolls a missing folder forward.
+        ``path_for(version)`` gives the folder the version will live in.
         """
         with self.transaction() as db:
-            n = int(db.execute("SELECT coalesce(max(n), 0) FROM adapter_versions").fetchone()[0]) + 1
+            self._end_attempt(db, batch_id, attempt, now)
+            version = int(db.execute("SELECT coalesce(max(n), 0) FROM adapter_versions").fetchone()[0]) + 1
             db.execute("INSERT INTO adapter_versions(n, batch_id, path, created_at) VALUES (?,?,?,?)",
-                       (n, batch_id, str(path_for(n)), now))
-            # RUNNING -> DONE
-            self._transition(db, batch_id, BatchState.RUNNING, BatchState.DONE, now, adapter_version=n,
-                             finished_at=now, last_reason="done", next_attempt_at=0)
-            return n
+                       (version, batch_id, str(path_for(version)), now))
+            return self._decide(db, batch_id, BatchState.RUNNING, now, adapter_version=version,
+                                last_reason="done", next_attempt_at=0)
 
-    def iter_all(self) -> Iterator[dict[str, Any]]:
-        for r in self.db.execute("SELECT * FROM batches ORDER BY id"):
-            yield dict(r)
+    def decide_skipped(self, batch_id: int, sha256: str, duplicate_of: int, now: float) -> Batch:
+        """A CLAIMING batch whose content is already trained or queued: it will be skipped."""
+        with self.transaction() as db:
+            return self._decide(db, batch_id, BatchState.CLAIMING, now, sha256=sha256, duplicate_of=duplicate_of,
+                                last_reason=f"same content as batch {duplicate_of}")
+
+    def decide_failed(self, batch_id: int, from_state: BatchState, reason: str, now: float, *,
+                      attempt: AttemptRecord | None = None, **fields: Any) -> Batch:
+        """A batch that will fail (quarantined to failed/) with ``reason`` (``fields``: counters)."""
+        with self.transaction() as db:
+            self._end_attempt(db, batch_id, attempt, now)
+            return self._decide(db, batch_id, from_state, now, last_reason=reason, **fields)
+
+    def _decide(self, db: sqlite3.Connection, batch_id: int, state: BatchState, now: float, **fields: Any) -> Batch:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        cur = db.execute(f"UPDATE batches SET finished_at=?, updated_at=?, {cols} WHERE id=? AND state=?"
+                         " AND finished_at IS NULL", (now, now, *fields.values(), batch_id, state.value))
+        if cur.rowcount != 1:
+            b = self._get(db, batch_id)
+            raise LedgerConflict(f"batch {batch_id}: expected an undecided {state.value} batch, found "
+                                 f"{b.state.value}{' (decided)' if b.finished_at is not None else ''}")
+        return self._get(db, batch_id)
+
+    def finish(self, batch: Batch, now: float) -> Batch:
+        """The decided end of ``batch`` becomes its state, once its files are filed."""
+        if batch.finished_at is None:
+            raise LedgerConflict(f"batch {batch.id}: finish() before an end was decided")
+        with self.transaction() as db:
+            # CLAIMING | QUEUED | RUNNING -> DONE | SKIPPED | FAILED
+            return self._transition(db, batch.id, batch.state, decided_end(batch), now)
 
 
-
-
-class Layout:
-    """The paths under ``root`` (docs/architecture.md); the ledger describes what is in them."""
-
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-        self.inbox = self.root / "inbox"
-        self.batches = self.root / "batches"
-        self.adapters = self.root / "adapters"
-        self.current = self.adapters / "current"
-        self.done = self.root / "done"
-        self.failed = self.root / "failed"
-        self.logs = self.root / "logs"
-        self.log_file = self.logs / "trainerd.jsonl"
-        self.db = self.root / "state.db"
-        self.stop = self.root / ".stop"
-        self.lock = self.root / "trainerd.pid"  # flock held by the running supervisor; holds its pid
-        self.daemon = self.root / "daemon.json"  # what the supervisor is doing now (for status)
-
-    def batch_dir(self, batch_id: int) -> Path:
-        return self.batches / f"{batch_id:06d}"
-
-    def adapter_dir(self, n: int) -> Path:
-        return self.adapters / str(n)
-
-    def make(self) -> None:
-        for d in (self.root, self.batches, self.adapters, self.done, self.failed, self.logs):
-            d.mkdir(mode=0o750, parents=True, exist_ok=True)
-        # The inbox is where operators (group members, not the daemon's user) drop files: group
-        # writable, and setgid so what they drop stays in the daemon's group. Set explicitly:
-        # mkdir's mode is filtered by the daemon's umask 027. Nothing else is group-writable.
-        # Under the hardened unit (RestrictSUIDSGID=yes) setting setgid fails with EPERM; there
-        # scripts/install-service creates the inbox 2770 beforehand, as root.
-        if not self.inbox.is_dir():
-            self.inbox.mkdir(mode=0o750, parents=True, exist_ok=True)
-            try:
-                os.chmod(self.inbox, 0o2770)
-            except PermissionError:
-                os.chmod(self.inbox, 0o770)
+def decided_end(batch: Batch) -> BatchState:
+    """The final state a decided batch is going to: a reserved version is a publish, a duplicate a
+    skip, anything else a failure."""
+    if batch.adapter_version is not None:
+        return BatchState.DONE
+    if batch.duplicate_of is not None:
+        return BatchState.SKIPPED
+    return BatchState.FAILED

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
+
+from trainerd.fsutil import open_regular
 
 __all__ = [
     "ROLES",
@@ -224,20 +225,6 @@ def judge(report: ScanReport, max_bad_fraction: float) -> None:
         # itself (the log line and failed/<name>.error.json), the rest are in "errors".
         first = report.errors[0]
         report.reason += f" (first: line {first['line']}: {first['reason']})"
-
-
-def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a regular file for reading without following a symlink or blocking on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{os.fspath(path)}: not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=1 << 16)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def scan_file(path: str | os.PathLike[str], *, max_line_bytes: int, max_bad_fraction: float,

@@ -48,6 +48,7 @@ class Escalation:
         self.log = log
         self.cause: StopReason | None = None
         self.kill_at: float | None = None       # SIGKILL the group at this time (a grace runs)
+        self.grace_s: float | None = None
         self.stop_file: StopReason | None = None  # what this attempt's .stop says (written by us)
         self._sent: list[tuple[int, Sender]] = []
 
@@ -87,6 +88,7 @@ class Escalation:
         self._set_cause(cause, force=by is Sender.SUPERVISOR)
         self._send(signal.SIGTERM, by)
         if grace_s is not None:
+            self.grace_s = grace_s
             self.kill_at = now + grace_s
 
     def kill(self, cause: StopReason, by: Sender) -> None:
@@ -98,7 +100,7 @@ class Escalation:
     def tick(self, now: float) -> None:
         """SIGKILL the group once a grace given to ``terminate`` has run out."""
         if self.kill_at is not None and now >= self.kill_at:
-            self.log.warning("worker_killed", reason="stop grace expired")
+            self.log.warning("worker_killed", reason="stop grace expired", stop_grace_s=self.grace_s)
             self.kill(self.cause or StopReason.SHUTDOWN, Sender.SUPERVISOR)
 
     # --- requests by source ----------------------------------------------------------

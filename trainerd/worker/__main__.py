@@ -35,7 +35,7 @@ def _logger():
 RESERVE_BYTES = 64 << 10
 
 
-def _precheck(batch_dir: Path, settings):
+def _precheck(files, settings):
     """Judge the file by its lines alone before importing torch (seconds of imports and a model
     load): returns the rejecting ScanReport, or None to go on. Same line rules and verdict as
     the full scan (which also tokenizes, so it can only find more bad lines, never fewer), and
@@ -43,17 +43,17 @@ def _precheck(batch_dir: Path, settings):
     Costs one extra streamed read of a good file, once, against hours of training."""
     from trainerd.lines import scan_file
 
-    data = batch_dir / "data.jsonl"
-    if (batch_dir / "scan.json").exists() or not data.is_file():
+    data = files.data
+    if files.scan.exists() or not data.is_file():
         return None  # a missing or unreadable file is reported by the trainer in its own words
-    tmp = batch_dir / ".errors.jsonl.precheck"
+    tmp = files.dir / ".errors.jsonl.precheck"
     try:
         with open(tmp, "wb") as errf:
             rep = scan_file(data, max_line_bytes=settings.data.max_line_bytes,
                             max_bad_fraction=settings.data.max_bad_fraction,
                             max_errors=settings.data.max_errors_reported, errors_out=errf)
         if rep.rejected and rep.lines:
-            os.replace(tmp, batch_dir / "errors.jsonl")  # kept only when the file is rejected
+            os.replace(tmp, files.errors)  # kept only when the file is rejected
     except OSError:
         return None  # disk full writing the errors: the full scan will judge (and say so)
     finally:
@@ -76,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log = _logger()
     batch_dir = args.batch_dir.resolve()
-    result_path = batch_dir / "result.json"
 
     from trainerd.config import ConfigError, from_dict
+    from trainerd.contract import BatchFiles, ExitCode, Outcome
     from trainerd.fsutil import atomic_write_json, read_json, write_ballast
 
-    reserve = batch_dir / ".reserve"
+    files = BatchFiles(batch_dir)
+    reserve = files.reserve
 
-    def finish(status: str, reason: str, code: int, **extra) -> int:
-        body = {"status": status, "reason": reason, "exit_code": code, **extra}
+    def finish(status: Outcome, reason: str, code: ExitCode, **extra) -> int:
+        body = {"status": status, "reason": reason, "exit_code": int(code), **extra}
         # Free the reserve first: on a full disk it is the room result.json is written into,
         # so the supervisor learns *why* (disk_full) and not just "75".
         try:
@@ -92,34 +93,34 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         try:
-            atomic_write_json(result_path, body)
+            atomic_write_json(files.result, body)
         except OSError as e:  # disk full: the exit code still tells the supervisor
             log.error("result_write_failed", error=str(e))
         log.info("worker_exit", status=status, reason=reason, exit_code=code)
-        return code
+        return int(code)
 
     if not batch_dir.is_dir():
-        return finish("bad_config", f"batch folder missing: {batch_dir}", 78)
+        return finish(Outcome.BAD_CONFIG, f"batch folder missing: {batch_dir}", ExitCode.CONFIG)
     try:
-        raw = read_json(batch_dir / "settings.json")
+        raw = read_json(files.settings)
     except FileNotFoundError:
-        return finish("bad_config", f"settings file missing: {batch_dir / 'settings.json'}", 78)
+        return finish(Outcome.BAD_CONFIG, f"settings file missing: {files.settings}", ExitCode.CONFIG)
     except ValueError as e:
-        return finish("bad_config", f"settings.json is not valid JSON: {e}", 78)
+        return finish(Outcome.BAD_CONFIG, f"settings.json is not valid JSON: {e}", ExitCode.CONFIG)
     try:
-        settings = from_dict(raw, source=str(batch_dir / "settings.json"))
+        settings = from_dict(raw, source=str(files.settings))
     except ConfigError as e:
         for problem in e.problems:
             log.error("bad_setting", problem=problem)
-        return finish("bad_config", "; ".join(e.problems), 78, problems=e.problems)
+        return finish(Outcome.BAD_CONFIG, "; ".join(e.problems), ExitCode.CONFIG, problems=e.problems)
     if args.init_adapter is not None and not (args.init_adapter / "adapter_config.json").is_file():
-        return finish("bad_config", f"--init-adapter: no adapter at {args.init_adapter}", 78)
+        return finish(Outcome.BAD_CONFIG, f"--init-adapter: no adapter at {args.init_adapter}", ExitCode.CONFIG)
 
-    rejected = _precheck(batch_dir, settings)
+    rejected = _precheck(files, settings)
     if rejected is not None:
         log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="precheck")
-        return finish("bad_data", rejected.reason, 65, lines_good=rejected.good, lines_bad=rejected.bad,
-                      errors=rejected.errors, step=0, total_steps=0)
+        return finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,
+                      lines_bad=rejected.bad, errors=rejected.errors, step=0, total_steps=0)
 
     from trainerd.worker.data import DataError
     from trainerd.worker.train import ConfigProblem, Trainer
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad_data", reason=e.reason, first_errors=e.errors[:5])
         summary = trainer.summary()
         summary["errors"] = e.errors or summary.get("errors", [])
-        return finish("bad_data", e.reason, 65, **summary)
+        return finish(Outcome.BAD_DATA, e.reason, ExitCode.DATAERR, **summary)
     except ConfigProblem as e:
         log.error("bad_setting", problem=str(e))
-        return finish("bad_config", str(e), 78, problems=[str(e)], **trainer.summary())
+        return finish(Outcome.BAD_CONFIG, str(e), ExitCode.CONFIG, problems=[str(e)], **trainer.summary())
     except Exception as e:
         traceback.print_exc()
         log.error("worker_crashed", error=f"{type(e).__name__}: {e}")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = trainer.summary()
         except Exception:
             summary = {}
-        return finish("crashed", f"{type(e).__name__}: {e}", 70, **summary)
+        return finish(Outcome.CRASHED, f"{type(e).__name__}: {e}", ExitCode.SOFTWARE, **summary)
     return finish(outcome.status, outcome.reason, outcome.exit_code, **trainer.summary(), **outcome.extra)
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from trainerd.fsutil import fsync_dir, fsync_tree
+from trainerd import faults
+from trainerd.fsutil import publish_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
@@ -44,14 +45,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fault(point: str) -> None:
-    """Fault injection for the chaos tests: TRAINERD_FAULT=crash_in_checkpoint kills us mid-write."""
-    if os.environ.get("TRAINERD_FAULT") == point:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: Any,
          rng: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -63,20 +56,17 @@ def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: A
         # save_pretrained writes adapter_model.safetensors + adapter_config.json (+ README.md).
         model.save_pretrained(str(tmp), safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        _fault("crash_in_checkpoint")
+        faults.die_at("crash_in_checkpoint")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
-        fsync_tree(tmp)
+        # replace: re-saving the same step (e.g. a stop right after a periodic save)
+        publish_dir(tmp, final, replace=True)
     except BaseException:
         # Disk full (or any other failure): the torn folder would hold the space the next
         # attempt needs; the previous complete checkpoint is untouched either way.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # re-saving the same step (e.g. stop right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(ckpt_root)
     prune(ckpt_root, keep)
     return final
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from trainerd.lines import Example, LineError, RawLine, ScanReport, iter_lines, judge, open_regular, parse_line
+from trainerd.fsutil import open_regular
+from trainerd.lines import Example, LineError, RawLine, ScanReport, iter_lines, judge, parse_line
 
 IGNORE_INDEX = -100
 

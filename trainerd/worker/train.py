@@ -18,9 +18,6 @@ import gc
 import os
 import resource
 import shutil
-import signal
-import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +25,14 @@ from typing import Any
 
 import torch
 
+from trainerd import faults
 from trainerd.config import Settings
-from trainerd.fsutil import atomic_write_json, fsync_dir, fsync_tree, read_json
+from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
+from trainerd.fsutil import atomic_write_json, free_bytes, publish_dir, read_json
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, Scan, scan
+from trainerd.worker.stopper import Stopper, StopRequested
 
-EX_OK, EX_DATAERR, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 65, 70, 75, 78
 
 
 class ConfigProblem(Exception):
@@ -68,11 +67,8 @@ def _disk_full(exc: BaseException, folder: Path, need_bytes: int) -> bool:
     """
     if _no_space(exc):
         return True
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < max(need_bytes, 1 << 20)
+    free = free_bytes(folder)
+    return free is not None and free < max(need_bytes, 1 << 20)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -86,97 +82,7 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-class StopRequested(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-# --- stopping ----------------------------------------------------------------------------
-
-
-class Stopper:
-    """Collects the reasons to stop. Signal handlers only set a flag (logging or raising in a
-    handler is unsafe); the loop asks ``check()`` between micro-batches."""
-
-    def __init__(self, batch_stop: Path, global_stop: Path):
-        self.batch_stop, self.global_stop = batch_stop, global_stop
-        self._signal_reason: str | None = None
-        self._lifeline_lost = threading.Event()
-        self._signals = 0
-
-    def install(self) -> None:
-        from trainerd.worker import EARLY_SIGNALS
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        if EARLY_SIGNALS:  # read after installing: none can fall between the two handlers
-            self._signals = len(EARLY_SIGNALS)
-            self._signal_reason = "shutdown"
-        if _stdin_is_pipe():
-            threading.Thread(target=self._watch_lifeline, name="lifeline", daemon=True).start()
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            # Second signal: stop at once (cold stop). The last complete checkpoint stands.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self._signal_reason = "shutdown"
-
-    def _watch_lifeline(self) -> None:
-        # The supervisor holds the write end of our stdin and never writes: EOF means it died.
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        self._lifeline_lost.set()
-
-    def check(self) -> str | None:
-        if self._signal_reason:
-            return self._signal_reason
-        if self._lifeline_lost.is_set():
-            return "parent_gone"
-        try:
-            reason = self.batch_stop.read_text(encoding="utf-8", errors="replace").strip()
-            return reason if reason in ("memory", "recycle", "paused", "shutdown") else "memory"
-        except FileNotFoundError:
-            pass
-        except OSError:
-            return "memory"
-        if self.global_stop.exists():
-            return "paused"
-        return None
-
-    def agree(self) -> str | None:
-        """The stop decision every rank must share (a no-op on one process)."""
-        reason = self.check()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([1 if reason else 0])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and not reason:
-                reason = "peer_stopped"
-        return reason
-
-
-def _stdin_is_pipe() -> bool:
-    try:
-        mode = os.fstat(0).st_mode
-    except OSError:
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-
-
 # --- helpers -----------------------------------------------------------------------------
-
-
-def _free_bytes(path: Path) -> int | None:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 def set_oom_score_adj(value: int = 1000) -> None:
@@ -221,10 +127,12 @@ def pick_dtype(settings: Settings, device: torch.device) -> tuple[torch.dtype, b
 
 
 @dataclass
-class Outcome:
-    status: str
+class RunEnd:
+    """How Trainer.run ended: result.json's status and reason, the exit code, extra fields."""
+
+    status: Outcome
     reason: str
-    exit_code: int
+    exit_code: ExitCode
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -239,9 +147,10 @@ class Trainer:
         self.init_adapter = init_adapter
         self.publish = publish
         self.log = log
-        self.data_path = batch_dir / "data.jsonl"
-        self.ckpt_root = batch_dir / "checkpoints"
-        self.stopper = Stopper(batch_dir / ".stop", Path(settings.root) / ".stop")
+        self.files = BatchFiles(batch_dir)
+        self.data_path = self.files.data
+        self.ckpt_root = self.files.checkpoints
+        self.stopper = Stopper(self.files.stop, RootLayout(settings.root).stop)
         self._last_ckpt_step = -1
         self.rank = int(os.environ.get("RANK", "0"))
         self.started = time.monotonic()
@@ -259,8 +168,7 @@ class Trainer:
         self.train_tokens_this_run = 0
         self.train_time_this_run = 0.0
         self.steps_this_run = 0
-        fault = os.environ.get("TRAINERD_FAULT", "")
-        self._oom_above = int(fault.split(":", 1)[1]) if fault.startswith("oom_above_micro:") else None
+        self._oom_above = faults.number("oom_above_micro")
         self.total_steps = 0
         self._last_progress = 0.0
         self._last_ckpt_time = time.monotonic()
@@ -331,7 +239,7 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------
 
-    def run(self) -> Outcome:
+    def run(self) -> RunEnd:
         try:
             return self._run()
         except (DiskFull, OSError) as e:
@@ -339,13 +247,13 @@ class Trainer:
                 raise
             # The previous checkpoint and adapter are intact (writes are tmp + rename and a
             # torn temporary is removed); the supervisor waits for space and resumes us.
-            free = _free_bytes(self.batch_dir)
+            free = free_bytes(self.batch_dir)
             self.log.error("disk_full", error=str(e), free_bytes=free, step=self.step,
                            checkpoint=self.result.get("checkpoint"),
                            action="stopping; resumes from the newest complete checkpoint once space is back")
-            return Outcome("stopped", "disk_full", EX_TEMPFAIL, {"free_bytes": free})
+            return RunEnd(Outcome.STOPPED, StopReason.DISK_FULL, ExitCode.TEMPFAIL, {"free_bytes": free})
 
-    def _run(self) -> Outcome:
+    def _run(self) -> RunEnd:
         set_oom_score_adj(1000)
         self.stopper.install()
         if not self.data_path.is_file():
@@ -354,7 +262,7 @@ class Trainer:
         encoder = Encoder(self.tokenizer)
 
         # The first pass is reused on resume while the file is unchanged (size + mtime).
-        scan_path = self.batch_dir / "scan.json"
+        scan_path = self.files.scan
         sc = self._cached_scan(scan_path)
         if sc is None:
             t0 = time.monotonic()
@@ -362,7 +270,7 @@ class Trainer:
                 sc = scan(self.data_path, encoder, seq_len=self.s.train.seq_len,
                           max_line_bytes=self.s.data.max_line_bytes, chunk_lines=self.s.data.chunk_lines,
                           max_bad_fraction=self.s.data.max_bad_fraction,
-                          errors_path=self.batch_dir / "errors.jsonl",
+                          errors_path=self.files.errors,
                           max_errors=self.s.data.max_errors_reported,
                           should_stop=lambda: self.stopper.check() is not None)
             except Interrupted:
@@ -444,7 +352,7 @@ class Trainer:
             self._checkpoint(cursor, ckpt.rng_state())
         published = self._publish()
         self._progress(self.last_loss, log_step=False)
-        return Outcome("done", "finished", EX_OK, {"adapter": str(published)})
+        return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(published)})
 
     def _cached_scan(self, scan_path: Path) -> Scan | None:
         try:
@@ -492,7 +400,7 @@ class Trainer:
                     torch.cuda.empty_cache()
                 if self.micro <= 1:
                     self.log.error("cuda_oom_at_micro_batch_1", step=self.step + 1)
-                    raise StopRequested("memory")
+                    raise StopRequested(StopReason.MEMORY)
                 old = self.micro
                 self.micro = max(1, self.micro // 2)
                 ckpt.set_rng_state(step_rng)  # redo the step with the same tokens and dropout
@@ -568,7 +476,7 @@ class Trainer:
     def _publish(self) -> Path:
         if self.rank != 0:
             return Path()
-        dest = self.publish or (self.batch_dir / "final_adapter")
+        dest = self.publish or self.files.final_adapter
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         # Half adapters of earlier attempts that died mid-write (SIGKILL, power loss): never
@@ -583,18 +491,14 @@ class Trainer:
                 "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
                 "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
             })
-            ckpt._fault("crash_in_publish")
-            fsync_tree(tmp)
+            faults.die_at("crash_in_publish")
+            publish_dir(tmp, dest, replace=True)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter holding the space
             newest = ckpt.complete(self.ckpt_root)
             if _disk_full(e, dest.parent, _tree_bytes(newest[0]) // 2 if newest else 0):
                 raise DiskFull(f"cannot write the adapter to {dest}: {e}") from e
             raise
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-        fsync_dir(dest.parent)
         self.log.info("adapter_written", path=str(dest), steps=self.step)
         return dest
 
@@ -610,7 +514,7 @@ class Trainer:
         if not log_step or now - self._last_progress >= 0.5:
             self._last_progress = now
             try:
-                atomic_write_json(self.batch_dir / "progress.json", {
+                atomic_write_json(self.files.progress, {
                     "step": self.step, "total_steps": self.total_steps, "loss": loss, "tokens": self.tokens,
                     "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
                     "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": self.micro,
@@ -623,18 +527,17 @@ class Trainer:
                     raise
 
     def _fault_at_step(self) -> None:
-        fault = os.environ.get("TRAINERD_FAULT", "")
-        if fault.startswith("crash_at_step:") and self.step == int(fault.split(":", 1)[1]):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if faults.number("crash_at_step") == self.step:
+            faults.die_at("crash_at_step")
 
-    def _stopped(self, reason: str) -> Outcome:
+    def _stopped(self, reason: str) -> RunEnd:
         self.log.info("stopped", reason=reason, step=self.step, total_steps=self.total_steps)
-        return Outcome("stopped", reason, EX_TEMPFAIL)
+        return RunEnd(Outcome.STOPPED, reason, ExitCode.TEMPFAIL)
 
-    def _stopped_before_training(self) -> Outcome:
-        reason = self.stopper.check() or "shutdown"
+    def _stopped_before_training(self) -> RunEnd:
+        reason = self.stopper.check() or StopReason.SHUTDOWN
         self.log.info("stopped", reason=reason, step=0, during="scan")
-        return Outcome("stopped", reason, EX_TEMPFAIL)
+        return RunEnd(Outcome.STOPPED, reason, ExitCode.TEMPFAIL)
 
     def summary(self) -> dict[str, Any]:
         """What result.json reports; safe to call at any point of the run (even before set-up)."""

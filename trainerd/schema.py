@@ -1,0 +1,120 @@
+"""The ledger's tables, their version, and the way from every older version to this one.
+
+``PRAGMA user_version`` holds the version a root was written with. Opening an older one
+applies :data:`MIGRATIONS` in order, in the opening transaction, after a consistent copy of the
+old file is kept beside it (``state.db.v<N>.bak``, SQLite's online backup); a newer one is
+refused with :class:`LedgerTooNew` (an older trainerd must not write a schema it does not know).
+
+A release that changes :data:`_SCHEMA` bumps :data:`SCHEMA_VERSION` and adds the step that
+brings an old root there; tests/test_ledger.py opens a root written by every older version.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
+
+SCHEMA_VERSION = 1
+
+# The schema as this release writes it (a new root gets this, then user_version = SCHEMA_VERSION).
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id                     INTEGER PRIMARY KEY AUTOINCREMENT,
+    name                   TEXT NOT NULL,          -- original file name in the inbox
+    sha256                 TEXT,                   -- NULL until the claim hashed it
+    size_bytes             INTEGER,
+    state                  TEXT NOT NULL,
+    attempts               INTEGER NOT NULL DEFAULT 0,  -- every worker start
+    crashes                INTEGER NOT NULL DEFAULT 0,  -- attempts that crashed (retry budget)
+    memory_stops           INTEGER NOT NULL DEFAULT 0,
+    micro_batch_size       INTEGER,                -- NULL = not planned yet
+    grad_accum_steps       INTEGER,
+    gradient_checkpointing INTEGER,
+    next_attempt_at        REAL NOT NULL DEFAULT 0,
+    last_reason            TEXT,
+    last_step              INTEGER,
+    total_steps            INTEGER,
+    adapter_version        INTEGER,                -- the version this batch published
+    duplicate_of           INTEGER,
+    created_at             REAL NOT NULL,
+    updated_at             REAL NOT NULL,
+    finished_at            REAL
+);
+CREATE INDEX IF NOT EXISTS batches_state ON batches(state, id);
+CREATE INDEX IF NOT EXISTS batches_sha ON batches(sha256);
+CREATE TABLE IF NOT EXISTS attempts (
+    batch_id        INTEGER NOT NULL REFERENCES batches(id),
+    n               INTEGER NOT NULL,
+    pid             INTEGER,
+    pid_started_at  REAL,            -- psutil create_time: tells our worker from a reused pid
+    started_at      REAL NOT NULL,
+    ended_at        REAL,
+    init_adapter    TEXT,
+    exit_code       INTEGER,
+    signal          INTEGER,
+    signal_sent_by  TEXT,            -- who sent a fatal signal: supervisor, guard, NULL = nobody we know
+    outcome         TEXT,            -- done | stopped | bad_data | bad_config | crashed | lost
+    reason          TEXT,
+    result_json     TEXT,
+    PRIMARY KEY (batch_id, n)
+);
+CREATE TABLE IF NOT EXISTS adapter_versions (
+    n           INTEGER PRIMARY KEY,
+    batch_id    INTEGER NOT NULL REFERENCES batches(id),
+    path        TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name   TEXT PRIMARY KEY,
+    value  INTEGER NOT NULL
+);
+"""
+
+# MIGRATIONS[k] turns a version k-1 ledger into version k, inside the opening transaction.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+
+class LedgerTooNew(RuntimeError):
+    """The ledger was written by a newer trainerd, whose schema this one does not know."""
+
+
+def version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def upgrade(db: sqlite3.Connection, path: Path, transaction: Callable[[], Any]) -> None:
+    """Create the tables of a new ledger, or migrate an older one to :data:`SCHEMA_VERSION`.
+
+    The copy of an older file is taken first, outside any transaction (a backup from inside the
+    connection's own write transaction waits for a lock it holds itself); the tables and every
+    migration step then change in one write transaction, so a failed step leaves the old version
+    whole.
+    """
+    found = version(db)
+    if found > SCHEMA_VERSION:
+        raise LedgerTooNew(
+            f"{path} was written by a newer trainerd (ledger schema {found}; this one knows up to "
+            f"{SCHEMA_VERSION}): run the newer trainerd, or restore a backup")
+    fresh = db.execute("SELECT count(*) FROM sqlite_master WHERE name='batches'").fetchone()[0] == 0
+    if not fresh and found == SCHEMA_VERSION:
+        return
+    if not fresh:
+        bak = sqlite3.connect(f"{path}.v{found}.bak")
+        try:
+            db.backup(bak)
+        finally:
+            bak.close()
+    with transaction() as tx:
+        if fresh:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    tx.execute(stmt)
+        else:
+            # Ledgers from before versioning said 0 or 1 with the version-1 tables.
+            for v in range(max(found, 1) + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[v](tx)
+        tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

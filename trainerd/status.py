@@ -1,0 +1,159 @@
+"""What ``trainerd status`` shows: collected from the root as plain data, rendered as a table.
+
+Read-only and light (stdlib only: no torch, no psutil, no yaml): the ledger is opened
+read-only and never blocks the daemon (WAL), the rest is a few small files the daemon and
+the worker rewrite atomically (daemon.json, progress.json). Answers in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from trainerd.contract import RootLayout
+from trainerd.fsutil import fmt_bytes, read_json_or_none
+from trainerd.ledger import Ledger
+from trainerd.states import FINAL_STATES, BatchState
+
+__all__ = ["collect_status", "daemon_pid", "render_status"]
+
+
+def daemon_pid(lock: Path) -> int | None:
+    """The running supervisor's pid (-1 if unreadable), or None when no daemon holds the lock.
+
+    The daemon holds an exclusive flock on the file while it lives, so a stale file from a
+    dead daemon says nothing.
+    """
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
+    """Everything ``trainerd status`` shows, as plain data (read-only; no torch, no psutil)."""
+    layout = RootLayout(root)
+    pid = daemon_pid(layout.lock)
+    daemon = read_json_or_none(layout.daemon) if pid else None
+    try:
+        current = int(os.readlink(layout.current))
+    except (OSError, ValueError):
+        current = None
+    out: dict[str, Any] = {
+        "root": str(root),
+        "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
+                   "state": (daemon or {}).get("state") if pid else "not running"},
+        "paused": os.path.lexists(layout.stop),
+        "current_adapter": current,
+        "running": None, "queue": [], "recent": [], "batches": [], "counts": {}, "kernel_oom_kills": 0,
+    }
+    if not layout.db.exists():
+        return out
+    try:
+        led = Ledger.open_readonly(layout.db)
+    except (OSError, sqlite3.Error) as e:
+        out["ledger_error"] = str(e)
+        return out
+    try:
+        try:
+            rows = led.batches()
+            out["counts"] = led.counts()
+            out["kernel_oom_kills"] = led.counter("kernel_oom_kills")
+        except sqlite3.Error as e:  # the daemon is creating the ledger right now
+            out["ledger_error"] = str(e)
+            return out
+    finally:
+        led.close()
+    _fill_batches(out, layout, rows, interrupted=pid is None, recent=recent)
+    return out
+
+
+def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, interrupted: bool,
+                  recent: int) -> None:
+    now = time.time()
+    for b in rows:
+        out["batches"].append({"id": b.id, "file": b.name, "state": b.state.value, "attempts": b.attempts,
+                               "adapter_version": b.adapter_version, "reason": b.last_reason})
+        if b.state is BatchState.RUNNING:
+            prog = read_json_or_none(layout.batch(b.id).progress) or {}
+            out["running"] = {
+                "id": b.id, "file": b.name, "attempt": b.attempts,
+                "step": prog.get("step"), "total_steps": prog.get("total_steps"),
+                "tokens_per_s": prog.get("tokens_per_s"), "eta_s": prog.get("eta_s"),
+                "rss_bytes": prog.get("rss_bytes"), "loss": prog.get("loss"),
+                "micro_batch_size": b.micro_batch_size, "grad_accum_steps": b.grad_accum_steps,
+                # The ledger says running but no daemon holds the lock: it died mid-attempt.
+                "interrupted": interrupted,
+            }
+        elif b.state in (BatchState.QUEUED, BatchState.CLAIMING):
+            wait = b.next_attempt_at - now
+            out["queue"].append({"id": b.id, "file": b.name, "state": b.state.value,
+                                 "attempts": b.attempts, "reason": b.last_reason,
+                                 "retry_in_s": round(wait, 1) if wait > 0 else None})
+    finished = sorted((b for b in rows if b.state in FINAL_STATES), key=lambda b: b.finished_at or 0, reverse=True)
+    out["recent"] = [{"id": b.id, "file": b.name, "state": b.state.value, "adapter_version": b.adapter_version,
+                      "reason": b.last_reason, "finished_at": b.finished_at} for b in finished[:recent]]
+
+
+def _fmt_s(s: Any) -> str:
+    if not isinstance(s, (int, float)):
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render_status(st: dict[str, Any]) -> str:
+    """The table ``trainerd status`` prints."""
+    d = st["daemon"]
+    lines = [f"root      {st['root']}",
+             f"daemon    {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}"
+             + (f" - {d['state']}" if d["running"] and d.get("state") else ""),
+             f"paused    {'yes (remove .stop or run `trainerd resume`)' if st['paused'] else 'no'}",
+             f"adapter   {'adapters/' + str(st['current_adapter']) if st['current_adapter'] else 'none yet'}",
+             f"OOM kills {st['kernel_oom_kills']} (kernel; target 0)"]
+    lines.append(_render_running(st["running"]))
+    lines.append(f"queue     {len(st['queue'])} file(s)")
+    for q in st["queue"][:10]:
+        extra = f", retry in {_fmt_s(q['retry_in_s'])}" if q["retry_in_s"] else ""
+        why = f" (last: {q['reason']})" if q["reason"] else ""
+        lines.append(f"  #{q['id']:<5} {q['file']}  attempts {q['attempts']}{extra}{why}")
+    if len(st["queue"]) > 10:
+        lines.append(f"  ... {len(st['queue']) - 10} more")
+    lines.append("recent")
+    for b in st["recent"]:
+        what = f"adapter {b['adapter_version']}" if b["state"] == "done" else (b["reason"] or "")
+        lines.append(f"  #{b['id']:<5} {b['state']:<8} {b['file']}  {what}")
+    if not st["recent"]:
+        lines.append("  -")
+    if st.get("ledger_error"):
+        lines.append(f"ledger    unreadable right now: {st['ledger_error']}")
+    c = st["counts"]
+    lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in ("done", "failed", "skipped", "queued", "running")))
+    return "\n".join(lines)
+
+
+def _render_running(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "training  -"
+    step = f"{r['step']}/{r['total_steps']}" if r.get("step") is not None else "starting"
+    if r.get("interrupted"):
+        return (f"training  #{r['id']} {r['file']} interrupted at step {step} "
+                "(the daemon is not running; it resumes at the next start)")
+    tps = f"{r['tokens_per_s']:.0f} tok/s" if isinstance(r.get("tokens_per_s"), (int, float)) else "- tok/s"
+    return (f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
+            f"ETA {_fmt_s(r.get('eta_s'))}, memory {fmt_bytes(r.get('rss_bytes'))}, "
+            f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")

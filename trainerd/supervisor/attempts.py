@@ -1,0 +1,275 @@
+"""A batch's way through the supervisor: claim -> start -> settle.
+
+The only caller of the ledger's transitions. Each step records its intent in the ledger
+before it touches the folders, so reconcile can finish any step a crash interrupted:
+
+    claim   inbox/<name> --rename--> batches/<id>/data.jsonl, hashed  (CLAIMING -> QUEUED | SKIPPED | FAILED)
+    start   plan the memory, write settings.json, spawn the worker     (QUEUED -> RUNNING)
+    settle  the exit policy's verdict, carried out                     (RUNNING -> DONE | QUEUED | FAILED)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainerd import config as config_mod
+from trainerd.child import Child, ExitStatus
+from trainerd.config import Settings
+from trainerd.contract import BatchFiles, RootLayout
+from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
+from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
+from trainerd.states import ACTIVE_STATES, BatchState
+from trainerd.supervisor import forensics, policy
+from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.stopping import Escalation
+
+__all__ = ["Attempts", "Running"]
+
+
+@dataclass
+class Running:
+    """The one worker alive now, and everything needed to settle it."""
+
+    batch: Batch                 # the row as it was when the attempt started
+    files: BatchFiles
+    child: Child
+    stop: Escalation
+    started_at: float
+    log: Any
+    oom_kills_at_start: int | None   # the kernel's OOM kill count (/proc/vmstat) at start
+    next_guard_poll: float = 0.0
+
+    @property
+    def attempt(self) -> int:
+        return self.batch.attempts
+
+
+def _sha256(path: os.PathLike[str]) -> tuple[str, int]:
+    """Hash a claimed file without following links or blocking on a FIFO."""
+    with open_regular(path) as f:
+        h = hashlib.file_digest(f, "sha256")
+        return h.hexdigest(), os.fstat(f.fileno()).st_size
+
+
+class Attempts:
+    """Claims, starts and settles. ``settings`` and ``guard`` are the daemon's current ones
+    (it replaces them on reload)."""
+
+    def __init__(self, layout: RootLayout, ledger: Ledger, filing: Filing, log: Any, *,
+                 settings: Settings, guard: Any, worker_cmd: list[str], env: dict[str, str] | None):
+        self.layout, self.ledger, self.filing, self.log = layout, ledger, filing, log
+        self.settings, self.guard = settings, guard
+        self.worker_cmd, self.env = worker_cmd, env
+
+    # --- claim -----------------------------------------------------------------------
+
+    def claim(self, name: str, now: float) -> Batch | None:
+        """Take a finished inbox file: ledger row first, then the rename, then the hash."""
+        src = self.layout.inbox / name
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # changed under us; the next scan rejects it
+        if st.st_nlink > 1:
+            self.log.warning("inbox_file_hard_linked", file=name, links=st.st_nlink,
+                             hint="another name can still change these bytes while they train")
+        batch = self.ledger.begin_claim(name, st.st_size, now)
+        return self.complete_claim(batch, now)
+
+    def complete_claim(self, batch: Batch, now: float) -> Batch | None:
+        """CLAIMING -> QUEUED or SKIPPED (or FAILED). Idempotent: reconcile calls it after a crash."""
+        log = self.log.bind(batch=batch.id)
+        files = self.layout.batch(batch.id)
+        if not os.path.lexists(files.data):
+            files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            try:
+                # The claim itself: atomic, same file system, the bytes never copied. If the
+                # entry was swapped for a symlink since lstat, rename moves the link, unread.
+                os.rename(self.layout.inbox / batch.name, files.data)
+            except FileNotFoundError:
+                self.ledger.forget_claim(batch.id)
+                shutil.rmtree(files.dir, ignore_errors=True)
+                log.warning("claim_vanished", file=batch.name, reason="the file left the inbox before it was claimed")
+                return None
+            fsync_dir(self.layout.inbox)
+            fsync_dir(files.dir)
+        try:
+            sha, size = _sha256(files.data)
+        except OSError as e:
+            return self._fail(batch, BatchState.CLAIMING, f"cannot read the claimed file: {e.strerror or e}", now, log)
+        dup = self.ledger.find_by_sha(sha, ACTIVE_STATES, batch.id)
+        if dup is not None:
+            batch = self.ledger.decide_skipped(batch.id, sha, dup.id, now)
+            batch = self.end(batch, now)  # CLAIMING -> SKIPPED
+            log.warning("duplicate_skipped", file=batch.name, sha256=sha, duplicate_of=dup.id,
+                        duplicate_of_file=dup.name, duplicate_of_state=dup.state.value,
+                        reason="this content was already trained or is queued; not training it twice")
+            return batch
+        batch = self.ledger.finish_claim(batch.id, sha, size, now)  # CLAIMING -> QUEUED
+        log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size)
+        return batch
+
+    # --- start -----------------------------------------------------------------------
+
+    def start(self, batch: Batch, now: float) -> Running | None:
+        """QUEUED -> RUNNING: write the attempt's settings and start the worker."""
+        log = self.log.bind(batch=batch.id)
+        files = self.layout.batch(batch.id)
+        if not files.data.is_file():
+            self._fail(batch, BatchState.QUEUED, f"the claimed data is missing: {files.data}", now, log)
+            return None
+        if not batch.planned:
+            # The guard logs the plan with its numbers (memory_plan_kept / _reduced / _does_not_fit).
+            plan = self.guard.plan_micro_batch(Path(self.settings.model.path), self.settings.train, self.settings.lora)
+            batch = self.ledger.set_plan(batch.id, plan.micro_batch_size, plan.grad_accum_steps,
+                                         plan.gradient_checkpointing, now)
+        settings = copy.deepcopy(self.settings)
+        settings.train.micro_batch_size = batch.micro_batch_size
+        settings.train.grad_accum_steps = batch.grad_accum_steps
+        settings.train.gradient_checkpointing = bool(batch.gradient_checkpointing)
+        config_mod.dump_json(settings, files.settings)
+        # Leftovers of the previous attempt would be misread as this one's answer.
+        unlink_quietly(files.result)
+        unlink_quietly(files.stop)
+        shutil.rmtree(files.published, ignore_errors=True)
+        latest = self.ledger.latest_version()
+        init_adapter = self.layout.adapter_dir(latest.n) if latest else None
+        batch = self.ledger.start_attempt(batch.id, now, str(init_adapter) if init_adapter else None)  # QUEUED -> RUNNING
+        alog = log.bind(attempt=batch.attempts)
+        argv = [*self.worker_cmd, str(files.dir)]
+        if init_adapter is not None:
+            argv += ["--init-adapter", str(init_adapter)]
+        argv += ["--publish", str(files.published)]
+        oom_kills = forensics.vmstat_oom_kills()
+        try:
+            child = Child(argv, stderr_path=files.stderr, log=alog, env=self.env, cwd=self.layout.root)
+        except OSError as e:
+            alog.error("worker_start_failed", error=str(e), argv=argv)
+            verdict = policy.crash(batch, f"cannot start the worker: {e}", self.settings, now)
+            end = policy.AttemptEnd(ExitStatus(None, None))
+            self._log_verdict(verdict, batch, end, now, alog, stopping=False, pid=None, oom_kills_before=None)
+            self._apply(batch, batch.attempts, verdict, end, now, alog)
+            return None
+        self.ledger.set_attempt_pid(batch.id, batch.attempts, child.pid, child.create_time)
+        alog.info("worker_started", file=batch.name, pid=child.pid,
+                  init_adapter=str(init_adapter) if init_adapter else None,
+                  init_adapter_version=latest.n if latest else None,
+                  micro_batch_size=settings.train.micro_batch_size,
+                  grad_accum_steps=settings.train.grad_accum_steps,
+                  gradient_checkpointing=settings.train.gradient_checkpointing)
+        return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills, next_guard_poll=now)
+
+    # --- settle ----------------------------------------------------------------------
+
+    def finish(self, r: Running, st: ExitStatus, now: float, *, stopping: bool) -> Batch:
+        """The worker ``r`` exited with ``st``: log it, then settle its batch."""
+        result = read_json_or_none(r.files.result)
+        sender = r.stop.sent_by(st.signal) if st.signal is not None else None
+        r.log.info("worker_exited", exit=st.describe(), exit_code=st.code, signal=st.signal,
+                   signal_sent_by=None if sender is None else sender.value,
+                   result_status=(result or {}).get("status"), result_reason=(result or {}).get("reason"),
+                   elapsed_s=round(now - r.started_at, 3))
+        unlink_quietly(r.files.stop)
+        kernel_oom = None
+        if st.signal is not None and sender is None:
+            kernel_oom = forensics.kernel_oom_killed(r.child.pid, r.oom_kills_at_start)
+        end = policy.AttemptEnd(st, result, cause=r.stop.cause, sender=sender,
+                                adapter_staged=r.files.published.is_dir(), kernel_oom=kernel_oom,
+                                limit_bytes=getattr(self.guard, "limit_bytes", None))
+        return self.settle(r.batch, r.attempt, end, now, r.log, stopping=stopping, pid=r.child.pid,
+                           oom_kills_before=r.oom_kills_at_start)
+
+    def settle(self, batch: Batch, n: int, end: policy.AttemptEnd, now: float, log: Any, *,
+               stopping: bool = False, pid: int | None = None, oom_kills_before: int | None = None) -> Batch:
+        """Decide what an ended attempt means for its batch and carry it out (reconcile uses it too)."""
+        verdict = policy.decide(end, batch, self.settings, now)
+        self._log_verdict(verdict, batch, end, now, log, stopping=stopping, pid=pid, oom_kills_before=oom_kills_before)
+        return self._apply(batch, n, verdict, end, now, log)
+
+    def _apply(self, batch: Batch, n: int, v: policy.Verdict, end: policy.AttemptEnd, now: float, log: Any) -> Batch:
+        st = end.status
+        record = AttemptRecord(n, v.outcome, v.reason, exit_code=st.code, signal=st.signal,
+                               signal_sent_by=end.sender, result=end.result)
+        if v.action is policy.Action.PUBLISH:
+            batch = self.ledger.decide_done(batch.id, self.layout.adapter_dir, now, attempt=record)
+            batch = self.end(batch, now)  # RUNNING -> DONE
+            log.info("adapter_published", version=batch.adapter_version,
+                     path=str(self.layout.adapter_dir(batch.adapter_version)), file=batch.name)
+            return batch
+        if v.action is policy.Action.FAIL:
+            return self._fail(batch, BatchState.RUNNING, v.batch_reason, now, log, attempt=record, **v.updates)
+        return self.ledger.requeue(batch.id, now, reason=v.batch_reason, attempt=record,  # RUNNING -> QUEUED
+                                   next_attempt_at=v.next_attempt_at, **v.updates)
+
+    def _fail(self, batch: Batch, from_state: BatchState, reason: str, now: float, log: Any, **fields: Any) -> Batch:
+        batch = self.ledger.decide_failed(batch.id, from_state, reason, now, **fields)
+        dest = self.filing.finish_failed(batch)
+        batch = self.ledger.finish(batch, now)  # CLAIMING | QUEUED | RUNNING -> FAILED
+        log.error("batch_failed", file=batch.name, reason=reason, moved_to=str(dest) if dest else None)
+        return batch
+
+    def end(self, batch: Batch, now: float) -> Batch:
+        """File a decided batch (done/, failed/, adapters/, current), then finish its state: a
+        final state in the ledger means its files are in place. Idempotent (reconcile repeats it)."""
+        self.end_filing(batch)
+        return self.ledger.finish(batch, now)
+
+    def end_filing(self, batch: Batch) -> None:
+        """The filing step of :meth:`end` alone (for a batch already final in the ledger)."""
+        final = decided_end(batch)
+        if final is BatchState.DONE:
+            self.filing.finish_done(batch)
+        elif final is BatchState.SKIPPED:
+            self.filing.finish_skipped(batch)
+        else:
+            self.filing.finish_failed(batch)
+
+    def _log_verdict(self, v: policy.Verdict, batch: Batch, end: policy.AttemptEnd, now: float, log: Any, *,
+                     stopping: bool, pid: int | None, oom_kills_before: int | None) -> None:
+        result = end.result or {}
+        for event in v.events:
+            if event == "worker_killed_externally":
+                log.warning(event, exit=end.status.describe(), pid=pid, kernel_oom_kills_before=oom_kills_before,
+                            kernel_oom_kills_now=forensics.vmstat_oom_kills())
+            elif event == "kernel_oom_kill":
+                total = self.ledger.bump("kernel_oom_kills")
+                log.error(event, exit=end.status.describe(), kernel_oom_kills=total,
+                          guard_oom_kills=_safe(lambda: self.guard.kernel_oom_kills()),
+                          hint="the memory guard did not stop the worker in time; backing off")
+            elif event == "memory_back_off":
+                log.warning(event, micro_batch_size=v.updates["micro_batch_size"],
+                            grad_accum_steps=v.updates["grad_accum_steps"],
+                            gradient_checkpointing=bool(v.updates["gradient_checkpointing"]),
+                            previous_micro_batch_size=batch.micro_batch_size or self.settings.train.micro_batch_size,
+                            memory_stops=v.updates["memory_stops"], peak_rss_bytes=result.get("peak_rss_bytes"))
+            elif event == "disk_full":
+                log.error(event, free_bytes=_safe(lambda: shutil.disk_usage(self.layout.root).free),
+                          min_free_bytes=self.settings.disk.min_free_bytes, step=result.get("step"),
+                          checkpoint=result.get("checkpoint"),
+                          action="training paused until free space is back; resumes from the newest checkpoint")
+            elif event == "batch_paused":
+                log.info(event, step=result.get("step"), total_steps=result.get("total_steps"))
+            elif event == "batch_requeued":
+                log.info(event, reason=v.batch_reason, step=result.get("step"),
+                         resume="at the next start" if stopping else "at once")
+            elif event == "worker_crashed":
+                log.error(event, reason=v.reason, crashes=v.updates["crashes"],
+                          max_attempts=self.settings.retry.max_attempts,
+                          retry_in_s=round(v.next_attempt_at - now, 3),
+                          stderr=str(self.layout.batch(batch.id).stderr))
+
+
+def _safe(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception:  # a diagnostic only; never let it break the exit handling
+        return None

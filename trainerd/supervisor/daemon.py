@@ -1,0 +1,486 @@
+"""The supervisor's loop: signals, reload, pause, systemd, the inbox, and one worker at a time.
+
+One thread does all the work (:meth:`Supervisor.tick`); it takes ``now`` as an argument so
+tests drive time without sleeping (huey style). Signal handlers only record the signal and
+wake the loop through the wakeup pipe (neither logging nor killing is safe inside a handler).
+Two helper threads exist: watchdog's inotify observer, which only writes a byte to the same
+wakeup pipe (a hint: the folder is the truth), and the relay of the worker's stdout.
+
+What happens to a batch is in the rooms beside this one: :mod:`.attempts` (claim, start,
+settle), :mod:`.policy` (the pure exit policy), :mod:`.stopping` (the one way to stop a
+worker), :mod:`.filing` (done/failed/current), :mod:`.reconcile` (restart recovery).
+
+Queue discipline is strict FIFO: the oldest queued batch blocks the ones behind it, even
+while it waits out a crash back-off. Each batch continues from ``adapters/current``; letting
+a younger batch overtake would publish an adapter trained from an older base over it.
+
+Never imports torch: it must stay small and never be the process the kernel kills.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from trainerd import config as config_mod
+from trainerd.child import worker_command
+from trainerd.config import ConfigError, Settings
+from trainerd.contract import RootLayout
+from trainerd.fsutil import atomic_write_json, free_bytes, write_ballast
+from trainerd.inbox import Inbox
+from trainerd.ledger import Ledger
+from trainerd.logs import get_logger
+from trainerd.memguard import MemoryGuard
+from trainerd.sdnotify import Notifier
+from trainerd.states import BatchState
+from trainerd.supervisor.attempts import Attempts, Running
+from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.reconcile import reconcile
+
+__all__ = ["AlreadyRunning", "Supervisor"]
+
+_HINT_SCAN_MIN_S = 0.1
+
+# A ballast file under the root keeps this much of its file system for the ledger (see
+# _keep_reserve): when the disk fills, SQLite must still be able to record what happened.
+_RESERVE_BYTES = 1 << 20
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor holds the root's lock: two writers would corrupt the ledger's story."""
+
+
+class Supervisor:
+    """Owns ``root``: the single writer of the ledger and the parent of every worker."""
+
+    def __init__(self, settings: Settings, *, config_path: str | os.PathLike[str] | None = None,
+                 worker_cmd: list[str] | str | None = None, log: Any = None,
+                 env: dict[str, str] | None = None):
+        settings.root = str(Path(settings.root).resolve())
+        self.settings = settings
+        self.config_path = config_path
+        self.worker_cmd = worker_command(worker_cmd)
+        self.env = env
+        self.log = log if log is not None else get_logger()
+        self.layout = RootLayout(settings.root)
+        self.ledger: Ledger | None = None
+        self.filing: Filing | None = None
+        self.attempts: Attempts | None = None
+        self.running: Running | None = None
+        self.stopping = False
+        self.finished = False
+        self._lock_fd: int | None = None
+        self._pending_signals: list[int] = []
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._scan_due = 0.0  # next periodic rescan
+        self._last_scan = -1e18
+        self._guard_stale = False
+        self._start_blocked_until = 0.0
+        self._hinted = True
+        self._inbox_recheck: float | None = None
+        self._next_ping: float | None = None
+        # Remembered only to log the edges (paused/resumed, disk_low/disk_ok, retry_waiting).
+        self._paused_seen = False
+        self._disk_low_seen = False
+        self._waiting_logged: int | None = None
+        self._state_text = ""
+        self.notifier = Notifier.from_env(unset_environment=True)
+        self.guard = MemoryGuard(settings.memory, log=self.log)
+        self.inbox = Inbox(self.layout.inbox, settle_s=settings.supervisor.settle_s, log=self.log)
+
+    # --- derived state -------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """``root/.stop`` exists (the operator's pause)."""
+        return os.path.lexists(self.layout.stop)
+
+    @property
+    def disk_low(self) -> bool:
+        """Free space under the root is below ``disk.min_free_bytes``: no attempt starts."""
+        free = free_bytes(self.layout.root)
+        return free is not None and free < self.settings.disk.min_free_bytes
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def open(self, now: float | None = None) -> None:
+        """Create the folders, take the root's lock, open the ledger and reconcile."""
+        now = time.time() if now is None else now
+        self.layout.make()
+        self._take_lock()
+        self.ledger = Ledger(self.layout.db)
+        self.filing = Filing(self.layout, self.ledger, self.log)
+        self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
+                                 guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
+        self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
+                      worker_cmd=" ".join(self.worker_cmd))
+        reconcile(self.layout, self.ledger, self.attempts, self.filing, self.log, now,
+                  stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
+
+    def close(self) -> None:
+        self.inbox.stop_watching()
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.layout.daemon)
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise AlreadyRunning(f"another trainerd (pid {other or '?'}) is running on {self.layout.root}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The C-level handler writes to this pipe; the Python-level handler only records.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._record_signal)
+        try:
+            self.open()
+            self._start_watching()
+            self._scan(time.time())
+            self.notifier.ready(status=self._describe_state())
+            self.log.info("supervisor_ready", paused=self.paused,
+                          watchdog_interval_s=self.notifier.watchdog_interval_s())
+            while not self.finished:
+                wake_at = self.tick(time.time())
+                if self.finished:
+                    break
+                timeout = None if wake_at is None else max(0.0, wake_at - time.time())
+                try:
+                    select.select([self._wake_r], [], [], timeout)
+                except InterruptedError:  # PEP 475 retries, but be explicit about EINTR
+                    pass
+                self._drain_wakeups()
+            self.log.info("supervisor_stopped")
+            return 0
+        except Exception:
+            self.log.exception("supervisor_crashed")
+            raise
+        finally:
+            signal.set_wakeup_fd(-1)
+            if self.running is not None:
+                # Only after an exception. Let the worker checkpoint (it would also stop on its
+                # lifeline, but then the next start has to wait for it); kill it if it hangs.
+                child = self.running.child
+                self.running.stop.shutdown(time.time(), self.settings.supervisor.stop_grace_s, at_once=False)
+                if child.wait(self.settings.supervisor.stop_grace_s) is None:
+                    self.running.stop.shutdown(time.time(), 0.0, at_once=True)
+                    child.wait(5.0)
+            self.close()
+
+    def _record_signal(self, signum: int, _frame: Any) -> None:
+        self._pending_signals.append(signum)
+
+    def _hint(self) -> None:
+        """Called from watchdog's thread: note it and wake the main loop (a write is thread-safe)."""
+        self._hinted = True
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"h")
+            except OSError:  # EAGAIN: the pipe is full, the loop will wake anyway
+                pass
+
+    def _drain_wakeups(self) -> None:
+        if self._wake_r is None:
+            return
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _start_watching(self) -> None:
+        """inotify hints for the inbox and for ``root/.stop`` (created or removed by the operator)."""
+        try:
+            self.inbox.start_watching(self._hint)
+            self.inbox.watch_also(self.layout.root, {self.layout.stop.name}, self._hint)
+        except OSError as e:
+            # inotify unavailable (NFS, fs.inotify.max_user_watches exhausted): the periodic
+            # rescan alone still finds every file, only later.
+            self.log.warning("inotify_unavailable", error=str(e), rescan_s=self.settings.supervisor.rescan_s)
+            self.inbox.stop_watching()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> float | None:
+        """Do everything that is due at ``now``; return when to be called next (None = on an event).
+
+        ``now`` is wall-clock seconds (it is stored in the ledger: back-off deadlines must
+        survive a restart). The memory guard gets monotonic time: it only compares its own
+        samples with each other, and a wall-clock step (NTP) must not read as a burst of growth.
+        """
+        assert self.ledger is not None, "call open() first"
+        if self.running is None or self.running.child.poll() is not None:
+            self._keep_reserve()  # before this tick writes: claims, an exit's settlement
+        self._handle_signals(now)
+        self._check_pause(now)
+        if self.running is not None:
+            self._supervise(now)
+        if self.stopping and self.running is None:
+            self.finished = True
+            return None
+        # inotify hints arrive per write while a big file is copied in: at most one hinted
+        # scan per _HINT_SCAN_MIN_S, the periodic rescan regardless.
+        hinted = self._hinted and now >= self._last_scan + _HINT_SCAN_MIN_S
+        if hinted or now >= self._scan_due or (self._inbox_recheck is not None and now >= self._inbox_recheck):
+            self._scan(now)
+        if self.running is None and not self.stopping:
+            self._maybe_start(now)
+        self._ping_watchdog(now)
+        self._publish_state()
+        return self._next_wake(now)
+
+    def _next_wake(self, now: float) -> float:
+        times = [self._scan_due]
+        if self._hinted:
+            times.append(self._last_scan + _HINT_SCAN_MIN_S)
+        for t in (self._inbox_recheck, self._next_ping):
+            if t is not None:
+                times.append(t)
+        r = self.running
+        if r is not None:
+            times.append(r.next_guard_poll)
+            if r.stop.kill_at is not None:
+                times.append(r.stop.kill_at)
+            # SIGCHLD wakes us when the worker exits; this is only a backstop.
+            times.append(now + 1.0)
+        elif not self.paused and not self.stopping:
+            head = self.ledger.next_queued() if self.ledger else None
+            if head is not None and head.next_attempt_at > now:
+                times.append(head.next_attempt_at)
+        return max(now, min(times))
+
+    def _handle_signals(self, now: float) -> None:
+        while self._pending_signals:
+            sig = self._pending_signals.pop(0)
+            if sig == signal.SIGHUP:
+                self.reload()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                self.request_stop(now, signal.Signals(sig).name)
+            # SIGCHLD is only a wake-up: _supervise reaps.
+
+    def request_stop(self, now: float, why: str = "request") -> None:
+        """First call: stop the worker gracefully (grace, then SIGKILL). Second call: at once."""
+        r = self.running
+        grace = self.settings.supervisor.stop_grace_s
+        if not self.stopping:
+            self.stopping = True
+            self.log.info("shutdown_requested", signal=why, worker_running=r is not None, stop_grace_s=grace)
+            self.notifier.stopping(status="stopping: checkpointing the running batch" if r else "stopping")
+            if r is not None:
+                # SIGTERM to the worker only (not its group): it checkpoints and exits 75, and
+                # stops its own helpers. The whole group gets SIGKILL if the grace runs out.
+                r.stop.shutdown(now, grace, at_once=False)
+            return
+        self.log.warning("shutdown_forced", signal=why)
+        if r is not None:
+            r.stop.shutdown(now, grace, at_once=True)
+
+    def reload(self) -> None:
+        """SIGHUP: load the config again for the next attempts; a bad file keeps the old one."""
+        if self.config_path is None:
+            self.log.warning("config_reload_skipped", reason="started without a config file")
+            return
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as e:
+            self.log.error("config_reload_failed", config=str(self.config_path), problems=e.problems)
+            self.notifier.ready(status=self._describe_state())
+            return
+        new.root = str(Path(new.root).resolve())
+        if new.root != self.settings.root:
+            self.log.warning("config_root_change_ignored", root=self.settings.root, new_root=new.root,
+                             hint="restart trainerd to move its root")
+            new.root = self.settings.root
+        self.settings = new
+        if self.attempts is not None:
+            self.attempts.settings = new
+        self.inbox.settle_s = new.supervisor.settle_s
+        self._guard_stale = True  # rebuilt with the new memory settings before the next attempt
+        self.log.info("config_reloaded", config=str(self.config_path))
+        self.notifier.ready(status=self._describe_state())
+
+    def _check_pause(self, now: float) -> None:
+        paused = self.paused
+        if paused == self._paused_seen:
+            return
+        self._paused_seen = paused
+        if paused:
+            self.log.info("paused", stop_file=str(self.layout.stop), worker_running=self.running is not None)
+        else:
+            self.log.info("resumed")
+        self._scan_due = now  # look at the queue again right away
+
+    def _ping_watchdog(self, now: float) -> None:
+        interval = self.settings.supervisor.watchdog_ping_s or None
+        wd = self.notifier.watchdog_interval_s()
+        if wd:
+            interval = min(interval or wd / 2, wd / 2)
+        if not interval:
+            self._next_ping = None
+            return
+        if self._next_ping is None or now >= self._next_ping:
+            self.notifier.watchdog()
+            self._next_ping = now + interval
+
+    # --- daemon state for status and systemd ---------------------------------------------
+
+    def _describe_state(self) -> str:
+        r = self.running
+        if self.stopping:
+            return "stopping"
+        if r is not None:
+            return f"training batch {r.batch.id} ({r.batch.name}), attempt {r.attempt}" + (
+                " (pausing)" if self.paused else "")
+        if self.paused:
+            return "paused (remove .stop to resume)"
+        if self.disk_low:
+            return "waiting for free disk space"
+        head = self.ledger.next_queued() if self.ledger else None
+        if head is not None and head.next_attempt_at > time.time():
+            return f"waiting to retry batch {head.id} ({head.name})"
+        return "idle, watching the inbox"
+
+    def _publish_state(self) -> None:
+        text = self._describe_state()
+        if text == self._state_text:
+            return
+        self._state_text = text
+        self.notifier.status(text)
+        r = self.running
+        # Not fsynced: a status hint, rewritten on every change; losing it on power loss is fine.
+        self._guarded("daemon_state_unwritable", lambda: atomic_write_json(self.layout.daemon, {
+            "pid": os.getpid(), "state": text, "paused": self.paused, "stopping": self.stopping,
+            "disk_low": self.disk_low, "updated_at": time.time(),
+            "running": None if r is None else {"batch": r.batch.id, "attempt": r.attempt,
+                                               "pid": r.child.pid, "started_at": r.started_at},
+        }, durable=False))
+
+    # --- inbox ---------------------------------------------------------------------------
+
+    def _scan(self, now: float) -> None:
+        assert self.ledger is not None and self.attempts is not None and self.filing is not None
+        self._hinted = False
+        self._last_scan = now
+        self._scan_due = now + self.settings.supervisor.rescan_s
+        # A claim that hit an error (disk full, EIO) stays CLAIMING; finish it when we can.
+        for b in self.ledger.batches(BatchState.CLAIMING):
+            self._guarded("claim_failed", lambda b=b: self.attempts.complete_claim(b, now), file=b.name)
+        ready, rejected, recheck = self.inbox.scan(now)
+        self._inbox_recheck = recheck
+        for rej in rejected:
+            self._guarded("inbox_entry_unmovable", lambda rej=rej: self.filing.reject_entry(rej, now), file=rej.name)
+        for name in ready:
+            self.inbox.forget(name)
+            self._guarded("claim_failed", lambda name=name: self.attempts.claim(name, now), file=name)
+
+    def _keep_reserve(self) -> None:
+        """Hold ``root/.disk-reserve`` (1 MiB of real blocks) while space allows; release it as
+        soon as the file system is nearly full, so the ledger's next commits have room (no
+        SQLITE_FULL crash) and the batch can be requeued as ``disk_full``. Called only while no
+        worker runs, so a worker cannot eat the released room before the ledger uses it; made
+        again once free space is back above ``disk.min_free_bytes`` plus a margin."""
+        path = self.layout.disk_reserve
+        free = free_bytes(self.layout.root)
+        if free is None:
+            return
+        have = os.path.exists(path)
+        if have and free < _RESERVE_BYTES:
+            try:
+                os.unlink(path)
+            except OSError:
+                return
+            self.log.error("disk_reserve_released", free_bytes=free, released_bytes=_RESERVE_BYTES,
+                           action="the file system is full: no new attempt until space is back")
+        elif not have and free > 4 * _RESERVE_BYTES + self.settings.disk.min_free_bytes:
+            write_ballast(path, _RESERVE_BYTES)
+
+    def _guarded(self, event: str, fn: Callable[[], Any], **fields: Any) -> Any:
+        """Run a file-system step; an OSError (ENOSPC, EIO, EACCES) is logged, not fatal: the
+        ledger says where the step stopped and the next scan or start retries it."""
+        try:
+            return fn()
+        except OSError as e:
+            self.log.error(event, error=str(e), errno=errno.errorcode.get(e.errno or 0, e.errno), **fields)
+            return None
+
+    # --- one worker ----------------------------------------------------------------------
+
+    def _maybe_start(self, now: float) -> None:
+        assert self.ledger is not None and self.attempts is not None
+        if self.paused:
+            return
+        head = self.ledger.next_queued()
+        if head is None or now < self._start_blocked_until:
+            return
+        if head.next_attempt_at > now:
+            if self._waiting_logged != head.id:
+                self._waiting_logged = head.id
+                self.log.info("retry_waiting", batch=head.id, retry_in_s=round(head.next_attempt_at - now, 3))
+            return
+        free = free_bytes(self.layout.root)
+        if self.disk_low:
+            if not self._disk_low_seen:
+                self._disk_low_seen = True
+                self.log.error("disk_low", free_bytes=free, min_free_bytes=self.settings.disk.min_free_bytes,
+                               batch=head.id, action="waiting; the batch stays queued")
+            return
+        if self._disk_low_seen:
+            self._disk_low_seen = False
+            self.log.info("disk_ok", free_bytes=free)
+        if self._guard_stale:
+            self._guard_stale = False
+            self.guard = self.attempts.guard = MemoryGuard(self.settings.memory, log=self.log)
+        try:
+            self.running = self.attempts.start(head, now)
+        except OSError as e:
+            # Before the worker exists (settings.json, folders): the batch is still QUEUED.
+            self.log.error("worker_start_failed", batch=head.id, error=str(e),
+                           retry_in_s=self.settings.supervisor.rescan_s)
+            self._start_blocked_until = now + self.settings.supervisor.rescan_s
+            return
+        if self.running is not None:
+            # The guard gets monotonic time: it only compares its own samples (growth rates,
+            # worker age), and a wall-clock step (NTP) must not read as growth or a sudden age.
+            self.guard.attach(self.running.child.pid, self.running.files.dir, time.monotonic())
+
+    def _supervise(self, now: float) -> None:
+        r = self.running
+        assert r is not None and self.attempts is not None
+        status = r.child.poll()
+        if status is None:
+            if now >= r.next_guard_poll:
+                r.next_guard_poll = now + self.settings.memory.interval_ms / 1000.0
+                r.stop.apply_guard(self.guard.poll(time.monotonic()))
+            r.stop.tick(now)
+            return
+        self.guard.detach()
+        self.running = None
+        self.attempts.finish(r, status, now, stopping=self.stopping)

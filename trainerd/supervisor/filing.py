@@ -1,0 +1,185 @@
+"""Filing: the ends of a batch on disk, each idempotent so that reconcile can repeat it.
+
+- a DONE batch: its staged adapter becomes ``adapters/<n>``, ``current`` moves to the newest
+  version, the original goes to ``done/``;
+- a FAILED batch: the original goes to ``failed/`` with ``<name>.error.json`` beside it;
+- a SKIPPED batch (a duplicate): the original goes to ``done/`` with ``<name>.duplicate.json``;
+- a non-regular inbox entry (symlink, FIFO, directory named ``*.jsonl``): moved unread to
+  ``failed/``.
+
+The ledger says what happened; these functions make the folders say it too. Each one can be
+interrupted at any instant (power cut, SIGKILL) and run again from the top. An existing name
+in ``done/``/``failed/`` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from trainerd import faults
+from trainerd.contract import RootLayout
+from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none
+from trainerd.inbox import Rejected
+from trainerd.ledger import Batch, Ledger
+
+__all__ = ["Filing", "free_name"]
+
+
+def free_name(folder: Path, name: str, tag: str) -> str:
+    """``name`` if free in ``folder``, else ``<tag>-name``: originals are never overwritten.
+
+    A name near NAME_MAX (255 bytes) is shortened so that ``<tag>-`` and ``.error.json``
+    still fit; the full original name is in the ledger and in the error file.
+    """
+    if len(name.encode()) > 200:
+        name = name.encode()[:180].decode(errors="ignore") + "~.jsonl"
+        return f"{tag}-{name}"
+    if not os.path.lexists(folder / name) and not os.path.lexists(folder / f"{name}.error.json"):
+        return name
+    return f"{tag}-{name}"
+
+
+def _read_errors(path: Path, limit: int = 100) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if len(out) >= limit:
+                    break
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+class Filing:
+    """Moves batches' files to where the ledger says they belong."""
+
+    def __init__(self, layout: RootLayout, ledger: Ledger, log: Any):
+        self.layout = layout
+        self.ledger = ledger
+        self.log = log
+        self._unmovable: set[tuple[str, Any]] = set()  # rejected inbox entries we could not move
+
+    def _move_original(self, batch: Batch, folder: Path) -> str | None:
+        """Rename the batch's data file into ``folder`` under a free name; None if it is gone."""
+        data = self.layout.batch(batch.id).data
+        if not os.path.lexists(data):
+            return None
+        name = free_name(folder, batch.name, self.layout.batch_name(batch.id))
+        os.rename(data, folder / name)
+        fsync_dir(folder)
+        return name
+
+    # --- done ------------------------------------------------------------------------
+
+    def finish_done(self, batch: Batch) -> None:
+        """Roll a DONE batch forward on disk: adapter visible, ``current`` switched, original filed."""
+        dest = self.layout.adapter_dir(batch.adapter_version)
+        staged = self.layout.batch(batch.id).published
+        if not dest.exists() and staged.is_dir():
+            # The worker wrote and fsynced it completely before renaming it to `published`;
+            # this rename makes it visible as a version in one step.
+            os.rename(staged, dest)
+            fsync_dir(self.layout.adapters)
+            faults.die_at("supervisor_crash_in_publish")  # chaos tests: die before `current` moves
+        if not dest.exists():
+            self.log.error("adapter_missing", batch=batch.id, version=batch.adapter_version, path=str(dest))
+        self.switch_current()
+        self._move_original(batch, self.layout.done)
+
+    def switch_current(self) -> None:
+        """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename)."""
+        versions = [v.n for v in self.ledger.adapter_versions() if self.layout.adapter_dir(v.n).is_dir()]
+        if not versions:
+            return
+        target = str(max(versions))
+        try:
+            if os.readlink(self.layout.current) == target:
+                return
+        except OSError:
+            pass
+        tmp = self.layout.adapters / f".current.tmp-{os.getpid()}"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, tmp)
+        os.replace(tmp, self.layout.current)  # a reader sees the old link or the new one
+        fsync_dir(self.layout.adapters)
+
+    # --- failed ----------------------------------------------------------------------
+
+    def finish_failed(self, batch: Batch) -> Path | None:
+        """Quarantine: original to failed/ with ``<name>.error.json`` beside it. Returns where it went."""
+        files = self.layout.batch(batch.id)
+        failed = self.layout.failed
+        gone = not os.path.lexists(files.data)
+        if gone:
+            # The data vanished (deleted by hand while queued or training): nothing to move,
+            # but the reason still goes where the operator looks. Once only (reconcile repeats).
+            for cand in (batch.name, f"{self.layout.batch_name(batch.id)}-{batch.name}"):
+                if (read_json_or_none(failed / f"{cand}.error.json") or {}).get("batch") == batch.id:
+                    return None
+        name = free_name(failed, batch.name, self.layout.batch_name(batch.id))
+        result = read_json_or_none(files.result) or {}
+        atomic_write_json(failed / f"{name}.error.json", {
+            "file": batch.name, "batch": batch.id, "reason": batch.last_reason,
+            "sha256": batch.sha256, "attempts": batch.attempts, "crashes": batch.crashes,
+            "lines_good": result.get("lines_good"), "lines_bad": result.get("lines_bad"),
+            "errors": result.get("errors") or _read_errors(files.errors),
+            "exit_code": result.get("exit_code"), "batch_dir": str(files.dir), "failed_at": batch.finished_at,
+            "original": None if gone else name,
+        })
+        if gone:
+            fsync_dir(failed)
+            return None
+        os.rename(files.data, failed / name)
+        fsync_dir(failed)
+        return failed / name
+
+    # --- skipped ---------------------------------------------------------------------
+
+    def finish_skipped(self, batch: Batch) -> None:
+        data = self.layout.batch(batch.id).data
+        if not os.path.lexists(data):
+            return
+        name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
+        atomic_write_json(self.layout.done / f"{name}.duplicate.json", {
+            "file": batch.name, "batch": batch.id, "sha256": batch.sha256,
+            "duplicate_of": batch.duplicate_of, "reason": batch.last_reason})
+        os.rename(data, self.layout.done / name)
+        fsync_dir(self.layout.done)
+
+    # --- the inbox -------------------------------------------------------------------
+
+    def reject_entry(self, rej: Rejected, now: float) -> None:
+        """Move a non-regular ``*.jsonl`` inbox entry to failed/ without ever opening it."""
+        dest_name = free_name(self.layout.failed, rej.name, f"rejected-{int(now)}")
+        src = self.layout.inbox / rej.name
+        try:
+            os.rename(src, self.layout.failed / dest_name)  # rename never follows a symlink
+        except OSError as e:
+            # E.g. another user's directory (moving it needs write access to the directory
+            # itself). Say so once per entry, not on every rescan; it stays, never read.
+            try:
+                key = (rej.name, os.lstat(src).st_ino)
+            except OSError:
+                key = (rej.name, None)
+            if key not in self._unmovable:
+                self._unmovable.add(key)
+                self.log.error("inbox_entry_unmovable", file=rej.name, kind=rej.kind, reason=rej.reason,
+                               error=str(e), errno=errno.errorcode.get(e.errno or 0, e.errno),
+                               hint="it is left in the inbox, unread; remove it by hand")
+            return
+        atomic_write_json(self.layout.failed / f"{dest_name}.error.json", {
+            "file": rej.name, "reason": rej.reason, "kind": rej.kind, "failed_at": now})
+        self.log.error("inbox_entry_rejected", file=rej.name, kind=rej.kind, reason=rej.reason,
+                       moved_to=str(self.layout.failed / dest_name))

@@ -1,0 +1,175 @@
+"""The exit policy, pure: how an attempt ended -> what happens to its batch.
+
+No processes, no files, no clock: :func:`decide` takes what is known about the end of an
+attempt (exit status, the worker's result.json, why trainerd asked it to stop and who sent a
+fatal signal, the kernel's OOM evidence) with the batch row and the settings, and returns a
+:class:`Verdict`. :mod:`trainerd.supervisor.attempts` carries it out. Table-tested in
+tests/test_policy.py; the process-level tests prove the pieces fit.
+
+    exit 0 + adapter staged        -> publish
+    exit 0, no adapter             -> crash
+    exit 75                        -> stopped (reason from result.json; our guard's SIGTERM
+                                      reads as memory/recycle, not shutdown)
+    exit 65 / 78                   -> failed (data / settings unusable)
+    our own signal (guard, supervisor) -> stopped (memory, or the cause we had)
+    SIGKILL nobody here sent, kernel says not OOM -> crash (worker_killed_externally)
+    SIGKILL nobody here sent, otherwise           -> kernel_oom_kill: a memory stop
+    anything else                  -> crash
+
+    stopped memory   -> back off (half the micro-batch, double accumulation, then gradient
+                        checkpointing), or fail when nothing smaller is left / too many stops
+    stopped disk_full-> requeue after backoff_s (the start check waits for space)
+    stopped other    -> requeue at once
+    crash            -> requeue after an exponential back-off, or fail after max_attempts
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Mapping
+
+from trainerd.child import ExitStatus
+from trainerd.config import Settings
+from trainerd.contract import ExitCode, Outcome, StopReason
+from trainerd.fsutil import fmt_bytes
+from trainerd.ledger import Batch
+from trainerd.planning import back_off
+from trainerd.supervisor.stopping import Sender
+
+__all__ = ["Action", "AttemptEnd", "Verdict", "crash", "crash_delay_s", "decide"]
+
+
+class Action(str, Enum):
+    PUBLISH = "publish"   # RUNNING -> DONE, the staged adapter becomes the next version
+    REQUEUE = "requeue"   # RUNNING -> QUEUED (with ``updates``, not before ``next_attempt_at``)
+    FAIL = "fail"         # RUNNING -> FAILED, original to failed/
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """What is known when an attempt is over."""
+
+    status: ExitStatus
+    result: dict[str, Any] | None = None
+    cause: StopReason | None = None      # why trainerd asked the worker to stop, if it did
+    sender: Sender | None = None         # who in trainerd sent the fatal signal, if anyone
+    adapter_staged: bool = False         # batch/published exists
+    kernel_oom: bool | None = None       # forensics for a bare SIGKILL; None = cannot tell
+    limit_bytes: int | None = None       # the guard's memory limit, for a failure message
+
+    @property
+    def result_reason(self) -> str | None:
+        r = (self.result or {}).get("reason")
+        return str(r) if r else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome                  # the attempt's outcome (ledger)
+    reason: str                       # the attempt's reason (ledger)
+    action: Action
+    batch_reason: str = ""            # the batch's last_reason: why requeued, or why failed
+    next_attempt_at: float = 0.0
+    updates: Mapping[str, Any] = field(default_factory=dict)  # crashes, memory_stops, the plan
+    events: tuple[str, ...] = ()      # what to log, in order (see attempts.Attempts._log_verdict)
+    stop: StopReason | None = None    # the stop this attempt ended with, if it was one
+
+
+def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Verdict:
+    """The verdict on one ended attempt of ``batch`` (the row as it was while running)."""
+    st = end.status
+    if st.code == ExitCode.OK:
+        if end.adapter_staged:
+            return Verdict(Outcome.DONE, "done", Action.PUBLISH)
+        return crash(batch, "the worker exited 0 but left no adapter at batch/published", settings, now)
+    if st.code == ExitCode.TEMPFAIL:
+        reason = end.result_reason or "unknown"
+        if end.cause in (StopReason.MEMORY, StopReason.RECYCLE) and reason == StopReason.SHUTDOWN:
+            reason = end.cause.value  # our guard's SIGTERM, not an operator's shutdown
+        return _stopped(batch, reason, reason, end, settings, now)
+    if st.code in (ExitCode.DATAERR, ExitCode.CONFIG):
+        bad_data = st.code == ExitCode.DATAERR
+        what = "data unusable" if bad_data else "settings unusable"
+        reason = end.result_reason or what
+        return Verdict(Outcome.BAD_DATA if bad_data else Outcome.BAD_CONFIG, reason, Action.FAIL,
+                       batch_reason=f"{what}: {reason}")
+    if st.signal is not None and end.sender is not None:
+        # Our own signal: a memory stop, or our SIGKILL at shutdown (grace expired, a second
+        # signal). Never a crash.
+        reason = StopReason.MEMORY.value if end.cause is StopReason.MEMORY else \
+            (end.cause or StopReason.SHUTDOWN).value
+        return _stopped(batch, reason, reason, end, settings, now)
+    if st.signal == signal.SIGKILL and end.kernel_oom is False:
+        # Nobody in trainerd sent it and the kernel counted no OOM kill of it while this attempt
+        # ran (or named another pid): an operator's `kill -9`, a chaos test. A crash, not a
+        # memory problem: backing off would shrink the batch for nothing.
+        why = f"{st.describe()} sent by another process (the kernel counted no OOM kill of it)"
+        v = crash(batch, why, settings, now)
+        return _with_events(v, "worker_killed_externally", *v.events)
+    if st.signal == signal.SIGKILL:
+        # Nobody in trainerd sent it: the kernel's OOM killer, the usual sender of a bare SIGKILL.
+        v = _stopped(batch, StopReason.KERNEL_OOM_KILL.value, StopReason.MEMORY.value, end, settings, now)
+        return _with_events(v, "kernel_oom_kill", *v.events)
+    reason = st.describe() + (f": {end.result_reason}" if end.result_reason else "")
+    return crash(batch, reason, settings, now)
+
+
+def crash_delay_s(crashes: int, settings: Settings) -> float:
+    """Exponential back-off after the ``crashes``-th crash: backoff_s, x2 each time, capped."""
+    return min(settings.retry.backoff_s * (2 ** (crashes - 1)), settings.retry.backoff_max_s)
+
+
+def _stopped(batch: Batch, attempt_reason: str, stop: str, end: AttemptEnd, settings: Settings,
+             now: float) -> Verdict:
+    """A stop (exit 75, or our own kill): back to the queue; smaller after a memory stop."""
+    try:
+        reason = StopReason(stop)
+    except ValueError:  # a reason this release does not know (an operator's .stop text): requeue
+        return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=stop,
+                       events=("batch_requeued",))
+    if reason is StopReason.MEMORY:
+        return _memory_stop(batch, attempt_reason, end, settings)
+    if reason is StopReason.DISK_FULL:
+        # The worker could not write a checkpoint or the adapter; the previous ones are intact.
+        # The start check (disk.min_free_bytes) holds the batch back; the short back-off keeps a
+        # too-small min_free_bytes from spinning.
+        return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=reason.value,
+                       next_attempt_at=now + settings.retry.backoff_s, events=("disk_full",), stop=reason)
+    event = "batch_paused" if reason is StopReason.PAUSED else "batch_requeued"
+    return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=reason.value,
+                   events=(event,), stop=reason)
+
+
+def _memory_stop(batch: Batch, attempt_reason: str, end: AttemptEnd, settings: Settings) -> Verdict:
+    stops = batch.memory_stops + 1
+    t = settings.train
+    cur = (batch.micro_batch_size or t.micro_batch_size, batch.grad_accum_steps or t.grad_accum_steps,
+           bool(batch.gradient_checkpointing))
+    nxt = back_off(*cur)
+    if nxt is None or stops > settings.retry.max_memory_stops:
+        peak = (end.result or {}).get("peak_rss_bytes")
+        why = ("needs more memory than the limit even at micro_batch_size 1 with gradient checkpointing"
+               if nxt is None else f"{stops} memory stops (retry.max_memory_stops)")
+        return Verdict(Outcome.STOPPED, attempt_reason, Action.FAIL,
+                       batch_reason=f"{why}: peak RSS {fmt_bytes(peak)} against a limit of {fmt_bytes(end.limit_bytes)}",
+                       updates={"memory_stops": stops}, stop=StopReason.MEMORY)
+    return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=StopReason.MEMORY.value,
+                   updates={"memory_stops": stops, "micro_batch_size": nxt[0], "grad_accum_steps": nxt[1],
+                            "gradient_checkpointing": int(nxt[2])},
+                   events=("memory_back_off",), stop=StopReason.MEMORY)
+
+
+def crash(batch: Batch, reason: str, settings: Settings, now: float) -> Verdict:
+    crashes = batch.crashes + 1
+    limit = settings.retry.max_attempts
+    if crashes >= limit:
+        return Verdict(Outcome.CRASHED, reason, Action.FAIL, updates={"crashes": crashes},
+                       batch_reason=f"crashed {crashes} times (retry.max_attempts = {limit}); last: {reason}")
+    return Verdict(Outcome.CRASHED, reason, Action.REQUEUE, batch_reason=reason, updates={"crashes": crashes},
+                   next_attempt_at=now + crash_delay_s(crashes, settings), events=("worker_crashed",))
+
+
+def _with_events(v: Verdict, *events: str) -> Verdict:
+    return replace(v, events=events)

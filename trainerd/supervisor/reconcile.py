@@ -1,0 +1,133 @@
+"""Restart recovery: make the ledger and the folders agree again, whatever instant the last
+life of the supervisor died at, and stop any worker it left behind.
+
+Runs once at start-up, before READY and before the first scan:
+
+- a worker of the previous life is still checkpointing (it read EOF on its lifeline): let it
+  finish within the stop grace, then SIGKILL its whole group;
+- CLAIMING: finish the claim (the rename and the hash are idempotent);
+- RUNNING: the worker's result.json, if it wrote one, is its last word and is settled as if we
+  had watched it exit; otherwise the attempt is ``lost`` and the batch requeued (it resumes
+  from its newest checkpoint);
+- an end that was decided but not finished (finished_at set, state not final yet): file it
+  (adapter visible, ``current`` switched, original moved — every step idempotent), then
+  finish the state. A final state in the ledger always means its files are in place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import psutil
+
+from trainerd.child import ExitStatus
+from trainerd.contract import Outcome, RootLayout, StopReason
+from trainerd.fsutil import read_json_or_none
+from trainerd.ledger import AttemptRecord, Ledger, decided_end
+from trainerd.states import BatchState
+from trainerd.supervisor.attempts import Attempts
+from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.policy import AttemptEnd
+
+__all__ = ["find_leftover_workers", "reconcile"]
+
+
+def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, filing: Filing, log: Any, now: float, *,
+              stop_grace_s: float, notifier: Any) -> None:
+    """Make the ledger and the folders agree; see the module docstring for what each state gets."""
+    _stop_leftover_workers(layout, log, stop_grace_s, notifier)
+    for b in ledger.decided():
+        # Its end was decided, then the supervisor died before the files were all filed.
+        log.warning("batch_end_resumed", batch=b.id, file=b.name, state=b.state.value, to=decided_end(b).value)
+        attempts.end(b, now)
+    for b in ledger.batches(BatchState.CLAIMING):
+        log.warning("claim_resumed", batch=b.id, file=b.name)
+        attempts.complete_claim(b, now)
+    open_attempts = {a.batch_id: a for a in ledger.open_attempts()}
+    for b in ledger.batches(BatchState.RUNNING):
+        a = open_attempts.get(b.id)
+        blog = log.bind(batch=b.id, attempt=a.n if a else None)
+        if a is None:  # cannot happen (one transaction), but never leave a batch RUNNING
+            ledger.requeue(b.id, now, reason=StopReason.SUPERVISOR_RESTART.value)  # RUNNING -> QUEUED
+            continue
+        result = read_json_or_none(layout.batch(b.id).result)
+        code = (result or {}).get("exit_code")
+        if isinstance(code, int):
+            # The worker finished its attempt while nobody was watching: honour its word.
+            blog.info("attempt_recovered", result_status=result.get("status"), exit_code=code)
+            attempts.settle(b, a.n, AttemptEnd(ExitStatus(code, None), result,
+                                               adapter_staged=layout.batch(b.id).published.is_dir()), now, blog)
+        else:
+            restart = StopReason.SUPERVISOR_RESTART.value
+            ledger.requeue(b.id, now, reason=restart,  # RUNNING -> QUEUED
+                           attempt=AttemptRecord(a.n, Outcome.LOST, restart))
+            blog.warning("batch_requeued", reason=StopReason.SUPERVISOR_RESTART.value,
+                         hint="resumes from its newest checkpoint")
+    # Roots written before ends were decided first (schema 1, until this release) may hold a
+    # final batch whose files were never filed: the filing steps are idempotent, so repeat them.
+    for b in ledger.batches(BatchState.DONE):
+        if os.path.lexists(layout.batch(b.id).data) or not layout.adapter_dir(b.adapter_version).exists():
+            filing.finish_done(b)
+    for b in ledger.batches(BatchState.FAILED, BatchState.SKIPPED):
+        if os.path.lexists(layout.batch(b.id).data):
+            attempts.end_filing(b)
+    filing.switch_current()
+    for stray in layout.adapters.glob(".current.tmp-*"):
+        stray.unlink(missing_ok=True)
+    latest = ledger.latest_version()
+    log.info("reconciled", counts=ledger.counts(), adapter_version=latest.n if latest else None)
+
+
+def find_leftover_workers(layout: RootLayout) -> list[psutil.Process]:
+    """Our workers from an earlier life: a command line with ``--publish`` and a batch folder
+    of this root as an argument of its own (an operator's `less batches/000001/...` is not)."""
+    prefix = str(layout.batches) + os.sep
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            ours = "--publish" in cmd and any(a.startswith(prefix) and a[len(prefix):].isdigit() for a in cmd[1:])
+            if ours and p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _stop_leftover_workers(layout: RootLayout, log: Any, stop_grace_s: float, notifier: Any) -> None:
+    """A worker from the previous life read EOF on its lifeline and is checkpointing: let it
+    finish within the stop grace, then SIGKILL its whole group."""
+    procs = find_leftover_workers(layout)
+    if not procs:
+        return
+    for p in procs:
+        log.warning("leftover_worker_found", pid=p.pid, cmdline=" ".join(p.cmdline()[:6]))
+    # Before READY: ask systemd for the time this may take instead of failing the start.
+    notifier.extend_timeout(stop_grace_s + 30)
+    deadline = time.monotonic() + stop_grace_s
+    pending = list(procs)
+    while pending and time.monotonic() < deadline:
+        pending = [p for p in pending if _alive(p)]
+        if pending:
+            time.sleep(0.1)  # start-up, before the loop exists: nothing else to do meanwhile
+    for p in procs:
+        was_alive = _alive(p)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the leader's pid is its group id
+        except (ProcessLookupError, PermissionError):
+            pass
+        log.warning("leftover_worker_stopped", pid=p.pid,
+                    how="SIGKILL after the stop grace" if was_alive else "exited by itself")
+    deadline = time.monotonic() + 5.0
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -1,0 +1,108 @@
+"""The worker's reasons to stop, collected without acting on them.
+
+Signal handlers only set a flag (logging or raising in a handler is unsafe); the training
+loop asks :meth:`Stopper.check` between micro-batches and :meth:`Stopper.agree` between
+optimizer steps (an all-reduce when torch.distributed is initialised, so every rank stops at
+the same step).
+
+    batch/.stop          the memory guard (content: memory | recycle), or an operator
+    root/.stop           the operator's pause
+    SIGTERM / SIGINT     shutdown (a second one kills at once: a cold stop)
+    EOF on stdin         the supervisor died (parent_gone)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainerd.contract import StopReason
+
+__all__ = ["Stopper", "StopRequested"]
+
+
+class StopRequested(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- stopping ----------------------------------------------------------------------------
+
+
+class Stopper:
+    """Collects the reasons to stop. Signal handlers only set a flag (logging or raising in a
+    handler is unsafe); the loop asks ``check()`` between micro-batches."""
+
+    def __init__(self, batch_stop: Path, global_stop: Path):
+        self.batch_stop, self.global_stop = batch_stop, global_stop
+        self._signal_reason: StopReason | None = None
+        self._lifeline_lost = threading.Event()
+        self._signals = 0
+
+    def install(self) -> None:
+        from trainerd.worker import EARLY_SIGNALS
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        if EARLY_SIGNALS:  # read after installing: none can fall between the two handlers
+            self._signals = len(EARLY_SIGNALS)
+            self._signal_reason = StopReason.SHUTDOWN
+        if _stdin_is_pipe():
+            threading.Thread(target=self._watch_lifeline, name="lifeline", daemon=True).start()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Second signal: stop at once (cold stop). The last complete checkpoint stands.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self._signal_reason = StopReason.SHUTDOWN
+
+    def _watch_lifeline(self) -> None:
+        # The supervisor holds the write end of our stdin and never writes: EOF means it died.
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        self._lifeline_lost.set()
+
+    def check(self) -> StopReason | None:
+        if self._signal_reason:
+            return self._signal_reason
+        if self._lifeline_lost.is_set():
+            return StopReason.PARENT_GONE
+        try:
+            return StopReason.from_stop_file(self.batch_stop.read_text(encoding="utf-8", errors="replace"))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return StopReason.MEMORY
+        if self.global_stop.exists():
+            return StopReason.PAUSED
+        return None
+
+    def agree(self) -> StopReason | None:
+        """The stop decision every rank must share (a no-op on one process)."""
+        reason = self.check()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if reason else 0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not reason:
+                reason = StopReason.PEER_STOPPED
+        return reason
+
+
+def _stdin_is_pipe() -> bool:
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
