@@ -40,6 +40,7 @@ from trainerd.inbox import Inbox, Rejected
 from trainerd.ledger import Layout, Ledger
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
+from trainerd.planning import back_off
 from trainerd.sdnotify import Notifier
 from trainerd.states import ACTIVE_STATES, BatchState
 
@@ -64,25 +65,6 @@ _RESUME_AT_ONCE = ("recycle", "parent_gone", "shutdown")
 
 class AlreadyRunning(RuntimeError):
     """Another supervisor holds the root's lock: two writers would corrupt the ledger's story."""
-
-
-def back_off(micro_batch_size: int, grad_accum_steps: int, gradient_checkpointing: bool
-             ) -> tuple[int, int, bool] | None:
-    """The next smaller memory setting after a memory stop, or None when there is none left.
-
-    Halve the micro-batch and grow accumulation so that micro x accum (the effective batch,
-    hence the schedule and the data cursor) stays exactly the same; at micro-batch 1 turn on
-    gradient checkpointing; after that nothing is left.
-    """
-    if micro_batch_size > 1:
-        effective = micro_batch_size * grad_accum_steps
-        m = micro_batch_size // 2
-        while effective % m:  # e.g. 3 -> 1, 6 -> 3; keeps the product exact
-            m -= 1
-        return m, effective // m, gradient_checkpointing
-    if not gradient_checkpointing:
-        return 1, grad_accum_steps, True
-    return None
 
 
 @dataclass
