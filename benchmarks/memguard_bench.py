@@ -5,10 +5,12 @@
 
 1. Reaction time. A balloon pre-allocates to just under a threshold, then jumps over it in
    one ~20 ms allocation and prints the CLOCK_MONOTONIC time once the memory is resident.
-   Soft: from that moment to ``.stop`` written. Hard: to the term/kill decision. The guard
+   Soft: from that moment to ``.stop`` written. Hard: to the term/kill carried out. The guard
    polls every 100 ms (the default), so the expected mean is ~half an interval. The stop
    prediction is switched off here (horizon 0) so that what is timed is the threshold itself,
    not an earlier prediction; in the hard runs the balloon ignores ``.stop`` (SIGTERM ends it).
+   As in the daemon, the balloon runs as a ``Child`` and an ``Escalation`` carries out each
+   decision (writes ``.stop``, sends the signals).
 2. CPU cost. The guard polls a steady balloon every 100 ms for ``--cpu-s`` seconds; this
    process does nothing else, so its own user+system CPU time over the wall time is the cost.
 3. Trials. ``--trials`` balloons growing at 100..1000 MiB/s under a 768 MiB cgroup, each
@@ -33,11 +35,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests import cgroups  # noqa: E402
+from tests.support.guarded import start_worker, supervise  # noqa: E402
 from trainerd.config import MemorySettings  # noqa: E402
 from trainerd.memguard import MemoryGuard  # noqa: E402
 
@@ -55,9 +59,23 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+class _Log:
+    """Quiet, but keeps the worker's stdout lines (Child relays them as worker_output)."""
+
+    def __init__(self) -> None:
+        self.output: list[str] = []
+
+    def info(self, event: str, **kw: Any) -> None:
+        if event == "worker_output":
+            self.output.append(kw.get("text", ""))
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
 def run_balloon(guard: MemoryGuard, cg: cgroups.TestCgroup, args: list[str], batch: Path, *,
                 timeout_s: float = 30.0) -> dict:
-    """Start a balloon in the cgroup, poll the guard every interval, send what it asks for."""
+    """Start a balloon in the cgroup, poll the guard every interval, carry out what it decides."""
     batch.mkdir(parents=True, exist_ok=True)
     for stale in (".stop", "state.json", "state.json.progress"):
         try:
@@ -69,41 +87,15 @@ def run_balloon(guard: MemoryGuard, cg: cgroups.TestCgroup, args: list[str], bat
         (cg.path / "memory.max_usage_in_bytes").write_text("0")  # v1: reset the high-water mark
     except OSError:
         pass
-    proc = subprocess.Popen([sys.executable, BALLOON, "--state", str(batch / "state.json"), *args],
-                            preexec_fn=cg.enter, start_new_session=True, stdout=subprocess.PIPE, text=True)
-    started = time.monotonic()
-    guard.attach(proc.pid, batch, started)
-    events = []
-    next_poll = started
-    last_poll = started
-    try:
-        while proc.poll() is None:
-            now = time.monotonic()
-            if now - started > timeout_s:
-                raise TimeoutError(f"balloon {args} still running after {timeout_s}s")
-            if now >= next_poll:
-                next_poll += guard.interval_s
-                d = guard.poll(now)
-                prev_poll, last_poll = last_poll, now
-                if d.action != "none":
-                    t = time.monotonic()
-                    events.append({"t": t, "action": d.action, "reason": d.reason, "usage_bytes": d.usage_bytes,
-                                   "poll_gap_s": round(now - prev_poll, 3),
-                                   "rate_bytes_per_s": round(d.rate_bytes_per_s), "time_to_hard_s": d.time_to_hard_s})
-                    if d.action == "term":
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    elif d.action == "kill":
-                        os.killpg(proc.pid, signal.SIGKILL)
-            time.sleep(max(0.0, min(next_poll - time.monotonic(), 0.01)))
-        guard.poll(time.monotonic())  # sees the exit: learns how long the stop took
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        guard.detach()
-    out = proc.stdout.read()
-    proc.stdout.close()
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    log = _Log()
+    child, esc = start_worker([sys.executable, BALLOON, "--state", str(batch / "state.json"), *args], batch, log,
+                              cg=cg)
+    run = supervise(guard, child, esc, batch, timeout_s=timeout_s)
+    events = [{"t": a.acted_at, "action": a.decision.action, "reason": a.decision.reason,
+               "usage_bytes": a.decision.usage_bytes, "poll_gap_s": round(a.poll_gap_s, 3),
+               "rate_bytes_per_s": round(a.decision.rate_bytes_per_s), "time_to_hard_s": a.decision.time_to_hard_s}
+              for a in run.acted]
+    lines = [json.loads(line) for line in log.output if line.startswith("{")]
     jumped = [x for x in lines if "jumped_at" in x]
     crossed = [x["crossed_at"] for x in lines if "crossed_at" in x]
     try:
@@ -118,10 +110,11 @@ def run_balloon(guard: MemoryGuard, cg: cgroups.TestCgroup, args: list[str], bat
         peak = int((cg.path / "memory.max_usage_in_bytes").read_text())
     except (OSError, ValueError):
         peak = None
-    return {"rc": proc.returncode, "events": events, "jumped_at": jumped[0]["jumped_at"] if jumped else None,
+    rc = run.status.code if run.status.code is not None else -(run.status.signal or 0)
+    return {"rc": rc, "events": events, "jumped_at": jumped[0]["jumped_at"] if jumped else None,
             "crossed_at": crossed[0] if crossed else None,
             "oom_kills": cg.oom_kills() - oom_before, "reached_step": reached, "checkpointed_step": saved,
-            "lost_steps": reached - saved, "peak_bytes": peak, "started": started}
+            "lost_steps": reached - saved, "peak_bytes": peak}
 
 
 def reaction(n: int, work: Path, log) -> dict:

@@ -14,20 +14,18 @@ from pathlib import Path
 import pytest
 
 from conftest import subprocess_env
+from tests.support.guarded import start_worker, stopping, supervise
 from trainerd.config import MemorySettings, TrainSettings
-from trainerd.memguard import (
-    Cgroup,
-    MemoryGuard,
-    Sample,
-    estimate_training_bytes,
-    find_memory_cgroup,
-    parse_psi,
-    read_model_shape,
-)
+from trainerd.contract import StopReason
+from trainerd.memguard import Cgroup, MemoryGuard, Sample, find_memory_cgroup, parse_psi
+from trainerd.planning import estimate_training_bytes, read_model_shape
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 BALLOON = str(REPO / "tests" / "bin" / "balloon.py")
+# A worker that ignores SIGTERM, and says when it does.
+IGNORES_TERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ready', flush=True); time.sleep(60)")
 
 
 class ListLog:
@@ -55,38 +53,22 @@ def settings(**kw) -> MemorySettings:
     return MemorySettings(**base)
 
 
-def supervise(guard: MemoryGuard, cmd: list[str], batch_dir: Path, *, cg=None, timeout_s: float = 20.0):
-    """Act as the supervisor: start cmd (inside cg), poll the guard, send the signals it asks for.
+def wait_for_output(log: ListLog, text: str, timeout_s: float = 20.0) -> None:
+    """Wait until the worker printed ``text`` (relayed by Child into the log as worker_output)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(kw.get("text") == text for kw in log.find("worker_output")):
+        assert time.monotonic() < deadline, f"worker never printed {text!r}"
+        time.sleep(0.02)
 
-    Returns (returncode, decisions with an action, max usage seen, the samples' max raw cgroup usage).
-    """
-    proc = subprocess.Popen(cmd, preexec_fn=cg.enter if cg else None, start_new_session=True,
-                            stdout=subprocess.PIPE, env=subprocess_env())
-    started = time.monotonic()
-    guard.attach(proc.pid, batch_dir, started)
-    acted = []
-    max_usage = 0
-    try:
-        while proc.poll() is None:
-            now = time.monotonic()
-            assert now - started < timeout_s, f"worker still running after {timeout_s}s: {acted}"
-            d = guard.poll(now)
-            max_usage = max(max_usage, d.usage_bytes)
-            if d.action != "none":
-                acted.append(d)
-            if d.action == "term":
-                os.killpg(proc.pid, signal.SIGTERM)
-            elif d.action == "kill":
-                os.killpg(proc.pid, signal.SIGKILL)
-            time.sleep(guard.interval_s)
-        guard.poll(time.monotonic())  # the guard sees the exit (learns stop timing)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        guard.detach()
-    return proc.returncode, acted, max_usage
+
+@pytest.fixture
+def worker(tmp_path):
+    """A real idle worker started through Child, with the Escalation that acts for the guard."""
+    log = ListLog()
+    child, esc = start_worker(["sleep", "60"], tmp_path, log)
+    yield child, esc, log
+    child.kill_group()
+    child.wait()
 
 
 # --- limits and parsing -----------------------------------------------------------------
@@ -196,36 +178,49 @@ def sleeper():
     p.wait()
 
 
-def test_sustained_psi_counts_as_soft(tmp_path, sleeper):
-    """some avg10 above the threshold for psi_sustain_s writes .stop "memory"; a dip resets the clock."""
+def test_sustained_psi_counts_as_soft(tmp_path, worker):
+    """some avg10 above the threshold for psi_sustain_s decides "stop" (.stop "memory" once carried
+    out); a dip resets the clock."""
+    child, esc, log = worker
     psi = tmp_path / "pressure"
     psi.write_text("some avg10=80.00 avg60=50.00 avg300=10.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
-    log = ListLog()
     g = MemoryGuard(settings(psi_threshold=40.0, psi_sustain_s=2.0), log=log, psi_path=psi)
-    g.attach(sleeper.pid, tmp_path, 100.0)
-    assert g.poll(100.0).action == "none"
-    assert g.poll(100.6).action == "none"
+    g.attach(child.pid, tmp_path, 100.0)
+
+    def poll(now: float):
+        d = g.poll(now)
+        esc.apply_guard(d)
+        return d
+
+    assert poll(100.0).action == "none"
+    assert poll(100.6).action == "none"
     psi.write_text("some avg10=10.00 avg60=50.00 avg300=10.00 total=2\n")
-    assert g.poll(101.2).action == "none"  # dipped: the sustain clock restarts
+    assert poll(101.2).action == "none"  # dipped: the sustain clock restarts
     psi.write_text("some avg10=80.00 avg60=50.00 avg300=10.00 total=3\n")
-    assert g.poll(101.8).action == "none"
-    assert g.poll(103.0).action == "none"
-    d = g.poll(103.9)
+    assert poll(101.8).action == "none"
+    assert poll(103.0).action == "none"
+    assert not (tmp_path / ".stop").exists()
+    d = poll(103.9)
     assert (d.action, d.reason, d.psi_some_avg10) == ("stop", "psi", 80.0)
     assert (tmp_path / ".stop").read_text() == "memory"
-    assert g.poll(105.0).action == "none"  # once
+    assert poll(105.0).action == "none"  # once
     assert log.find("memory_stop_decided")[0]["psi_some_avg10"] == 80.0
+    assert child.poll() is None and esc.sent_by(signal.SIGTERM) is None  # a stop is a request, not a signal
 
 
-def test_age_recycles_once(tmp_path, sleeper):
-    """A worker older than max_worker_age_s gets .stop "recycle", once."""
-    g = MemoryGuard(settings(max_worker_age_s=5.0))
-    g.attach(sleeper.pid, tmp_path, 1000.0)
+def test_age_recycles_once(tmp_path, worker):
+    """A worker older than max_worker_age_s is recycled (.stop "recycle" once carried out), once."""
+    child, esc, log = worker
+    g = MemoryGuard(settings(max_worker_age_s=5.0), log=log)
+    g.attach(child.pid, tmp_path, 1000.0)
     assert g.poll(1004.9).action == "none"
     d = g.poll(1005.0)
-    assert (d.action, d.reason, d.stop_written) == ("recycle", "age", True)
+    assert (d.action, d.reason) == ("recycle", "age")
+    esc.apply_guard(d)
     assert (tmp_path / ".stop").read_text() == "recycle"
+    assert esc.cause is StopReason.RECYCLE
     assert g.poll(1006.0).action == "none"
+    assert [kw["reason"] for kw in log.find("memory_recycle_decided")] == ["age"]
 
 
 def _fake(g: MemoryGuard, usage: int, limit: int, t: float) -> Sample:
@@ -295,18 +290,32 @@ def test_flat_usage_near_soft_does_not_stop(tmp_path, sleeper):
         assert d.action == "none"
 
 
-def test_term_then_kill_after_grace(tmp_path, sleeper):
-    """At hard: .stop written and "term"; still alive kill_grace_s later: "kill", logged as the guard's."""
+def test_term_then_kill_after_grace(tmp_path):
+    """At hard: "term" (.stop "memory", then SIGTERM); a worker ignoring it is still alive
+    kill_grace_s later: "kill", logged as the guard's, and SIGKILL ends it."""
     log = ListLog()
-    g = MemoryGuard(settings(kill_grace_s=2.0), log=log)
-    g.attach(sleeper.pid, tmp_path, 0.0)
-    limit = 1000 * MiB
-    assert g.decide(_fake(g, 960 * MiB, limit, 1.0), 1.0).action == "term"
-    assert (tmp_path / ".stop").read_text() == "memory"
-    assert g.decide(_fake(g, 960 * MiB, limit, 2.0), 2.0).action == "none"
-    d = g.decide(_fake(g, 960 * MiB, limit, 3.0), 3.0)
-    assert (d.action, d.reason) == ("kill", "grace")
-    assert log.find("memory_kill_decided")[0]["by"] == "memory_guard"
+    child, esc = start_worker([sys.executable, "-c", IGNORES_TERM], tmp_path, log)
+    try:
+        wait_for_output(log, "ready")
+        g = MemoryGuard(settings(kill_grace_s=2.0), log=log)
+        g.attach(child.pid, tmp_path, 0.0)
+        limit = 1000 * MiB
+        d = g.decide(_fake(g, 960 * MiB, limit, 1.0), 1.0)
+        assert (d.action, d.reason) == ("term", "hard")
+        esc.apply_guard(d)
+        assert (tmp_path / ".stop").read_text() == "memory"
+        assert esc.sent_by(signal.SIGTERM) is stopping.Sender.GUARD
+        assert child.wait(0.3) is None  # ignored
+        assert g.decide(_fake(g, 960 * MiB, limit, 2.0), 2.0).action == "none"
+        d = g.decide(_fake(g, 960 * MiB, limit, 3.0), 3.0)
+        assert (d.action, d.reason) == ("kill", "grace")
+        esc.apply_guard(d)
+        assert child.wait(10).signal == signal.SIGKILL
+        assert esc.sent_by(signal.SIGKILL) is stopping.Sender.GUARD
+        assert log.find("memory_kill_decided")[0]["by"] == "memory_guard"
+    finally:
+        child.kill_group()
+        child.wait()
 
 
 def test_leak_recycles_and_flat_does_not(tmp_path):
@@ -319,13 +328,13 @@ def test_leak_recycles_and_flat_does_not(tmp_path):
         g = MemoryGuard(s, log=log, cgroup=None)
         cmd = [sys.executable, BALLOON, "--rate-mib-s", str(rate), "--start-mib", "50", "--max-mib", "400",
                "--max-s", "3.5", "--stop-file", str(batch / ".stop"), "--checkpoint-s", "0.05"]
-        rc, acted, _ = supervise(g, cmd, batch)
+        run = supervise(g, *start_worker(cmd, batch, log), batch)
         if expect:
-            assert [(d.action, d.reason) for d in acted] == [("recycle", "leak")]
-            assert rc == 75 and (batch / ".stop").read_text() == "recycle"
+            assert [(a.decision.action, a.decision.reason) for a in run.acted] == [("recycle", "leak")]
+            assert run.status.code == 75 and (batch / ".stop").read_text() == "recycle"
             assert log.find("memory_leak_detected")[0]["leak_bytes_per_s"] > 30 * MiB
         else:
-            assert acted == [] and rc == 0
+            assert run.acted == [] and run.status.code == 0
 
 
 def test_one_off_step_up_is_not_a_leak(tmp_path, sleeper):
@@ -398,12 +407,13 @@ def test_fast_balloon_stops_gracefully_before_the_limit(memcg, tmp_path):
     state = tmp_path / "state.json"
     cmd = [sys.executable, BALLOON, "--rate-mib-s", "200", "--stop-file", str(tmp_path / ".stop"),
            "--checkpoint-s", "0.3", "--checkpoint-mib", "10", "--state", str(state)]
-    rc, acted, max_usage = supervise(g, cmd, tmp_path, cg=cg)
-    assert rc == 75
-    assert [d.action for d in acted] == ["stop"] and acted[0].reason in ("soft", "predicted")
-    assert (tmp_path / ".stop").read_text() == "memory"
+    child, esc = start_worker(cmd, tmp_path, log, cg=cg)
+    run = supervise(g, child, esc, tmp_path)
+    assert run.status.code == 75
+    assert run.actions == ["stop"] and run.acted[0].decision.reason in ("soft", "predicted")
+    assert (tmp_path / ".stop").read_text() == "memory" and esc.sent_by(signal.SIGTERM) is None
     assert cg.oom_kills() == 0
-    assert max_usage < 0.95 * 600 * MiB
+    assert run.max_usage_bytes < 0.95 * 600 * MiB
     reached = int((tmp_path / "state.json.progress").read_text())
     assert json.loads(state.read_text())["step"] == reached  # no step lost
     assert log.find("memory_stop_timing_learned")  # learned how long a stop takes
@@ -416,10 +426,13 @@ def test_balloon_ignoring_stop_and_term_is_killed_by_the_guard(memcg, tmp_path):
     log = ListLog()
     g = MemoryGuard(settings(interval_ms=50, kill_grace_s=5.0), log=log, cgroup=cg.path)
     cmd = [sys.executable, BALLOON, "--rate-mib-s", "200", "--ignore-term"]
-    rc, acted, _ = supervise(g, cmd, tmp_path, cg=cg)
-    assert rc == -signal.SIGKILL
-    assert [d.action for d in acted] == ["stop", "term", "kill"]
-    assert acted[-1].reason in ("margin", "imminent")
+    child, esc = start_worker(cmd, tmp_path, log, cg=cg)
+    run = supervise(g, child, esc, tmp_path)
+    assert run.status.signal == signal.SIGKILL
+    assert run.actions == ["stop", "term", "kill"]
+    assert run.acted[-1].decision.reason in ("margin", "imminent")
+    assert (tmp_path / ".stop").read_text() == "memory"
+    assert esc.sent_by(signal.SIGTERM) is esc.sent_by(signal.SIGKILL) is stopping.Sender.GUARD
     assert cg.oom_kills() == 0  # the guard, not the kernel, ended it
     assert "memory_kill_decided" in log.events()
 
@@ -455,7 +468,7 @@ def test_reading_a_file_larger_than_the_limit_does_not_stop(memcg, tmp_path):
         g.detach()
     assert proc.returncode == 0
     assert raw_max > 0.95 * 300 * MiB  # the raw number alone would have stopped (and killed) it
-    assert not (tmp_path / ".stop").exists() and cg.oom_kills() == 0
+    assert cg.oom_kills() == 0
 
 
 # --- planning ---------------------------------------------------------------------------
@@ -544,10 +557,12 @@ def test_without_cgroup_limit_tree_usage_against_configured_limit(tmp_path):
     state = tmp_path / "state.json"
     cmd = [sys.executable, BALLOON, "--rate-mib-s", "200", "--stop-file", str(tmp_path / ".stop"),
            "--checkpoint-s", "0.1", "--state", str(state), "--max-s", "10"]
-    rc, acted, max_usage = supervise(g, cmd, tmp_path)
-    assert rc == 75 and [d.action for d in acted] == ["stop"]
-    assert acted[0].source == "config:memory.limit" and acted[0].usage_bytes == acted[0].tree_bytes
-    assert max_usage < 0.95 * 400 * MiB
+    run = supervise(g, *start_worker(cmd, tmp_path, ListLog()), tmp_path)
+    assert run.status.code == 75 and run.actions == ["stop"]
+    stop = run.acted[0].decision
+    assert stop.source == "config:memory.limit" and stop.usage_bytes == stop.tree_bytes
+    assert (tmp_path / ".stop").read_text() == "memory"
+    assert run.max_usage_bytes < 0.95 * 400 * MiB
     assert json.loads(state.read_text())["held_bytes"] < 400 * MiB
 
 

@@ -1,0 +1,88 @@
+"""Planning from tables: the one back-off rule, and the plan that walks its ladder."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainerd.config import TrainSettings
+from trainerd.planning import back_off, estimate_training_bytes, plan_micro_batch
+
+MiB = 1 << 20
+# SmolLM2-135M's numbers (what read_model_shape gives for it; see test_memguard)
+SHAPE = {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64, "intermediate": 1536,
+         "vocab": 49152, "params": 134515008}
+SEQ = 256
+
+
+def ladder(mb: int, accum: int, gc: bool) -> list[tuple[int, int, bool]]:
+    """Every setting back_off steps through after (mb, accum, gc), in order."""
+    out = []
+    cur: tuple[int, int, bool] | None = (mb, accum, gc)
+    while (cur := back_off(*cur)) is not None:
+        out.append(cur)
+    return out
+
+
+@pytest.mark.parametrize("start, expected", [
+    ((8, 2, False), [(4, 4, False), (2, 8, False), (1, 16, False), (1, 16, True)]),
+    ((4, 4, False), [(2, 8, False), (1, 16, False), (1, 16, True)]),
+    ((6, 1, False), [(3, 2, False), (1, 6, False), (1, 6, True)]),
+    ((3, 2, False), [(1, 6, False), (1, 6, True)]),
+    ((5, 2, False), [(2, 5, False), (1, 10, False), (1, 10, True)]),
+    ((4, 4, True), [(2, 8, True), (1, 16, True)]),
+    ((1, 16, False), [(1, 16, True)]),
+    ((1, 16, True), []),
+])
+def test_back_off_sequence(start, expected):
+    """back_off halves the micro-batch keeping micro x accum exact, then turns on checkpointing, then stops."""
+    steps = ladder(*start)
+    assert steps == expected
+    assert all(mb * acc == start[0] * start[1] for mb, acc, _ in steps)
+
+
+def _plan(mb: int, accum: int, gc: bool, *, limit: int, baseline: int = 0, available: int = 1 << 50,
+          soft: float = 1.0):
+    train = TrainSettings(seq_len=SEQ, micro_batch_size=mb, grad_accum_steps=accum, gradient_checkpointing=gc)
+    return plan_micro_batch(SHAPE, train, None, limit_bytes=limit, baseline_bytes=baseline,
+                            available_bytes=available, soft=soft)
+
+
+def _estimate(setting: tuple[int, int, bool]) -> int:
+    return estimate_training_bytes(SHAPE, setting[0], SEQ, gradient_checkpointing=setting[2])
+
+
+@pytest.mark.parametrize("start", [(8, 2, False), (6, 1, False), (5, 2, False), (4, 4, True)])
+def test_plan_options_are_the_back_off_ladder(start):
+    """With a budget of exactly one rung's estimate the plan picks that rung; every plan is on the ladder."""
+    rungs = [start, *ladder(*start)]
+    for rung in rungs:
+        p = _plan(*start, limit=_estimate(rung))
+        assert (p.micro_batch_size, p.grad_accum_steps, p.gradient_checkpointing, p.fits) == (*rung, True)
+    for budget_mib in range(300, 8000, 37):
+        p = _plan(*start, limit=budget_mib * MiB)
+        assert (p.micro_batch_size, p.grad_accum_steps, p.gradient_checkpointing) in rungs
+
+
+@pytest.mark.parametrize("limit_mib, expected", [
+    (100_000, ((8, 2, False), True)),      # room to spare: the configured setting is kept
+    (3000, ((2, 8, False), True)),         # halved twice
+    (1400, ((1, 16, True), True)),         # only the last rung fits
+    (600, ((1, 16, True), False)),         # nothing fits: the last rung, marked so
+])
+def test_plan_fits_and_does_not_fit(limit_mib, expected):
+    """The plan is the first rung under the budget, or the last one with fits=False."""
+    p = _plan(8, 2, False, limit=limit_mib * MiB)
+    assert ((p.micro_batch_size, p.grad_accum_steps, p.gradient_checkpointing), p.fits) == expected
+    assert p.budget_bytes == limit_mib * MiB and (p.estimate_bytes <= p.budget_bytes) == p.fits
+
+
+@pytest.mark.parametrize("limit, baseline, available, soft, want_limit, want_budget", [
+    (1000, 0, 5000, 0.85, 1000, 850),      # the guard's limit
+    (1000, 100, 500, 0.85, 600, 410),      # the host's headroom is smaller: baseline + MemAvailable
+    (1000, 200, 5000, 0.85, 1000, 650),    # what the cgroup already holds comes off the budget
+])
+def test_plan_limit_and_budget(limit, baseline, available, soft, want_limit, want_budget):
+    """limit = min(guard limit, baseline + MemAvailable); budget = soft x limit - baseline."""
+    p = _plan(4, 4, False, limit=limit * MiB, baseline=baseline * MiB, available=available * MiB, soft=soft)
+    assert p.limit_bytes == want_limit * MiB
+    assert p.budget_bytes == int(want_limit * MiB * soft) - baseline * MiB == pytest.approx(want_budget * MiB, abs=1)

@@ -1,0 +1,169 @@
+"""MemoryGuard: the sampler and the rules for the worker being watched, and a log line for each
+decision. It never writes a file or sends a signal: the supervisor hands each
+:class:`~trainerd.memguard.rules.Decision` to its ``Escalation``, which does both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainerd.config import LoraSettings, MemorySettings, TrainSettings
+from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup
+from trainerd.memguard.procfs import mem_available
+from trainerd.memguard.rules import Decision, Rules, Sample
+from trainerd.memguard.sampler import AVAILABLE_SOURCE, Sampler
+from trainerd.planning import Plan, plan_micro_batch, read_model_shape
+
+__all__ = ["MemoryGuard"]
+
+
+class _NullLog:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def _sampler_attr(name: str) -> property:
+    return property(lambda self: getattr(self.sampler, name), doc=f"The sampler's ``{name}``.")
+
+
+class MemoryGuard:
+    """Samples the running worker and decides none / stop / recycle / term / kill.
+
+    ``now`` and ``started_at`` must come from the same clock; ``time.monotonic()`` is best
+    (a wall-clock step would read as sudden age, or distort a growth rate).
+    Not thread-safe: the supervisor's main loop owns it.
+    """
+
+    limit_bytes = _sampler_attr("limit_bytes")
+    source = _sampler_attr("source")
+    cgroup = _sampler_attr("cgroup")
+    cgroup_limit_bytes = _sampler_attr("cgroup_limit_bytes")
+    configured_bytes = _sampler_attr("configured_bytes")
+    physical_bytes = _sampler_attr("physical_bytes")
+    psi_path = _sampler_attr("psi_path")
+
+    def __init__(self, settings: MemorySettings, log: Any = None, *, cgroup: Cgroup | str | Path | None = None,
+                 psi_path: str | Path | None = None):
+        """``cgroup`` / ``psi_path`` override detection (tests, benchmarks, a worker placed in
+        its own cgroup); by default the guard watches the cgroup of this process."""
+        self.settings = settings
+        self.log = log if log is not None else _NullLog()
+        if cgroup is None:
+            cg, v2_dir = find_memory_cgroup()
+            default_psi = (v2_dir / "memory.pressure") if v2_dir is not None else None
+        else:
+            cg = cgroup if isinstance(cgroup, Cgroup) else Cgroup.at(cgroup)
+            if cg is None:
+                raise ValueError(f"{cgroup}: not a memory cgroup (no memory.current / memory.usage_in_bytes)")
+            default_psi = cg.pressure_path()
+        if psi_path is None:
+            psi_path = default_psi if default_psi is not None and default_psi.exists() else Path("/proc/pressure/memory")
+        psi = Path(psi_path) if Path(psi_path).exists() else None
+        self.interval_s = settings.interval_ms / 1000.0
+        self.sampler = Sampler(settings, cg, psi, self.log)
+        self.rules = Rules(settings)
+        self._pid: int | None = None
+        self._batch_dir: Path | None = None
+        self._started_at = 0.0
+        self.log.info(
+            "memory_limit_detected", limit_bytes=self.limit_bytes, source=self.source,
+            configured_bytes=self.configured_bytes, cgroup_limit_bytes=self.cgroup_limit_bytes,
+            physical_bytes=self.physical_bytes,
+            cgroup=None if cg is None else f"v{cg.version}:{cg.path}",
+            psi=str(psi) if psi else None,
+        )
+
+    # How long "stop" takes to become an exit and how much memory the checkpoint adds, as
+    # learned so far (settable: the benchmark zeroes the prediction horizon through it).
+    @property
+    def checkpoint_s(self) -> float:
+        return self.rules.timing.checkpoint_s
+
+    @checkpoint_s.setter
+    def checkpoint_s(self, value: float) -> None:
+        self.rules.timing.checkpoint_s = float(value)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.rules.timing.checkpoint_bytes
+
+    # --- the worker --------------------------------------------------------------------
+
+    def attach(self, pid: int, batch_dir: str | Path, started_at: float) -> None:
+        """Start watching a worker (its whole process tree); ``batch_dir`` names it in the log."""
+        self._pid, self._batch_dir, self._started_at = int(pid), Path(batch_dir), float(started_at)
+        self.sampler.watch(pid)
+        self.rules.start(started_at)
+
+    def detach(self) -> None:
+        """Stop watching; learn from a graceful stop how long stopping takes."""
+        self._pid = None
+        self.sampler.watch(None)
+        learned = self.rules.finish()
+        if learned is not None:
+            self.log.info("memory_stop_timing_learned", **learned)
+
+    def kernel_oom_kills(self) -> int:
+        """The cgroup's oom_kill counter (v2 memory.events, v1 memory.oom_control); 0 if unknown."""
+        if self.cgroup is None:
+            return 0
+        return self.cgroup.oom_kills() or 0
+
+    # --- sampling and deciding ---------------------------------------------------------
+
+    def sample(self, now: float) -> Sample:
+        """Measure once. Cheap: a few small file reads; the process tree at most once a second."""
+        return self.sampler.sample(now)
+
+    def poll(self, now: float) -> Decision:
+        """Sample and decide. The caller carries out the decision (writes .stop, signals)."""
+        if self._pid is None:
+            return Decision()
+        return self.decide(self.sample(now), now)
+
+    def decide(self, s: Sample, now: float) -> Decision:
+        """The rules on one sample, logged. Public so that tests can feed exact samples."""
+        d = self.rules.decide(s, now)
+        if d.action == "none":
+            return d
+        extra = {"by": "memory_guard"} if d.action == "kill" else {}
+        warn = d.action in ("term", "kill") and hasattr(self.log, "warning")
+        (self.log.warning if warn else self.log.info)(
+            f"memory_{d.action}_decided", pid=self._pid, batch_dir=str(self._batch_dir),
+            age_s=round(now - self._started_at, 3), tree_pids=s.tree_pids,
+            since_last_poll_s=None if d.since_last_poll_s is None else round(d.since_last_poll_s, 3),
+            checkpoint_estimate_s=round(self.checkpoint_s, 3), **d.fields(), **extra)
+        if d.leak is not None:
+            lk = d.leak
+            self.log.info("memory_leak_detected", pid=self._pid, leak_bytes_per_s=round(lk.bytes_per_s),
+                          window_s=round(lk.window_s, 1), recent_peak_bytes=lk.recent_peak_bytes,
+                          time_to_soft_s=round(lk.time_to_soft_s, 1))
+        return d
+
+    # --- planning ----------------------------------------------------------------------
+
+    def plan_micro_batch(self, model_dir: Path, train: TrainSettings, lora: LoraSettings | None = None) -> Plan:
+        """Start at the largest micro-batch estimated to fit under the soft limit (see
+        :func:`trainerd.planning.plan_micro_batch`), logged as memory_plan_kept / _reduced /
+        _does_not_fit with the numbers behind it."""
+        self.sampler.refresh_limit(force=True)
+        shape = read_model_shape(model_dir)
+        plan = plan_micro_batch(shape, train, lora, limit_bytes=self.limit_bytes,
+                                baseline_bytes=self.sampler.baseline_bytes(), available_bytes=mem_available(),
+                                soft=self.settings.soft)
+        mb0, acc0 = train.micro_batch_size, train.grad_accum_steps
+        mb, gc = plan.micro_batch_size, plan.gradient_checkpointing
+        fields = dict(micro_batch_size=mb, grad_accum_steps=plan.grad_accum_steps, gradient_checkpointing=gc,
+                      estimate_bytes=plan.estimate_bytes, budget_bytes=plan.budget_bytes,
+                      limit_bytes=plan.limit_bytes,
+                      source=self.source if plan.limit_bytes == self.limit_bytes else AVAILABLE_SOURCE,
+                      configured_micro_batch_size=mb0, configured_grad_accum_steps=acc0, effective_batch=mb0 * acc0,
+                      seq_len=train.seq_len, params=shape["params"], fits=plan.fits)
+        if not plan.fits:
+            (self.log.warning if hasattr(self.log, "warning") else self.log.info)("memory_plan_does_not_fit", **fields)
+        elif (mb, gc) != (mb0, train.gradient_checkpointing):
+            self.log.info("memory_plan_reduced", **fields)
+        else:
+            self.log.info("memory_plan_kept", **fields)
+        return plan
