@@ -195,7 +195,7 @@ def write_batch(batch_dir: Path, settings: dict[str, Any], data_src: Path) -> No
 
 
 def tiny_model(dest: Path) -> Path:
-    from trainerd.testing import build_tiny_model
+    from trainerd.worker.testing import build_tiny_model
 
     if not (dest / "config.json").is_file():
         build_tiny_model(dest)

@@ -5,7 +5,7 @@ and how long a file waits between landing in the inbox and the worker's first st
     python benchmarks/supervisor_bench.py [OUT.json] [--idle-s 30] [--lines 1200]
 
 Runs the real daemon (`python -m trainerd run`) with the real worker on the tiny test model
-(trainerd.testing) in a temporary root. Targets (issue 3): supervisor RSS <= 40 MB and
+(trainerd.worker.testing) in a temporary root. Targets (issue 3): supervisor RSS <= 40 MB and
 <= 0.1% of a core idle; status <= 0.2 s. Prints the figures and writes them as JSON
 (default bench-out/supervisor_bench.json).
 
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch root for inspection")
     args = ap.parse_args()
 
-    from trainerd.testing import build_tiny_model
+    from trainerd.worker.testing import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="trainerd-bench-"))
     model = build_tiny_model(tmp / "model")

@@ -41,7 +41,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama + BPE tokenizer with a chat template, built offline once per session."""
-    from trainerd.testing import build_tiny_model
+    from trainerd.worker.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -84,6 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               "(run scripts/fetch-model, or point it at a transformers causal-LM folder)", file=sys.stderr)
         return ExitCode.CONFIG
     from trainerd import logs
+    from trainerd.schema import LedgerTooNew
     from trainerd.supervisor import AlreadyRunning, Supervisor
 
     # Training data, adapters and logs are nobody else's business: no world (or group write)
@@ -103,6 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except AlreadyRunning as e:
         logs.get_logger().error("already_running", reason=str(e))
         return ExitCode.TEMPFAIL
+    except LedgerTooNew as e:
+        logs.get_logger().error("ledger_too_new", reason=str(e))
+        print(f"trainerd: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
 
 
 # --- submit / validate ---------------------------------------------------------------------

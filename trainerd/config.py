@@ -186,15 +186,6 @@ class Settings:
     disk: DiskSettings = field(default_factory=DiskSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
-    # convenience
-    @property
-    def root_path(self) -> Path:
-        return Path(self.root)
-
-    @property
-    def memory_limit_bytes(self) -> int | None:
-        return None if self.memory.limit == "auto" else int(self.memory.limit)
-
 
 def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
     def bad(msg: str) -> None:

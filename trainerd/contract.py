@@ -54,8 +54,6 @@ class StopReason(str, Enum):
 
 # What a batch's .stop may say (the guard writes memory/recycle; an operator may write the rest).
 STOP_FILE_REASONS = (StopReason.MEMORY, StopReason.RECYCLE, StopReason.PAUSED, StopReason.SHUTDOWN)
-# Stops after which the batch resumes at once: no back-off, no retry charged.
-RESUME_AT_ONCE = (StopReason.RECYCLE, StopReason.PARENT_GONE, StopReason.SHUTDOWN)
 
 
 class Outcome(str, Enum):

@@ -138,7 +138,6 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.readonly = False
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         self.db.row_factory = sqlite3.Row
         try:
@@ -156,7 +155,6 @@ class Ledger:
         """Open without write access. Never creates the file and never blocks the writer."""
         self = cls.__new__(cls)
         self.path = Path(path)
-        self.readonly = True
         if not self.path.exists():
             raise FileNotFoundError(f"no ledger at {self.path}")
         uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"

@@ -188,6 +188,12 @@ def parse_line(raw: RawLine) -> tuple[Example | None, str | None]:
 
 @dataclass
 class ScanReport:
+    """What a pass over a file found: line counts and the first bad lines, and the verdict.
+
+    ``trainerd validate``/``submit`` fill the line counts; the worker's first pass also counts
+    tokens (for the schedule) and is cached as the batch's scan.json (:meth:`as_cache`).
+    """
+
     path: str
     lines: int = 0
     good: int = 0
@@ -196,16 +202,36 @@ class ScanReport:
     errors: list[dict[str, Any]] = field(default_factory=list)
     rejected: bool = False
     reason: str | None = None
+    # The worker's first pass only: the file it read, and its tokens.
+    size: int = 0
+    mtime_ns: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    seq_len: int = 0
+
+    _CACHED = ("size", "mtime_ns", "lines", "good", "bad", "blank", "tokens", "label_tokens", "seq_len", "errors")
 
     @property
     def bad_fraction(self) -> float:
         n = self.good + self.bad
         return self.bad / n if n else 0.0
 
+    @property
+    def blocks_per_epoch(self) -> int:
+        return -(-self.tokens // self.seq_len) if self.seq_len else 0
+
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "lines": self.lines, "good": self.good, "bad": self.bad,
                 "blank": self.blank, "bad_fraction": round(self.bad_fraction, 6),
                 "errors": self.errors, "rejected": self.rejected, "reason": self.reason}
+
+    def as_cache(self) -> dict[str, Any]:
+        """scan.json: what a resumed attempt needs instead of reading the file again."""
+        return {**{k: getattr(self, k) for k in self._CACHED}, "blocks_per_epoch": self.blocks_per_epoch}
+
+    @classmethod
+    def from_cache(cls, path: str, d: dict[str, Any]) -> "ScanReport":
+        return cls(path=path, **{k: d[k] for k in cls._CACHED if k in d})
 
 
 def judge(report: ScanReport, max_bad_fraction: float) -> None:

@@ -5,40 +5,18 @@ every decision goes to a real ``Escalation``, which writes ``.stop`` and sends t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import trainerd
 from trainerd.child import Child, ExitStatus
 from trainerd.contract import BatchFiles
+from trainerd.supervisor import stopping
 
 __all__ = ["Acted", "Run", "start_worker", "stopping", "supervise"]
 
 
-def _load_stopping() -> ModuleType:
-    pkg = Path(trainerd.__file__).parent / "supervisor"
-    if (pkg / "__init__.py").exists():
-        from trainerd.supervisor import stopping as mod
-
-        return mod
-    # While trainerd/supervisor.py still shadows the trainerd/supervisor/ package (the
-    # supervisor rewrite moves it in), load stopping.py from its file. Remove with supervisor.py.
-    name = "_trainerd_supervisor_stopping"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pkg / "stopping.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-stopping = _load_stopping()
 
 
 def start_worker(argv: list[str], batch_dir: Path, log: Any, *, cg: Any = None,

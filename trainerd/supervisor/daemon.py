@@ -34,7 +34,7 @@ from trainerd.config import ConfigError, Settings
 from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, free_bytes, write_ballast
 from trainerd.inbox import Inbox
-from trainerd.ledger import Ledger
+from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
 from trainerd.sdnotify import Notifier
@@ -179,6 +179,8 @@ class Supervisor:
                 self._drain_wakeups()
             self.log.info("supervisor_stopped")
             return 0
+        except LedgerTooNew:
+            raise  # not a crash: the operator runs an older trainerd on a newer root (exit 78)
         except Exception:
             self.log.exception("supervisor_crashed")
             raise
@@ -253,7 +255,7 @@ class Supervisor:
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self._ping_watchdog(now)
-        self._publish_state()
+        self._write_daemon_state()
         return self._next_wake(now)
 
     def _next_wake(self, now: float) -> float:
@@ -368,7 +370,7 @@ class Supervisor:
             return f"waiting to retry batch {head.id} ({head.name})"
         return "idle, watching the inbox"
 
-    def _publish_state(self) -> None:
+    def _write_daemon_state(self) -> None:
         text = self._describe_state()
         if text == self._state_text:
             return

@@ -12,6 +12,7 @@ rather than building the archive in memory; optimizer state is LoRA-sized.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from trainerd import faults
-from trainerd.fsutil import publish_dir
+from trainerd.fsutil import free_bytes, publish_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
@@ -102,3 +103,53 @@ def load_state(path: Path) -> dict[str, Any]:
 def load_tensors(path: Path, name: str) -> Any:
     # weights_only=True: a checkpoint is data, never code (tensors, dicts, tuples, numbers).
     return torch.load(path / name, weights_only=True)
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+
+class DiskFull(Exception):
+    """A checkpoint or the adapter could not be written for lack of space (exit 75, ``disk_full``)."""
+
+
+def no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain (safetensors wraps it in its message)."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def disk_full(exc: BaseException, folder: Path, need_bytes: int) -> bool:
+    """Was this write failure the file system running out of space?
+
+    torch.save reports a short write as a bare RuntimeError ("unexpected pos ..."), with no
+    errno: then judge by the space left once the torn temporary is gone.
+    """
+    if no_space(exc):
+        return True
+    free = free_bytes(folder)
+    return free is not None and free < max(need_bytes, 1 << 20)
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def newest_bytes(ckpt_root: Path) -> int:
+    """The size of the newest complete checkpoint (what the next one will roughly need)."""
+    newest = complete(ckpt_root)
+    return tree_bytes(newest[0]) if newest else 0

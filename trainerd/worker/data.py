@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -159,38 +159,13 @@ def _flush(encoder: Encoder, pending, on_error) -> Iterator[Encoded]:
     yield from encoded
 
 
-@dataclass
-class Scan:
-    """The first pass: validated, counted, and tokenized once so the schedule knows its length."""
-
-    size: int
-    mtime_ns: int
-    lines: int = 0
-    good: int = 0
-    bad: int = 0
-    blank: int = 0
-    tokens: int = 0
-    label_tokens: int = 0
-    seq_len: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def blocks_per_epoch(self) -> int:
-        return -(-self.tokens // self.seq_len) if self.seq_len else 0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["blocks_per_epoch"] = self.blocks_per_epoch
-        return d
-
-
 def scan(path: Path, encoder: Encoder, *, seq_len: int, max_line_bytes: int, chunk_lines: int,
          max_bad_fraction: float, errors_path: Path, max_errors: int,
-         should_stop: Callable[[], bool] | None = None) -> Scan:
+         should_stop: Callable[[], bool] | None = None) -> ScanReport:
     """Validate and tokenize the whole file once (streamed), writing every bad line to
     ``errors_path`` as JSON lines. Raises DataError when the file must be rejected."""
     st = os.stat(path)
-    result = Scan(size=st.st_size, mtime_ns=st.st_mtime_ns, seq_len=seq_len)
+    result = ScanReport(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, seq_len=seq_len)
     tmp = errors_path.with_name(f".{errors_path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as errf:
         def on_error(e: LineError) -> None:
@@ -214,11 +189,9 @@ def scan(path: Path, encoder: Encoder, *, seq_len: int, max_line_bytes: int, chu
         result.lines = lines_seen[0]
     os.replace(tmp, errors_path)
     result.blank = result.lines - result.good - result.bad
-    report = ScanReport(path=str(path), lines=result.lines, good=result.good, bad=result.bad,
-                        blank=result.blank, errors=result.errors)
-    judge(report, max_bad_fraction)
-    if report.rejected:
-        raise DataError(report.reason, result.errors)
+    judge(result, max_bad_fraction)
+    if result.rejected:
+        raise DataError(result.reason, result.errors)
     return result
 
 
