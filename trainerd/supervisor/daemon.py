@@ -19,37 +19,31 @@ Never imports torch: it must stay small and never be the process the kernel kill
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import select
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainerd import config as config_mod
 from trainerd.child import worker_command
 from trainerd.config import ConfigError, Settings
 from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json, free_bytes, write_ballast
 from trainerd.inbox import Inbox
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
 from trainerd.sdnotify import Notifier
-from trainerd.states import BatchState
 from trainerd.supervisor.attempts import Attempts, Running
+from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.intake import Intake
 from trainerd.supervisor.reconcile import reconcile
+from trainerd.supervisor.report import StateReport
+from trainerd.supervisor.wakeup import Wakeup
 
 __all__ = ["AlreadyRunning", "Supervisor"]
-
-_HINT_SCAN_MIN_S = 0.1
-
-# A ballast file under the root keeps this much of its file system for the ledger (see
-# _keep_reserve): when the disk fills, SQLite must still be able to record what happened.
-_RESERVE_BYTES = 1 << 20
 
 
 class AlreadyRunning(RuntimeError):
@@ -76,24 +70,18 @@ class Supervisor:
         self.stopping = False
         self.finished = False
         self._lock_fd: int | None = None
-        self._pending_signals: list[int] = []
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._scan_due = 0.0  # next periodic rescan
-        self._last_scan = -1e18
         self._guard_stale = False
         self._start_blocked_until = 0.0
-        self._hinted = True
-        self._inbox_recheck: float | None = None
-        self._next_ping: float | None = None
-        # Remembered only to log the edges (paused/resumed, disk_low/disk_ok, retry_waiting).
+        # Remembered only to log the edges (paused/resumed, retry_waiting).
         self._paused_seen = False
-        self._disk_low_seen = False
         self._waiting_logged: int | None = None
-        self._state_text = ""
         self.notifier = Notifier.from_env(unset_environment=True)
         self.guard = MemoryGuard(settings.memory, log=self.log)
         self.inbox = Inbox(self.layout.inbox, settle_s=settings.supervisor.settle_s, log=self.log)
+        self.wakeup = Wakeup()
+        self.intake = Intake(self.inbox, self.wakeup, self.log, rescan_s=settings.supervisor.rescan_s)
+        self.disk = DiskSpace(self.layout, self.log)
+        self.report = StateReport(self.layout, self.notifier, self.log)
 
     # --- derived state -------------------------------------------------------------------
 
@@ -105,8 +93,7 @@ class Supervisor:
     @property
     def disk_low(self) -> bool:
         """Free space under the root is below ``disk.min_free_bytes``: no attempt starts."""
-        free = free_bytes(self.layout.root)
-        return free is not None and free < self.settings.disk.min_free_bytes
+        return self.disk.low(self.settings.disk.min_free_bytes)
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -136,10 +123,7 @@ class Supervisor:
                 pass
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                os.close(fd)
-        self._wake_r = self._wake_w = None
+        self.wakeup.close()
 
     def _take_lock(self) -> None:
         fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -155,14 +139,10 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # The C-level handler writes to this pipe; the Python-level handler only records.
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, self._record_signal)
+        self.wakeup.install()
         try:
             self.open()
-            self._start_watching()
+            self.intake.start_watching(self.layout.stop)
             self._scan(time.time())
             self.notifier.ready(status=self._describe_state())
             self.log.info("supervisor_ready", paused=self.paused,
@@ -171,12 +151,7 @@ class Supervisor:
                 wake_at = self.tick(time.time())
                 if self.finished:
                     break
-                timeout = None if wake_at is None else max(0.0, wake_at - time.time())
-                try:
-                    select.select([self._wake_r], [], [], timeout)
-                except InterruptedError:  # PEP 475 retries, but be explicit about EINTR
-                    pass
-                self._drain_wakeups()
+                self.wakeup.wait(None if wake_at is None else max(0.0, wake_at - time.time()))
             self.log.info("supervisor_stopped")
             return 0
         except LedgerTooNew:
@@ -185,7 +160,7 @@ class Supervisor:
             self.log.exception("supervisor_crashed")
             raise
         finally:
-            signal.set_wakeup_fd(-1)
+            self.wakeup.uninstall()
             if self.running is not None:
                 # Only after an exception. Let the worker checkpoint (it would also stop on its
                 # lifeline, but then the next start has to wait for it); kill it if it hangs.
@@ -195,38 +170,6 @@ class Supervisor:
                     self.running.stop.shutdown(time.time(), 0.0, at_once=True)
                     child.wait(5.0)
             self.close()
-
-    def _record_signal(self, signum: int, _frame: Any) -> None:
-        self._pending_signals.append(signum)
-
-    def _hint(self) -> None:
-        """Called from watchdog's thread: note it and wake the main loop (a write is thread-safe)."""
-        self._hinted = True
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"h")
-            except OSError:  # EAGAIN: the pipe is full, the loop will wake anyway
-                pass
-
-    def _drain_wakeups(self) -> None:
-        if self._wake_r is None:
-            return
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def _start_watching(self) -> None:
-        """inotify hints for the inbox and for ``root/.stop`` (created or removed by the operator)."""
-        try:
-            self.inbox.start_watching(self._hint)
-            self.inbox.watch_also(self.layout.root, {self.layout.stop.name}, self._hint)
-        except OSError as e:
-            # inotify unavailable (NFS, fs.inotify.max_user_watches exhausted): the periodic
-            # rescan alone still finds every file, only later.
-            self.log.warning("inotify_unavailable", error=str(e), rescan_s=self.settings.supervisor.rescan_s)
-            self.inbox.stop_watching()
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -239,7 +182,8 @@ class Supervisor:
         """
         assert self.ledger is not None, "call open() first"
         if self.running is None or self.running.child.poll() is not None:
-            self._keep_reserve()  # before this tick writes: claims, an exit's settlement
+            # Before this tick writes (claims, an exit's settlement), and only with no worker.
+            self.disk.keep_reserve(self.settings.disk.min_free_bytes)
         self._handle_signals(now)
         self._check_pause(now)
         if self.running is not None:
@@ -247,24 +191,21 @@ class Supervisor:
         if self.stopping and self.running is None:
             self.finished = True
             return None
-        # inotify hints arrive per write while a big file is copied in: at most one hinted
-        # scan per _HINT_SCAN_MIN_S, the periodic rescan regardless.
-        hinted = self._hinted and now >= self._last_scan + _HINT_SCAN_MIN_S
-        if hinted or now >= self._scan_due or (self._inbox_recheck is not None and now >= self._inbox_recheck):
+        if self.intake.due(now):
             self._scan(now)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
-        self._ping_watchdog(now)
+        self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
         self._write_daemon_state()
         return self._next_wake(now)
 
+    def _scan(self, now: float) -> None:
+        self.intake.scan(now, self.ledger, self.attempts, self.filing)
+
     def _next_wake(self, now: float) -> float:
-        times = [self._scan_due]
-        if self._hinted:
-            times.append(self._last_scan + _HINT_SCAN_MIN_S)
-        for t in (self._inbox_recheck, self._next_ping):
-            if t is not None:
-                times.append(t)
+        times = self.intake.next_wake()
+        if self.report.next_ping is not None:
+            times.append(self.report.next_ping)
         r = self.running
         if r is not None:
             times.append(r.next_guard_poll)
@@ -279,8 +220,8 @@ class Supervisor:
         return max(now, min(times))
 
     def _handle_signals(self, now: float) -> None:
-        while self._pending_signals:
-            sig = self._pending_signals.pop(0)
+        while self.wakeup.pending:
+            sig = self.wakeup.pending.pop(0)
             if sig == signal.SIGHUP:
                 self.reload()
             elif sig in (signal.SIGTERM, signal.SIGINT):
@@ -325,6 +266,7 @@ class Supervisor:
         if self.attempts is not None:
             self.attempts.settings = new
         self.inbox.settle_s = new.supervisor.settle_s
+        self.intake.rescan_s = new.supervisor.rescan_s
         self._guard_stale = True  # rebuilt with the new memory settings before the next attempt
         self.log.info("config_reloaded", config=str(self.config_path))
         self.notifier.ready(status=self._describe_state())
@@ -338,19 +280,7 @@ class Supervisor:
             self.log.info("paused", stop_file=str(self.layout.stop), worker_running=self.running is not None)
         else:
             self.log.info("resumed")
-        self._scan_due = now  # look at the queue again right away
-
-    def _ping_watchdog(self, now: float) -> None:
-        interval = self.settings.supervisor.watchdog_ping_s or None
-        wd = self.notifier.watchdog_interval_s()
-        if wd:
-            interval = min(interval or wd / 2, wd / 2)
-        if not interval:
-            self._next_ping = None
-            return
-        if self._next_ping is None or now >= self._next_ping:
-            self.notifier.watchdog()
-            self._next_ping = now + interval
+        self.intake.look_soon(now)  # look at the queue again right away
 
     # --- daemon state for status and systemd ---------------------------------------------
 
@@ -371,67 +301,12 @@ class Supervisor:
         return "idle, watching the inbox"
 
     def _write_daemon_state(self) -> None:
-        text = self._describe_state()
-        if text == self._state_text:
-            return
-        self._state_text = text
-        self.notifier.status(text)
         r = self.running
-        # Not fsynced: a status hint, rewritten on every change; losing it on power loss is fine.
-        self._guarded("daemon_state_unwritable", lambda: atomic_write_json(self.layout.daemon, {
-            "pid": os.getpid(), "state": text, "paused": self.paused, "stopping": self.stopping,
-            "disk_low": self.disk_low, "updated_at": time.time(),
+        self.report.publish(self._describe_state(), {
+            "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low,
             "running": None if r is None else {"batch": r.batch.id, "attempt": r.attempt,
                                                "pid": r.child.pid, "started_at": r.started_at},
-        }, durable=False))
-
-    # --- inbox ---------------------------------------------------------------------------
-
-    def _scan(self, now: float) -> None:
-        assert self.ledger is not None and self.attempts is not None and self.filing is not None
-        self._hinted = False
-        self._last_scan = now
-        self._scan_due = now + self.settings.supervisor.rescan_s
-        # A claim that hit an error (disk full, EIO) stays CLAIMING; finish it when we can.
-        for b in self.ledger.batches(BatchState.CLAIMING):
-            self._guarded("claim_failed", lambda b=b: self.attempts.complete_claim(b, now), file=b.name)
-        ready, rejected, recheck = self.inbox.scan(now)
-        self._inbox_recheck = recheck
-        for rej in rejected:
-            self._guarded("inbox_entry_unmovable", lambda rej=rej: self.filing.reject_entry(rej, now), file=rej.name)
-        for name in ready:
-            self.inbox.forget(name)
-            self._guarded("claim_failed", lambda name=name: self.attempts.claim(name, now), file=name)
-
-    def _keep_reserve(self) -> None:
-        """Hold ``root/.disk-reserve`` (1 MiB of real blocks) while space allows; release it as
-        soon as the file system is nearly full, so the ledger's next commits have room (no
-        SQLITE_FULL crash) and the batch can be requeued as ``disk_full``. Called only while no
-        worker runs, so a worker cannot eat the released room before the ledger uses it; made
-        again once free space is back above ``disk.min_free_bytes`` plus a margin."""
-        path = self.layout.disk_reserve
-        free = free_bytes(self.layout.root)
-        if free is None:
-            return
-        have = os.path.exists(path)
-        if have and free < _RESERVE_BYTES:
-            try:
-                os.unlink(path)
-            except OSError:
-                return
-            self.log.error("disk_reserve_released", free_bytes=free, released_bytes=_RESERVE_BYTES,
-                           action="the file system is full: no new attempt until space is back")
-        elif not have and free > 4 * _RESERVE_BYTES + self.settings.disk.min_free_bytes:
-            write_ballast(path, _RESERVE_BYTES)
-
-    def _guarded(self, event: str, fn: Callable[[], Any], **fields: Any) -> Any:
-        """Run a file-system step; an OSError (ENOSPC, EIO, EACCES) is logged, not fatal: the
-        ledger says where the step stopped and the next scan or start retries it."""
-        try:
-            return fn()
-        except OSError as e:
-            self.log.error(event, error=str(e), errno=errno.errorcode.get(e.errno or 0, e.errno), **fields)
-            return None
+        })
 
     # --- one worker ----------------------------------------------------------------------
 
@@ -447,16 +322,8 @@ class Supervisor:
                 self._waiting_logged = head.id
                 self.log.info("retry_waiting", batch=head.id, retry_in_s=round(head.next_attempt_at - now, 3))
             return
-        free = free_bytes(self.layout.root)
-        if self.disk_low:
-            if not self._disk_low_seen:
-                self._disk_low_seen = True
-                self.log.error("disk_low", free_bytes=free, min_free_bytes=self.settings.disk.min_free_bytes,
-                               batch=head.id, action="waiting; the batch stays queued")
+        if not self.disk.may_start(self.settings.disk.min_free_bytes, head.id):
             return
-        if self._disk_low_seen:
-            self._disk_low_seen = False
-            self.log.info("disk_ok", free_bytes=free)
         if self._guard_stale:
             self._guard_stale = False
             self.guard = self.attempts.guard = MemoryGuard(self.settings.memory, log=self.log)

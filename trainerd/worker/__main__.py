@@ -66,6 +66,92 @@ def _precheck(files, settings):
     return rep
 
 
+class _Finish(Exception):
+    """Raised to end the attempt with a result: status, reason, exit code, extra result fields."""
+
+    def __init__(self, status, reason: str, code, **extra):
+        super().__init__(reason)
+        self.status, self.reason, self.code, self.extra = status, reason, code, extra
+
+
+def _write_result(files, log, end: _Finish) -> int:
+    """result.json (the worker's last word), then the exit code."""
+    from trainerd.fsutil import atomic_write_json
+
+    body = {"status": end.status, "reason": end.reason, "exit_code": int(end.code), **end.extra}
+    # Free the reserve first: on a full disk it is the room result.json is written into, so the
+    # supervisor learns *why* (disk_full) and not just "75".
+    try:
+        os.unlink(files.reserve)
+    except OSError:
+        pass
+    try:
+        atomic_write_json(files.result, body)
+    except OSError as e:  # disk full: the exit code still tells the supervisor
+        log.error("result_write_failed", error=str(e))
+    log.info("worker_exit", status=end.status, reason=end.reason, exit_code=end.code)
+    return int(end.code)
+
+
+def _settings(files, init_adapter: Path | None, log):
+    """The attempt's settings from settings.json; _Finish (exit 78) naming every problem."""
+    from trainerd.config import ConfigError, from_dict
+    from trainerd.contract import ExitCode, Outcome
+    from trainerd.fsutil import read_json
+
+    def bad(reason: str, **extra) -> _Finish:
+        return _Finish(Outcome.BAD_CONFIG, reason, ExitCode.CONFIG, **extra)
+
+    if not files.dir.is_dir():
+        raise bad(f"batch folder missing: {files.dir}")
+    try:
+        raw = read_json(files.settings)
+    except FileNotFoundError:
+        raise bad(f"settings file missing: {files.settings}")
+    except ValueError as e:
+        raise bad(f"settings.json is not valid JSON: {e}")
+    try:
+        settings = from_dict(raw, source=str(files.settings))
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("bad_setting", problem=problem)
+        raise bad("; ".join(e.problems), problems=e.problems)
+    if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
+        raise bad(f"--init-adapter: no adapter at {init_adapter}")
+    return settings
+
+
+def _train(files, settings, args, log) -> _Finish:
+    """Run the trainer; every way it can end, as a _Finish."""
+    from trainerd.contract import ExitCode, Outcome
+    from trainerd.fsutil import write_ballast
+    from trainerd.worker.data import DataError
+    from trainerd.worker.train import ConfigProblem, Trainer
+
+    # released by _write_result() so that result.json can still be written when the disk fills
+    write_ballast(files.reserve, RESERVE_BYTES)
+    trainer = Trainer(files.dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
+    try:
+        outcome = trainer.run()
+    except DataError as e:
+        log.error("bad_data", reason=e.reason, first_errors=e.errors[:5])
+        summary = trainer.summary()
+        summary["errors"] = e.errors or summary.get("errors", [])
+        return _Finish(Outcome.BAD_DATA, e.reason, ExitCode.DATAERR, **summary)
+    except ConfigProblem as e:
+        log.error("bad_setting", problem=str(e))
+        return _Finish(Outcome.BAD_CONFIG, str(e), ExitCode.CONFIG, problems=[str(e)], **trainer.summary())
+    except Exception as e:
+        traceback.print_exc()
+        log.error("worker_crashed", error=f"{type(e).__name__}: {e}")
+        try:
+            summary = trainer.summary()
+        except Exception:
+            summary = {}
+        return _Finish(Outcome.CRASHED, f"{type(e).__name__}: {e}", ExitCode.SOFTWARE, **summary)
+    return _Finish(outcome.status, outcome.reason, outcome.exit_code, **trainer.summary(), **outcome.extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainerd.worker", description=__doc__)
     p.add_argument("batch_dir", type=Path)
@@ -75,78 +161,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="where to write the final adapter (atomically; must not exist)")
     args = p.parse_args(argv)
     log = _logger()
-    batch_dir = args.batch_dir.resolve()
 
-    from trainerd.config import ConfigError, from_dict
     from trainerd.contract import BatchFiles, ExitCode, Outcome
-    from trainerd.fsutil import atomic_write_json, read_json, write_ballast
 
-    files = BatchFiles(batch_dir)
-    reserve = files.reserve
-
-    def finish(status: Outcome, reason: str, code: ExitCode, **extra) -> int:
-        body = {"status": status, "reason": reason, "exit_code": int(code), **extra}
-        # Free the reserve first: on a full disk it is the room result.json is written into,
-        # so the supervisor learns *why* (disk_full) and not just "75".
-        try:
-            os.unlink(reserve)
-        except OSError:
-            pass
-        try:
-            atomic_write_json(files.result, body)
-        except OSError as e:  # disk full: the exit code still tells the supervisor
-            log.error("result_write_failed", error=str(e))
-        log.info("worker_exit", status=status, reason=reason, exit_code=code)
-        return int(code)
-
-    if not batch_dir.is_dir():
-        return finish(Outcome.BAD_CONFIG, f"batch folder missing: {batch_dir}", ExitCode.CONFIG)
+    files = BatchFiles(args.batch_dir.resolve())
     try:
-        raw = read_json(files.settings)
-    except FileNotFoundError:
-        return finish(Outcome.BAD_CONFIG, f"settings file missing: {files.settings}", ExitCode.CONFIG)
-    except ValueError as e:
-        return finish(Outcome.BAD_CONFIG, f"settings.json is not valid JSON: {e}", ExitCode.CONFIG)
-    try:
-        settings = from_dict(raw, source=str(files.settings))
-    except ConfigError as e:
-        for problem in e.problems:
-            log.error("bad_setting", problem=problem)
-        return finish(Outcome.BAD_CONFIG, "; ".join(e.problems), ExitCode.CONFIG, problems=e.problems)
-    if args.init_adapter is not None and not (args.init_adapter / "adapter_config.json").is_file():
-        return finish(Outcome.BAD_CONFIG, f"--init-adapter: no adapter at {args.init_adapter}", ExitCode.CONFIG)
-
-    rejected = _precheck(files, settings)
-    if rejected is not None:
-        log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="precheck")
-        return finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,
-                      lines_bad=rejected.bad, errors=rejected.errors, step=0, total_steps=0)
-
-    from trainerd.worker.data import DataError
-    from trainerd.worker.train import ConfigProblem, Trainer
-
-    # released by finish() so that result.json can still be written when the disk fills
-    write_ballast(reserve, RESERVE_BYTES)
-    trainer = Trainer(batch_dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
-    try:
-        outcome = trainer.run()
-    except DataError as e:
-        log.error("bad_data", reason=e.reason, first_errors=e.errors[:5])
-        summary = trainer.summary()
-        summary["errors"] = e.errors or summary.get("errors", [])
-        return finish(Outcome.BAD_DATA, e.reason, ExitCode.DATAERR, **summary)
-    except ConfigProblem as e:
-        log.error("bad_setting", problem=str(e))
-        return finish(Outcome.BAD_CONFIG, str(e), ExitCode.CONFIG, problems=[str(e)], **trainer.summary())
-    except Exception as e:
-        traceback.print_exc()
-        log.error("worker_crashed", error=f"{type(e).__name__}: {e}")
-        try:
-            summary = trainer.summary()
-        except Exception:
-            summary = {}
-        return finish(Outcome.CRASHED, f"{type(e).__name__}: {e}", ExitCode.SOFTWARE, **summary)
-    return finish(outcome.status, outcome.reason, outcome.exit_code, **trainer.summary(), **outcome.extra)
+        settings = _settings(files, args.init_adapter, log)
+        rejected = _precheck(files, settings)
+        if rejected is not None:
+            log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="precheck")
+            raise _Finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,
+                          lines_bad=rejected.bad, errors=rejected.errors, step=0, total_steps=0)
+        end = _train(files, settings, args, log)
+    except _Finish as e:
+        end = e
+    return _write_result(files, log, end)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from trainerd.lines import ScanReport
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, scan
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker.progress import Progress, peak_rss_bytes
+from trainerd.worker.step import Stepper
 from trainerd.worker.stopper import Stopper, StopRequested
 
 __all__ = ["ConfigProblem", "RunEnd", "Trainer"]
@@ -79,20 +80,24 @@ class Trainer:
             "grad_accum_steps": settings.train.grad_accum_steps,
         }
         self.loaded: mdl.Loaded | None = None
-        self.micro = 0  # set once training starts
+        self.stepper: Stepper | None = None  # set once training starts
         self.eff = 0
         self.step = 0
         self.total_steps = 0
         self.tokens = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self._oom_above = faults.number("oom_above_micro")
         self._last_ckpt_step = -1
         self._last_ckpt_time = time.monotonic()
 
     @property
     def device(self) -> torch.device | None:
         return self.loaded.device if self.loaded else None
+
+    @property
+    def micro(self) -> int:
+        """The live micro-batch size (a CUDA OOM back-off may have halved it); 0 before training."""
+        return self.stepper.micro if self.stepper else 0
 
     # -- the run -------------------------------------------------------------------------
 
@@ -176,7 +181,10 @@ class Trainer:
         self.total_steps = max(1, -(-sc.blocks_per_epoch * t.epochs // eff))
         self.model = mdl.build_peft(self.loaded, self.s, resume[0] if resume else self.init_adapter, self.log)
         self.optimizer, self.scheduler = mdl.make_optimizer(self.model, self.s, self.total_steps)
-        self.eff, self.micro = eff, min(t.micro_batch_size, eff)
+        self.eff = eff
+        self.stepper = Stepper(self.model, self.optimizer, self.scheduler, self.loaded, self.stopper,
+                               self.progress, self.log, micro=min(t.micro_batch_size, eff),
+                               max_grad_norm=t.max_grad_norm)
         cursor = Cursor()
         if state is not None:
             self._restore(resume[0], state)
@@ -214,11 +222,12 @@ class Trainer:
                     ids, labels, mask, cursor = next(stream)
                     blocks.append((ids, labels, mask))
                 try:
-                    loss = self._train_step(blocks, step_rng)
+                    loss = self.stepper.step(blocks, step_rng, self.step + 1)
                 except StopRequested as stop:
                     self._checkpoint(step_cursor, step_rng)
                     return self._stopped(stop.reason)
                 self.step += 1
+                self.tokens += self.stepper.last_tokens
                 if faults.number("crash_at_step") == self.step:
                     faults.die_at("crash_at_step")
                 self.last_loss = loss
@@ -240,68 +249,6 @@ class Trainer:
         written = self._write_final_adapter()
         self._report(self.last_loss, log_step=False)
         return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(written)})
-
-    # -- one optimizer step --------------------------------------------------------------
-
-    def _train_step(self, blocks: list, step_rng: dict[str, Any]) -> float:
-        ids = torch.tensor([b[0] for b in blocks], dtype=torch.long)
-        labels = torch.tensor([b[1] for b in blocks], dtype=torch.long)
-        mask = torch.tensor([b[2] for b in blocks], dtype=torch.long)
-        # HF shifts labels inside the loss: position 0 of each block predicts nothing.
-        n_items = int((labels[:, 1:] != -100).sum())
-        t0 = time.monotonic()
-        while True:
-            try:
-                loss_sum = self._accumulate(ids, labels, mask, max(n_items, 1))
-                break
-            except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
-                gc.collect()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.micro <= 1:
-                    self.log.error("cuda_oom_at_micro_batch_1", step=self.step + 1)
-                    raise StopRequested(StopReason.MEMORY)
-                old = self.micro
-                self.micro = max(1, self.micro // 2)
-                ckpt.set_rng_state(step_rng)  # redo the step with the same tokens and dropout
-                self.log.warning("cuda_oom_backoff", step=self.step + 1, micro_batch_size_was=old,
-                                 micro_batch_size=self.micro, grad_accum_steps=-(-len(blocks) // self.micro))
-        if self.s.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        del ids, labels, mask
-        gc.collect()  # cheap after gc.freeze(); keeps cyclic garbage from piling up per step
-        real_tokens = sum(sum(b[2]) for b in blocks)
-        self.tokens += real_tokens
-        self.progress.add_step(real_tokens, time.monotonic() - t0)
-        return loss_sum
-
-    def _accumulate(self, ids, labels, mask, n_items: int) -> float:
-        total = 0.0
-        for start in range(0, ids.shape[0], self.micro):
-            if start:  # a stop never waits for the rest of a long step
-                reason = self.stopper.check()
-                if reason:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise StopRequested(reason)
-            if self._oom_above is not None and self.micro > self._oom_above:
-                # Fault injection (TRAINERD_FAULT=oom_above_micro:K): the CPU has no CUDA OOM to
-                # provoke, so the back-off path is exercised by raising the very same error.
-                raise torch.OutOfMemoryError(f"injected: micro-batch {self.micro} > {self._oom_above}")
-            sl = slice(start, start + self.micro)
-            x, y, m = ids[sl].to(self.device), labels[sl].to(self.device), mask[sl].to(self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.loaded.autocast):
-                loss = self.model(input_ids=x, attention_mask=m, labels=y, num_items_in_batch=n_items).loss
-            # Only the loss is kept: holding the model output would keep its logits (micro x seq x
-            # vocab floats, ~200 MB for SmolLM2 at 4 x 256) alive through backward(), where the
-            # peak is. Measured: +0.13 to +0.22 GiB peak RSS with the output held.
-            loss.backward()
-            total += loss.item()  # a CPU-GPU sync point on CUDA, once per micro-batch
-            del loss, x, y, m
-        return total
 
     # -- checkpoints, the adapter, progress, result ---------------------------------------
 

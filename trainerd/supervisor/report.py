@@ -1,0 +1,46 @@
+"""What the daemon says about itself: systemd's STATUS= and WATCHDOG=1, and ``daemon.json``
+(for ``trainerd status``), rewritten only when the state text changes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from trainerd.contract import RootLayout
+from trainerd.fsutil import atomic_write_json
+from trainerd.sdnotify import Notifier
+from trainerd.supervisor.intake import guarded
+
+__all__ = ["StateReport"]
+
+
+class StateReport:
+    def __init__(self, layout: RootLayout, notifier: Notifier, log: Any):
+        self.layout, self.notifier, self.log = layout, notifier, log
+        self.next_ping: float | None = None
+        self._text = ""
+
+    def publish(self, text: str, fields: dict[str, Any]) -> None:
+        """STATUS= to systemd and daemon.json, when ``text`` changed since the last call."""
+        if text == self._text:
+            return
+        self._text = text
+        self.notifier.status(text)
+        # Not fsynced: a status hint, rewritten on every change; losing it on power loss is fine.
+        guarded(self.log, "daemon_state_unwritable", lambda: atomic_write_json(self.layout.daemon, {
+            "pid": os.getpid(), "state": text, "updated_at": time.time(), **fields}, durable=False))
+
+    def ping(self, now: float, watchdog_ping_s: float) -> None:
+        """WATCHDOG=1 from the main loop, never from a training step: every ``watchdog_ping_s``,
+        and at least twice per systemd's WatchdogSec."""
+        interval = watchdog_ping_s or None
+        wd = self.notifier.watchdog_interval_s()
+        if wd:
+            interval = min(interval or wd / 2, wd / 2)
+        if not interval:
+            self.next_ping = None
+            return
+        if self.next_ping is None or now >= self.next_ping:
+            self.notifier.watchdog()
+            self.next_ping = now + interval
