@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainerd.lines import iter_lines, parse_line
-from trainerd.worker.data import IGNORE_INDEX, BlockStream, Cursor, DataError, Encoder, iter_encoded, scan
+from trainerd.worker.data import (IGNORE_INDEX, BlockStream, Cursor, DataError, Encoder, TrainSource, iter_encoded,
+                                  scan)
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +143,14 @@ def test_scan_counts_and_records_errors(tmp_path, tokenizer):
     """The first pass counts good, bad and blank lines and writes every bad line to errors.jsonl."""
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "a b c"}\n\n{"oops": 1}\n{"text": "d e"}\n')
-    sc = scan(path, Encoder(tokenizer), seq_len=4, max_line_bytes=1 << 20, chunk_lines=2, max_bad_fraction=0.5,
+    src = TrainSource(path, max_line_bytes=1 << 20)
+    sc = scan(src, Encoder(tokenizer), seq_len=4, chunk_lines=2, max_bad_fraction=0.5,
               errors_path=tmp_path / "errors.jsonl", max_errors=10)
     assert (sc.lines, sc.good, sc.bad, sc.blank) == (4, 2, 1, 1)
     assert json.loads((tmp_path / "errors.jsonl").read_text())["line"] == 3
     assert sc.blocks_per_epoch == -(-sc.tokens // 4)
     with pytest.raises(DataError, match="too many bad lines"):
-        scan(path, Encoder(tokenizer), seq_len=4, max_line_bytes=1 << 20, chunk_lines=2, max_bad_fraction=0.2,
+        scan(src, Encoder(tokenizer), seq_len=4, chunk_lines=2, max_bad_fraction=0.2,
              errors_path=tmp_path / "errors.jsonl", max_errors=10)
 
 
@@ -226,7 +228,8 @@ def test_arbitrary_bytes_never_crash_the_full_scan(tmp_path, tokenizer, blob):
     path = tmp_path / "d.jsonl"
     path.write_bytes(blob)
     try:
-        sc = scan(path, Encoder(tokenizer), seq_len=8, max_line_bytes=64, chunk_lines=3, max_bad_fraction=0.5,
+        sc = scan(TrainSource(path, max_line_bytes=64), Encoder(tokenizer), seq_len=8, chunk_lines=3,
+                  max_bad_fraction=0.5,
                   errors_path=tmp_path / "errors.jsonl", max_errors=5)
     except DataError as e:
         assert e.reason

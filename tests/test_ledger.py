@@ -102,40 +102,77 @@ def test_decided_failure_finishes_from_any_live_state(led):
     assert led.finish(d, now).state == "failed"
 
 
+# The tables exactly as release 1 (schema 1) wrote them: a root written then must open now.
+V1_SCHEMA = """
+CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, sha256 TEXT, size_bytes INTEGER,
+  state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0,
+  memory_stops INTEGER NOT NULL DEFAULT 0, micro_batch_size INTEGER, grad_accum_steps INTEGER,
+  gradient_checkpointing INTEGER, next_attempt_at REAL NOT NULL DEFAULT 0, last_reason TEXT, last_step INTEGER,
+  total_steps INTEGER, adapter_version INTEGER, duplicate_of INTEGER, created_at REAL NOT NULL,
+  updated_at REAL NOT NULL, finished_at REAL);
+CREATE INDEX batches_state ON batches(state, id);
+CREATE INDEX batches_sha ON batches(sha256);
+CREATE TABLE attempts (batch_id INTEGER NOT NULL REFERENCES batches(id), n INTEGER NOT NULL, pid INTEGER,
+  pid_started_at REAL, started_at REAL NOT NULL, ended_at REAL, init_adapter TEXT, exit_code INTEGER,
+  signal INTEGER, signal_sent_by TEXT, outcome TEXT, reason TEXT, result_json TEXT, PRIMARY KEY (batch_id, n));
+CREATE TABLE adapter_versions (n INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL REFERENCES batches(id),
+  path TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO batches(name, sha256, state, attempts, adapter_version, created_at, updated_at, finished_at)
+  VALUES ('a.jsonl', 'aa', 'done', 1, 1, 1, 1, 1), ('b.jsonl', 'bb', 'done', 1, 2, 2, 2, 2),
+         ('c.jsonl', 'cc', 'queued', 0, NULL, 3, 3, NULL);
+INSERT INTO adapter_versions VALUES (1, 1, '/r/adapters/1', 1), (2, 2, '/r/adapters/2', 2);
+PRAGMA user_version=1;
+"""
+
+
 def _v1_ledger(path):
-    """A ledger exactly as release 1 wrote it: version-1 tables, user_version 1, one done batch."""
-    led = Ledger(path)
-    now = time.time()
-    bid = led.begin_claim("old.jsonl", 3, now).id
-    led.finish_claim(bid, "abc", 3, now)
-    led.close()
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.close()
 
 
-def test_older_schema_is_migrated_with_a_backup(tmp_path, monkeypatch):
-    """Opening a ledger of an older schema runs every migration step in order, keeps a copy of the
-    old file, and keeps its rows; a second open migrates nothing."""
+def test_a_release_1_root_opens_migrated_with_a_backup(tmp_path):
+    """A ledger written by release 1 opens under this one: migrated to the current schema, its
+    rows kept (versions chained, done batches blessed), and a copy of the old file kept beside it."""
     db = tmp_path / "state.db"
     _v1_ledger(db)
-    ran = []
-
-    def to_2(conn):
-        ran.append(2)
-        conn.execute("ALTER TABLE batches ADD COLUMN note TEXT DEFAULT 'migrated'")
-
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(schema.MIGRATIONS, 2, to_2)
     led = Ledger(db)
     try:
-        assert ran == [2] and led.schema_version() == 2
-        assert tuple(led.db.execute("SELECT name, note FROM batches").fetchone()) == ("old.jsonl", "migrated")
+        assert led.schema_version() == schema.SCHEMA_VERSION
+        assert [(b.name, b.state, b.decision) for b in led.batches()] == [
+            ("a.jsonl", "done", "blessed"), ("b.jsonl", "done", "blessed"), ("c.jsonl", "queued", None)]
+        assert [(v.n, v.parent, v.kind) for v in led.adapter_versions()] == [(1, None, "blessed"), (2, 1, "blessed")]
+        assert led.next_queued().name == "c.jsonl"
     finally:
         led.close()
     bak = sqlite3.connect(tmp_path / "state.db.v1.bak")
     assert bak.execute("PRAGMA user_version").fetchone()[0] == 1
-    assert bak.execute("SELECT name FROM batches").fetchone()[0] == "old.jsonl"
+    assert bak.execute("SELECT count(*) FROM batches").fetchone()[0] == 3
     bak.close()
+
+
+def test_migration_steps_run_in_order_once(tmp_path, monkeypatch):
+    """Every step from the file's version to this release's runs once, in order; a second open runs none."""
+    db = tmp_path / "state.db"
+    _v1_ledger(db)
+    ran = []
+    real = dict(schema.MIGRATIONS)
+
+    def step(v):
+        def run(conn):
+            ran.append(v)
+            (real[v] if v in real else lambda c: c.execute("ALTER TABLE batches ADD COLUMN note TEXT"))(conn)
+        return run
+
+    top = schema.SCHEMA_VERSION + 1
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", top)
+    for v in range(2, top + 1):
+        monkeypatch.setitem(schema.MIGRATIONS, v, step(v))
     Ledger(db).close()
-    assert ran == [2]
+    assert ran == list(range(2, top + 1))
+    Ledger(db).close()
+    assert ran == list(range(2, top + 1))
 
 
 def test_newer_schema_is_refused(tmp_path):

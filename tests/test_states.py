@@ -13,10 +13,20 @@ def test_states_are_lowercase_str_enums():
 
 def test_final_states_have_no_exits():
     """done, failed and skipped are final: nothing leaves them."""
-    for s in FINAL_STATES:
+    for s in (BatchState.DONE, BatchState.FAILED, BatchState.SKIPPED):
+        assert s in FINAL_STATES
         assert TRANSITIONS[s] == ()
         with pytest.raises(InvalidTransition, match="final state"):
             check_transition(s, BatchState.QUEUED)
+
+
+def test_rejected_is_final_unless_promoted():
+    """A rejected batch never runs again; only an operator's promote takes it to done."""
+    assert BatchState.REJECTED in FINAL_STATES
+    assert TRANSITIONS[BatchState.REJECTED] == (BatchState.DONE,)
+    for s in (BatchState.QUEUED, BatchState.RUNNING, BatchState.FAILED):
+        with pytest.raises(InvalidTransition, match="rejected -> "):
+            check_transition(BatchState.REJECTED, s)
 
 
 def test_invalid_transition_names_current_and_allowed():

@@ -240,7 +240,8 @@ def test_request_stop_checkpoints_and_requeues(sup):
 def test_stop_grace_then_sigkill_of_whole_group(sup):
     """A worker that ignores SIGTERM is SIGKILLed with its group after the grace; no grandchild survives."""
     drop(sup, "a.jsonl", ["ignore_term"])
-    drive(sup, lambda: sup.running is not None)
+    # Wait until the worker really ignores SIGTERM (it would die of it while still starting up).
+    drive(sup, lambda: sup.running is not None and (sup.layout.batch_dir(1) / "term_ignored").exists())
     stop = sup.running.stop
     t0 = time.time()
     sup.request_stop(t0, "SIGTERM")

@@ -90,7 +90,7 @@ def test_leftover_worker_found_and_stopped(tmp_path):
     s = new_sup(tmp_path, supervisor={"stop_grace_s": 0.5})
     s.open()
     drop(s, "a.jsonl", ["ignore_term", "done"])
-    drive(s, lambda: s.running is not None)
+    drive(s, lambda: s.running is not None and (s.layout.batch_dir(1) / "term_ignored").exists())
     old = psutil.Process(s.running.child.pid)
     old_child = s.running.child
     crash(s)

@@ -240,8 +240,8 @@ def test_no_dataset_cache_files_appear(tmp_path, tiny_model_dir):
     assert rc == 0
     assert [p for p in cache.rglob("*")] == []
     assert sorted(p.name for p in batch.iterdir()) == sorted(
-        ["data.jsonl", "settings.json", "scan.json", "errors.jsonl", "checkpoints", "progress.json",
-         "result.json", "final_adapter"])
+        ["data.jsonl", "settings.json", "split.json", "holdout.jsonl", "scan.json", "errors.jsonl", "checkpoints",
+         "progress.json", "eval.json", "result.json", "final_adapter"])
     assert not list(batch.rglob("*.arrow")) and not list(tmp_path.rglob("cache-*"))
 
 

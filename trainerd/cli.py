@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd.cli_chain import add_commands as add_chain_commands
 from trainerd.contract import ExitCode, RootLayout
+from trainerd.inbox import eval_partner, is_candidate_name
 
 DEFAULT_ROOT = "/var/lib/trainerd"
 
@@ -149,11 +151,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return ExitCode.DATAERR if any(r.rejected for r in reports) else ExitCode.OK
 
 
-def _place(src: Path, inbox: Path) -> Path:
+def _place(src: Path, inbox: Path, name: str | None = None) -> Path:
     """Copy into the inbox as ``.name.part`` (ignored by the daemon), fsync, then link to the
     final name: the daemon sees the whole file or nothing, and an existing name is never clobbered."""
-    final = inbox / src.name
-    part = inbox / f".{src.name}.part"
+    name = name or src.name
+    final = inbox / name
+    part = inbox / f".{name}.part"
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
@@ -187,20 +190,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"trainerd submit: no inbox at {inbox} (is the root right? use --root or --config)",
               file=sys.stderr)
         return ExitCode.FAIL
+    if args.eval and len(args.files) != 1:
+        print("trainerd submit: --eval goes with exactly one data file", file=sys.stderr)
+        return ExitCode.FAIL
     rc = ExitCode.OK
     for f in args.files:
         src = Path(f)
-        if not src.name.endswith(".jsonl") or src.name.startswith("."):
-            print(f"{f}: not submitted: the name must end in .jsonl and not start with a dot", file=sys.stderr)
+        if not is_candidate_name(src.name):
+            print(f"{f}: not submitted: the name must end in .jsonl (not .eval.jsonl, kept for eval files) "
+                  "and not start with a dot", file=sys.stderr)
             rc = rc or ExitCode.FAIL
             continue
-        rep = _scan(f, settings)
-        if rep.rejected:
-            _print_report(rep)
+        reports = [_scan(f, settings)] + ([_scan(args.eval, settings)] if args.eval else [])
+        if any(r.rejected for r in reports):
+            for r in reports:
+                _print_report(r)
             print(f"{f}: not submitted", file=sys.stderr)
             rc = ExitCode.DATAERR
             continue
+        rep = reports[0]
         try:
+            if args.eval:
+                # The eval file first: the daemon claims it with the data, which appears last.
+                _place(Path(args.eval), inbox, eval_partner(src.name))
             dest = _place(src, inbox)
         except FileExistsError:
             print(f"{f}: not submitted: {inbox / src.name} already exists (rename the file)", file=sys.stderr)
@@ -269,12 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground").set_defaults(fn=cmd_run)
     s = sub.add_parser("submit", parents=[common], help="validate files, then place them in the inbox atomically")
     s.add_argument("files", nargs="+")
+    s.add_argument("--eval", metavar="EVAL.jsonl", help="an evaluation set for this batch (replaces its held-out slice)")
     s.set_defaults(fn=cmd_submit)
     s = sub.add_parser("status", parents=[common], help="what the daemon is doing")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_status)
     sub.add_parser("pause", parents=[common], help="create root/.stop").set_defaults(fn=cmd_pause)
     sub.add_parser("resume", parents=[common], help="remove root/.stop").set_defaults(fn=cmd_resume)
+    add_chain_commands(sub, common)
     s = sub.add_parser("validate", parents=[common], help="line-level report; exit 65 if it would be rejected")
     s.add_argument("files", nargs="+")
     s.add_argument("--json", action="store_true")

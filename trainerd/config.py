@@ -167,6 +167,33 @@ class DiskSettings:
 
 
 @dataclass
+class EvalSettings:
+    # The automatic held-out slice of every batch: distinct good lines chosen by content hash.
+    holdout_fraction: float = field(default=0.1, metadata=_check("float", min=0.0, max=0.5))
+    # At least this many distinct lines (only where the batch has >= 10 distinct good lines).
+    holdout_min: int = field(default=1, metadata=_check("int", min=0))
+    holdout_max: int = field(default=64, metadata=_check("int", min=0))
+    # Budget of the evaluation after training, candidate and champion passes together.
+    max_tokens: int = field(default=32768, metadata=_check("int", min=0))
+    max_fraction: float = field(default=0.1, metadata=_check("float", min=0.0, max=10.0))
+    batch_size: int = field(default=4, metadata=_check("int", min=1))
+    # During training: the new set's loss every N optimizer steps (0 = off), and early stopping
+    # after this many evaluations without improvement (0 = off; needs every_steps).
+    every_steps: int = field(default=0, metadata=_check("int", min=0))
+    early_stopping_patience: int = field(default=0, metadata=_check("int", min=0))
+
+
+@dataclass
+class GateSettings:
+    enabled: bool = field(default=True, metadata=_check("bool"))
+    # nats/token the candidate may be worse than the champion on the batch's own set
+    new_tolerance: float = field(default=0.02, metadata=_check("float", min=0.0))
+    # nats/token it may be worse on every earlier set and standing suite (or 2 standard errors
+    # of the paired per-example differences, whichever is larger)
+    max_regression: float = field(default=0.05, metadata=_check("float", min=0.0))
+
+
+@dataclass
 class LogSettings:
     level: str = field(default="info", metadata=_check("choice", choices=("debug", "info", "warning", "error")))
     file: bool = field(default=True, metadata=_check("bool"))
@@ -185,6 +212,8 @@ class Settings:
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     disk: DiskSettings = field(default_factory=DiskSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
 
 
 def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
@@ -277,10 +306,17 @@ _SECTIONS = {
     "supervisor": SupervisorSettings,
     "disk": DiskSettings,
     "log": LogSettings,
+    "eval": EvalSettings,
+    "gate": GateSettings,
 }
 
 
 def _cross_checks(s: Settings, problems: list[str]) -> None:
+    if s.eval.holdout_min > s.eval.holdout_max:
+        problems.append(f"eval.holdout_min: must be <= eval.holdout_max ({s.eval.holdout_max}), "
+                        f"got {s.eval.holdout_min}")
+    if s.eval.early_stopping_patience and not s.eval.every_steps:
+        problems.append("eval.early_stopping_patience: needs eval.every_steps > 0 (evaluations to count)")
     if s.memory.soft >= s.memory.hard:
         problems.append(f"memory.soft: must be below memory.hard ({s.memory.hard}), got {s.memory.soft}")
     if s.retry.backoff_max_s < s.retry.backoff_s:

@@ -87,6 +87,14 @@ class BatchFiles:
         self.published = d / "published"         # the attempt's final adapter (--publish)
         self.final_adapter = d / "final_adapter"  # the adapter when the worker runs without --publish
         self.reserve = d / ".reserve"             # ballast the worker frees to write result.json on a full disk
+        # The evaluation gate (docs/architecture.md, "Evaluate and decide")
+        self.eval_file = d / "eval.jsonl"         # an eval file claimed with the data (replaces the holdout)
+        self.holdout = d / "holdout.jsonl"        # the held-out slice of data.jsonl (distinct lines, once each)
+        self.parent = d / "parent.json"           # the champion / init adapter, fixed at the first attempt
+        self.evalsets = d / "evalsets.json"       # earlier sets and standing suites, fixed at the first attempt
+        self.split = d / "split.json"             # the worker's first split: counts, held-out and excluded hashes
+        self.replay = d / "replay.jsonl"          # earlier batches' lines drawn into this batch, fixed at the first pass
+        self.eval_result = d / "eval.json"        # candidate and champion figures on every set
 
     def __repr__(self) -> str:
         return f"BatchFiles({str(self.dir)!r})"
@@ -110,6 +118,10 @@ class RootLayout:
         self.lock = r / "trainerd.pid"          # flock held by the running supervisor; holds its pid
         self.daemon = r / "daemon.json"         # what the supervisor is doing now (for status)
         self.disk_reserve = r / ".disk-reserve"  # ballast the supervisor frees so the ledger can commit
+        self.suites = r / "evals"                # standing evaluation suites (the operator's *.jsonl)
+        self.evalsets = r / "evalsets"           # every set ever judged on, kept by content (the gate's memory)
+        self.rejected = self.adapters / "rejected"  # candidates the gate refused, by batch id
+        self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
 
     @staticmethod
     def batch_name(batch_id: int) -> str:
@@ -125,20 +137,24 @@ class RootLayout:
     def adapter_dir(self, n: int) -> Path:
         return self.adapters / str(n)
 
+    def rejected_dir(self, batch_id: int) -> Path:
+        return self.rejected / self.batch_name(batch_id)
+
     def looks_like_root(self) -> bool:
         return self.db.exists() or self.inbox.is_dir()
 
     def make(self) -> None:
         for d in (self.root, self.batches, self.adapters, self.done, self.failed, self.logs):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
-        # The inbox is where operators (group members, not the daemon's user) drop files: group
-        # writable, and setgid so what they drop stays in the daemon's group. Set explicitly:
-        # mkdir's mode is filtered by the daemon's umask 027. Nothing else is group-writable.
-        # Under the hardened unit (RestrictSUIDSGID=yes) setting setgid fails with EPERM; there
-        # scripts/install-service creates the inbox 2770 beforehand, as root.
-        if not self.inbox.is_dir():
-            self.inbox.mkdir(mode=0o750, parents=True, exist_ok=True)
-            try:
-                os.chmod(self.inbox, 0o2770)
-            except PermissionError:
-                os.chmod(self.inbox, 0o770)
+        # The inbox and the request folder are where operators (group members, not the daemon's
+        # user) drop files: group writable, and setgid so what they drop stays in the daemon's
+        # group. Set explicitly: mkdir's mode is filtered by the daemon's umask 027. Nothing else
+        # is group-writable. Under the hardened unit (RestrictSUIDSGID=yes) setting setgid fails
+        # with EPERM; there scripts/install-service creates both 2770 beforehand, as root.
+        for shared in (self.inbox, self.requests):
+            if not shared.is_dir():
+                shared.mkdir(mode=0o750, parents=True, exist_ok=True)
+                try:
+                    os.chmod(shared, 0o2770)
+                except PermissionError:
+                    os.chmod(shared, 0o770)

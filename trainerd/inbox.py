@@ -22,11 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["Inbox", "Rejected", "is_candidate_name", "open_for_writing"]
+__all__ = ["EVAL_SUFFIX", "Inbox", "Rejected", "eval_partner", "is_candidate_name", "is_inbox_name",
+           "open_for_writing"]
+
+
+EVAL_SUFFIX = ".eval.jsonl"
+# A lone eval file (its data file never came) is reported once after this long.
+LONE_EVAL_REPORT_S = 60.0
+
+
+def is_inbox_name(name: str) -> bool:
+    """A name the inbox looks at: ``*.jsonl``, not a dot-file (``*.part`` never matches)."""
+    return name.endswith(".jsonl") and not name.startswith(".") and len(name) > len(".jsonl")
 
 
 def is_candidate_name(name: str) -> bool:
-    return name.endswith(".jsonl") and not name.startswith(".") and len(name) > len(".jsonl")
+    """A data file to claim: an inbox name that is not an eval file (``name.eval.jsonl``)."""
+    return is_inbox_name(name) and not name.endswith(EVAL_SUFFIX)
+
+
+def eval_partner(name: str) -> str:
+    """``name.jsonl`` -> ``name.eval.jsonl``: the eval file that comes with a data file."""
+    return name[: -len(".jsonl")] + EVAL_SUFFIX
 
 
 def _kind(mode: int) -> str:
@@ -113,6 +130,7 @@ class Inbox:
         self.writer_check = writer_check
         self._seen: dict[str, _Seen] = {}
         self._writing_logged: set[tuple[str, int]] = set()
+        self._lone_reported: set[tuple[str, int]] = set()
         self._observer: Any = None
 
     # --- watchdog hints ------------------------------------------------------------------
@@ -131,15 +149,15 @@ class Inbox:
         self._observer.daemon = True
         self._observer.start()
 
-    def watch_also(self, folder: Path, names: set[str], on_hint: Callable[[], None]) -> None:
-        """Also call ``on_hint`` when an entry named one of ``names`` in ``folder`` is created,
-        removed or renamed (the daemon watches ``root/.stop`` this way)."""
+    def watch_also(self, folder: Path, names: set[str] | None, on_hint: Callable[[], None]) -> None:
+        """Also call ``on_hint`` when an entry named one of ``names`` (None: any) in ``folder`` is
+        created, removed or renamed (the daemon watches ``root/.stop`` and ``requests/`` so)."""
         from watchdog.events import FileSystemEventHandler
 
         class _Named(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:  # noqa: D401 - watchdog's API
                 paths = (getattr(event, "src_path", ""), getattr(event, "dest_path", ""))
-                if any(os.path.basename(str(p)) in names for p in paths if p):
+                if names is None or any(os.path.basename(str(p)) in names for p in paths if p):
                     on_hint()
 
         if self._observer is not None:
@@ -163,9 +181,10 @@ class Inbox:
             entries = list(os.scandir(self.dir))
         except FileNotFoundError:
             return [], [], None
+        settled: set[str] = set()
         for entry in entries:
             name = entry.name
-            if not is_candidate_name(name):
+            if not is_inbox_name(name):
                 continue
             try:
                 st = os.lstat(entry.path)  # never follow a symlink
@@ -198,12 +217,34 @@ class Inbox:
                 nxt = now + WRITER_RECHECK_S
                 recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
                 continue
-            ready.append((st.st_mtime_ns, name))
+            settled.add(name)
+            if is_candidate_name(name):
+                ready.append((st.st_mtime_ns, name))
         for name in list(self._seen):
             if name not in present:
                 del self._seen[name]
+        # A data file whose eval file is there but not finished waits for it (they are claimed
+        # together); an eval file alone is reported once, and never trained.
+        ready = [(t, n) for t, n in ready if eval_partner(n) not in present or eval_partner(n) in settled]
+        for name in present - settled:
+            if name.endswith(EVAL_SUFFIX):
+                nxt = now + self.settle_s
+                recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
+        self._report_lone_evals(present, now)
         ready.sort()
         return [n for _, n in ready], rejected, recheck_at
+
+    def _report_lone_evals(self, present: set[str], now: float) -> None:
+        for name in present:
+            if not name.endswith(EVAL_SUFFIX):
+                continue
+            data = name[: -len(EVAL_SUFFIX)] + ".jsonl"
+            seen = self._seen[name]
+            key = (name, seen.key[2])
+            if data not in present and now - seen.since >= LONE_EVAL_REPORT_S and key not in self._lone_reported:
+                self._lone_reported.add(key)
+                self.log.warning("eval_file_alone", file=name, waiting_for=data,
+                                 hint=f"an eval file is claimed with {data}; alone it is never trained")
 
     def forget(self, name: str) -> None:
         self._seen.pop(name, None)

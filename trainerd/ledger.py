@@ -73,6 +73,9 @@ class Batch:
     adapter_version: int | None = None
     duplicate_of: int | None = None
     finished_at: float | None = None
+    parent_version: int | None = None
+    decision: str | None = None       # blessed | rejected | forced
+    gate_json: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":
@@ -114,6 +117,9 @@ class AdapterVersion:
     batch_id: int
     path: str
     created_at: float
+    parent: int | None = None   # the version its weights were trained from; None: the base model
+    kind: str = "blessed"       # blessed | forced | rollback
+    source: int | None = None   # rollback: the version it copies
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AdapterVersion":
@@ -219,8 +225,9 @@ class Ledger:
     def decided(self) -> list[Batch]:
         """Batches whose end was decided but whose files were not all filed (a crash in between)."""
         return [Batch.from_row(r) for r in self.db.execute(
-            f"SELECT * FROM batches WHERE finished_at IS NOT NULL AND state NOT IN ({','.join('?' * len(FINAL_STATES))})"
-            " ORDER BY id", [s.value for s in FINAL_STATES])]
+            f"SELECT * FROM batches WHERE finished_at IS NOT NULL AND (state NOT IN ({','.join('?' * len(FINAL_STATES))})"
+            " OR (state = ? AND adapter_version IS NOT NULL)) ORDER BY id",
+            [*(s.value for s in FINAL_STATES), BatchState.REJECTED.value])]
 
     def batches(self, *states: BatchState, limit: int | None = None, newest_first: bool = False) -> list[Batch]:
         sql = "SELECT * FROM batches"
@@ -354,18 +361,62 @@ class Ledger:
     # unfinished batch, which reconcile files and finishes.
 
     def decide_done(self, batch_id: int, path_for: Callable[[int], Path], now: float, *,
-                    attempt: AttemptRecord | None = None) -> Batch:
+                    attempt: AttemptRecord | None = None, decision: str = "blessed",
+                    gate_json: str | None = None) -> Batch:
         """Reserve the next adapter version for a RUNNING batch (its ``adapter_version``).
 
         ``path_for(version)`` gives the folder the version will live in.
         """
         with self.transaction() as db:
             self._end_attempt(db, batch_id, attempt, now)
-            version = int(db.execute("SELECT coalesce(max(n), 0) FROM adapter_versions").fetchone()[0]) + 1
-            db.execute("INSERT INTO adapter_versions(n, batch_id, path, created_at) VALUES (?,?,?,?)",
-                       (version, batch_id, str(path_for(version)), now))
+            b = self._get(db, batch_id)
+            version = self._reserve(db, batch_id, b.parent_version, "blessed", path_for, now)
             return self._decide(db, batch_id, BatchState.RUNNING, now, adapter_version=version,
-                                last_reason="done", next_attempt_at=0)
+                                last_reason="done", next_attempt_at=0, decision=decision, gate_json=gate_json)
+
+    def decide_rejected(self, batch_id: int, reason: str, gate_json: str, now: float, *,
+                        attempt: AttemptRecord | None = None) -> Batch:
+        """A RUNNING batch whose candidate the gate refused: it will be filed as rejected."""
+        with self.transaction() as db:
+            self._end_attempt(db, batch_id, attempt, now)
+            return self._decide(db, batch_id, BatchState.RUNNING, now, last_reason=reason, decision="rejected",
+                                gate_json=gate_json, next_attempt_at=0)
+
+    def decide_promote(self, batch_id: int, path_for: Callable[[int], Path], now: float) -> Batch:
+        """An operator publishes a rejected candidate anyway: the next version, kind ``forced``."""
+        with self.transaction() as db:
+            b = self._get(db, batch_id)
+            if b.state is not BatchState.REJECTED or b.adapter_version is not None:
+                raise LedgerConflict(f"batch {batch_id}: only a rejected batch can be promoted (it is {b.state.value})")
+            version = self._reserve(db, batch_id, b.parent_version, "forced", path_for, now)
+            db.execute("UPDATE batches SET adapter_version=?, decision='forced', updated_at=? WHERE id=?",
+                       (version, now, batch_id))
+            return self._get(db, batch_id)
+
+    def add_rollback(self, source: int, path_for: Callable[[int], Path], now: float) -> AdapterVersion:
+        """The next version as a copy of version ``source`` (kind ``rollback``)."""
+        with self.transaction() as db:
+            src = db.execute("SELECT * FROM adapter_versions WHERE n=?", (source,)).fetchone()
+            if src is None:
+                raise LedgerConflict(f"no adapter version {source}")
+            src = AdapterVersion.from_row(src)
+            # Its weights are version ``source``'s: that is its parent in the chain back to the base.
+            version = self._reserve(db, src.batch_id, source, "rollback", path_for, now, source=source)
+            return AdapterVersion.from_row(db.execute("SELECT * FROM adapter_versions WHERE n=?", (version,)).fetchone())
+
+    @staticmethod
+    def _reserve(db: sqlite3.Connection, batch_id: int, parent: int | None, kind: str,
+                 path_for: Callable[[int], Path], now: float, source: int | None = None) -> int:
+        version = int(db.execute("SELECT coalesce(max(n), 0) FROM adapter_versions").fetchone()[0]) + 1
+        db.execute("INSERT INTO adapter_versions(n, batch_id, path, created_at, parent, kind, source)"
+                   " VALUES (?,?,?,?,?,?,?)", (version, batch_id, str(path_for(version)), now, parent, kind, source))
+        return version
+
+    def set_parent(self, batch_id: int, version: int | None, now: float) -> Batch:
+        """The batch's champion and init adapter, fixed at its first start."""
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET parent_version=?, updated_at=? WHERE id=?", (version, now, batch_id))
+            return self._get(db, batch_id)
 
     def decide_skipped(self, batch_id: int, sha256: str, duplicate_of: int, now: float) -> Batch:
         """A CLAIMING batch whose content is already trained or queued: it will be skipped."""
@@ -400,10 +451,12 @@ class Ledger:
 
 
 def decided_end(batch: Batch) -> BatchState:
-    """The final state a decided batch is going to: a reserved version is a publish, a duplicate a
-    skip, anything else a failure."""
+    """The final state a decided batch is going to: a reserved version is a publish (or a
+    promote), a duplicate a skip, a refused candidate a rejection, anything else a failure."""
     if batch.adapter_version is not None:
         return BatchState.DONE
     if batch.duplicate_of is not None:
         return BatchState.SKIPPED
+    if batch.decision == "rejected":
+        return BatchState.REJECTED
     return BatchState.FAILED

@@ -13,6 +13,7 @@ Formats (one JSON object per line):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "LineError",
     "RawLine",
     "ScanReport",
+    "content_hash",
     "iter_lines",
     "parse_line",
     "scan_file",
@@ -156,6 +158,14 @@ def _parse_obj(obj: Any) -> Example:
     if not any(r == "assistant" for r, _ in out):
         raise _Bad("messages has no assistant turn: nothing to learn from")
     return Example("chat", messages=tuple(out))
+
+
+def content_hash(ex: Example) -> str:
+    """sha256 of an example's content, whatever its bytes looked like (key order, spacing, BOM,
+    CRLF): the identity the evaluation split and the exclusion of held-out contents use."""
+    canon = json.dumps([ex.kind, ex.text, ex.prompt, ex.completion, ex.messages], ensure_ascii=False,
+                       separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def parse_line(raw: RawLine) -> tuple[Example | None, str | None]:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The schema as this release writes it (a new root gets this, then user_version = SCHEMA_VERSION).
 _SCHEMA = """
@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS batches (
     total_steps            INTEGER,
     adapter_version        INTEGER,                -- the version this batch published
     duplicate_of           INTEGER,
+    parent_version         INTEGER,                -- the champion / init adapter, fixed at the first start
+    decision               TEXT,                   -- blessed | rejected | forced (the gate, or an operator)
+    gate_json              TEXT,                   -- the gate's figures and rule
     created_at             REAL NOT NULL,
     updated_at             REAL NOT NULL,
     finished_at            REAL
@@ -65,7 +68,10 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     n           INTEGER PRIMARY KEY,
     batch_id    INTEGER NOT NULL REFERENCES batches(id),
     path        TEXT NOT NULL,
-    created_at  REAL NOT NULL
+    created_at  REAL NOT NULL,
+    parent      INTEGER,                -- the version its weights were trained from (NULL: the base model)
+    kind        TEXT NOT NULL DEFAULT 'blessed',  -- blessed | forced | rollback
+    source      INTEGER                 -- rollback: the version it is a copy of
 );
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT PRIMARY KEY,
@@ -74,7 +80,21 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 # MIGRATIONS[k] turns a version k-1 ledger into version k, inside the opening transaction.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+def _to_2(db: sqlite3.Connection) -> None:
+    """The evaluation gate: a batch's parent, decision and figures; a version's parent and kind."""
+    for stmt in ("ALTER TABLE batches ADD COLUMN parent_version INTEGER",
+                 "ALTER TABLE batches ADD COLUMN decision TEXT",
+                 "ALTER TABLE batches ADD COLUMN gate_json TEXT",
+                 "ALTER TABLE adapter_versions ADD COLUMN parent INTEGER",
+                 "ALTER TABLE adapter_versions ADD COLUMN kind TEXT NOT NULL DEFAULT 'blessed'",
+                 "ALTER TABLE adapter_versions ADD COLUMN source INTEGER"):
+        db.execute(stmt)
+    # Before the gate every version was published blind and continued the one before it.
+    db.execute("UPDATE adapter_versions SET parent = CASE WHEN n > 1 THEN n - 1 END")
+    db.execute("UPDATE batches SET decision = 'blessed' WHERE state = 'done'")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2}
 
 
 

@@ -2,11 +2,13 @@
 
 A batch is one file claimed from the inbox. Its life, as the ledger records it::
 
-    inbox file --claim--> CLAIMING --renamed+hashed--> QUEUED --start--> RUNNING --exit 0--> DONE
-                              |                          ^                 |
-                              +--same content done-----> | SKIPPED         | exit 75 (paused, memory,
-                              |                          +-----------------+ shutdown, recycle) or a
-                              +--not a regular file----> FAILED            | crash with retries left
+    inbox file --claim--> CLAIMING --renamed+hashed--> QUEUED --start--> RUNNING --exit 0, blessed--> DONE
+                              |                          ^                 |                              ^
+                              +--same content done-----> | SKIPPED         +--exit 0, not blessed--> REJECTED
+                              |                          |                 |                   (promote) -+
+                              +--not a regular file----> FAILED            | exit 75 (paused, memory,
+                                                         +-----------------+ shutdown, recycle) or a
+                                                                           | crash with retries left
                                                                            +--exit 65/78, too many
                                                                               crashes--> FAILED
 
@@ -37,19 +39,22 @@ class BatchState(str, Enum):
     DONE = "done"          # adapter published, original in done/
     FAILED = "failed"      # original in failed/ with <name>.error.json
     SKIPPED = "skipped"    # same content already trained (or in the queue); original in done/
+    REJECTED = "rejected"  # trained, but the gate refused the candidate; kept in adapters/rejected/
 
     def __str__(self) -> str:
         return self.value
 
 
-FINAL_STATES = (BatchState.DONE, BatchState.FAILED, BatchState.SKIPPED)
+# Final: nothing happens to the batch any more (a rejected one only by an operator's promote).
+FINAL_STATES = (BatchState.DONE, BatchState.FAILED, BatchState.SKIPPED, BatchState.REJECTED)
 # States whose content counts as "already trained or about to be" for duplicate detection.
-ACTIVE_STATES = (BatchState.QUEUED, BatchState.RUNNING, BatchState.DONE)
+ACTIVE_STATES = (BatchState.QUEUED, BatchState.RUNNING, BatchState.DONE, BatchState.REJECTED)
 
 TRANSITIONS: dict[BatchState, tuple[BatchState, ...]] = {
     BatchState.CLAIMING: (BatchState.QUEUED, BatchState.SKIPPED, BatchState.FAILED),
     BatchState.QUEUED: (BatchState.RUNNING, BatchState.FAILED),
-    BatchState.RUNNING: (BatchState.QUEUED, BatchState.DONE, BatchState.FAILED),
+    BatchState.RUNNING: (BatchState.QUEUED, BatchState.DONE, BatchState.FAILED, BatchState.REJECTED),
+    BatchState.REJECTED: (BatchState.DONE,),
     BatchState.DONE: (),
     BatchState.FAILED: (),
     BatchState.SKIPPED: (),

@@ -60,6 +60,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
         "paused": os.path.lexists(layout.stop),
         "current_adapter": current,
         "running": None, "queue": [], "recent": [], "batches": [], "counts": {}, "kernel_oom_kills": 0,
+        "last_decision": None, "rejected": [],
     }
     if not layout.db.exists():
         return out
@@ -107,6 +108,13 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     finished = sorted((b for b in rows if b.state in FINAL_STATES), key=lambda b: b.finished_at or 0, reverse=True)
     out["recent"] = [{"id": b.id, "file": b.name, "state": b.state.value, "adapter_version": b.adapter_version,
                       "reason": b.last_reason, "finished_at": b.finished_at} for b in finished[:recent]]
+    judged = [b for b in finished if b.decision]
+    if judged:
+        b = judged[0]
+        out["last_decision"] = {"id": b.id, "file": b.name, "decision": b.decision,
+                                "adapter_version": b.adapter_version, "reason": b.last_reason}
+    out["rejected"] = [{"id": b.id, "file": b.name, "reason": b.last_reason}
+                       for b in rows if b.state is BatchState.REJECTED]
 
 
 def _fmt_s(s: Any) -> str:
@@ -139,10 +147,17 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"  #{b['id']:<5} {b['state']:<8} {b['file']}  {what}")
     if not st["recent"]:
         lines.append("  -")
+    d = st.get("last_decision")
+    if d:
+        what = f"adapter {d['adapter_version']}" if d["adapter_version"] else d["reason"]
+        lines.append(f"decision  #{d['id']} {d['file']}: {d['decision']} ({what})")
+    for r in st.get("rejected", [])[:5]:
+        lines.append(f"rejected  #{r['id']} {r['file']}: `trainerd promote {r['id']}` publishes it anyway")
     if st.get("ledger_error"):
         lines.append(f"ledger    unreadable right now: {st['ledger_error']}")
     c = st["counts"]
-    lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in ("done", "failed", "skipped", "queued", "running")))
+    lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in
+                                           ("done", "rejected", "failed", "skipped", "queued", "running")))
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ runs ``plan[min(k - 1, len(plan) - 1)]``. Actions:
   sigkill       die by SIGKILL that nobody in trainerd sent (what the kernel OOM killer does)
   wait          run until told to stop (batch .stop, root .stop, SIGTERM, EOF on stdin), then
                 checkpoint-free exit 75 with the reason; ``wait:S`` finishes as ``done`` after S s
-  ignore_term   ignore SIGTERM and sleep until killed
+  ignore_term   ignore SIGTERM (then create BATCH_DIR/term_ignored) and sleep until killed
   grandchild    start a sleeping grandchild (pid in grandchild.pid), then ``wait``
 
 Every start appends its argv to BATCH_DIR/fake_calls.jsonl. Stdout gets JSON log lines and
@@ -104,6 +104,7 @@ def main() -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     if name == "ignore_term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open(os.path.join(batch_dir, "term_ignored"), "w").close()  # tests wait for this, not a guess
         while True:
             time.sleep(1)
     if name == "grandchild":

@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
-from trainerd.contract import BatchFiles, RootLayout
+from trainerd.contract import BatchFiles, ExitCode, RootLayout
 from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
+from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.states import ACTIVE_STATES, BatchState
 from trainerd.supervisor import forensics, policy
+from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.lineage import freeze_inputs
 from trainerd.supervisor.stopping import Escalation
 
 __all__ = ["Attempts", "Running"]
@@ -91,6 +95,7 @@ class Attempts:
         files = self.layout.batch(batch.id)
         if not os.path.lexists(files.data):
             files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._claim_eval_partner(batch, files, log)
             try:
                 # The claim itself: atomic, same file system, the bytes never copied. If the
                 # entry was swapped for a symlink since lstat, rename moves the link, unread.
@@ -118,6 +123,18 @@ class Attempts:
         log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size)
         return batch
 
+    def _claim_eval_partner(self, batch: Batch, files: BatchFiles, log: Any) -> None:
+        """``name.eval.jsonl`` in the inbox goes with ``name.jsonl``, renamed first (so a crash
+        between the two renames leaves the data, still in the inbox, to claim it again)."""
+        partner = self.layout.inbox / eval_partner(batch.name)
+        try:
+            st = os.lstat(partner)
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(st.st_mode) and not os.path.lexists(files.eval_file):
+            os.rename(partner, files.eval_file)
+            log.info("eval_file_claimed", file=partner.name, batch=batch.id)
+
     # --- start -----------------------------------------------------------------------
 
     def start(self, batch: Batch, now: float) -> Running | None:
@@ -141,8 +158,7 @@ class Attempts:
         unlink_quietly(files.result)
         unlink_quietly(files.stop)
         shutil.rmtree(files.published, ignore_errors=True)
-        latest = self.ledger.latest_version()
-        init_adapter = self.layout.adapter_dir(latest.n) if latest else None
+        batch, init_adapter = self._parent(batch, now)
         batch = self.ledger.start_attempt(batch.id, now, str(init_adapter) if init_adapter else None)  # QUEUED -> RUNNING
         alog = log.bind(attempt=batch.attempts)
         argv = [*self.worker_cmd, str(files.dir)]
@@ -162,11 +178,25 @@ class Attempts:
         self.ledger.set_attempt_pid(batch.id, batch.attempts, child.pid, child.create_time)
         alog.info("worker_started", file=batch.name, pid=child.pid,
                   init_adapter=str(init_adapter) if init_adapter else None,
-                  init_adapter_version=latest.n if latest else None,
+                  init_adapter_version=batch.parent_version,
                   micro_batch_size=settings.train.micro_batch_size,
                   grad_accum_steps=settings.train.grad_accum_steps,
                   gradient_checkpointing=settings.train.gradient_checkpointing)
         return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills, next_guard_poll=now)
+
+    def _parent(self, batch: Batch, now: float) -> tuple[Batch, Path | None]:
+        """The adapter the batch continues and is judged against: the newest version at its first
+        start, fixed in parent.json with the sets it will be judged on (a promote or rollback while
+        it runs does not change what it was trained from)."""
+        files = self.layout.batch(batch.id)
+        fixed = read_json_or_none(files.parent)
+        if fixed is not None:
+            return batch, Path(fixed["path"]) if fixed.get("path") else None
+        latest = self.ledger.latest_version()
+        batch = self.ledger.set_parent(batch.id, latest.n if latest else None, now)
+        parent = self.layout.adapter_dir(latest.n) if latest else None
+        freeze_inputs(self.layout, batch, parent, self.log.bind(batch=batch.id))
+        return batch, parent
 
     # --- settle ----------------------------------------------------------------------
 
@@ -191,6 +221,10 @@ class Attempts:
     def settle(self, batch: Batch, n: int, end: policy.AttemptEnd, now: float, log: Any, *,
                stopping: bool = False, pid: int | None = None, oom_kills_before: int | None = None) -> Batch:
         """Decide what an ended attempt means for its batch and carry it out (reconcile uses it too)."""
+        if end.status.code == ExitCode.OK and end.gate is None:
+            files = self.layout.batch(batch.id)
+            end = replace(end, gate=gate_mod.judge(read_json_or_none(files.eval_result), self.settings.gate,
+                                                   last_loss=(end.result or {}).get("last_loss")))
         verdict = policy.decide(end, batch, self.settings, now)
         self._log_verdict(verdict, batch, end, now, log, stopping=stopping, pid=pid, oom_kills_before=oom_kills_before)
         return self._apply(batch, n, verdict, end, now, log)
@@ -199,12 +233,18 @@ class Attempts:
         st = end.status
         record = AttemptRecord(n, v.outcome, v.reason, exit_code=st.code, signal=st.signal,
                                signal_sent_by=end.sender, result=end.result)
+        gate_json = json.dumps(end.gate.as_dict()) if end.gate is not None else None
         if v.action is policy.Action.PUBLISH:
-            batch = self.ledger.decide_done(batch.id, self.layout.adapter_dir, now, attempt=record)
+            batch = self.ledger.decide_done(batch.id, self.layout.adapter_dir, now, attempt=record,
+                                            decision="blessed", gate_json=gate_json)
             batch = self.end(batch, now)  # RUNNING -> DONE
             log.info("adapter_published", version=batch.adapter_version,
-                     path=str(self.layout.adapter_dir(batch.adapter_version)), file=batch.name)
+                     path=str(self.layout.adapter_dir(batch.adapter_version)), file=batch.name,
+                     parent_version=batch.parent_version, **_gate_fields(end.gate))
             return batch
+        if v.action is policy.Action.REJECT:
+            batch = self.ledger.decide_rejected(batch.id, v.batch_reason, gate_json, now, attempt=record)
+            return self.end(batch, now)  # RUNNING -> REJECTED
         if v.action is policy.Action.FAIL:
             return self._fail(batch, BatchState.RUNNING, v.batch_reason, now, log, attempt=record, **v.updates)
         return self.ledger.requeue(batch.id, now, reason=v.batch_reason, attempt=record,  # RUNNING -> QUEUED
@@ -228,6 +268,8 @@ class Attempts:
         final = decided_end(batch)
         if final is BatchState.DONE:
             self.filing.finish_done(batch)
+        elif final is BatchState.REJECTED:
+            self.filing.finish_rejected(batch)
         elif final is BatchState.SKIPPED:
             self.filing.finish_skipped(batch)
         else:
@@ -261,6 +303,10 @@ class Attempts:
             elif event == "batch_requeued":
                 log.info(event, reason=v.batch_reason, step=result.get("step"),
                          resume="at the next start" if stopping else "at once")
+            elif event == "adapter_rejected":
+                log.warning(event, file=batch.name, rule=end.gate.rule, champion_version=batch.parent_version,
+                            candidate=str(self.layout.rejected_dir(batch.id)), **_gate_fields(end.gate),
+                            hint=f"current does not move; `trainerd promote {batch.id}` publishes it anyway")
             elif event == "worker_crashed":
                 log.error(event, reason=v.reason, crashes=v.updates["crashes"],
                           max_attempts=self.settings.retry.max_attempts,
@@ -273,3 +319,14 @@ def _safe(fn: Any) -> Any:
         return fn()
     except Exception:  # a diagnostic only; never let it break the exit handling
         return None
+
+
+def _gate_fields(g: Any) -> dict[str, Any]:
+    """The gate's figures for a log line: the new set's change and the worst earlier one."""
+    if g is None:
+        return {}
+    new, worst = g.new_set, g.worst_earlier
+    return {"gate_enabled": g.enabled, "would_bless": g.would_bless, "gate_note": g.note,
+            "new_set_loss": None if new is None else [new.champion, new.candidate],
+            "worst_regression": None if worst is None else {"set": worst.name, "change": worst.change,
+                                                             "allowed": worst.allowed}}

@@ -36,18 +36,36 @@ from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
 from trainerd.sdnotify import Notifier
 from trainerd.supervisor.attempts import Attempts, Running
+from trainerd.supervisor.chain import Chain
 from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
 from trainerd.supervisor.reconcile import reconcile
 from trainerd.supervisor.report import StateReport
+from trainerd.supervisor.requests import Requests
 from trainerd.supervisor.wakeup import Wakeup
 
-__all__ = ["AlreadyRunning", "Supervisor"]
+__all__ = ["AlreadyRunning", "Supervisor", "take_root_lock"]
 
 
 class AlreadyRunning(RuntimeError):
     """Another supervisor holds the root's lock: two writers would corrupt the ledger's story."""
+
+
+def take_root_lock(layout: RootLayout) -> int:
+    """The root's lock (an exclusive flock on ``trainerd.pid``, holding our pid): the one writer of
+    the ledger holds it, the daemon or a command applying a change with no daemon running.
+    Released when the fd closes or the process dies. AlreadyRunning when another holds it."""
+    fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadyRunning(f"another trainerd (pid {other or '?'}) is running on {layout.root}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Supervisor:
@@ -82,6 +100,8 @@ class Supervisor:
         self.intake = Intake(self.inbox, self.wakeup, self.log, rescan_s=settings.supervisor.rescan_s)
         self.disk = DiskSpace(self.layout, self.log)
         self.report = StateReport(self.layout, self.notifier, self.log)
+        self.requests = Requests(self.layout, self.log)
+        self.chain: Chain | None = None
 
     # --- derived state -------------------------------------------------------------------
 
@@ -106,9 +126,10 @@ class Supervisor:
         self.filing = Filing(self.layout, self.ledger, self.log)
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
+        self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
-        reconcile(self.layout, self.ledger, self.attempts, self.filing, self.log, now,
+        reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
 
     def close(self) -> None:
@@ -126,23 +147,14 @@ class Supervisor:
         self.wakeup.close()
 
     def _take_lock(self) -> None:
-        fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise AlreadyRunning(f"another trainerd (pid {other or '?'}) is running on {self.layout.root}")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = take_root_lock(self.layout)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
         self.wakeup.install()
         try:
             self.open()
-            self.intake.start_watching(self.layout.stop)
+            self.intake.start_watching(self.layout.stop, self.layout.requests)
             self._scan(time.time())
             self.notifier.ready(status=self._describe_state())
             self.log.info("supervisor_ready", paused=self.paused,
@@ -193,6 +205,8 @@ class Supervisor:
             return None
         if self.intake.due(now):
             self._scan(now)
+        # promote / rollback asked through root/requests/ (a listdir when there are none)
+        self.requests.serve(self.chain, self.running, now)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)

@@ -23,8 +23,9 @@ from typing import Any
 from trainerd import faults
 from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none
-from trainerd.inbox import Rejected
+from trainerd.inbox import Rejected, eval_partner
 from trainerd.ledger import Batch, Ledger
+from trainerd.supervisor.lineage import lineage_of, store_new_set, write_lineage
 
 __all__ = ["Filing", "free_name"]
 
@@ -38,7 +39,7 @@ def free_name(folder: Path, name: str, tag: str) -> str:
     if len(name.encode()) > 200:
         name = name.encode()[:180].decode(errors="ignore") + "~.jsonl"
         return f"{tag}-{name}"
-    if not os.path.lexists(folder / name) and not os.path.lexists(folder / f"{name}.error.json"):
+    if not any(os.path.lexists(folder / n) for n in (name, f"{name}.error.json", eval_partner(name))):
         return name
     return f"{tag}-{name}"
 
@@ -68,23 +69,39 @@ class Filing:
         self.log = log
         self._unmovable: set[tuple[str, Any]] = set()  # rejected inbox entries we could not move
 
-    def _move_original(self, batch: Batch, folder: Path) -> str | None:
-        """Rename the batch's data file into ``folder`` under a free name; None if it is gone."""
-        data = self.layout.batch(batch.id).data
-        if not os.path.lexists(data):
+    def _move_original(self, batch: Batch, folder: Path, name: str | None = None) -> str | None:
+        """Rename the batch's data file (and the eval file that came with it, as
+        ``<stem>.eval.jsonl``) into ``folder`` under a free name; None if it is gone."""
+        files = self.layout.batch(batch.id)
+        if not os.path.lexists(files.data):
             return None
-        name = free_name(folder, batch.name, self.layout.batch_name(batch.id))
-        os.rename(data, folder / name)
+        name = name or free_name(folder, batch.name, self.layout.batch_name(batch.id))
+        if os.path.lexists(files.eval_file):
+            os.rename(files.eval_file, folder / eval_partner(name))
+        os.rename(files.data, folder / name)
         fsync_dir(folder)
         return name
+
+    def _mark_result(self, batch: Batch) -> None:
+        """result.json (the worker's last word) gains the decision the supervisor took on it."""
+        files = self.layout.batch(batch.id)
+        result = read_json_or_none(files.result)
+        if result is not None and result.get("decision") != batch.decision:
+            atomic_write_json(files.result, {**result, "decision": batch.decision,
+                                             "adapter_version": batch.adapter_version})
 
     # --- done ------------------------------------------------------------------------
 
     def finish_done(self, batch: Batch) -> None:
-        """Roll a DONE batch forward on disk: adapter visible, ``current`` switched, original filed."""
+        """Roll a published batch forward on disk: its lineage written, the adapter visible as
+        its version, ``current`` switched, its new set kept for later batches, the original filed.
+        A promoted batch's candidate comes from adapters/rejected/ instead of the batch folder."""
         dest = self.layout.adapter_dir(batch.adapter_version)
-        staged = self.layout.batch(batch.id).published
+        forced = batch.decision == "forced"
+        staged = self.layout.rejected_dir(batch.id) if forced else self.layout.batch(batch.id).published
         if not dest.exists() and staged.is_dir():
+            version = next(v for v in self.ledger.adapter_versions() if v.n == batch.adapter_version)
+            write_lineage(staged, lineage_of(self.layout, batch, version, kind=version.kind))
             # The worker wrote and fsynced it completely before renaming it to `published`;
             # this rename makes it visible as a version in one step.
             os.rename(staged, dest)
@@ -93,7 +110,29 @@ class Filing:
         if not dest.exists():
             self.log.error("adapter_missing", batch=batch.id, version=batch.adapter_version, path=str(dest))
         self.switch_current()
+        store_new_set(self.layout, batch)
+        self._mark_result(batch)
         self._move_original(batch, self.layout.done)
+
+    def finish_rejected(self, batch: Batch) -> None:
+        """A refused candidate: kept under adapters/rejected/<id>/, ``current`` untouched, the
+        original in done/ with ``<name>.rejected.json`` (the figures, the rule that failed)."""
+        files = self.layout.batch(batch.id)
+        dest = self.layout.rejected_dir(batch.id)
+        if not dest.exists() and files.published.is_dir():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(files.published, dest)
+            fsync_dir(dest.parent)
+        self._mark_result(batch)
+        if not os.path.lexists(files.data):
+            return
+        name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
+        atomic_write_json(self.layout.done / f"{name}.rejected.json", {
+            "file": batch.name, "batch": batch.id, "sha256": batch.sha256, "decision": "rejected",
+            "reason": batch.last_reason, "champion_version": batch.parent_version, "candidate": str(dest),
+            "gate": json.loads(batch.gate_json) if batch.gate_json else None,
+            "promote": f"trainerd promote {batch.id}"})
+        self._move_original(batch, self.layout.done, name)
 
     def switch_current(self) -> None:
         """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename)."""
@@ -141,8 +180,7 @@ class Filing:
         if gone:
             fsync_dir(failed)
             return None
-        os.rename(files.data, failed / name)
-        fsync_dir(failed)
+        self._move_original(batch, failed, name)
         return failed / name
 
     # --- skipped ---------------------------------------------------------------------
@@ -155,8 +193,7 @@ class Filing:
         atomic_write_json(self.layout.done / f"{name}.duplicate.json", {
             "file": batch.name, "batch": batch.id, "sha256": batch.sha256,
             "duplicate_of": batch.duplicate_of, "reason": batch.last_reason})
-        os.rename(data, self.layout.done / name)
-        fsync_dir(self.layout.done)
+        self._move_original(batch, self.layout.done, name)
 
     # --- the inbox -------------------------------------------------------------------
 

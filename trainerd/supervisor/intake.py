@@ -68,11 +68,13 @@ class Intake:
             self.inbox.forget(name)
             guarded(self.log, "claim_failed", lambda name=name: attempts.claim(name, now), file=name)
 
-    def start_watching(self, stop_file: Any) -> None:
-        """inotify hints for the inbox and for ``root/.stop`` (created or removed by the operator)."""
+    def start_watching(self, stop_file: Any, requests: Any) -> None:
+        """inotify hints for the inbox, ``root/.stop`` (created or removed by the operator) and
+        the request folder."""
         try:
             self.inbox.start_watching(self.wakeup.hint)
             self.inbox.watch_also(stop_file.parent, {stop_file.name}, self.wakeup.hint)
+            self.inbox.watch_also(requests, None, self.wakeup.hint)
         except OSError as e:
             # inotify unavailable (NFS, fs.inotify.max_user_watches exhausted): the periodic
             # rescan alone still finds every file, only later.

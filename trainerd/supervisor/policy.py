@@ -6,7 +6,7 @@ fatal signal, the kernel's OOM evidence) with the batch row and the settings, an
 :class:`Verdict`. :mod:`trainerd.supervisor.attempts` carries it out. Table-tested in
 tests/test_policy.py; the process-level tests prove the pieces fit.
 
-    exit 0 + adapter staged        -> publish
+    exit 0 + adapter staged        -> publish, or reject when the gate did not bless it
     exit 0, no adapter             -> crash
     exit 75                        -> stopped (reason from result.json; our guard's SIGTERM
                                       reads as memory/recycle, not shutdown)
@@ -36,6 +36,7 @@ from trainerd.contract import ExitCode, Outcome, StopReason
 from trainerd.fsutil import fmt_bytes
 from trainerd.ledger import Batch
 from trainerd.planning import back_off
+from trainerd.supervisor.gate import GateDecision
 from trainerd.supervisor.stopping import Sender
 
 __all__ = ["Action", "AttemptEnd", "Verdict", "crash", "crash_delay_s", "decide"]
@@ -43,6 +44,7 @@ __all__ = ["Action", "AttemptEnd", "Verdict", "crash", "crash_delay_s", "decide"
 
 class Action(str, Enum):
     PUBLISH = "publish"   # RUNNING -> DONE, the staged adapter becomes the next version
+    REJECT = "reject"     # RUNNING -> REJECTED, the gate refused the candidate; current does not move
     REQUEUE = "requeue"   # RUNNING -> QUEUED (with ``updates``, not before ``next_attempt_at``)
     FAIL = "fail"         # RUNNING -> FAILED, original to failed/
 
@@ -58,6 +60,7 @@ class AttemptEnd:
     adapter_staged: bool = False         # batch/published exists
     kernel_oom: bool | None = None       # forensics for a bare SIGKILL; None = cannot tell
     limit_bytes: int | None = None       # the guard's memory limit, for a failure message
+    gate: GateDecision | None = None     # the gate's verdict on the candidate (exit 0 only)
 
     @property
     def result_reason(self) -> str | None:
@@ -82,6 +85,9 @@ def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Ver
     st = end.status
     if st.code == ExitCode.OK:
         if end.adapter_staged:
+            if end.gate is not None and not end.gate.blessed:
+                return Verdict(Outcome.DONE, "done", Action.REJECT, batch_reason=f"rejected: {end.gate.rule}",
+                               events=("adapter_rejected",))
             return Verdict(Outcome.DONE, "done", Action.PUBLISH)
         return crash(batch, "the worker exited 0 but left no adapter at batch/published", settings, now)
     if st.code == ExitCode.TEMPFAIL:

@@ -29,13 +29,12 @@ from trainerd.fsutil import read_json_or_none
 from trainerd.ledger import AttemptRecord, Ledger, decided_end
 from trainerd.states import BatchState
 from trainerd.supervisor.attempts import Attempts
-from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.policy import AttemptEnd
 
 __all__ = ["find_leftover_workers", "reconcile"]
 
 
-def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, filing: Filing, log: Any, now: float, *,
+def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any, log: Any, now: float, *,
               stop_grace_s: float, notifier: Any) -> None:
     """Make the ledger and the folders agree; see the module docstring for what each state gets."""
     _stop_leftover_workers(layout, log, stop_grace_s, notifier)
@@ -68,12 +67,17 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, filing: Fi
                          hint="resumes from its newest checkpoint")
     # Roots written before ends were decided first (schema 1, until this release) may hold a
     # final batch whose files were never filed: the filing steps are idempotent, so repeat them.
+    filing = attempts.filing
     for b in ledger.batches(BatchState.DONE):
         if os.path.lexists(layout.batch(b.id).data) or not layout.adapter_dir(b.adapter_version).exists():
             filing.finish_done(b)
     for b in ledger.batches(BatchState.FAILED, BatchState.SKIPPED):
         if os.path.lexists(layout.batch(b.id).data):
             attempts.end_filing(b)
+    for v in ledger.adapter_versions():
+        if v.kind == "rollback" and not layout.adapter_dir(v.n).exists():
+            log.warning("rollback_resumed", version=v.n, rollback_of=v.source)
+            chain.publish_rollback(v)
     filing.switch_current()
     for stray in layout.adapters.glob(".current.tmp-*"):
         stray.unlink(missing_ok=True)

@@ -35,33 +35,26 @@ def _logger():
 RESERVE_BYTES = 64 << 10
 
 
-def _precheck(files, settings):
-    """Judge the file by its lines alone before importing torch (seconds of imports and a model
-    load): returns the rejecting ScanReport, or None to go on. Same line rules and verdict as
-    the full scan (which also tokenizes, so it can only find more bad lines, never fewer), and
-    the same errors.jsonl. Skipped on a resume (scan.json exists: the file was accepted).
-    Costs one extra streamed read of a good file, once, against hours of training."""
-    from trainerd.lines import scan_file
+def _first_split(files, settings, log):
+    """Split the batch (held-out slice, evaluation contents excluded) before importing torch
+    (seconds of imports and a model load): returns the rejecting ScanReport, or None to go on.
+    The same line rules and verdict as ``trainerd validate``; the tokenizing pass can only find
+    more bad lines, never fewer. Done once: split.json freezes it for every later attempt."""
+    from trainerd.fsutil import atomic_write_json, read_json_or_none
+    from trainerd.worker.split import first_split
 
-    data = files.data
-    if files.scan.exists() or not data.is_file():
+    if files.split.exists() or not files.data.is_file():
         return None  # a missing or unreadable file is reported by the trainer in its own words
-    tmp = files.dir / ".errors.jsonl.precheck"
+    scanned = read_json_or_none(files.scan)
+    if scanned is not None:
+        # A batch begun by a release without the split: it resumes exactly as it started.
+        atomic_write_json(files.split, {"version": 1, "own_lines": scanned.get("good", 0), "legacy": True})
+        return None
     try:
-        with open(tmp, "wb") as errf:
-            rep = scan_file(data, max_line_bytes=settings.data.max_line_bytes,
-                            max_bad_fraction=settings.data.max_bad_fraction,
-                            max_errors=settings.data.max_errors_reported, errors_out=errf)
-        if rep.rejected and rep.lines:
-            os.replace(tmp, files.errors)  # kept only when the file is rejected
+        rep = first_split(files, settings, log)
     except OSError:
-        return None  # disk full writing the errors: the full scan will judge (and say so)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    if not rep.rejected or rep.reason.startswith("cannot read"):
+        return None  # disk full writing the split, or the file vanished: the trainer says which
+    if not rep.rejected or (rep.reason or "").startswith("cannot read"):
         return None
     return rep
 
@@ -167,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     files = BatchFiles(args.batch_dir.resolve())
     try:
         settings = _settings(files, args.init_adapter, log)
-        rejected = _precheck(files, settings)
+        rejected = _first_split(files, settings, log)
         if rejected is not None:
-            log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="precheck")
+            log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="first_split")
             raise _Finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,
                           lines_bad=rejected.bad, errors=rejected.errors, step=0, total_steps=0)
         end = _train(files, settings, args, log)

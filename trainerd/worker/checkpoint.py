@@ -47,7 +47,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: Any,
-         rng: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
+         rng: dict[str, Any], state: dict[str, Any], keep: int, protect: int | None = None) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -68,7 +68,7 @@ def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: A
         # attempt needs; the previous complete checkpoint is untouched either way.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune(ckpt_root, keep)
+    prune(ckpt_root, keep, protect)
     return final
 
 
@@ -88,9 +88,12 @@ def complete(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def prune(ckpt_root: Path, keep: int) -> None:
+def prune(ckpt_root: Path, keep: int, protect: int | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and step ``protect``: early stopping's best)."""
+    kept = f"step-{protect:08d}" if protect is not None else None
     for old in complete(ckpt_root)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != kept:
+            shutil.rmtree(old, ignore_errors=True)
     for p in ckpt_root.iterdir():  # torn temporaries of dead processes
         if p.name.startswith(".tmp-step-") and not p.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(p, ignore_errors=True)

@@ -16,15 +16,16 @@ the very next block.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from trainerd.fsutil import open_regular
-from trainerd.lines import Example, LineError, RawLine, ScanReport, iter_lines, judge, parse_line
+from trainerd.lines import Example, LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
 
 IGNORE_INDEX = -100
 
@@ -38,16 +39,46 @@ class DataError(Exception):
         self.errors = errors or []
 
 
+@dataclass(frozen=True)
+class Pos:
+    """Where the training source stands: the next own line of data.jsonl to read, the next
+    replayed line, and how many of each were already taken (the interleaving depends on both)."""
+
+    offset: int = 0     # data.jsonl: byte offset of the next line to read
+    line: int = 0       # lines before ``offset``
+    own: int = 0        # the batch's own training lines taken so far
+    r_offset: int = 0   # replay.jsonl: byte offset of the next line to read
+    r_line: int = 0
+    r_count: int = 0    # replayed lines taken so far
+
+
 @dataclass
 class Cursor:
+    """The exact place in the training stream: the source's position just before the first
+    example not fully packed, how many of its tokens were already packed, and the blocks of this
+    epoch so far. Resuming seeks there (O(1) whatever the position)."""
+
     epoch: int = 0
-    offset: int = 0  # byte offset of the first example not fully packed
-    line: int = 0  # lines before ``offset``
+    offset: int = 0
+    line: int = 0
+    own: int = 0
+    r_offset: int = 0
+    r_line: int = 0
+    r_count: int = 0
     token_skip: int = 0  # tokens of that example already packed
     blocks: int = 0  # blocks emitted in this epoch
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    @property
+    def pos(self) -> Pos:
+        return Pos(self.offset, self.line, self.own, self.r_offset, self.r_line, self.r_count)
+
+    def at(self, pos: Pos, token_skip: int) -> None:
+        self.offset, self.line, self.own = pos.offset, pos.line, pos.own
+        self.r_offset, self.r_line, self.r_count = pos.r_offset, pos.r_line, pos.r_count
+        self.token_skip = token_skip
 
 
 @dataclass
@@ -57,6 +88,9 @@ class Encoded:
     end: int
     ids: list[int]
     labels: list[bool]
+    before: Pos | None = None  # the source's position just before this example / just after it
+    after: Pos | None = None
+    tag: Any = None            # whatever the caller passed along (the evaluation: a content hash)
 
 
 class Encoder:
@@ -97,19 +131,22 @@ class Encoder:
             raise _RenderError(f"chat template failed: {type(e).__name__}: {e}") from e
         return full, spans, False
 
-    def encode(self, items: list[tuple[RawLine, Example]]) -> tuple[list[Encoded], list[LineError]]:
+    def encode(self, items: list[tuple]) -> tuple[list[Encoded], list[LineError]]:
+        """Tokenize ``(raw, example[, before, after[, tag]])`` items in one call."""
         rendered, good, errors = [], [], []
-        for raw, ex in items:
+        for item in items:
+            raw, ex = item[0], item[1]
             try:
                 rendered.append(self.render(ex))
-                good.append(raw)
+                good.append(item)
             except _RenderError as e:
                 errors.append(LineError(raw.number, raw.offset, str(e)))
         if not good:
             return [], errors
         enc = self.tok([r[0] for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for raw, (text, spans, add_eos), ids, offs in zip(good, rendered, enc["input_ids"], enc["offset_mapping"]):
+        for item, (text, spans, add_eos), ids, offs in zip(good, rendered, enc["input_ids"], enc["offset_mapping"]):
+            raw = item[0]
             labels = [any(s <= a < e for s, e in spans) for a, _b in offs]
             ids = list(ids)
             if add_eos:
@@ -118,7 +155,7 @@ class Encoder:
             if not any(labels):
                 errors.append(LineError(raw.number, raw.offset, "no trainable tokens after tokenization"))
                 continue
-            out.append(Encoded(raw.number, raw.offset, raw.end, ids, labels))
+            out.append(Encoded(raw.number, raw.offset, raw.end, ids, labels, *item[2:4]))
         return out, errors
 
 
@@ -126,29 +163,83 @@ class _RenderError(Exception):
     pass
 
 
-def iter_encoded(path: Path, encoder: Encoder, *, max_line_bytes: int, chunk_lines: int,
-                 start_offset: int = 0, start_line: int = 0,
-                 on_error: Callable[[LineError], None] | None = None,
-                 on_line: Callable[[RawLine], None] | None = None) -> Iterator[Encoded]:
-    """Stream encoded examples, tokenizing ``chunk_lines`` valid lines per tokenizer call."""
-    with open_regular(path) as f:
-        pending: list[tuple[RawLine, Example]] = []
-        for raw in iter_lines(f, max_line_bytes, start_offset=start_offset, start_line=start_line):
-            if on_line is not None:
-                on_line(raw)
-            ex, err = parse_line(raw)
-            if err is not None:
-                if on_error is not None:
+class TrainSource:
+    """The batch's training lines in training order, each with the source's position before and
+    after it: data.jsonl's good lines minus the ``skip`` contents (held out, or evaluation
+    contents), with replay.jsonl's lines interleaved evenly (replayed line j comes after own line
+    ``(j + 1) * own_total // (replay_total + 1)``). A pure function of the position, so a resume
+    from any position yields exactly what an uninterrupted pass would have."""
+
+    def __init__(self, path: Path, *, max_line_bytes: int, skip: frozenset[str] = frozenset(),
+                 replay: Path | None = None, own_total: int = 0, replay_total: int = 0):
+        self.path, self.replay, self.max_line_bytes = path, replay, max_line_bytes
+        self.skip, self.own_total, self.replay_total = skip, own_total, replay_total
+
+    def _replay_due(self, pos: Pos) -> bool:
+        j = pos.r_count
+        return j < self.replay_total and pos.own >= (j + 1) * self.own_total // (self.replay_total + 1)
+
+    def items(self, start: Pos = Pos(), *, on_error: Callable[[LineError], None] | None = None,
+              on_line: Callable[[RawLine, Example | None, str | None], None] | None = None
+              ) -> Iterator[tuple[RawLine, Example, Pos, Pos]]:
+        pos = start
+        with contextlib.ExitStack() as stack:
+            data = iter_lines(stack.enter_context(open_regular(self.path)), self.max_line_bytes,
+                              start_offset=pos.offset, start_line=pos.line)
+            rep = iter_lines(stack.enter_context(open_regular(self.replay)), self.max_line_bytes,
+                             start_offset=pos.r_offset, start_line=pos.r_line) \
+                if self.replay is not None and self.replay_total else iter(())
+            data_done = False
+            while True:
+                if self._replay_due(pos) or (data_done and pos.r_count < self.replay_total):
+                    raw = next(rep, None)
+                    if raw is None:
+                        raise DataError(f"{self.replay}: ended after {pos.r_count} of its {self.replay_total} lines")
+                    after = replace(pos, r_offset=raw.end, r_line=raw.number, r_count=pos.r_count + 1)
+                    ex, _ = parse_line(raw)
+                    if ex is not None:
+                        yield raw, ex, pos, after
+                    pos = after
+                    continue
+                if data_done:
+                    return
+                raw = next(data, None)
+                if raw is None:
+                    data_done = True
+                    continue
+                after = replace(pos, offset=raw.end, line=raw.number)
+                ex, err = parse_line(raw)
+                if on_line is not None:
+                    on_line(raw, ex, err)
+                if err is not None and on_error is not None:
                     on_error(LineError(raw.number, raw.offset, err))
-                continue
-            if ex is None:
-                continue
-            pending.append((raw, ex))
+                if ex is not None and not (self.skip and content_hash(ex) in self.skip):
+                    after = replace(after, own=pos.own + 1)
+                    yield raw, ex, pos, after
+                pos = after
+
+    def encoded(self, encoder: "Encoder", *, chunk_lines: int, start: Pos = Pos(),
+                on_error: Callable[[LineError], None] | None = None,
+                on_line: Callable[..., None] | None = None) -> Iterator[Encoded]:
+        """The items tokenized ``chunk_lines`` at a time (one batched tokenizer call each)."""
+        pending: list[tuple] = []
+        for item in self.items(start, on_error=on_error, on_line=on_line):
+            pending.append(item)
             if len(pending) >= chunk_lines:
                 yield from _flush(encoder, pending, on_error)
                 pending = []
         if pending:
             yield from _flush(encoder, pending, on_error)
+
+
+def iter_encoded(path: Path, encoder: Encoder, *, max_line_bytes: int, chunk_lines: int,
+                 start_offset: int = 0, start_line: int = 0,
+                 on_error: Callable[[LineError], None] | None = None,
+                 on_line: Callable[..., None] | None = None) -> Iterator[Encoded]:
+    """Stream every good line of one file, encoded, ``chunk_lines`` per tokenizer call."""
+    yield from TrainSource(path, max_line_bytes=max_line_bytes).encoded(
+        encoder, chunk_lines=chunk_lines, start=Pos(offset=start_offset, line=start_line),
+        on_error=on_error, on_line=on_line)
 
 
 def _flush(encoder: Encoder, pending, on_error) -> Iterator[Encoded]:
@@ -159,13 +250,15 @@ def _flush(encoder: Encoder, pending, on_error) -> Iterator[Encoded]:
     yield from encoded
 
 
-def scan(path: Path, encoder: Encoder, *, seq_len: int, max_line_bytes: int, chunk_lines: int,
+def scan(source: TrainSource, encoder: Encoder, *, seq_len: int, chunk_lines: int,
          max_bad_fraction: float, errors_path: Path, max_errors: int,
          should_stop: Callable[[], bool] | None = None) -> ScanReport:
-    """Validate and tokenize the whole file once (streamed), writing every bad line to
-    ``errors_path`` as JSON lines. Raises DataError when the file must be rejected."""
-    st = os.stat(path)
-    result = ScanReport(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, seq_len=seq_len)
+    """Tokenize the whole training stream once (streamed), counting its tokens for the schedule,
+    and judge data.jsonl's lines again (tokenizing can find lines the first split could not: a
+    chat template that fails, no trainable token). Every bad line goes to ``errors_path`` as a
+    JSON line. Raises DataError when the file must be rejected."""
+    st = os.stat(source.path)
+    result = ScanReport(path=str(source.path), size=st.st_size, mtime_ns=st.st_mtime_ns, seq_len=seq_len)
     tmp = errors_path.with_name(f".{errors_path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as errf:
         def on_error(e: LineError) -> None:
@@ -174,21 +267,19 @@ def scan(path: Path, encoder: Encoder, *, seq_len: int, max_line_bytes: int, chu
             if len(result.errors) < max_errors:
                 result.errors.append(e.as_dict())
 
-        lines_seen = [0]
-
-        def on_line(raw: RawLine) -> None:
-            lines_seen[0] += 1
-            if should_stop is not None and lines_seen[0] % 4096 == 0 and should_stop():
+        def on_line(raw: RawLine, ex: Example | None, err: str | None) -> None:
+            result.lines += 1
+            if ex is None and err is None:
+                result.blank += 1
+            if should_stop is not None and result.lines % 4096 == 0 and should_stop():
                 raise _Interrupted()
 
-        for enc in iter_encoded(path, encoder, max_line_bytes=max_line_bytes, chunk_lines=chunk_lines,
-                                on_error=on_error, on_line=on_line):
-            result.good += 1
+        for enc in source.encoded(encoder, chunk_lines=chunk_lines, on_error=on_error, on_line=on_line):
             result.tokens += len(enc.ids)
             result.label_tokens += sum(enc.labels)
-        result.lines = lines_seen[0]
     os.replace(tmp, errors_path)
-    result.blank = result.lines - result.good - result.bad
+    # Held-out and excluded lines are good lines (not trained here, but nothing wrong with them).
+    result.good = result.lines - result.bad - result.blank
     judge(result, max_bad_fraction)
     if result.rejected:
         raise DataError(result.reason, result.errors)
@@ -207,14 +298,17 @@ class BlockStream:
 
     Each yielded item is ``(input_ids, labels, attention_mask, cursor_after)`` with plain lists
     of length ``seq_len``. The last block of an epoch is padded (labels ignored, attention 0),
-    so no token is lost and every block has the same shape.
+    so no token is lost and every block has the same shape. ``source`` is the training stream
+    (a path means every good line of that one file).
     """
 
-    def __init__(self, path: Path, encoder: Encoder, *, seq_len: int, max_line_bytes: int,
+    def __init__(self, source: TrainSource | Path, encoder: Encoder, *, seq_len: int, max_line_bytes: int,
                  chunk_lines: int, pad_id: int, blocks_per_epoch: int, epochs: int,
                  cursor: Cursor | None = None):
-        self.path, self.encoder = path, encoder
-        self.seq_len, self.max_line_bytes, self.chunk_lines = seq_len, max_line_bytes, chunk_lines
+        if not isinstance(source, TrainSource):
+            source = TrainSource(Path(source), max_line_bytes=max_line_bytes)
+        self.source, self.encoder = source, encoder
+        self.seq_len, self.chunk_lines = seq_len, chunk_lines
         self.pad_id, self.blocks_per_epoch, self.epochs = pad_id, blocks_per_epoch, epochs
         self.cursor = cursor or Cursor()
 
@@ -230,29 +324,29 @@ class BlockStream:
 
     def _epoch(self, cur: Cursor) -> Iterator[tuple[list[int], list[int], list[int], Cursor]]:
         n = self.seq_len
-        queue: deque[list] = deque()  # [Encoded, position]
+        queue: deque[list] = deque()  # [Encoded, tokens of it already packed]
         buffered = 0
         first = True
-        last_end, last_line = cur.offset, cur.line
-        for enc in iter_encoded(self.path, self.encoder, max_line_bytes=self.max_line_bytes,
-                                chunk_lines=self.chunk_lines, start_offset=cur.offset, start_line=cur.line):
+        last_after = cur.pos
+        for enc in self.source.encoded(self.encoder, chunk_lines=self.chunk_lines, start=cur.pos):
             pos = 0
             if first:
                 first = False
-                if enc.offset == cur.offset:
+                if cur.token_skip:
+                    # The example the checkpoint was in the middle of comes first again.
                     pos = cur.token_skip
-                    if pos > len(enc.ids):
-                        raise DataError(f"data file changed: line {enc.line} is shorter than the checkpoint says")
+                    if enc.before != cur.pos or pos > len(enc.ids):
+                        raise DataError(f"data file changed: line {enc.line} is not what the checkpoint says")
             queue.append([enc, pos])
             buffered += len(enc.ids) - pos
-            last_end, last_line = enc.end, enc.line
+            last_after = enc.after
             while buffered >= n:
-                yield self._take(queue, n, cur, last_end, last_line)
+                yield self._take(queue, n, cur, last_after)
                 buffered -= n
         if buffered > 0:
-            yield self._take(queue, buffered, cur, last_end, last_line)
+            yield self._take(queue, buffered, cur, last_after)
 
-    def _take(self, queue: deque, count: int, cur: Cursor, last_end: int, last_line: int):
+    def _take(self, queue: deque, count: int, cur: Cursor, last_after: Pos):
         ids: list[int] = []
         labels: list[int] = []
         while len(ids) < count:
@@ -273,7 +367,7 @@ class BlockStream:
         cur.blocks += 1
         if queue:
             enc, pos = queue[0]
-            cur.offset, cur.line, cur.token_skip = enc.offset, enc.line - 1, pos
+            cur.at(enc.before, pos)
         else:
-            cur.offset, cur.line, cur.token_skip = last_end, last_line, 0
+            cur.at(last_after, 0)
         return ids, labels, mask, Cursor(**cur.as_dict())

@@ -29,12 +29,15 @@ from trainerd.config import Settings
 from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
 from trainerd.fsutil import atomic_write_json, free_bytes, publish_dir, read_json
 from trainerd.worker import checkpoint as ckpt
+from trainerd.worker import evaluate as ev
 from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
+from trainerd.worker.evaluate import EarlyStopping
 from trainerd.lines import ScanReport
-from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, scan
+from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, TrainSource, scan
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker.progress import Progress, peak_rss_bytes
+from trainerd.worker.split import Split, load_split
 from trainerd.worker.step import Stepper
 from trainerd.worker.stopper import Stopper, StopRequested
 
@@ -48,6 +51,13 @@ def set_oom_score_adj(value: int = 1000) -> None:
             f.write(str(value))
     except OSError:
         pass
+
+
+def _library_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 @dataclass
@@ -89,6 +99,9 @@ class Trainer:
         self.last_loss: float | None = None
         self._last_ckpt_step = -1
         self._last_ckpt_time = time.monotonic()
+        self.early = EarlyStopping(settings.eval.every_steps, settings.eval.early_stopping_patience)
+        self.training_done = False
+        self._new_set: list | None = None  # the new set's examples, for evaluations during training
 
     @property
     def device(self) -> torch.device | None:
@@ -125,26 +138,40 @@ class Trainer:
         sc = self._first_pass(encoder)
         if sc is None:
             return self._stopped_before_training()
+        self.encoder = encoder
         cursor = self._prepare(sc)
         # Everything allocated so far lives for the whole run: move it out of the collector's
         # sight so the per-step gc.collect() is ~1 ms instead of ~270 ms (FACTS.md).
         gc.collect()
         gc.freeze()
         t = self.s.train
-        stream = iter(BlockStream(self.files.data, encoder, seq_len=t.seq_len,
+        stream = iter(BlockStream(self.source, encoder, seq_len=t.seq_len,
                                   max_line_bytes=self.s.data.max_line_bytes, chunk_lines=self.s.data.chunk_lines,
                                   pad_id=self.loaded.tokenizer.pad_token_id, blocks_per_epoch=sc.blocks_per_epoch,
                                   epochs=t.epochs, cursor=cursor))
-        return self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
+        stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
+        if stopped is not None:
+            return stopped
+        try:
+            self._evaluate(sc.tokens * t.epochs)
+        except StopRequested as stop:
+            return self._stopped(stop.reason)  # the final checkpoint stands: the resume only evaluates
+        written = self._write_final_adapter()
+        self._report(self.last_loss, log_step=False)
+        return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(written)})
 
     def _first_pass(self, encoder: Encoder) -> ScanReport | None:
         """Validate, count and tokenize the file once (reused on resume while it is unchanged);
         None when a stop came first."""
+        self.split = split = load_split(self.files) or Split(own_lines=0)
+        replay = self.files.replay if split.replay_lines else None
+        self.source = TrainSource(self.files.data, max_line_bytes=self.s.data.max_line_bytes, skip=split.skip(),
+                                  replay=replay, own_total=split.own_lines, replay_total=split.replay_lines)
         sc = self._cached_scan()
         if sc is None:
             d, t0 = self.s.data, time.monotonic()
             try:
-                sc = scan(self.files.data, encoder, seq_len=self.s.train.seq_len, max_line_bytes=d.max_line_bytes,
+                sc = scan(self.source, encoder, seq_len=self.s.train.seq_len,
                           chunk_lines=d.chunk_lines, max_bad_fraction=d.max_bad_fraction,
                           errors_path=self.files.errors, max_errors=d.max_errors_reported,
                           should_stop=lambda: self.stopper.check() is not None)
@@ -209,13 +236,16 @@ class Trainer:
         self.tokens = state["tokens"]
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
+        self.early = EarlyStopping(self.s.eval.every_steps, self.s.eval.early_stopping_patience, state.get("early"))
+        self.training_done = bool(state.get("training_done"))
         if state.get("total_steps") != self.total_steps:
             self.log.warning("checkpoint_schedule_differs", checkpoint_total=state.get("total_steps"),
                              now_total=self.total_steps)
 
-    def _loop(self, stream: Iterator[Any], cursor: Cursor, total_blocks: int) -> RunEnd:
+    def _loop(self, stream: Iterator[Any], cursor: Cursor, total_blocks: int) -> RunEnd | None:
+        """Train to the end (or to early stopping); a RunEnd when a stop came first."""
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.training_done:
                 step_cursor, step_rng = cursor, ckpt.rng_state()
                 blocks = []
                 for _ in range(min(self.eff, total_blocks - self.step * self.eff)):
@@ -234,21 +264,72 @@ class Trainer:
                 if self.first_loss is None:
                     self.first_loss = loss
                 self._report(loss)
-                if self._checkpoint_due():
-                    self._checkpoint(cursor, ckpt.rng_state())
+                best = self._watch_new_set()
+                if best or self._checkpoint_due():
+                    self._checkpoint(cursor, ckpt.rng_state())  # the best step's weights are kept
+                if self.early.stopped:
+                    break
                 reason = self.stopper.agree()
                 if reason and self.step < self.total_steps:
                     self._checkpoint(cursor, ckpt.rng_state())
                     return self._stopped(reason)
         except StopIteration:
             raise DataError("data file changed while training: it ended before the counted blocks")
-        # The final state is checkpointed before the adapter is written: a crash while writing
-        # it resumes here and only writes it again.
-        if self._last_ckpt_step != self.step:
+        if not self.training_done:
+            if self.early.stopped and self.early.best_step != self.step:
+                self._restore_best()
+            # The final state is checkpointed before the evaluation and the adapter: a stop or a
+            # crash after this point resumes here and only evaluates and writes again.
+            self.training_done = True
             self._checkpoint(cursor, ckpt.rng_state())
-        written = self._write_final_adapter()
-        self._report(self.last_loss, log_step=False)
-        return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(written)})
+        return None
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def _precision(self) -> str:
+        return str(self.loaded.dtype).removeprefix("torch.") + ("+autocast-bf16" if self.loaded.autocast else "")
+
+    def _watch_new_set(self) -> bool:
+        """Every eval.every_steps: the new set's loss, logged; True when it is the best so far."""
+        if not self.early.due(self.step) or not self.split.new_set:
+            return False
+        if self._new_set is None:
+            sets = ev.load_sets(self.files, self.split.new_set, self.encoder, self.s.train.seq_len,
+                                self.s.data.max_line_bytes, self.log)[:1]
+            ev.allocate(sets, int(self.s.eval.max_tokens) // 2)
+            self._new_set = sets[0].chosen if sets else []
+        if not self._new_set:
+            return False
+        evaluator = ev.Evaluator(self.model, self.loaded, self.stopper, batch_size=self.s.eval.batch_size,
+                                 pad_id=self.loaded.tokenizer.pad_token_id)
+        loss = ev.figures(self._new_set, evaluator.losses(self._new_set))["mean_loss"]
+        best = self.early.observe(self.step, loss)
+        self.log.info("eval_step", step=self.step, new_set_loss=loss, best_step=self.early.best_step,
+                      best_loss=self.early.best_loss, evals_without_improvement=self.early.bad,
+                      early_stopped=self.early.stopped)
+        return best
+
+    def _restore_best(self) -> None:
+        """Early stopping: the candidate is the best step's adapter, from its kept checkpoint."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        best = self.files.checkpoints / f"step-{self.early.best_step:08d}"
+        set_peft_model_state_dict(self.model, load_file(str(best / "adapter_model.safetensors")))
+        self.log.info("early_stopping_restored_best", step=self.step, best_step=self.early.best_step,
+                      best_loss=self.early.best_loss)
+
+    def _evaluate(self, train_tokens: int) -> None:
+        """Candidate against champion on every set; eval.json is the supervisor's input to the gate."""
+        result = ev.evaluate_candidate(self.model, self.loaded, self.stopper, self.files, self.s,
+                                       new_set=self.split.new_set, champion=self.init_adapter,
+                                       train_tokens=train_tokens, encoder=self.encoder,
+                                       precision=self._precision(), log=self.log)
+        result["early_stopping"] = self.early.state() if self.early.every else None
+        atomic_write_json(self.files.eval_result, result)
+        self.log.info("evaluation_done", seconds=result["seconds"], sets=[
+            {"name": r["name"], "kind": r["kind"], "candidate": r["candidate"]["mean_loss"],
+             "champion": r["champion"]["mean_loss"], "used": r["used"]} for r in result["sets"]])
 
     # -- checkpoints, the adapter, progress, result ---------------------------------------
 
@@ -265,11 +346,12 @@ class Trainer:
         t0 = time.monotonic()
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
                  "effective_batch": self.eff, "micro_batch_size": self.micro,
-                 "first_loss": self.first_loss, "last_loss": self.last_loss}
+                 "first_loss": self.first_loss, "last_loss": self.last_loss,
+                 "early": self.early.state(), "training_done": self.training_done}
         root = self.files.checkpoints
         try:
-            path = ckpt.save(root, self.step, model=self.model, optimizer=self.optimizer,
-                             scheduler=self.scheduler, rng=rng, state=state, keep=self.s.train.keep_checkpoints)
+            path = ckpt.save(root, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                             rng=rng, state=state, keep=self.s.train.keep_checkpoints, protect=self.early.best_step)
         except Exception as e:
             if ckpt.disk_full(e, root, ckpt.newest_bytes(root)):
                 raise DiskFull(f"cannot write checkpoint step-{self.step:08d}: {e}") from e
@@ -297,6 +379,7 @@ class Trainer:
                 "init_adapter": str(self.init_adapter) if self.init_adapter else None,
                 "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
                 "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
+                "precision": self._precision(), "versions": _library_versions(),
             })
             faults.die_at("crash_in_publish")
             publish_dir(tmp, dest, replace=True)
