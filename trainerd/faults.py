@@ -9,6 +9,8 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
   oom_above_micro:K             worker: raise a CUDA out-of-memory error for micro-batches above K
   supervisor_crash_in_publish   supervisor: SIGKILL itself after adapters/<n> appears, before
                                 ``current`` moves
+  term_in_evaluation            worker: SIGTERM itself after the first evaluation batch (a stop
+                                that lands in the middle of the evaluation, every time)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["ENV", "active", "die_at", "number"]
+__all__ = ["ENV", "active", "die_at", "number", "term_at"]
 
 ENV = "TRAINERD_FAULT"
 
@@ -46,3 +48,9 @@ def die_at(point: str) -> None:
     """SIGKILL this process now if fault ``point`` is on: no handler, no cleanup, no flush."""
     if active(point):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def term_at(point: str) -> None:
+    """SIGTERM this process now if fault ``point`` is on: a graceful stop, delivered at that point."""
+    if active(point):
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -155,7 +155,7 @@ class Encoder:
             if not any(labels):
                 errors.append(LineError(raw.number, raw.offset, "no trainable tokens after tokenization"))
                 continue
-            out.append(Encoded(raw.number, raw.offset, raw.end, ids, labels, *item[2:4]))
+            out.append(Encoded(raw.number, raw.offset, raw.end, ids, labels, *item[2:]))
         return out, errors
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from trainerd import faults
 from trainerd.contract import BatchFiles
 from trainerd.fsutil import open_regular, read_json_or_none
 from trainerd.lines import content_hash, iter_lines, parse_line
@@ -149,6 +150,7 @@ class Evaluator:
                 if start and (reason := self.stopper.check()):
                     raise StopRequested(reason)
                 out.extend(self._batch(examples[start:start + self.batch_size]))
+                faults.term_at("term_in_evaluation")
         finally:
             if was_training:
                 self.model.train()
