@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["ListLog"]
 
@@ -20,7 +21,7 @@ class ListLog:
         self.lines: list[tuple[str, str, dict[str, Any]]] = [] if lines is None else lines
         self.bound: dict[str, Any] = dict(bound or {})
 
-    def bind(self, **fields: Any) -> "ListLog":
+    def bind(self, **fields: Any) -> ListLog:
         return ListLog(self.lines, {**self.bound, **fields})
 
     def __getattr__(self, level: str) -> Callable[..., None]:
