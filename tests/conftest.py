@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline model, and a guard that fails any test leaking a process."""
+"""Shared fixtures: the tiny offline model, memory cgroups, real daemons, and a guard that fails any
+test leaking a process. The helpers behind them live in tests/support/."""
 
 from __future__ import annotations
 
@@ -64,6 +65,26 @@ def memcg():
     yield make
     for cg in made:
         cg.destroy()
+
+
+@pytest.fixture
+def daemon_factory(request, tmp_path):
+    """Factory for real daemons (tests/support/daemon.py), on ``tmp_path`` and the tiny model unless
+    told otherwise; each one still running at the end is stopped (SIGTERM, then SIGKILL)."""
+    from support.daemon import Daemon
+
+    made: list = []
+
+    def make(*, tmp: Path | None = None, model_dir: Path | str | None = None, **kw):
+        if model_dir is None:
+            model_dir = request.getfixturevalue("tiny_model_dir")  # only built when needed
+        d = Daemon(tmp or tmp_path, model_dir, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -1,8 +1,10 @@
-"""Bad configurations against the real daemon: `trainerd run --config FILE` must refuse to start
-(exit 78), name every bad key with its path on stderr, and create nothing (no root, no ledger).
+"""Bad configurations: every bad key named with its path, and a daemon that refuses to start.
 
-tests/test_config.py checks the loader in-process; this file checks what the operator sees
-when the daemon itself is started with each kind of mistake, one subprocess per case.
+The loader's message for each kind of mistake is checked in-process, from a table
+(``trainerd.config.load`` raising ``ConfigError``: what ``trainerd run`` prints to stderr).
+A handful of cases then start the real daemon (`trainerd run --config FILE`) to prove what the
+operator sees: exit 78, every bad key named on stderr, no traceback, and nothing created (no
+root, no ledger). tests/test_config.py checks the loader's rules themselves.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import subprocess_env
+from support.config import config_dict
+from trainerd.config import ConfigError, load
 
 EX_CONFIG = 78
 
@@ -71,7 +76,22 @@ CASES = [
 ]
 
 
+# Started as a real daemon as well: an unknown key with its suggestion, and a cross-check.
+DAEMON_CASES = ["unknown-top", "memory.soft-above-hard"]
+
+
 @pytest.mark.parametrize("case_id,body,needle", CASES, ids=[c[0] for c in CASES])
+def test_loader_names_bad_key(tmp_path, case_id, body, needle):
+    """Loading the file raises ConfigError naming the bad key with its path and the file."""
+    cfg = _yaml(tmp_path, body)
+    with pytest.raises(ConfigError) as e:
+        load(cfg)
+    assert any(needle in p for p in e.value.problems), e.value.problems
+    assert str(cfg) in str(e.value), "the message must say which file is wrong"
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("case_id,body,needle", [c for c in CASES if c[0] in DAEMON_CASES], ids=DAEMON_CASES)
 def test_daemon_refuses_bad_key(tmp_path, case_id, body, needle):
     """The daemon exits 78 before doing anything, and stderr names the bad key with its path."""
     cfg = _yaml(tmp_path, body)
@@ -89,8 +109,6 @@ def test_every_bad_key_is_named_in_one_go(tmp_path):
     for _, body, _ in CASES:
         if body.startswith("trian") or body.startswith("train: 5"):
             continue
-        import yaml
-
         for section, values in yaml.safe_load(body).items():
             merged.setdefault(section, {}).update(values)
     merged["trian"] = {"seq_len": 64}
@@ -109,12 +127,15 @@ def test_every_bad_key_is_named_in_one_go(tmp_path):
     assert not (tmp_path / "root").exists()
 
 
-@pytest.mark.parametrize("what", ["yaml-syntax", "not-utf8", "missing", "a-directory", "top-level-list"])
-def test_daemon_refuses_unreadable_config(tmp_path, what):
-    """A config that is not YAML, not UTF-8, missing, a directory or a list: exit 78 with a one-line reason."""
+# what is wrong with the file (_unreadable writes it) -> the one-line reason
+UNREADABLE = {"yaml-syntax": "column 1: not valid YAML", "not-utf8": "not UTF-8", "missing": "cannot read config",
+              "a-directory": "cannot read config", "top-level-list": "<top>: must be a mapping"}
+# Started as a real daemon as well: broken YAML, and a file that is not a mapping.
+DAEMON_UNREADABLE = ["yaml-syntax", "top-level-list"]
+
+
+def _unreadable(tmp_path: Path, what: str) -> Path:
     cfg = tmp_path / "trainerd.yaml"
-    needle = {"yaml-syntax": "column 1: not valid YAML", "not-utf8": "not UTF-8", "missing": "cannot read config",
-              "a-directory": "cannot read config", "top-level-list": "<top>: must be a mapping"}[what]
     if what == "yaml-syntax":
         cfg.write_text(f"root: {tmp_path}/root\ntrain: [1, 2\n")
     elif what == "not-utf8":
@@ -123,16 +144,32 @@ def test_daemon_refuses_unreadable_config(tmp_path, what):
         cfg.mkdir()
     elif what == "top-level-list":
         cfg.write_text("- root\n- model\n")
-    r = run_daemon(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("what", list(UNREADABLE))
+def test_loader_refuses_unreadable_config(tmp_path, what):
+    """A config that is not YAML, not UTF-8, missing, a directory or a list: ConfigError with a one-line reason."""
+    with pytest.raises(ConfigError) as e:
+        load(_unreadable(tmp_path, what))
+    assert len(e.value.problems) == 1 and UNREADABLE[what] in e.value.problems[0], e.value.problems
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("what", DAEMON_UNREADABLE)
+def test_daemon_refuses_unreadable_config(tmp_path, what):
+    """A config that is not YAML or not a mapping: the daemon exits 78 with a one-line reason."""
+    r = run_daemon(_unreadable(tmp_path, what))
     assert r.returncode == EX_CONFIG, r.stderr
-    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert UNREADABLE[what] in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "root").exists()
 
 
 def test_missing_model_is_a_config_error(tmp_path):
     """A model.path with no model in it stops the daemon at start (exit 78) instead of letting every
     file dropped in fail its worker and land in failed/ for a mistake in the config."""
-    cfg = _yaml(tmp_path, f"model: {{path: {tmp_path}/no-such-model}}\n")
+    cfg = tmp_path / "trainerd.yaml"
+    cfg.write_text(json.dumps(config_dict(tmp_path / "root", tmp_path / "no-such-model")))
     r = run_daemon(cfg)
     assert r.returncode == EX_CONFIG, r.stderr
     assert f"model.path: no model folder at {tmp_path}/no-such-model" in r.stderr and "Traceback" not in r.stderr
@@ -144,7 +181,7 @@ def test_root_that_cannot_be_created_is_a_config_error(tmp_path, tiny_model_dir)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cfg = tmp_path / "trainerd.yaml"
-    cfg.write_text(f"root: {blocker}/root\nmodel: {{path: {tiny_model_dir}}}\n")
+    cfg.write_text(json.dumps(config_dict(blocker / "root", tiny_model_dir)))
     r = run_daemon(cfg)
     assert r.returncode == EX_CONFIG, r.stderr
     assert f"cannot create the root {blocker}/root" in r.stderr and "Traceback" not in r.stderr

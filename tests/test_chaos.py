@@ -17,19 +17,15 @@ import os
 import random
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from conftest import subprocess_env
-from test_supervisor_e2e import Daemon
+from support.daemon import Daemon
 from trainerd.ledger import Ledger
 from workerutil import sample_lines
 
@@ -42,29 +38,8 @@ PER_BATCH = 8  # chaos events while each batch runs
 WEIGHTS = "adapter_model.safetensors"
 
 
-class EnvDaemon(Daemon):
-    """The e2e Daemon with extra environment for the daemon (and so its workers)."""
-
-    def __init__(self, tmp: Path, model_dir: Path, **over: Any):
-        over.setdefault("retry", {}).update({"max_attempts": 1000, "backoff_s": 0.2, "backoff_max_s": 1.0})
-        over.setdefault("supervisor", {}).update({"stop_grace_s": 30})
-        super().__init__(tmp, model_dir, **over)
-        self.env: dict[str, str] = {}
-
-    def start(self, **env: str) -> "EnvDaemon":
-        self.env = env
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(self.config)],
-                                         env=subprocess_env(**env), stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: (self.root / "trainerd.pid").exists() and self.status()["daemon"]["running"], 60)
-        return self
-
-    def wait_dead(self, timeout: float = 60) -> int:
-        """Wait for a daemon that is expected to die by itself (fault injection)."""
-        assert self.proc is not None
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
+# Every attempt may be interrupted, so none may be the last; a short grace keeps the chaos quick.
+CHAOS = {"retry": {"max_attempts": 1000, "backoff_s": 0.2, "backoff_max_s": 1.0}, "supervisor": {"stop_grace_s": 30}}
 
 
 def data_for(start: int) -> bytes:
@@ -73,9 +48,7 @@ def data_for(start: int) -> bytes:
 
 def drop(d: Daemon, name: str, start: int) -> None:
     """Write elsewhere, rename in, and wait until it is claimed: the order of files is fixed."""
-    part = d.root / "inbox" / f".{name}.part"
-    part.write_bytes(data_for(start))
-    os.rename(part, d.root / "inbox" / name)
+    d.drop(name, data_for(start))
     d.wait_for(lambda: d.batch(name) is not None, 60)
 
 
@@ -199,7 +172,7 @@ def weights(root: Path, n: int) -> bytes:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir) -> Path:
     """The undisturbed run: the three files one after another, nothing interrupted."""
-    d = EnvDaemon(tmp_path_factory.mktemp("reference"), tiny_model_dir)
+    d = Daemon(tmp_path_factory.mktemp("reference"), tiny_model_dir, **CHAOS)
     try:
         d.start()
         for name, start in FILES:
@@ -213,13 +186,13 @@ def reference(tmp_path_factory, tiny_model_dir) -> Path:
     return d.root
 
 
-def test_random_kills_and_pauses_lose_nothing(tmp_path, tiny_model_dir, reference):
+def test_random_kills_and_pauses_lose_nothing(daemon_factory, reference):
     """Seeded random SIGKILL/SIGTERM of the worker, SIGKILL + restart of the supervisor and
     pause/resume while three files train: each is done exactly once, the ledger agrees with
     the folders, no process is left, `current` never points at a half adapter, and every
     adapter is bit-identical to the undisturbed run's."""
     rng = random.Random(SEED)
-    d = EnvDaemon(tmp_path, tiny_model_dir)
+    d = daemon_factory(**CHAOS)
     watcher = CurrentWatcher(d.root)
     orphans: list[int] = []
     counts: collections.Counter = collections.Counter()
@@ -281,8 +254,7 @@ def test_random_kills_and_pauses_lose_nothing(tmp_path, tiny_model_dir, referenc
         for i in range(1, len(FILES) + 1):
             assert weights(d.root, i) == weights(reference, i), f"adapter {i} differs from the undisturbed run"
         assert our_processes(d.root) == []
-    finally:
-        d.cleanup()
+    finally:  # the daemon_factory stops the daemon
         watcher.stop()
         for pid in orphans:
             try:
@@ -300,12 +272,12 @@ def _complete(bdir: Path) -> list[str]:
     return sorted(p.name for p in (bdir / "checkpoints").iterdir() if p.name.startswith("step-"))
 
 
-def test_crash_inside_checkpoint_and_publish_writes(tmp_path, tiny_model_dir, reference):
+def test_crash_inside_checkpoint_and_publish_writes(daemon_factory, reference):
     """SIGKILL in the middle of a checkpoint write (file a), of the worker's adapter write (file b)
     and of the supervisor's publish between the version's rename and the `current` switch (file c):
     each restart resumes from the newest complete checkpoint, `current` never names a half or
     missing adapter, and all three adapters are bit-identical to the undisturbed run's."""
-    d = EnvDaemon(tmp_path, tiny_model_dir)
+    d = daemon_factory(**CHAOS)
     watcher = CurrentWatcher(d.root)
     try:
         watcher.start()
@@ -316,7 +288,7 @@ def test_crash_inside_checkpoint_and_publish_writes(tmp_path, tiny_model_dir, re
         d.wait_for(lambda: (bdir / "checkpoints").is_dir() and len(_complete(bdir)) >= 1, 300)
         assert d.terminate() == 0  # checkpoints and stops; the batch stays queued
         before = _complete(bdir)
-        d.start(TRAINERD_FAULT="crash_in_checkpoint")
+        d.start(env={"TRAINERD_FAULT": "crash_in_checkpoint"})
         d.wait_for(lambda: d.batch("a.jsonl")["attempts"] >= 2 and _torn(bdir), 300)
         d.wait_for(lambda: d.status()["running"] is None, 60)
         assert _complete(bdir) == before, "a torn checkpoint became visible or a complete one was lost"
@@ -329,7 +301,7 @@ def test_crash_inside_checkpoint_and_publish_writes(tmp_path, tiny_model_dir, re
 
         # --- b: die while the worker writes the final adapter -------------------------------------
         assert d.terminate() == 0
-        d.start(TRAINERD_FAULT="crash_in_publish")
+        d.start(env={"TRAINERD_FAULT": "crash_in_publish"})
         drop(d, "b.jsonl", 10_000)
         bdir = d.root / "batches" / "000002"
         d.wait_for(lambda: list(bdir.glob(".published.tmp-*")) and d.status()["running"] is None, 300)
@@ -343,9 +315,9 @@ def test_crash_inside_checkpoint_and_publish_writes(tmp_path, tiny_model_dir, re
 
         # --- c: the supervisor dies after adapters/3 appears, before `current` moves ---------------
         assert d.terminate() == 0
-        d.start(TRAINERD_FAULT="supervisor_crash_in_publish")
+        d.start(env={"TRAINERD_FAULT": "supervisor_crash_in_publish"})
         drop(d, "c.jsonl", 20_000)
-        assert d.wait_dead(300) == -signal.SIGKILL
+        assert d.wait_exit(300) == -signal.SIGKILL
         assert (d.root / "adapters" / "3").is_dir() and safetensors_complete(d.root / "adapters" / "3" / WEIGHTS)
         assert os.readlink(d.root / "adapters" / "current") == "2", "current moved before the crash point"
         d.start()  # reconcile rolls the publish forward
@@ -358,5 +330,4 @@ def test_crash_inside_checkpoint_and_publish_writes(tmp_path, tiny_model_dir, re
             assert weights(d.root, i) == weights(reference, i), f"adapter {i} differs from the undisturbed run"
         assert our_processes(d.root) == []
     finally:
-        d.cleanup()
         watcher.stop()

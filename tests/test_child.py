@@ -9,21 +9,12 @@ from pathlib import Path
 
 import psutil
 
+from support.log import ListLog
 from trainerd.child import Child, ExitStatus, describe_signal, worker_command
 from trainerd.contract import BatchFiles, StopReason
 from trainerd.supervisor.stopping import Escalation, Sender
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"
-
-
-class ListLog:
-    """Collects (level, event, fields) like a structlog logger would receive them."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __getattr__(self, level):
-        return lambda event, **kw: self.lines.append((level, event, kw))
 
 
 def batch(tmp_path: Path, plan: list[str]) -> Path:

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from test_chaos import EnvDaemon, safetensors_complete
+from support.daemon import Daemon
+from test_chaos import CHAOS, safetensors_complete
 from workerutil import adapter_bytes, make_batch, run_worker, sample_lines
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ def fill(path: Path, leave: int = 0) -> Path:
     return filler
 
 
-def stdout_events(d: EnvDaemon) -> list[dict[str, Any]]:
+def stdout_events(d: Daemon) -> list[dict[str, Any]]:
     """The daemon's stdout (on another file system): its log file cannot grow while the disk is full."""
     out = []
     for line in d.out.read_text(errors="replace").splitlines():
@@ -93,15 +94,14 @@ def test_disk_full_pauses_and_resumes_by_itself(tmp_path, tiny_model_dir):
     disk_full error, the previous checkpoints and adapter stay intact, nothing starts while space is
     short, and training resumes by itself from the newest checkpoint once the filler is removed."""
     with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
-        d = EnvDaemon(fs, tiny_model_dir, disk={"min_free_bytes": 8 * MiB})
-        d.out = tmp_path / "daemon.out"  # stdout stays readable on the real disk
+        # Retries and stop grace as the chaos tests have them; stdout goes to the real disk, where
+        # it stays readable (and growing) while fs is full.
+        d = Daemon(fs, tiny_model_dir, **CHAOS, disk={"min_free_bytes": 8 * MiB}, out=tmp_path / "daemon.out")
         try:
             d.start()
             # --- the start check: under min_free_bytes nothing starts ------------------------------
             filler = fill(fs, leave=4 * MiB)
-            part = d.root / "inbox" / ".a.part"
-            part.write_text("\n".join(sample_lines(40)) + "\n")
-            os.rename(part, d.root / "inbox" / "a.jsonl")
+            d.drop("a.jsonl", sample_lines(40))
             d.wait_for(lambda: d.state_of("a.jsonl") == "queued", 60)
             d.wait_for(lambda: any(e["event"] == "disk_low" for e in stdout_events(d)), 30)
             time.sleep(2)
@@ -115,9 +115,7 @@ def test_disk_full_pauses_and_resumes_by_itself(tmp_path, tiny_model_dir):
             adapter1 = (d.root / "adapters" / "1" / "adapter_model.safetensors").read_bytes()
 
             # --- full while training: the next checkpoint fails -----------------------------------
-            part = d.root / "inbox" / ".b.part"
-            part.write_text("\n".join(sample_lines(600, start=5000)) + "\n")
-            os.rename(part, d.root / "inbox" / "b.jsonl")
+            d.drop("b.jsonl", sample_lines(600, start=5000))
             bdir = d.root / "batches" / "000002"
             d.wait_for(lambda: d.progress_step(2) >= 4 and len(list((bdir / "checkpoints").glob("step-*"))) >= 1, 300)
             filler = fill(fs)

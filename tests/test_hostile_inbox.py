@@ -11,8 +11,9 @@ The daemon runs as ``nobody`` with no capabilities (setpriv) so that an unreadab
 really unreadable to it (root bypasses file permissions) — which also proves it never needs
 root. The interpreter lives under /root (mode 0700), so the daemon gets a private mount
 namespace where /root is a tmpfs with only the interpreter's tree bind-mounted in; nothing
-changes outside that namespace. Where that is impossible (not root, no unshare), the daemon
-runs as the current user and the unreadable case is skipped with the reason.
+changes outside that namespace (``unprivileged_prefix`` in tests/support/daemon.py). Where that
+is impossible (not root, no unshare), the daemon runs as the current user and the unreadable
+case is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from dataclasses import asdict
@@ -35,14 +35,12 @@ from typing import Any
 
 import pytest
 
-from conftest import subprocess_env
+from support.daemon import NOBODY, Daemon, unprivileged_prefix
 from trainerd.ledger import Ledger
-from test_supervisor_e2e import Daemon
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow
 
-NOBODY = 65534
 BOM = b"\xef\xbb\xbf"
 
 
@@ -140,62 +138,6 @@ def corpus() -> list[Case]:
 
 
 CASES = corpus()
-
-# --- running the daemon as nobody ------------------------------------------------------------------
-
-
-def _blocking_ancestor(path: str) -> tuple[str, str] | None:
-    """(ancestor without o+x, its child on the way to ``path``) or None when others can reach it."""
-    parts = Path(path).parts
-    for i in range(1, len(parts) - 1):
-        anc = os.path.join(*parts[: i + 1])
-        if not os.stat(anc).st_mode & stat.S_IXOTH:
-            return anc, os.path.join(anc, parts[i + 1])
-    return None
-
-
-def unprivileged_prefix(stash: Path) -> tuple[list[str] | None, str]:
-    """argv prefix that runs a command as nobody with no capabilities, or (None, why not)."""
-    if os.geteuid() != 0:
-        return None, f"not root (uid {os.geteuid()}): cannot switch to another user"
-    for tool in ("unshare", "setpriv"):
-        if shutil.which(tool) is None:
-            return None, f"{tool} is not installed"
-    script = "set -e\n"
-    block = _blocking_ancestor(os.path.realpath(sys.executable))
-    if block is not None:
-        # The interpreter is under a folder others cannot enter (/root): in a private mount
-        # namespace, hide that folder behind a tmpfs and graft only the interpreter's tree in.
-        anc, keep = block
-        script += (f"mount --bind '{keep}' '{stash}'\n"
-                   f"mount -t tmpfs -o mode=0755,size=64k tmpfs '{anc}'\n"
-                   f"mkdir -p '{keep}'\nmount --bind '{stash}' '{keep}'\n")
-    script += (f'exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --inh-caps=-all '
-               '--bounding-set=-all -- "$@"\n')
-    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import os; print(os.geteuid())"],
-                           capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0 or probe.stdout.strip() != str(NOBODY):
-        return None, f"cannot run as nobody here: {probe.stderr.strip()[-300:]}"
-    return prefix, ""
-
-
-class UnprivilegedDaemon(Daemon):
-    """The e2e Daemon, started through an argv prefix (setpriv as nobody) with extra env."""
-
-    def __init__(self, tmp: Path, model_dir: Path, prefix: list[str] | None, env: dict[str, str], **over: Any):
-        super().__init__(tmp, model_dir, **over)
-        self.prefix = prefix or []
-        self.extra_env = env
-
-    def start(self) -> "UnprivilegedDaemon":
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "trainerd", "run", "--config",
-                                          str(self.config)], env=subprocess_env(**self.extra_env),
-                                         stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: (self.root / "trainerd.pid").exists() and self.status()["daemon"]["running"], 60)
-        return self
-
 
 # --- inotify: proof that nothing outside the root was opened ------------------------------------
 
@@ -330,8 +272,8 @@ def run(tiny_model_dir) -> Run:
         os.chown(home, NOBODY, NOBODY)
     daemon_dir = base / "d"
     daemon_dir.mkdir(mode=0o755)
-    d = UnprivilegedDaemon(daemon_dir, model, prefix, {"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"},
-                           supervisor={"settle_s": 0.3, "rescan_s": 0.5, "stop_grace_s": 60})
+    d = Daemon(daemon_dir, model, argv_prefix=prefix, env={"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"},
+               supervisor={"settle_s": 0.3, "rescan_s": 0.5, "stop_grace_s": 60})
     d.root.mkdir(mode=0o750)
     if prefix is not None:
         os.chown(d.root, NOBODY, NOBODY)
@@ -367,10 +309,7 @@ def run(tiny_model_dir) -> Run:
         dynamic: dict[str, Any] = {}
         long = _good(3000, 10_000)
         for name in ("truncated.jsonl", "deleted.jsonl"):
-            tmp = inbox / f".{name}.part"
-            tmp.write_bytes(long if name == "truncated.jsonl" else _good(3000, 20_000))
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, inbox / name)
+            d.drop(name, long if name == "truncated.jsonl" else _good(3000, 20_000), mode=0o644)
             d.wait_for(lambda: _batch_id(d, name) is not None, 60)
             bid = _batch_id(d, name)
             d.wait_for(lambda: d.progress_step(bid) >= 2, 300)
@@ -388,11 +327,9 @@ def run(tiny_model_dir) -> Run:
             d.wait_for(lambda: d.state_of(name) in ("failed", "done"), 300)
 
         # --- the daemon still serves -----------------------------------------------------------
-        tmp = inbox / ".after.part"
-        tmp.write_bytes(_good(6, 30_000))
-        os.chmod(tmp, 0o644)
-        originals["after.jsonl"] = _sha(tmp)
-        os.rename(tmp, inbox / "after.jsonl")
+        after = _good(6, 30_000)
+        originals["after.jsonl"] = hashlib.sha256(after).hexdigest()
+        d.drop("after.jsonl", after, mode=0o644)
         d.wait_for(lambda: d.state_of("after.jsonl") == "done", 300)
 
         led = Ledger.open_readonly(d.root / "state.db")

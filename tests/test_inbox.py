@@ -7,19 +7,15 @@ import time
 
 import pytest
 
+from support.log import ListLog
 from trainerd.inbox import Inbox, is_candidate_name, open_for_writing
-
-
-class NullLog:
-    def __getattr__(self, _):
-        return lambda *a, **k: None
 
 
 @pytest.fixture
 def inbox(tmp_path):
     d = tmp_path / "inbox"
     d.mkdir()
-    return Inbox(d, settle_s=1.0, log=NullLog())
+    return Inbox(d, settle_s=1.0, log=ListLog())
 
 
 def test_candidate_names():
@@ -110,7 +106,7 @@ def test_writer_check_throttled_per_file(tmp_path):
         calls.append(path)
         return open_for_writing(path)
 
-    box = Inbox(d, settle_s=0.0, log=NullLog(), writer_check=counting_check)
+    box = Inbox(d, settle_s=0.0, log=ListLog(), writer_check=counting_check)
     f = d / "held.jsonl"
     with open(f, "w") as w:
         w.write("{}\n")

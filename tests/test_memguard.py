@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import subprocess_env
-from tests.support.guarded import start_worker, stopping, supervise
+from support.guarded import start_worker, stopping, supervise
+from support.log import ListLog
 from trainerd.config import MemorySettings, TrainSettings
 from trainerd.contract import StopReason
 from trainerd.memguard import Cgroup, MemoryGuard, Sample, find_memory_cgroup, parse_psi
@@ -26,25 +27,6 @@ BALLOON = str(REPO / "tests" / "bin" / "balloon.py")
 # A worker that ignores SIGTERM, and says when it does.
 IGNORES_TERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "print('ready', flush=True); time.sleep(60)")
-
-
-class ListLog:
-    """A structlog-shaped logger that keeps (level, event, fields)."""
-
-    def __init__(self):
-        self.lines: list[tuple[str, str, dict]] = []
-
-    def _add(self, level):
-        return lambda event, **kw: self.lines.append((level, event, kw))
-
-    def __getattr__(self, level):
-        return self._add(level)
-
-    def events(self) -> list[str]:
-        return [e for _, e, _ in self.lines]
-
-    def find(self, event: str) -> list[dict]:
-        return [kw for _, e, kw in self.lines if e == event]
 
 
 def settings(**kw) -> MemorySettings:

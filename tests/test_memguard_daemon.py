@@ -8,20 +8,16 @@ daemon holds ~25 MiB. The limits below are chosen from those numbers.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from conftest import subprocess_env
+from support.daemon import Daemon
 from tests import cgroups
-from trainerd.status import collect_status
 from workerutil import sample_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.cgroup]
@@ -32,77 +28,21 @@ BALLOON = str(REPO / "tests" / "bin" / "balloon.py")
 LINES = 1200  # ~25 blocks of 2048 tokens: a few optimizer steps
 
 
-class CgroupDaemon:
-    """`python -m trainerd run` started inside a memory cgroup (it detects the limit itself)."""
-
-    def __init__(self, tmp: Path, model_dir: Path, cg: cgroups.TestCgroup, **train: Any):
-        self.root = tmp / "root"
-        self.cg = cg
-        cfg = {
-            "root": str(self.root),
-            "model": {"path": str(model_dir)},
-            "train": {"seq_len": 2048, "micro_batch_size": 8, "grad_accum_steps": 1, "checkpoint_every_steps": 1,
-                      "threads": 1, "warmup_steps": 0, **train},
-            "data": {"chunk_lines": 64},
-            "memory": {"interval_ms": 50},
-            "supervisor": {"settle_s": 0.3, "rescan_s": 1.0, "stop_grace_s": 60},
-            "retry": {"backoff_s": 0.5, "backoff_max_s": 2},
-            "disk": {"min_free_bytes": 0},
-        }
-        self.config = tmp / "trainerd.yaml"
-        self.config.write_text(json.dumps(cfg))
-        self.out = tmp / "daemon.out"
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(self.config)],
-                                         env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=cg.enter)
-        self.wait_for(lambda: (self.root / "trainerd.pid").exists() and collect_status(self.root)["daemon"]["running"],
-                      60)
-
-    def drop(self, name: str, lines: list[str]) -> None:
-        part = self.root / "inbox" / f".{name}.part"
-        part.write_text("\n".join(lines) + "\n")
-        os.rename(part, self.root / "inbox" / name)
-
-    def batch(self, name: str) -> dict[str, Any] | None:
-        return next((b for b in collect_status(self.root)["batches"] if b["file"] == name), None)
-
-    def logs(self) -> list[dict[str, Any]]:
-        try:
-            text = (self.root / "logs" / "trainerd.jsonl").read_text()
-        except FileNotFoundError:
-            return []
-        return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [x for x in self.logs() if x.get("event") == event]
-
-    def wait_for(self, cond: Callable[[], Any], timeout: float = 240.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            v = cond()
-            if v:
-                return v
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.out.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; daemon log tail:\n{self.out.read_text()[-4000:]}")
-            time.sleep(0.1)
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(90)
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+# The tiny model made memory-hungry (numbers above), a checkpoint after every optimizer step, and
+# the guard sampling every 50 ms. The daemon is started inside the test's memory cgroup and
+# detects the limit itself.
+HUNGRY = {
+    "train": {"seq_len": 2048, "micro_batch_size": 8, "grad_accum_steps": 1, "checkpoint_every_steps": 1,
+              "warmup_steps": 0},
+    "data": {"chunk_lines": 64},
+    "memory": {"interval_ms": 50},
+}
 
 
-def _done_checks(d: CgroupDaemon, cg: cgroups.TestCgroup) -> dict[str, Any]:
+def _done_checks(d: Daemon, cg: cgroups.TestCgroup) -> dict[str, Any]:
     b = d.wait_for(lambda: (x := d.batch("a.jsonl")) and x["state"] in ("done", "failed") and x, 300)
     assert b["state"] == "done", b
-    st = collect_status(d.root)
+    st = d.status()
     assert st["kernel_oom_kills"] == 0 and cg.oom_kills() == 0
     assert st["current_adapter"] == 1
     assert (d.root / "adapters" / "1" / "adapter_config.json").is_file()
@@ -111,33 +51,30 @@ def _done_checks(d: CgroupDaemon, cg: cgroups.TestCgroup) -> dict[str, Any]:
     return b
 
 
-def test_plan_starts_small_enough_when_configured_micro_batch_cannot_fit(memcg, tmp_path, tiny_model_dir):
+def test_plan_starts_small_enough_when_configured_micro_batch_cannot_fit(memcg, daemon_factory):
     """Under 800 MiB the configured micro-batch 8 is estimated over soft: the first attempt starts at a smaller
     micro-batch with doubled accumulation (logged), trains to done with no stop and no OOM kill, adapter published."""
     cg = memcg(800 * MiB)
-    d = CgroupDaemon(tmp_path, tiny_model_dir, cg)
-    try:
-        detected = d.events("memory_limit_detected")[0]
-        assert detected["limit_bytes"] == 800 * MiB and cg.path.name in detected["source"]
-        d.drop("a.jsonl", sample_lines(LINES))
-        _done_checks(d, cg)
-        plan = d.events("memory_plan_reduced")[0]
-        assert plan["configured_micro_batch_size"] == 8 and plan["micro_batch_size"] < 8
-        assert plan["micro_batch_size"] * plan["grad_accum_steps"] == 8
-        started = d.events("worker_started")
-        assert started[0]["micro_batch_size"] == plan["micro_batch_size"]
-        assert not d.events("memory_stop_decided")
-        assert d.terminate() == 0
-    finally:
-        d.cleanup()
+    d = daemon_factory(cgroup=cg, **HUNGRY).start()
+    detected = d.events("memory_limit_detected")[0]
+    assert detected["limit_bytes"] == 800 * MiB and cg.path.name in detected["source"]
+    d.drop("a.jsonl", sample_lines(LINES))
+    _done_checks(d, cg)
+    plan = d.events("memory_plan_reduced")[0]
+    assert plan["configured_micro_batch_size"] == 8 and plan["micro_batch_size"] < 8
+    assert plan["micro_batch_size"] * plan["grad_accum_steps"] == 8
+    started = d.events("worker_started")
+    assert started[0]["micro_batch_size"] == plan["micro_batch_size"]
+    assert not d.events("memory_stop_decided")
+    assert d.terminate() == 0
 
 
-def test_micro_batch_that_stops_fitting_is_stopped_backed_off_and_resumed(memcg, tmp_path, tiny_model_dir):
+def test_micro_batch_that_stops_fitting_is_stopped_backed_off_and_resumed(memcg, daemon_factory):
     """Under 900 MiB micro-batch 8 fits at plan time; then a 180 MiB neighbour joins the cgroup, so it cannot fit:
     the guard writes .stop before the limit, the worker checkpoints and exits 75, the daemon halves the micro-batch,
     resumes from the checkpoint and finishes; the cgroup's kernel OOM kills are 0 and the adapter is published."""
     cg = memcg(900 * MiB)
-    d = CgroupDaemon(tmp_path, tiny_model_dir, cg)
+    d = daemon_factory(cgroup=cg, **HUNGRY).start()
     neighbour = None
     try:
         d.drop("a.jsonl", sample_lines(LINES))
@@ -160,8 +97,7 @@ def test_micro_batch_that_stops_fitting_is_stopped_backed_off_and_resumed(memcg,
         resumed = [e for e in d.events("training_started") if e.get("attempt") == 2]
         assert resumed and resumed[0]["resumed_from"], "attempt 2 did not resume from the checkpoint"
         assert d.terminate() == 0
-    finally:
+    finally:  # the daemon_factory stops the daemon
         if neighbour is not None:
             neighbour.kill()
             neighbour.wait()
-        d.cleanup()

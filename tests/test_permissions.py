@@ -1,6 +1,6 @@
 """File permissions: nothing the daemon or its workers create is readable by other users, even
 when started with a wide-open umask, and the daemon does its whole job as an unprivileged user
-(nobody, no capabilities) — see tests/test_hostile_inbox.py for how it is started."""
+(nobody, no capabilities) — see ``unprivileged_prefix`` in tests/support/daemon.py for how."""
 
 from __future__ import annotations
 
@@ -8,29 +8,15 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
-from test_hostile_inbox import NOBODY, UnprivilegedDaemon, unprivileged_prefix
+from support.daemon import NOBODY, Daemon, unprivileged_prefix
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow
-
-
-class UmaskDaemon(UnprivilegedDaemon):
-    """Started with umask 000, the worst an init system or a shell could hand it."""
-
-    def start(self) -> "UmaskDaemon":
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "trainerd", "run", "--config",
-                                          str(self.config)], env=subprocess_env(**self.extra_env),
-                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(0))
-        self.wait_for(lambda: (self.root / "trainerd.pid").exists() and self.status()["daemon"]["running"], 60)
-        return self
 
 
 def world_access(root: Path, originals: set[str]) -> list[str]:
@@ -65,7 +51,8 @@ def test_nothing_created_is_world_readable_and_root_is_not_needed(tiny_model_dir
     home.mkdir()
     ddir = base / "d"
     ddir.mkdir(mode=0o755)
-    d = UmaskDaemon(ddir, model, prefix, {"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
+    # umask 000: the worst an init system or a shell could hand it.
+    d = Daemon(ddir, model, argv_prefix=prefix, umask=0, env={"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
     if prefix is not None:
         os.chown(home, NOBODY, NOBODY)
         d.root.mkdir(mode=0o700)
@@ -73,10 +60,7 @@ def test_nothing_created_is_world_readable_and_root_is_not_needed(tiny_model_dir
     try:
         d.start()
         for name, body in (("good.jsonl", "\n".join(sample_lines(20)) + "\n"), ("bad.jsonl", "nope\n")):
-            part = d.root / "inbox" / f".{name}.part"
-            part.write_text(body)
-            os.chmod(part, 0o644)
-            os.rename(part, d.root / "inbox" / name)
+            d.drop(name, body, mode=0o644)
         d.wait_for(lambda: d.state_of("good.jsonl") == "done" and d.state_of("bad.jsonl") == "failed", 300)
         # While it runs, so the SQLite -wal and -shm files exist (they go at a clean close).
         assert (d.root / "state.db-wal").exists() and (d.root / "state.db-shm").exists()

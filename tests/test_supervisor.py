@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from support.config import config_dict
 from trainerd.config import from_dict
 from trainerd.planning import back_off
 from trainerd.supervisor import Supervisor, forensics
@@ -21,18 +22,19 @@ from trainerd.supervisor import Supervisor, forensics
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"
 
 
+# A supervisor with fake workers keeps the product's train, data and retry settings (tests/support/
+# config.py's FAST is for the tiny model): the memory back-off tests below assert the real ladder
+# from train's 4 x 4.
+FAKE_WORKER_CONFIG = {"train": None, "data": None, "retry": None}
+# The in-process supervisor: settle at once, rescan often, a short stop grace, and the retry
+# numbers whose arithmetic the crash test checks (10 s, then 20 s capped at 15 s, 3 attempts).
+IN_PROCESS = {"supervisor": {"settle_s": 0, "rescan_s": 0.2, "stop_grace_s": 3},
+              "retry": {"max_attempts": 3, "backoff_s": 10, "backoff_max_s": 15}, "log": {"file": False}}
+
+
 def make_settings(tmp_path: Path, **over):
-    data = {
-        "root": str(tmp_path / "root"),
-        "model": {"path": str(tmp_path / "no-model")},
-        "supervisor": {"settle_s": 0, "rescan_s": 0.2, "stop_grace_s": 3},
-        "retry": {"max_attempts": 3, "backoff_s": 10, "backoff_max_s": 15},
-        "disk": {"min_free_bytes": 0},
-        "log": {"file": False},
-    }
-    for k, v in over.items():
-        data.setdefault(k, {}).update(v)
-    return from_dict(data)
+    """In-process Settings for a supervisor on ``tmp_path/root`` with fake workers, ``over`` merged in."""
+    return from_dict(config_dict(tmp_path / "root", tmp_path / "no-model", FAKE_WORKER_CONFIG, IN_PROCESS, **over))
 
 
 @pytest.fixture

@@ -11,16 +11,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
 
 import psutil
 import pytest
 
-from conftest import subprocess_env
-from trainerd.status import collect_status
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow
@@ -29,131 +24,12 @@ LONG = 600  # lines: ~130 optimizer steps, long enough to interrupt mid-run
 SHORT = 60
 
 
-class Daemon:
-    """A trainerd daemon subprocess on its own root."""
-
-    def __init__(self, tmp: Path, model_dir: Path, **overrides: Any):
-        self.tmp = tmp
-        self.root = tmp / "root"
-        cfg: dict[str, Any] = {
-            "root": str(self.root),
-            "model": {"path": str(model_dir)},
-            "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 2,
-                      "threads": 1, "warmup_steps": 2},
-            "data": {"chunk_lines": 16},
-            "supervisor": {"settle_s": 0.3, "rescan_s": 1.0, "stop_grace_s": 60},
-            "retry": {"backoff_s": 0.5, "backoff_max_s": 2},
-            "disk": {"min_free_bytes": 0},
-        }
-        for k, v in overrides.items():
-            cfg.setdefault(k, {}).update(v)
-        self.config = tmp / "trainerd.yaml"
-        self.config.write_text(json.dumps(cfg))  # JSON is YAML
-        self.proc: subprocess.Popen | None = None
-        self.out = tmp / "daemon.out"
-
-    def start(self) -> "Daemon":
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(self.config)],
-                                         env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: (self.root / "trainerd.pid").exists() and self.status()["daemon"]["running"], 30)
-        return self
-
-    def status(self) -> dict[str, Any]:
-        return collect_status(self.root)
-
-    def batch(self, name: str) -> dict[str, Any] | None:
-        return next((b for b in self.status()["batches"] if b["file"] == name), None)
-
-    def state_of(self, name: str) -> str | None:
-        b = self.batch(name)
-        return b["state"] if b else None
-
-    def progress_step(self, batch_id: int) -> int:
-        try:
-            return int(json.loads((self.root / "batches" / f"{batch_id:06d}" / "progress.json").read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return -1
-
-    def wait_for(self, cond: Callable[[], Any], timeout: float = 120.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            v = cond()
-            if v:
-                return v
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.out.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; daemon log tail:\n{self.out.read_text()[-3000:]}")
-            time.sleep(0.1)
-
-    def logs(self) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in (self.root / "logs" / "trainerd.jsonl").read_text().splitlines() if x]
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [x for x in self.logs() if x["event"] == event]
-
-    def worker_pid(self) -> int | None:
-        try:
-            st = json.loads((self.root / "daemon.json").read_text())
-        except (OSError, ValueError):  # not written yet by a daemon that just started
-            return None
-        return (st.get("running") or {}).get("pid")
-
-    def terminate(self, timeout: float = 90) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def cleanup(self) -> None:
-        """After a failed test: stop gracefully (the worker goes with it), kill only if that hangs."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def daemon_factory(tmp_path, tiny_model_dir):
-    made: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        d = Daemon(tmp_path, tiny_model_dir, **overrides)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.cleanup()
-
-
-def write_lines(path: Path, lines: list[str]) -> None:
-    path.write_text("\n".join(lines) + "\n")
-
-
-def drop_by_rename(d: Daemon, name: str, lines: list[str]) -> None:
-    part = d.root / "inbox" / f".{name}.part"
-    write_lines(part, lines)
-    os.rename(part, d.root / "inbox" / name)
-
-
 def test_pipeline_cp_rename_half_written_and_duplicate(daemon_factory, tmp_path):
     """Write-then-rename -> adapter 1; a plain cp -> adapter 2 trained from adapter 1; a file still
     open for writing is not taken early; identical content is skipped, not trained twice."""
     d = daemon_factory().start()
     a_lines = sample_lines(SHORT)
-    drop_by_rename(d, "a.jsonl", a_lines)
+    d.drop("a.jsonl", a_lines)
     # A writer that keeps its file open across several settle periods (a slow cp).
     half = open(d.root / "inbox" / "slow.jsonl", "w")
     half.write("\n".join(a_lines[:10]) + "\n")
@@ -163,7 +39,7 @@ def test_pipeline_cp_rename_half_written_and_duplicate(daemon_factory, tmp_path)
     assert d.state_of("slow.jsonl") is None, "a file still open for writing was claimed"
 
     src = tmp_path / "b-source.jsonl"
-    write_lines(src, sample_lines(SHORT, start=1000))
+    src.write_text("\n".join(sample_lines(SHORT, start=1000)) + "\n")
     subprocess.run(["cp", str(src), str(d.root / "inbox" / "b.jsonl")], check=True)
     d.wait_for(lambda: d.state_of("b.jsonl") == "done")
     assert os.readlink(d.root / "adapters" / "current") == "2"
@@ -190,8 +66,8 @@ def test_pipeline_cp_rename_half_written_and_duplicate(daemon_factory, tmp_path)
 def test_pause_mid_training_then_resume(daemon_factory):
     """touch .stop mid-training: checkpoint, exit 75 (paused), nothing starts; rm .stop: resumes to done."""
     d = daemon_factory().start()
-    drop_by_rename(d, "a.jsonl", sample_lines(LONG))
-    drop_by_rename(d, "b.jsonl", sample_lines(SHORT, start=5000))
+    d.drop("a.jsonl", sample_lines(LONG))
+    d.drop("b.jsonl", sample_lines(SHORT, start=5000))
     d.wait_for(lambda: d.progress_step(1) >= 4)
     (d.root / ".stop").write_text("")
     d.wait_for(lambda: (b := d.batch("a.jsonl")) and b["state"] == "queued" and b["reason"] == "paused")
@@ -214,7 +90,7 @@ def test_sigkill_worker_mid_run_resumes(daemon_factory):
     worker_killed_externally, not as an OOM kill; the batch retries and resumes from its
     checkpoint to done with its memory settings unchanged."""
     d = daemon_factory().start()
-    drop_by_rename(d, "a.jsonl", sample_lines(LONG))
+    d.drop("a.jsonl", sample_lines(LONG))
     d.wait_for(lambda: d.progress_step(1) >= 6)
     os.kill(d.worker_pid(), signal.SIGKILL)
     d.wait_for(lambda: d.state_of("a.jsonl") == "done", 240)
@@ -232,9 +108,8 @@ def test_sigkill_worker_mid_run_resumes(daemon_factory):
 def test_bad_file_fails_while_next_trains(daemon_factory):
     """A file of only bad lines goes to failed/ with its reason and line numbers; the next file trains."""
     d = daemon_factory().start()
-    write_lines(d.root / "inbox" / ".bad.part", ["not json", '{"wrong": 1}', '{"text": 5}'])
-    os.rename(d.root / "inbox" / ".bad.part", d.root / "inbox" / "bad.jsonl")
-    drop_by_rename(d, "good.jsonl", sample_lines(SHORT))
+    d.drop("bad.jsonl", ["not json", '{"wrong": 1}', '{"text": 5}'])
+    d.drop("good.jsonl", sample_lines(SHORT))
     d.wait_for(lambda: d.state_of("good.jsonl") == "done", 240)
     assert d.state_of("bad.jsonl") == "failed"
     err = json.loads((d.root / "failed" / "bad.jsonl.error.json").read_text())
@@ -249,7 +124,7 @@ def test_sigterm_checkpoints_exits_0_and_sigkill_restart_leaves_no_orphan(daemon
     SIGKILL the daemon mid-run: its worker stops by itself; restart again: resumed, done, no orphan."""
     d = daemon_factory()
     d.start()
-    drop_by_rename(d, "a.jsonl", sample_lines(LONG))
+    d.drop("a.jsonl", sample_lines(LONG))
     d.wait_for(lambda: d.progress_step(1) >= 4)
     assert d.terminate() == 0
     b = d.batch("a.jsonl")

@@ -7,31 +7,25 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import sys
 import time
 
-from conftest import subprocess_env
-from test_supervisor import FAKE
+from test_supervisor import FAKE, FAKE_WORKER_CONFIG
 
 
-def test_notify_ready_status_watchdog_stopping(tmp_path):
+def test_notify_ready_status_watchdog_stopping(daemon_factory, tmp_path):
     """A real datagram socket receives READY, STATUS, periodic WATCHDOG and STOPPING; the
     worker's environment has no NOTIFY_SOCKET/WATCHDOG_USEC."""
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(0.2)
-    root = tmp_path / "root"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"root": str(root), "model": {"path": str(tmp_path / "m")},
-                               "supervisor": {"settle_s": 0, "rescan_s": 30, "stop_grace_s": 5},
-                               "disk": {"min_free_bytes": 0}, "log": {"file": False}}))
-    env = subprocess_env(NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="600000",
-                         TRAINERD_WORKER_CMD=f"{sys.executable} {FAKE}")
-    env.pop("WATCHDOG_PID", None)
-    d = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(cfg)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = daemon_factory(model_dir=tmp_path / "m", **FAKE_WORKER_CONFIG,
+                       supervisor={"settle_s": 0, "rescan_s": 30, "stop_grace_s": 5}, log={"file": False},
+                       env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "600000", "WATCHDOG_PID": None,
+                            "TRAINERD_WORKER_CMD": f"{sys.executable} {FAKE}"})
+    root = d.root
+    d.start(wait=False)  # READY itself says when it is up
     msgs: list[tuple[float, str]] = []
 
     def collect(until, timeout=20.0):
@@ -54,13 +48,10 @@ def test_notify_ready_status_watchdog_stopping(tmp_path):
         with open(f"/proc/{worker_pid}/environ", "rb") as f:
             worker_env = f.read().split(b"\0")
         assert not any(v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_USEC=")) for v in worker_env)
-        d.send_signal(signal.SIGTERM)
+        d.send(signal.SIGTERM)
         collect(lambda: any("STOPPING=1" in m for _, m in msgs))
-        assert d.wait(30) == 0
+        assert d.wait_exit(30) == 0
     finally:
-        if d.poll() is None:
-            d.kill()
-            d.wait()
         sock.close()
     pings = [t for t, m in msgs if "WATCHDOG=1" in m]
     gaps = [b - a for a, b in zip(pings, pings[1:])]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import subprocess_env
-from test_supervisor import FAKE, drive, drop, make_settings, state
+from test_supervisor import FAKE, FAKE_WORKER_CONFIG, drive, drop, make_settings, state
 from trainerd.supervisor import Supervisor
 
 
@@ -183,55 +182,42 @@ def test_hostile_entries_quarantined_unread(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_supervisor_process_then_restart(tmp_path):
+def test_sigkill_supervisor_process_then_restart(daemon_factory, tmp_path):
     """SIGKILL the real daemon process mid-attempt: the worker sees its lifeline close and
     checkpoints; a restarted daemon resumes the batch to done and no process is left over."""
-    root = tmp_path / "root"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"root: {root}\nmodel: {{path: {tmp_path}/m}}\nsupervisor: {{settle_s: 0, rescan_s: 0.2, "
-                   "stop_grace_s: 5}\ndisk: {min_free_bytes: 0}\n")
-    env = subprocess_env(TRAINERD_WORKER_CMD=f"{sys.executable} {FAKE}")
-
-    def start():
-        return subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(cfg)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    d1 = start()
+    env = {"TRAINERD_WORKER_CMD": f"{sys.executable} {FAKE}"}
+    d = daemon_factory(model_dir=tmp_path / "m", **FAKE_WORKER_CONFIG, env=env,
+                       supervisor={"settle_s": 0, "rescan_s": 0.2, "stop_grace_s": 5})
+    root = d.root
+    d.start(wait=False)  # the deadline below covers the start too
+    deadline = time.monotonic() + 15
+    while not (root / "inbox").is_dir():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (root / "inbox" / "a.jsonl").write_text(json.dumps({"plan": ["wait", "done"]}) + "\n")
+    calls = root / "batches" / "000001" / "fake_calls.jsonl"
+    while not calls.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker_pid = json.loads(calls.read_text().splitlines()[0])["pid"]
+    d.kill()
+    # The orphan re-parents to this (subreaper) process; it must stop by itself (parent_gone).
+    while psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.waitpid(worker_pid, 0)
+    assert json.loads((root / "batches" / "000001" / "result.json").read_text())["reason"] == "parent_gone"
+    d.start(wait=False)
     try:
-        deadline = time.monotonic() + 15
-        while not (root / "inbox").is_dir():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        (root / "inbox" / "a.jsonl").write_text(json.dumps({"plan": ["wait", "done"]}) + "\n")
-        calls = root / "batches" / "000001" / "fake_calls.jsonl"
-        while not calls.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        worker_pid = json.loads(calls.read_text().splitlines()[0])["pid"]
-        d1.kill()
-        d1.wait()
-        # The orphan re-parents to this (subreaper) process; it must stop by itself (parent_gone).
-        while psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.waitpid(worker_pid, 0)
-        assert json.loads((root / "batches" / "000001" / "result.json").read_text())["reason"] == "parent_gone"
-        d2 = start()
-        try:
-            out = None
-            while True:
-                assert time.monotonic() < deadline + 15
-                out = subprocess.run([sys.executable, "-m", "trainerd", "status", "--json", "--root", str(root)],
-                                     env=env, capture_output=True, text=True, check=True).stdout
-                if json.loads(out)["batches"][0]["state"] == "done":
-                    break
-                time.sleep(0.2)
-            b = json.loads(out)["batches"][0]
-            assert b["attempts"] == 2 and b["adapter_version"] == 1
-        finally:
-            d2.send_signal(signal.SIGTERM)
-            assert d2.wait(20) == 0
+        out = None
+        while True:
+            assert time.monotonic() < deadline + 15
+            out = subprocess.run([sys.executable, "-m", "trainerd", "status", "--json", "--root", str(root)],
+                                 env=subprocess_env(**env), capture_output=True, text=True, check=True).stdout
+            if json.loads(out)["batches"][0]["state"] == "done":
+                break
+            time.sleep(0.2)
+        b = json.loads(out)["batches"][0]
+        assert b["attempts"] == 2 and b["adapter_version"] == 1
     finally:
-        if d1.poll() is None:
-            d1.kill()
-            d1.wait()
+        assert d.terminate(20) == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nspawnutil import Container, missing_prerequisites
+from support.config import config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = "/opt/trainerd/venv"
@@ -169,21 +170,21 @@ def _need_daemon():
         pytest.skip("the supervisor (trainerd run) is not in this tree yet")
 
 
+# The tiny model on the container's CPU, a checkpoint every 5 steps, JSON lines for the journal,
+# a 20 s stop grace (TimeoutStopSec is stop_grace_s + 30) and the product's retry back-off.
+IN_CONTAINER = {
+    "model": {"dtype": "float32", "device": "cpu"},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "train": {"grad_accum_steps": 1, "warmup_steps": 0, "checkpoint_every_steps": 5},
+    "data": {"chunk_lines": 64},
+    "supervisor": {"stop_grace_s": 20, "rescan_s": 1, "settle_s": 0.5},
+    "retry": None,
+    "log": {"format": "json"},
+}
+
+
 def _tiny_config(**over) -> dict:
-    cfg = {
-        "root": ROOT,
-        "model": {"path": "/opt/trainerd/model", "dtype": "float32", "device": "cpu"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 0,
-                  "checkpoint_every_steps": 5, "threads": 1},
-        "data": {"chunk_lines": 64},
-        "supervisor": {"stop_grace_s": 20, "rescan_s": 1, "settle_s": 0.5},
-        "disk": {"min_free_bytes": 0},
-        "log": {"format": "json"},
-    }
-    for k, v in over.items():
-        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
-    return cfg
+    return config_dict(ROOT, "/opt/trainerd/model", IN_CONTAINER, **over)
 
 
 def _data(n_lines: int, words: int = 12) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from trainerd.config import dump_json, from_dict
 
 from conftest import subprocess_env
+from support.config import config_dict
 
 
 def sample_lines(n: int, *, start: int = 0) -> list[str]:
@@ -44,20 +45,13 @@ def make_batch(tmp: Path, model_dir: Path, lines: Iterable[str] | bytes, *, name
     return batch
 
 
+# The worker reads none of these: its settings.json keeps the product's values for them.
+DAEMON_ONLY = {"supervisor": None, "retry": None, "disk": None}
+
+
 def write_settings(batch: Path, root: Path, model_dir: Path, **overrides: Any) -> None:
-    cfg: dict[str, Any] = {
-        "root": str(root),
-        "model": {"path": str(model_dir)},
-        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 2,
-                  "threads": 1, "warmup_steps": 2},
-        "data": {"chunk_lines": 16},
-    }
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    dump_json(from_dict(cfg), batch / "settings.json")
+    """The batch's settings.json, as the supervisor writes it: the test config with ``overrides``."""
+    dump_json(from_dict(config_dict(root, model_dir, DAEMON_ONLY, **overrides)), batch / "settings.json")
 
 
 def worker_cmd(batch: Path, *extra: str) -> list[str]:
