@@ -165,11 +165,6 @@ def test_gpu_and_multinode_dropins_load_and_open_what_they_say(container):
 # --- the real daemon ---------------------------------------------------------------------------
 
 
-def _need_daemon():
-    if not (REPO / "trainerd" / "cli.py").exists() or not (REPO / "trainerd" / "supervisor.py").exists():
-        pytest.skip("the supervisor (trainerd run) is not in this tree yet")
-
-
 # The tiny model on the container's CPU, a checkpoint every 5 steps, JSON lines for the journal,
 # a 20 s stop grace (TimeoutStopSec is stop_grace_s + 30) and the product's retry back-off.
 IN_CONTAINER = {
@@ -232,7 +227,6 @@ def _drop(c: Container, name: str, text: str) -> None:
 
 def test_trainerd_service_lifecycle(container, tiny_model_dir):
     """start after READY -> file becomes adapter 1 -> touch .stop pauses -> resume -> systemctl stop checkpoints and exits 0."""
-    _need_daemon()
     c = container
     took = install_trainerd(c, tiny_model_dir, _tiny_config())
     print(f"install (pip install trainerd + install-service): {took:.1f} s")
@@ -325,7 +319,6 @@ needs_real_model = pytest.mark.skipif(
 @needs_real_model
 def test_watchdog_does_not_fire_during_long_steps(container):
     """WatchdogSec=2s while SmolLM2 steps take several times that: no watchdog kill, no restart."""
-    _need_daemon()
     c = container
     # Four micro-batches of 4 x 256 tokens per optimizer step: ~14 s on a quiet 2-core machine
     # (one micro-batch alone took 3.5 s there, too close to 3 x WatchdogSec to prove anything).
@@ -351,7 +344,6 @@ def test_watchdog_does_not_fire_during_long_steps(container):
 @needs_real_model
 def test_memory_max_too_low_for_the_micro_batch_is_met_by_a_graceful_stop(container):
     """MemoryMax lowered at run time until micro-batch 4 no longer fits the guard's soft limit: graceful stop, back-off, no OOM kill."""
-    _need_daemon()
     c = container
     install_trainerd(c, None, {**_real_config(), "memory": {"soft": 0.6, "hard": 0.9}})
     c.run(["systemctl", "start", UNIT], timeout=150)
@@ -412,7 +404,6 @@ def test_memory_max_too_low_for_the_micro_batch_is_met_by_a_graceful_stop(contai
 @needs_real_model
 def test_memory_max_set_too_low_from_the_start_never_starts_an_oversized_worker(container):
     """MemoryMax=2G in a drop-in: the guard plans a smaller micro-batch before the first start; it trains, no OOM kill."""
-    _need_daemon()
     c = container
     install_trainerd(c, None, _real_config(), dropin="[Service]\nMemoryMax=2G\n")
     c.run(["systemctl", "start", UNIT], timeout=150)
