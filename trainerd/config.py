@@ -184,6 +184,16 @@ class EvalSettings:
 
 
 @dataclass
+class ReplaySettings:
+    # Each batch also trains on this fraction of its own training examples, drawn from earlier
+    # batches' lines (root/replay/); 0 turns replay off.
+    fraction: float = field(default=0.1, metadata=_check("float", min=0.0, max=1.0))
+    max_fraction: float = field(default=0.5, metadata=_check("float", min=0.0, max=1.0))
+    # The store's bound: beyond it, a uniform reservoir over all history.
+    max_bytes: int = field(default=2 << 30, metadata=_check("size", min=1 << 20))
+
+
+@dataclass
 class GateSettings:
     enabled: bool = field(default=True, metadata=_check("bool"))
     # nats/token the candidate may be worse than the champion on the batch's own set
@@ -214,6 +224,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     gate: GateSettings = field(default_factory=GateSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
 
 
 def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
@@ -308,6 +319,7 @@ _SECTIONS = {
     "log": LogSettings,
     "eval": EvalSettings,
     "gate": GateSettings,
+    "replay": ReplaySettings,
 }
 
 

@@ -94,6 +94,7 @@ class BatchFiles:
         self.evalsets = d / "evalsets.json"       # earlier sets and standing suites, fixed at the first attempt
         self.split = d / "split.json"             # the worker's first split: counts, held-out and excluded hashes
         self.replay = d / "replay.jsonl"          # earlier batches' lines drawn into this batch, fixed at the first pass
+        self.replay_contrib = d / "replay-contrib.jsonl"  # this batch's training lines, for the store once published
         self.eval_result = d / "eval.json"        # candidate and champion figures on every set
 
     def __repr__(self) -> str:
@@ -122,6 +123,7 @@ class RootLayout:
         self.evalsets = r / "evalsets"           # every set ever judged on, kept by content (the gate's memory)
         self.rejected = self.adapters / "rejected"  # candidates the gate refused, by batch id
         self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
+        self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/replay.py)
 
     @staticmethod
     def batch_name(batch_id: int) -> str:

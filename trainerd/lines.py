@@ -218,8 +218,11 @@ class ScanReport:
     tokens: int = 0
     label_tokens: int = 0
     seq_len: int = 0
+    replay_tokens: int = 0      # of ``tokens``, those of replayed lines
+    contrib: dict[str, Any] = field(default_factory=dict)  # the lines this batch gives the replay store
 
-    _CACHED = ("size", "mtime_ns", "lines", "good", "bad", "blank", "tokens", "label_tokens", "seq_len", "errors")
+    _CACHED = ("size", "mtime_ns", "lines", "good", "bad", "blank", "tokens", "label_tokens", "seq_len", "errors",
+               "replay_tokens", "contrib")
 
     @property
     def bad_fraction(self) -> float:

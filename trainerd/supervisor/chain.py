@@ -22,6 +22,7 @@ from typing import Any
 from trainerd.contract import RootLayout
 from trainerd.fsutil import fsync_dir, fsync_tree
 from trainerd.ledger import AdapterVersion, Ledger
+from trainerd.replay import Store
 from trainerd.states import BatchState
 from trainerd.supervisor.lineage import write_lineage
 
@@ -83,6 +84,10 @@ class Chain:
             raise Refused(f"version {source}'s folder is gone: {self.layout.adapter_dir(source)}")
         v = self.ledger.add_rollback(source, self.layout.adapter_dir, now)
         self.publish_rollback(v)
+        # The versions after ``source`` made the adapter worse: their lines are not replayed again.
+        abandoned = [av.batch_id for av in self.ledger.adapter_versions()
+                     if source < av.n < v.n and av.kind in ("blessed", "forced")]
+        Store.open(self.layout.replay).abandon(abandoned)
         self.log.warning("adapter_rolled_back", version=v.n, rollback_of=source, previous_version=latest.n)
         return {"version": v.n, "message": f"version {v.n} published as a copy of version {source} (rollback)"}
 

@@ -22,18 +22,20 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
-from trainerd.child import worker_command
+from trainerd.child import Child, worker_command
 from trainerd.config import ConfigError, Settings
 from trainerd.contract import RootLayout
 from trainerd.inbox import Inbox
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
+from trainerd.replay import Store
 from trainerd.sdnotify import Notifier
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
@@ -102,6 +104,10 @@ class Supervisor:
         self.report = StateReport(self.layout, self.notifier, self.log)
         self.requests = Requests(self.layout, self.log)
         self.chain: Chain | None = None
+        # Work on the root that must not run beside a worker (replay compaction): a child process,
+        # so the loop never blocks on it.
+        self.maintenance: Child | None = None
+        self._maintenance_blocked_until = 0.0
 
     # --- derived state -------------------------------------------------------------------
 
@@ -173,6 +179,9 @@ class Supervisor:
             raise
         finally:
             self.wakeup.uninstall()
+            if self.maintenance is not None:
+                self.maintenance.kill_group()  # each of its steps is atomic: safe to cut anywhere
+                self.maintenance.wait(5.0)
             if self.running is not None:
                 # Only after an exception. Let the worker checkpoint (it would also stop on its
                 # lifeline, but then the next start has to wait for it); kill it if it hangs.
@@ -220,6 +229,8 @@ class Supervisor:
         times = self.intake.next_wake()
         if self.report.next_ping is not None:
             times.append(self.report.next_ping)
+        if self.maintenance is not None:
+            times.append(now + 1.0)  # SIGCHLD wakes us when it ends; this is only a backstop
         r = self.running
         if r is not None:
             times.append(r.next_guard_poll)
@@ -338,6 +349,8 @@ class Supervisor:
             return
         if not self.disk.may_start(self.settings.disk.min_free_bytes, head.id):
             return
+        if self._maintaining(now):
+            return
         if self._guard_stale:
             self._guard_stale = False
             self.guard = self.attempts.guard = MemoryGuard(self.settings.memory, log=self.log)
@@ -353,6 +366,30 @@ class Supervisor:
             # The guard gets monotonic time: it only compares its own samples (growth rates,
             # worker age), and a wall-clock step (NTP) must not read as growth or a sudden age.
             self.guard.attach(self.running.child.pid, self.running.files.dir, time.monotonic())
+
+    def _maintaining(self, now: float) -> bool:
+        """True while maintenance runs (and started now if due): the replay store past its bound
+        is compacted between workers, never beside one (a draw reads the store)."""
+        m = self.maintenance
+        if m is not None:
+            st = m.poll()
+            if st is None:
+                return True
+            self.maintenance = None
+            if st.code != 0:
+                self._maintenance_blocked_until = now + self.settings.retry.backoff_max_s
+            (self.log.info if st.code == 0 else self.log.error)(
+                "replay_compaction_ended", exit=st.describe(),
+                retry_in_s=None if st.code == 0 else self.settings.retry.backoff_max_s)
+            return False
+        max_bytes = self.settings.replay.max_bytes
+        if now < self._maintenance_blocked_until or not Store.open(self.layout.replay).over(max_bytes):
+            return False
+        argv = [sys.executable, "-m", "trainerd.replay", "compact", str(self.layout.root), str(max_bytes)]
+        self.maintenance = Child(argv, stderr_path=self.layout.logs / "maintenance.stderr",
+                                 log=self.log.bind(task="replay_compaction"), env=self.env, cwd=self.layout.root)
+        self.log.info("replay_compaction_started", max_bytes=max_bytes, pid=self.maintenance.pid)
+        return True
 
     def _supervise(self, now: float) -> None:
         r = self.running

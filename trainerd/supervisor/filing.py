@@ -25,6 +25,7 @@ from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none
 from trainerd.inbox import Rejected, eval_partner
 from trainerd.ledger import Batch, Ledger
+from trainerd.replay import Entry, Store
 from trainerd.supervisor.lineage import lineage_of, store_new_set, write_lineage
 
 __all__ = ["Filing", "free_name"]
@@ -111,14 +112,23 @@ class Filing:
             self.log.error("adapter_missing", batch=batch.id, version=batch.adapter_version, path=str(dest))
         self.switch_current()
         store_new_set(self.layout, batch)
+        self._replay_add(batch)
         self._mark_result(batch)
         self._move_original(batch, self.layout.done)
+
+    def _replay_add(self, batch: Batch) -> None:
+        """A published batch's training lines join the replay store (a rename and the index)."""
+        files = self.layout.batch(batch.id)
+        contrib = (read_json_or_none(files.scan) or {}).get("contrib")
+        if contrib and (files.replay_contrib.exists() or self.layout.replay.joinpath(f"{batch.id:06d}.jsonl").exists()):
+            Store.open(self.layout.replay).add(batch.id, files.replay_contrib, Entry(**contrib))
 
     def finish_rejected(self, batch: Batch) -> None:
         """A refused candidate: kept under adapters/rejected/<id>/, ``current`` untouched, the
         original in done/ with ``<name>.rejected.json`` (the figures, the rule that failed)."""
         files = self.layout.batch(batch.id)
         dest = self.layout.rejected_dir(batch.id)
+        # Its lines stay out of the replay store (a promote is another decision: then they join).
         if not dest.exists() and files.published.is_dir():
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(files.published, dest)

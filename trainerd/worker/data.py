@@ -17,6 +17,7 @@ the very next block.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections import deque
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from trainerd.fsutil import open_regular
+from trainerd.replay import content_fraction, line_bytes
 from trainerd.lines import Example, LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
 
 IGNORE_INDEX = -100
@@ -220,11 +222,13 @@ class TrainSource:
 
     def encoded(self, encoder: "Encoder", *, chunk_lines: int, start: Pos = Pos(),
                 on_error: Callable[[LineError], None] | None = None,
-                on_line: Callable[..., None] | None = None) -> Iterator[Encoded]:
-        """The items tokenized ``chunk_lines`` at a time (one batched tokenizer call each)."""
+                on_line: Callable[..., None] | None = None,
+                tag: Callable[..., Any] | None = None) -> Iterator[Encoded]:
+        """The items tokenized ``chunk_lines`` at a time (one batched tokenizer call each);
+        ``tag(raw, example, before, after)`` is carried along as each Encoded's ``tag``."""
         pending: list[tuple] = []
         for item in self.items(start, on_error=on_error, on_line=on_line):
-            pending.append(item)
+            pending.append((*item, tag(*item)) if tag is not None else item)
             if len(pending) >= chunk_lines:
                 yield from _flush(encoder, pending, on_error)
                 pending = []
@@ -252,14 +256,30 @@ def _flush(encoder: Encoder, pending, on_error) -> Iterator[Encoded]:
 
 def scan(source: TrainSource, encoder: Encoder, *, seq_len: int, chunk_lines: int,
          max_bad_fraction: float, errors_path: Path, max_errors: int,
-         should_stop: Callable[[], bool] | None = None) -> ScanReport:
+         should_stop: Callable[[], bool] | None = None, contrib: Path | None = None,
+         contrib_threshold: float = 1.0) -> ScanReport:
     """Tokenize the whole training stream once (streamed), counting its tokens for the schedule,
     and judge data.jsonl's lines again (tokenizing can find lines the first split could not: a
     chat template that fails, no trainable token). Every bad line goes to ``errors_path`` as a
-    JSON line. Raises DataError when the file must be rejected."""
+    JSON line. ``contrib``: also write the batch's own training lines that encode (those under
+    the replay store's ``contrib_threshold``) there, for the store once the batch is published.
+    Raises DataError when the file must be rejected."""
     st = os.stat(source.path)
     result = ScanReport(path=str(source.path), size=st.st_size, mtime_ns=st.st_mtime_ns, seq_len=seq_len)
     tmp = errors_path.with_name(f".{errors_path.name}.tmp")
+    sink = Contrib(contrib, contrib_threshold) if contrib is not None else None
+    try:
+        return _scan(source, encoder, result, tmp, errors_path, sink, chunk_lines=chunk_lines,
+                     max_bad_fraction=max_bad_fraction, max_errors=max_errors, should_stop=should_stop)
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
+
+
+def _scan(source: TrainSource, encoder: Encoder, result: ScanReport, tmp: Path, errors_path: Path,
+          sink: "Contrib | None", *, chunk_lines: int, max_bad_fraction: float, max_errors: int,
+          should_stop: Callable[[], bool] | None) -> ScanReport:
     with open(tmp, "w", encoding="utf-8") as errf:
         def on_error(e: LineError) -> None:
             result.bad += 1
@@ -274,16 +294,60 @@ def scan(source: TrainSource, encoder: Encoder, *, seq_len: int, chunk_lines: in
             if should_stop is not None and result.lines % 4096 == 0 and should_stop():
                 raise _Interrupted()
 
-        for enc in source.encoded(encoder, chunk_lines=chunk_lines, on_error=on_error, on_line=on_line):
+        def tag(raw: RawLine, ex: Example, before: Pos, after: Pos) -> Any:
+            return (raw, ex) if after.own != before.own else None  # own lines only, not replayed ones
+
+        for enc in source.encoded(encoder, chunk_lines=chunk_lines, on_error=on_error, on_line=on_line, tag=tag):
             result.tokens += len(enc.ids)
             result.label_tokens += sum(enc.labels)
+            if enc.tag is None:
+                result.replay_tokens += len(enc.ids)
+            elif sink is not None:
+                sink.add(*enc.tag)
     os.replace(tmp, errors_path)
     # Held-out and excluded lines are good lines (not trained here, but nothing wrong with them).
     result.good = result.lines - result.bad - result.blank
     judge(result, max_bad_fraction)
     if result.rejected:
         raise DataError(result.reason, result.errors)
+    if sink is not None:
+        result.contrib = sink.close()
     return result
+
+
+class Contrib:
+    """The batch's own training lines as the replay store keeps them (written as they pass)."""
+
+    def __init__(self, path: Path, threshold: float):
+        self.path, self.threshold = path, threshold
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.f = open(self.tmp, "wb")
+        self.h = hashlib.sha256()
+        self.lines = self.bytes = 0
+
+    def add(self, raw: RawLine, ex: Example) -> None:
+        if content_fraction(content_hash(ex)) >= self.threshold:
+            return
+        data = line_bytes(raw)
+        self.f.write(data)
+        self.h.update(data)
+        self.lines += 1
+        self.bytes += len(data)
+
+    def close(self) -> dict[str, Any]:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return {"lines": self.lines, "bytes": self.bytes, "sha256": self.h.hexdigest()}
+
+    def discard(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 class _Interrupted(Exception):

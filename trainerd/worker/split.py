@@ -19,18 +19,23 @@ resume, a retry or a new suite cannot change what the batch trains on.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import heapq
 import json
 import math
 import os
+import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 from trainerd.config import EvalSettings, Settings
-from trainerd.contract import BatchFiles
+from trainerd.contract import BatchFiles, RootLayout
 from trainerd.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none
-from trainerd.lines import LineError, ScanReport, content_hash, iter_lines, judge, parse_line
+from trainerd.lines import LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
+from trainerd.replay import MAX_LINE, Store, content_fraction, line_bytes, read_checked
 
 __all__ = ["EvalSetRef", "Split", "first_split", "holdout_count", "load_split", "read_evalsets", "set_hashes"]
 
@@ -63,6 +68,7 @@ class Split:
     distinct: int | None = None
     excluded_lines: int = 0
     heldout_lines: int = 0
+    replay: dict[str, Any] | None = None  # lines, sources (batch -> lines), eligible, threshold
 
     def skip(self) -> frozenset[str]:
         return frozenset(self.heldout) | frozenset(self.excluded)
@@ -105,7 +111,8 @@ def load_split(files: BatchFiles) -> Split | None:
         return None
     return Split(own_lines=d["own_lines"], replay_lines=d.get("replay_lines", 0), heldout=tuple(d.get("heldout", ())),
                  excluded=tuple(d.get("excluded", ())), new_set=d.get("new_set"), distinct=d.get("distinct"),
-                 excluded_lines=d.get("excluded_lines", 0), heldout_lines=d.get("heldout_lines", 0))
+                 excluded_lines=d.get("excluded_lines", 0), heldout_lines=d.get("heldout_lines", 0),
+                 replay=d.get("replay"))
 
 
 class _Smallest:
@@ -181,6 +188,7 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
         if has_eval_file:
             excluded |= _scan_eval_file(files, settings, report, errf)
         smallest = _Smallest(0 if has_eval_file else ev.holdout_max)
+        own_prefixes = array("Q")  # 8 bytes a line: "never the batch's own lines twice" in the draw
         distinct: set[str] | None = set()
         exact_up_to = _exact_up_to(ev)
         excluded_lines = 0
@@ -204,6 +212,7 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
                     excluded_lines += 1
                     continue
                 smallest.add(h, raw.offset)
+                own_prefixes.append(int(h[:16], 16))
                 if distinct is not None:
                     distinct.add(h)
                     if len(distinct) > exact_up_to:
@@ -230,7 +239,10 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
         return report
     if heldout:
         _write_holdout(files, [smallest.kept[h][0] for h in heldout], d.max_line_bytes)
-    split = {"version": SPLIT_VERSION, "own_lines": own, "replay_lines": 0, "heldout": heldout,
+    own_prefixes = array("Q", sorted(own_prefixes))
+    replay = draw_replay(files, settings, excluded | set(heldout), own_prefixes, own, log)
+    split = {"version": SPLIT_VERSION, "own_lines": own, "replay_lines": replay["lines"],
+             "replay": replay, "heldout": heldout,
              "excluded": sorted(excluded), "excluded_lines": excluded_lines, "heldout_lines": heldout_lines,
              "distinct": n_distinct, "new_set": files.eval_file.name if has_eval_file else
              (files.holdout.name if heldout else None)}
@@ -239,6 +251,66 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
              heldout=len(heldout), heldout_lines=heldout_lines, excluded_lines=excluded_lines, own_lines=own,
              new_set=split["new_set"])
     return report
+
+
+def _has(sorted_prefixes: array, h: str) -> bool:
+    v = int(h[:16], 16)
+    i = bisect.bisect_left(sorted_prefixes, v)
+    return i < len(sorted_prefixes) and sorted_prefixes[i] == v
+
+
+def draw_replay(files: BatchFiles, settings: Settings, skip: set[str], own: array, own_lines: int,
+                log: Any) -> dict[str, Any]:
+    """Draw ``replay.fraction`` x the batch's own training lines, uniformly, from the replay store
+    (never an evaluation content, never one of this batch's own lines; damaged store files are
+    skipped) into replay.jsonl, with a seed derived from the batch. Two streamed passes over the
+    store: count what is eligible, then copy the drawn lines (in store order; training
+    interleaves them evenly). Returns what split.json records: lines, from which batches."""
+    rp = settings.replay
+    k = min(round(rp.fraction * own_lines), int(rp.max_fraction * own_lines)) if rp.fraction > 0 else 0
+    empty = {"lines": 0, "sources": {}, "eligible": 0, "threshold": None}
+    if k <= 0:
+        return empty
+    store = Store.open(RootLayout(settings.root).replay)
+
+    def eligible(lines: Iterator[RawLine]) -> Iterator[RawLine]:
+        for raw in lines:
+            ex, _ = parse_line(raw)
+            if ex is None:
+                continue
+            h = content_hash(ex)
+            if h not in skip and content_fraction(h) < store.threshold and not _has(own, h):
+                yield raw
+
+    counts: list[tuple[int, Path, str, int]] = []
+    for b, path in store.usable(log):
+        lines = read_checked(path, store.files[b].sha256, log)
+        if lines is not None:
+            counts.append((b, path, store.files[b].sha256, sum(1 for _ in eligible(lines))))
+    total = sum(c[3] for c in counts)
+    k = min(k, total)
+    if k == 0:
+        return {**empty, "threshold": store.threshold}
+    seed = int(hashlib.sha256(f"{settings.train.seed}:{files.dir.name}:{own_lines}".encode()).hexdigest()[:16], 16)
+    chosen = sorted(random.Random(seed).sample(range(total), k))
+    sources: dict[str, int] = {}
+    i = j = 0
+    tmp = files.replay.with_name(f".{files.replay.name}.tmp")
+    with open(tmp, "wb") as out:
+        for b, path, _sha, _n in counts:
+            # The file was just checked; compaction (its only other writer) never runs beside a worker.
+            with open_regular(path) as f:
+                for raw in eligible(iter_lines(f, MAX_LINE)):
+                    if j < k and chosen[j] == i:
+                        out.write(line_bytes(raw))
+                        sources[f"{b:06d}"] = sources.get(f"{b:06d}", 0) + 1
+                        j += 1
+                    i += 1
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, files.replay)
+    log.info("replay_drawn", lines=k, eligible=total, from_batches=sources, threshold=store.threshold)
+    return {"lines": k, "sources": sources, "eligible": total, "threshold": store.threshold}
 
 
 def _write_holdout(files: BatchFiles, offsets: list[int], max_line_bytes: int) -> None:

@@ -34,6 +34,7 @@ from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
 from trainerd.worker.evaluate import EarlyStopping
 from trainerd.lines import ScanReport
+from trainerd.replay import Store
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, TrainSource, scan
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker.progress import Progress, peak_rss_bytes
@@ -173,6 +174,8 @@ class Trainer:
             try:
                 sc = scan(self.source, encoder, seq_len=self.s.train.seq_len,
                           chunk_lines=d.chunk_lines, max_bad_fraction=d.max_bad_fraction,
+                          contrib=self.files.replay_contrib,
+                          contrib_threshold=Store.open(RootLayout(self.s.root).replay).threshold,
                           errors_path=self.files.errors, max_errors=d.max_errors_reported,
                           should_stop=lambda: self.stopper.check() is not None)
             except Interrupted:
@@ -181,7 +184,9 @@ class Trainer:
             self.log.info("data_scanned", lines=sc.lines, good=sc.good, bad=sc.bad, blank=sc.blank,
                           tokens=sc.tokens, blocks_per_epoch=sc.blocks_per_epoch,
                           scan_s=round(time.monotonic() - t0, 2))
-        self.result.update(lines_good=sc.good, lines_bad=sc.bad, errors=sc.errors)
+        self.result.update(lines_good=sc.good, lines_bad=sc.bad, errors=sc.errors,
+                           replay={"lines": split.replay_lines, "tokens": sc.replay_tokens,
+                                   "from_batches": (split.replay or {}).get("sources", {})})
         return sc
 
     def _cached_scan(self) -> ScanReport | None:
