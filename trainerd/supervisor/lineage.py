@@ -107,6 +107,7 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
                                 / "trainerd.json") or {}
     settings = read_json_or_none(files.settings) or {}
     ev = read_json_or_none(files.eval_result) or {}
+    result = read_json_or_none(files.result) or {}
     gate = json.loads(batch.gate_json) if batch.gate_json else None
     return {
         "version": version.n, "kind": kind, "parent": version.parent, "decision": batch.decision,
@@ -119,6 +120,7 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
         "eval": [{"name": s["name"], "kind": s["kind"], "sha256": s["sha256"], "used": s["used"],
                   "champion": s["champion"]["mean_loss"], "candidate": s["candidate"]["mean_loss"]}
                  for s in ev.get("sets", [])],
+        "replay": result.get("replay"),
         "eval_measurements": ev.get("measurements"),
         "champion": (ev.get("champion") or {}).get("path"),
     }
