@@ -88,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainerd import logs
     from trainerd.schema import LedgerTooNew
     from trainerd.supervisor import AlreadyRunning, Supervisor
+    from trainerd.supervisor.recovery import LedgerUnrecoverable
 
     # Training data, adapters and logs are nobody else's business: no world (or group write)
     # access for anything the daemon or its workers create (SQLite's -wal/-shm, the log file).
@@ -109,6 +110,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LedgerTooNew as e:
         logs.get_logger().error("ledger_too_new", reason=str(e))
         print(f"trainerd: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except LedgerUnrecoverable as e:
+        logs.get_logger().error("ledger_unrecoverable", reason=str(e))
+        print(f"trainerd: the ledger cannot be trusted and cannot be rebuilt: {e}\n"
+              f"  the damaged file (if any) was kept as {settings.root}/state.db.damaged-*; check that the\n"
+              f"  root's folders are readable by this user, then start again (or restore a state.db backup)",
+              file=sys.stderr)
         return ExitCode.CONFIG
 
 

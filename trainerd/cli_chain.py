@@ -1,4 +1,4 @@
-"""``trainerd history | promote | rollback``: the adapter chain, read and changed by an operator.
+"""``trainerd history | promote | rollback | rebase``: the adapter chain, read and changed by an operator.
 
 ``history`` only reads (the ledger read-only, each version's lineage.json). ``promote`` and
 ``rollback`` change what the daemon owns: with a daemon running they are requests it carries
@@ -121,7 +121,7 @@ def _change(args: argparse.Namespace, op: str, arg: int) -> int:
         fd = None
     if fd is not None:
         try:
-            return _apply_directly(layout, op, arg)
+            return _apply_directly(layout, op, arg, _configured_base(args) if op == "rebase" else None)
         finally:
             os.close(fd)
     req = submit(layout, op, arg)
@@ -134,7 +134,17 @@ def _change(args: argparse.Namespace, op: str, arg: int) -> int:
     return {"done": ExitCode.OK, "refused": ExitCode.FAIL}.get(ans["state"], ExitCode.TEMPFAIL)
 
 
-def _apply_directly(layout: RootLayout, op: str, arg: int) -> int:
+def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The base model of the config (``--config`` / $TRAINERD_CONFIG), for a rebase with no daemon."""
+    from trainerd.basemodel import Watched
+    from trainerd.cli import _config_path, _load_settings
+
+    if not _config_path(args):
+        return None
+    return Watched(_load_settings(_config_path(args)).model.path).get()
+
+
+def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None) -> int:
     from trainerd import logs
     from trainerd.config import Settings
     from trainerd.ledger import Ledger
@@ -151,7 +161,7 @@ def _apply_directly(layout: RootLayout, op: str, arg: int) -> int:
         attempts = Attempts(layout, led, filing, log, settings=Settings(root=str(layout.root)), guard=None,
                             worker_cmd=[], env=None)
         try:
-            out = Chain(layout, led, attempts, log).apply(op, arg, time.time())
+            out = Chain(layout, led, attempts, log).apply(op, arg, time.time(), base=base)
         except Refused as e:
             print(f"{op}: refused: {e}", file=sys.stderr)
             return ExitCode.FAIL
@@ -173,7 +183,58 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _change(args, "rollback", args.version)
 
 
+def cmd_rebase(args: argparse.Namespace) -> int:
+    return _change(args, "rebase", 0)
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    """Report where the ledger and the root's folders disagree; --repair fixes what it can."""
+    from trainerd import logs
+    from trainerd.cli import _root
+    from trainerd.ledger import Ledger
+    from trainerd.supervisor import recovery
+    from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
+
+    layout = RootLayout(_root(args))
+    if not args.repair:
+        check = recovery._check(layout.db) if layout.db.exists() else "no ledger"
+        print(f"ledger    {layout.db}: {check}")
+        if check != "ok":
+            print("  `trainerd fsck --repair` (or the next daemon start) sets it aside and rebuilds it")
+            return ExitCode.FAIL
+        led = Ledger.open_readonly(layout.db)
+        try:
+            findings = recovery.compare(layout, led)
+        finally:
+            led.close()
+        print(recovery.dumps(findings) if args.json else recovery.describe(findings))
+        return ExitCode.OK if not findings else ExitCode.FAIL
+    try:
+        fd = take_root_lock(layout)
+    except AlreadyRunning as e:
+        print(f"trainerd fsck --repair: {e}; stop it first (it repairs what it can at every start)", file=sys.stderr)
+        return ExitCode.TEMPFAIL
+    try:
+        logs.configure(fmt="json", stream=sys.stderr, file=layout.log_file)
+        led = recovery.open_ledger(layout, logs.get_logger(command="fsck"))
+        try:
+            left = recovery.compare(layout, led)
+        finally:
+            led.close()
+    except recovery.LedgerUnrecoverable as e:
+        print(f"trainerd fsck: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
+    finally:
+        os.close(fd)
+    print("repaired; " + recovery.describe(left))
+    return ExitCode.OK if not [f for f in left if f.get("fix")] else ExitCode.FAIL
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("fsck", parents=[common], help="check the ledger against the root's folders")
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed (no daemon may run)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_fsck)
     s = sub.add_parser("history", parents=[common], help="the adapter chain: versions, parents, figures, decisions")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_history)
@@ -185,3 +246,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("version", type=int)
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's answer (default 60)")
     s.set_defaults(fn=cmd_rollback)
+    s = sub.add_parser("rebase", parents=[common],
+                       help="start a new adapter chain on the configured base model (after changing model.path)")
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's answer (default 60)")
+    s.set_defaults(fn=cmd_rebase)

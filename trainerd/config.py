@@ -159,6 +159,9 @@ class SupervisorSettings:
     # A file must be unchanged (size, mtime) for this long and not open for writing.
     settle_s: float = field(default=1.0, metadata=_check("float", min=0.0))
     watchdog_ping_s: float = field(default=0.0, metadata=_check("float", min=0.0))
+    # A consistent copy of the ledger (state.db.backup) after every batch's end and at least this
+    # often while anything changes; 0 = only after a batch's end.
+    ledger_backup_s: float = field(default=300.0, metadata=_check("float", min=0.0))
 
 
 @dataclass

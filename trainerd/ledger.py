@@ -21,12 +21,12 @@ import dataclasses
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
 from trainerd import schema
+from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, decided_end
 from trainerd.schema import LedgerTooNew
 from trainerd.states import FINAL_STATES, BatchState, check_transition
 
@@ -37,113 +37,15 @@ class LedgerConflict(RuntimeError):
     """A guarded update found the row in another state than expected: a bug, say it loudly."""
 
 
-# --- rows ------------------------------------------------------------------------------
-
-
-def _from_row(cls: type, row: sqlite3.Row, **convert: Callable[[Any], Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: row[k] for k in row.keys() if k in names}
-    for k, fn in convert.items():
-        if k in values and values[k] is not None:
-            values[k] = fn(values[k])
-    return cls(**values)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One claimed file, as the ledger has it."""
-
-    id: int
-    name: str
-    state: BatchState
-    created_at: float
-    updated_at: float
-    sha256: str | None = None
-    size_bytes: int | None = None
-    attempts: int = 0
-    crashes: int = 0
-    memory_stops: int = 0
-    micro_batch_size: int | None = None
-    grad_accum_steps: int | None = None
-    gradient_checkpointing: bool | None = None
-    next_attempt_at: float = 0.0
-    last_reason: str | None = None
-    last_step: int | None = None
-    total_steps: int | None = None
-    adapter_version: int | None = None
-    duplicate_of: int | None = None
-    finished_at: float | None = None
-    parent_version: int | None = None
-    decision: str | None = None       # blessed | rejected | forced
-    gate_json: str | None = None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Batch":
-        return _from_row(cls, row, state=BatchState, gradient_checkpointing=bool)
-
-    @property
-    def planned(self) -> bool:
-        return self.micro_batch_size is not None
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One worker start for a batch."""
-
-    batch_id: int
-    n: int
-    started_at: float
-    pid: int | None = None
-    pid_started_at: float | None = None
-    ended_at: float | None = None
-    init_adapter: str | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-    signal_sent_by: str | None = None
-    outcome: str | None = None
-    reason: str | None = None
-    result: dict[str, Any] | None = None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Attempt":
-        a = _from_row(cls, row)
-        raw = row["result_json"]
-        return dataclasses.replace(a, result=json.loads(raw)) if raw else a
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    n: int
-    batch_id: int
-    path: str
-    created_at: float
-    parent: int | None = None   # the version its weights were trained from; None: the base model
-    kind: str = "blessed"       # blessed | forced | rollback
-    source: int | None = None   # rollback: the version it copies
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "AdapterVersion":
-        return _from_row(cls, row)
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """What the attempts row records when an attempt is over."""
-
-    n: int
-    outcome: str
-    reason: str | None
-    exit_code: int | None = None
-    signal: int | None = None
-    signal_sent_by: str | None = None
-    result: dict[str, Any] | None = None
-
-
 class Ledger:
     """Read/write access for the supervisor; :meth:`open_readonly` for everyone else."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, on_change: Callable[[Batch], None] | None = None):
         self.path = Path(path)
+        # Called with every batch row a write transaction made, once it is committed (the
+        # supervisor keeps each batch folder's manifest.json so; see supervisor/recovery.py).
+        self.on_change = on_change
+        self._changed: dict[int, Batch] | None = None
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         self.db.row_factory = sqlite3.Row
         try:
@@ -161,6 +63,7 @@ class Ledger:
         """Open without write access. Never creates the file and never blocks the writer."""
         self = cls.__new__(cls)
         self.path = Path(path)
+        self.on_change, self._changed = None, None
         if not self.path.exists():
             raise FileNotFoundError(f"no ledger at {self.path}")
         uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
@@ -182,27 +85,34 @@ class Ledger:
     # --- plumbing ------------------------------------------------------------------------
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection):
-            self.db = db
+        def __init__(self, ledger: "Ledger"):
+            self.ledger, self.db = ledger, ledger.db
 
         def __enter__(self) -> sqlite3.Connection:
             # IMMEDIATE: take the write lock now, so a transaction never fails half-way with
             # "database is locked" after it has read the state it is about to change.
             self.db.execute("BEGIN IMMEDIATE")
+            self.ledger._changed = {}
             return self.db
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            changed, self.ledger._changed = self.ledger._changed, None
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if not exc_type and changed and self.ledger.on_change is not None:
+                for batch in changed.values():  # committed: now the copies may follow
+                    self.ledger.on_change(batch)
 
     def transaction(self) -> "Ledger._Tx":
-        return Ledger._Tx(self.db)
+        return Ledger._Tx(self)
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, batch_id: int) -> Batch:
+    def _get(self, db: sqlite3.Connection, batch_id: int) -> Batch:
         r = db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
         if r is None:
             raise KeyError(f"no batch {batch_id}")
-        return Batch.from_row(r)
+        batch = Batch.from_row(r)
+        if self._changed is not None:  # inside a write: the row this transaction made
+            self._changed[batch_id] = batch
+        return batch
 
     def _transition(self, db: sqlite3.Connection, batch_id: int, from_state: BatchState,
                     to_state: BatchState, now: float, **fields: Any) -> Batch:
@@ -412,6 +322,27 @@ class Ledger:
                    " VALUES (?,?,?,?,?,?,?)", (version, batch_id, str(path_for(version)), now, parent, kind, source))
         return version
 
+    # --- recovery: rows put back from the folders' copies (supervisor/recovery.py) ---------
+
+    def restore_batch(self, row: dict[str, Any]) -> Batch:
+        """Insert or replace a batch row from its manifest (the same columns as :class:`Batch`)."""
+        cols = [f.name for f in dataclasses.fields(Batch)]
+        vals = [row.get(c) for c in cols]
+        vals[cols.index("state")] = BatchState(row["state"]).value
+        if row.get("gradient_checkpointing") is not None:
+            vals[cols.index("gradient_checkpointing")] = int(bool(row["gradient_checkpointing"]))
+        with self.transaction() as db:
+            db.execute(f"INSERT OR REPLACE INTO batches({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+            return self._get(db, row["id"])
+
+    def restore_version(self, v: AdapterVersion) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO adapter_versions(n, batch_id, path, created_at, parent, kind, source)"
+                       " VALUES (?,?,?,?,?,?,?)", (v.n, v.batch_id, v.path, v.created_at, v.parent, v.kind, v.source))
+
+    def quick_check(self) -> str:
+        return "; ".join(str(r[0]) for r in self.db.execute("PRAGMA quick_check").fetchall())
+
     def set_parent(self, batch_id: int, version: int | None, now: float) -> Batch:
         """The batch's champion and init adapter, fixed at its first start."""
         with self.transaction() as db:
@@ -448,15 +379,3 @@ class Ledger:
         with self.transaction() as db:
             # CLAIMING | QUEUED | RUNNING -> DONE | SKIPPED | FAILED
             return self._transition(db, batch.id, batch.state, decided_end(batch), now)
-
-
-def decided_end(batch: Batch) -> BatchState:
-    """The final state a decided batch is going to: a reserved version is a publish (or a
-    promote), a duplicate a skip, a refused candidate a rejection, anything else a failure."""
-    if batch.adapter_version is not None:
-        return BatchState.DONE
-    if batch.duplicate_of is not None:
-        return BatchState.SKIPPED
-    if batch.decision == "rejected":
-        return BatchState.REJECTED
-    return BatchState.FAILED

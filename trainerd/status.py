@@ -58,6 +58,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
         "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
                    "state": (daemon or {}).get("state") if pid else "not running"},
         "paused": os.path.lexists(layout.stop),
+        "base_held": (daemon or {}).get("base_held"),
         "current_adapter": current,
         "running": None, "queue": [], "recent": [], "batches": [], "counts": {}, "kernel_oom_kills": 0,
         "last_decision": None, "rejected": [],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
+from trainerd.basemodel import Watched
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
 from trainerd.contract import BatchFiles, ExitCode, RootLayout
@@ -31,7 +32,7 @@ from trainerd.states import ACTIVE_STATES, BatchState
 from trainerd.supervisor import forensics, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
-from trainerd.supervisor.lineage import freeze_inputs
+from trainerd.supervisor.lineage import chain_base, freeze_inputs
 from trainerd.supervisor.stopping import Escalation
 
 __all__ = ["Attempts", "Running"]
@@ -71,6 +72,7 @@ class Attempts:
         self.layout, self.ledger, self.filing, self.log = layout, ledger, filing, log
         self.settings, self.guard = settings, guard
         self.worker_cmd, self.env = worker_cmd, env
+        self.base: Watched | None = None  # the configured base model (the daemon sets it)
 
     # --- claim -----------------------------------------------------------------------
 
@@ -193,9 +195,14 @@ class Attempts:
         if fixed is not None:
             return batch, Path(fixed["path"]) if fixed.get("path") else None
         latest = self.ledger.latest_version()
-        batch = self.ledger.set_parent(batch.id, latest.n if latest else None, now)
-        parent = self.layout.adapter_dir(latest.n) if latest else None
-        freeze_inputs(self.layout, batch, parent, self.log.bind(batch=batch.id))
+        _, rebased = chain_base(self.layout, latest)
+        # After `trainerd rebase` the next batch starts a new chain: no parent adapter.
+        version = None if latest is None or rebased else latest.n
+        batch = self.ledger.set_parent(batch.id, version, now)
+        parent = self.layout.adapter_dir(version) if version is not None else None
+        base = self.base.get() if self.base is not None else None
+        freeze_inputs(self.layout, batch, parent, base, self.log.bind(batch=batch.id),
+                      rebase=read_json_or_none(self.layout.chain) if rebased and latest is not None else None)
         return batch, parent
 
     # --- settle ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ from trainerd.fsutil import fsync_dir, fsync_tree
 from trainerd.ledger import AdapterVersion, Ledger
 from trainerd.replay import Store
 from trainerd.states import BatchState
-from trainerd.supervisor.lineage import write_lineage
+from trainerd.fsutil import read_json_or_none
+from trainerd.supervisor.lineage import chain_base, write_lineage, write_rebase
 
 __all__ = ["Chain", "Refused", "Waiting"]
 
@@ -50,13 +51,42 @@ class Chain:
                 return f"batch {b.id} ({b.name}) is in progress (attempt {b.attempts} ended: {b.last_reason})"
         return None
 
-    def apply(self, op: str, arg: int, now: float, *, running: Any = None) -> dict[str, Any]:
-        if op not in ("promote", "rollback"):
-            raise Refused(f"unknown request {op!r} (promote, rollback)")
+    def apply(self, op: str, arg: int, now: float, *, running: Any = None, base: Any = None) -> dict[str, Any]:
+        if op not in ("promote", "rollback", "rebase"):
+            raise Refused(f"unknown request {op!r} (promote, rollback, rebase)")
+        if op == "rebase":
+            if running is not None:
+                raise Waiting(f"batch {running.batch.id} ({running.batch.name}) is training on the old base; "
+                              "the rebase applies when it ends")
+            return self.rebase(base, now)
         why = self.busy(running)
         if why:
             raise Waiting(f"{why}; the {op} applies when it ends (pause does not end it)")
         return self.promote(arg, now) if op == "promote" else self.rollback(arg, now)
+
+    def rebase(self, configured: dict[str, Any] | None, now: float) -> dict[str, Any]:
+        """Start a new chain on the configured base model: the next version has no parent adapter.
+        A batch in progress on the old base starts again from scratch (its checkpoints continue
+        an adapter that means nothing on the new base)."""
+        if configured is None:
+            raise Refused("the configured base model cannot be read (model.path): nothing to rebase on")
+        latest = self.ledger.latest_version()
+        old, _ = chain_base(self.layout, latest)
+        write_rebase(self.layout, configured, latest, old)
+        restarted = []
+        for b in self.ledger.batches(BatchState.QUEUED):
+            files = self.layout.batch(b.id)
+            fixed = read_json_or_none(files.parent)
+            if fixed is not None and (fixed.get("base") or {}).get("id") != configured["id"]:
+                shutil.rmtree(files.checkpoints, ignore_errors=True)
+                for f in (files.parent, files.evalsets, files.published):
+                    shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+                restarted.append(b.id)
+        self.log.warning("chain_rebased", base=configured.get("path"), base_id=configured["id"],
+                         previous_base=(old or {}).get("path"), after_version=latest.n if latest else None,
+                         restarted_batches=restarted)
+        return {"version": None, "message": f"the next version starts a new chain on {configured['path']}"
+                + (f"; batches {restarted} start again on it" if restarted else "")}
 
     def promote(self, batch_id: int, now: float) -> dict[str, Any]:
         try:

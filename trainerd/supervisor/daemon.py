@@ -22,12 +22,14 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
+from trainerd.basemodel import Watched, short
 from trainerd.child import Child, worker_command
 from trainerd.config import ConfigError, Settings
 from trainerd.contract import RootLayout
@@ -37,12 +39,16 @@ from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
 from trainerd.replay import Store
 from trainerd.sdnotify import Notifier
+from trainerd.states import FINAL_STATES
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
 from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.filing import Filing
+from trainerd.fsutil import read_json_or_none
 from trainerd.supervisor.intake import Intake
+from trainerd.supervisor.lineage import chain_base
 from trainerd.supervisor.reconcile import reconcile
+from trainerd.supervisor import recovery
 from trainerd.supervisor.report import StateReport
 from trainerd.supervisor.requests import Requests
 from trainerd.supervisor.wakeup import Wakeup
@@ -108,6 +114,9 @@ class Supervisor:
         # so the loop never blocks on it.
         self.maintenance: Child | None = None
         self._maintenance_blocked_until = 0.0
+        self._backed_up_at = 0.0
+        self.base = Watched(settings.model.path)  # the configured base model's identity
+        self.base_held: dict[str, Any] | None = None  # why the queue is held for the base model
 
     # --- derived state -------------------------------------------------------------------
 
@@ -128,15 +137,30 @@ class Supervisor:
         now = time.time() if now is None else now
         self.layout.make()
         self._take_lock()
-        self.ledger = Ledger(self.layout.db)
+        self.ledger = recovery.open_ledger(self.layout, self.log)
+        self.ledger.on_change = self._ledger_changed
         self.filing = Filing(self.layout, self.ledger, self.log)
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
+        self.attempts.base = self.base
         self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
+
+    def _ledger_changed(self, batch: Any) -> None:
+        """After every committed change of a batch: its folder's manifest; after its end, a backup."""
+        recovery.write_manifest(self.layout, batch)
+        if batch.state in FINAL_STATES:
+            self._backup(time.time())
+
+    def _backup(self, now: float) -> None:
+        try:
+            recovery.backup(self.ledger, self.layout)
+        except (OSError, sqlite3.Error) as e:
+            self.log.error("ledger_backup_failed", error=str(e))
+        self._backed_up_at = now
 
     def close(self) -> None:
         self.inbox.stop_watching()
@@ -172,8 +196,8 @@ class Supervisor:
                 self.wakeup.wait(None if wake_at is None else max(0.0, wake_at - time.time()))
             self.log.info("supervisor_stopped")
             return 0
-        except LedgerTooNew:
-            raise  # not a crash: the operator runs an older trainerd on a newer root (exit 78)
+        except (LedgerTooNew, recovery.LedgerUnrecoverable):
+            raise  # not a crash: the ledger cannot be used as it is; the CLI says why (exit 78)
         except Exception:
             self.log.exception("supervisor_crashed")
             raise
@@ -215,11 +239,14 @@ class Supervisor:
         if self.intake.due(now):
             self._scan(now)
         # promote / rollback asked through root/requests/ (a listdir when there are none)
-        self.requests.serve(self.chain, self.running, now)
+        self.requests.serve(self.chain, self.running, now, base=self.base.get())
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
         self._write_daemon_state()
+        every = self.settings.supervisor.ledger_backup_s
+        if every and now - self._backed_up_at >= every:
+            self._backup(now)
         return self._next_wake(now)
 
     def _scan(self, now: float) -> None:
@@ -292,6 +319,9 @@ class Supervisor:
             self.attempts.settings = new
         self.inbox.settle_s = new.supervisor.settle_s
         self.intake.rescan_s = new.supervisor.rescan_s
+        self.base = Watched(new.model.path)
+        if self.attempts is not None:
+            self.attempts.base = self.base
         self._guard_stale = True  # rebuilt with the new memory settings before the next attempt
         self.log.info("config_reloaded", config=str(self.config_path))
         self.notifier.ready(status=self._describe_state())
@@ -318,6 +348,9 @@ class Supervisor:
                 " (pausing)" if self.paused else "")
         if self.paused:
             return "paused (remove .stop to resume)"
+        if self.base_held:
+            return (f"held: the base model is {self.base_held['configured_base']}, the chain's is "
+                    f"{self.base_held['chain_base']} (restore model.path or run `trainerd rebase`)")
         if self.disk_low:
             return "waiting for free disk space"
         head = self.ledger.next_queued() if self.ledger else None
@@ -328,7 +361,7 @@ class Supervisor:
     def _write_daemon_state(self) -> None:
         r = self.running
         self.report.publish(self._describe_state(), {
-            "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low,
+            "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low, "base_held": self.base_held,
             "running": None if r is None else {"batch": r.batch.id, "attempt": r.attempt,
                                                "pid": r.child.pid, "started_at": r.started_at},
         })
@@ -349,7 +382,7 @@ class Supervisor:
             return
         if not self.disk.may_start(self.settings.disk.min_free_bytes, head.id):
             return
-        if self._maintaining(now):
+        if self._maintaining(now) or self._base_held(head):
             return
         if self._guard_stale:
             self._guard_stale = False
@@ -366,6 +399,28 @@ class Supervisor:
             # The guard gets monotonic time: it only compares its own samples (growth rates,
             # worker age), and a wall-clock step (NTP) must not read as growth or a sudden age.
             self.guard.attach(self.running.child.pid, self.running.files.dir, time.monotonic())
+
+    def _base_held(self, head: Any) -> bool:
+        """Hold the queue (nothing fails) while the configured base model is not the one the chain
+        (or the head batch's checkpoints) belong to, until model.path is restored or `trainerd
+        rebase` starts a new chain. A model that cannot be read holds nothing: the worker says why."""
+        configured = self.base.get()
+        if configured is None:
+            return False
+        chain, _ = chain_base(self.layout, self.ledger.latest_version())
+        mine = (read_json_or_none(self.layout.batch(head.id).parent) or {}).get("base")
+        other = next((b for b in (mine, chain) if b and b.get("id") != configured["id"]), None)
+        if other is None:
+            if self.base_held is not None:
+                self.log.info("base_model_ok", base=configured["path"], base_id=configured["id"])
+            self.base_held = None
+            return False
+        held = {"chain_base": short(other), "configured_base": short(configured), "batch": head.id}
+        if held != self.base_held:
+            self.log.error("base_model_changed", **held, action="the queue is held: restore model.path, or run "
+                           "`trainerd rebase` to start a new chain on the configured model")
+        self.base_held = held
+        return True
 
     def _maintaining(self, now: float) -> bool:
         """True while maintenance runs (and started now if due): the replay store past its bound

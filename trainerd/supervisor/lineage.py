@@ -68,11 +68,13 @@ def _snapshot_suites(layout: RootLayout, log: Any) -> list[dict[str, Any]]:
     return out
 
 
-def freeze_inputs(layout: RootLayout, batch: Batch, parent_dir: Path | None, log: Any) -> None:
-    """At a batch's first start: its parent and the sets it will be judged on (idempotent)."""
+def freeze_inputs(layout: RootLayout, batch: Batch, parent_dir: Path | None, base: dict[str, Any] | None,
+                  log: Any, *, rebase: dict[str, Any] | None = None) -> None:
+    """At a batch's first start: its parent, its base model and the sets it will be judged on
+    (idempotent)."""
     files = layout.batch(batch.id)
     if not files.parent.exists():
-        atomic_write_json(files.parent, {"version": batch.parent_version,
+        atomic_write_json(files.parent, {"version": batch.parent_version, "base": base, "rebase": rebase,
                                          "path": str(parent_dir) if parent_dir else None})
     if files.evalsets.exists():
         return
@@ -109,11 +111,13 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
     ev = read_json_or_none(files.eval_result) or {}
     result = read_json_or_none(files.result) or {}
     gate = json.loads(batch.gate_json) if batch.gate_json else None
+    parent = read_json_or_none(files.parent) or {}
     return {
         "version": version.n, "kind": kind, "parent": version.parent, "decision": batch.decision,
         "batch": batch.id, "file": batch.name, "sha256": batch.sha256, "created_at": version.created_at,
         "steps": trained.get("steps"), "tokens": trained.get("tokens"), "seed": trained.get("seed"),
-        "base_model": trained.get("base_model"), "versions": trained.get("versions"),
+        "base_model": trained.get("base_model"), "base": parent.get("base"), "rebase": parent.get("rebase"),
+        "versions": trained.get("versions"),
         "precision": trained.get("precision") or ev.get("precision"),
         "settings": {k: settings.get(k) for k in ("model", "lora", "train", "data", "eval", "gate")},
         "gate": gate,
@@ -128,3 +132,25 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
 
 def write_lineage(adapter_dir: Path, lineage: dict[str, Any]) -> None:
     atomic_write_json(adapter_dir / LINEAGE, lineage)
+
+
+# --- the chain's base model -----------------------------------------------------------------
+
+
+def chain_base(layout: RootLayout, latest: AdapterVersion | None) -> tuple[dict[str, Any] | None, bool]:
+    """(the base model the chain continues on, whether a rebase starts a new chain with the next
+    version). After ``trainerd rebase`` it is the one named there; else the newest version's;
+    None when nothing says (no version yet, or versions from before bases were recorded)."""
+    rebase = read_json_or_none(layout.chain)
+    if rebase is not None and (latest is None or (rebase.get("since_version") or 0) >= latest.n):
+        return rebase.get("base"), True
+    if latest is None:
+        return None, False
+    lin = read_json_or_none(layout.adapter_dir(latest.n) / LINEAGE) or {}
+    return lin.get("base"), False
+
+
+def write_rebase(layout: RootLayout, base: dict[str, Any], latest: AdapterVersion | None,
+                 previous: dict[str, Any] | None) -> None:
+    atomic_write_json(layout.chain, {"base": base, "since_version": latest.n if latest else None,
+                                     "previous_base": previous, "at": time.time()})

@@ -76,7 +76,7 @@ class Requests:
             return []
         return [self.layout.requests / n for n in names]
 
-    def serve(self, chain: Any, running: Any, now: float) -> None:
+    def serve(self, chain: Any, running: Any, now: float, base: Any = None) -> None:
         from trainerd.supervisor.chain import Refused, Waiting
 
         for req in self.pending():
@@ -87,7 +87,7 @@ class Requests:
             try:
                 if not isinstance(arg, int) or isinstance(arg, bool):
                     raise Refused(f"{op}: needs a number, got {arg!r}")
-                out = chain.apply(str(op), arg, now, running=running)
+                out = chain.apply(str(op), arg, now, running=running, base=base)
             except Waiting as w:
                 if self._told.get(req.name) != str(w):
                     self._told[req.name] = str(w)
