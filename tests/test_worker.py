@@ -241,7 +241,7 @@ def test_no_dataset_cache_files_appear(tmp_path, tiny_model_dir):
     assert [p for p in cache.rglob("*")] == []
     assert sorted(p.name for p in batch.iterdir()) == sorted(
         ["data.jsonl", "settings.json", "split.json", "holdout.jsonl", "scan.json", "errors.jsonl", "checkpoints",
-         "progress.json", "eval.json", "result.json", "final_adapter"])
+         "progress.json", "heartbeat", "replay-contrib.jsonl", "eval.json", "result.json", "final_adapter"])
     assert not list(batch.rglob("*.arrow")) and not list(tmp_path.rglob("cache-*"))
 
 

@@ -162,6 +162,9 @@ class SupervisorSettings:
     # A consistent copy of the ledger (state.db.backup) after every batch's end and at least this
     # often while anything changes; 0 = only after a batch's end.
     ledger_backup_s: float = field(default=300.0, metadata=_check("float", min=0.0))
+    # A worker whose loops make no progress this long is stopped and counted as a crash; 0 =
+    # max(300 s, 10 x its median step), doubled while the model loads.
+    stall_timeout_s: float = field(default=0.0, metadata=_check("float", min=0.0))
 
 
 @dataclass

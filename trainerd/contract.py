@@ -38,6 +38,7 @@ class StopReason(str, Enum):
     PEER_STOPPED = "peer_stopped"      # distributed: another rank asked to stop
     KERNEL_OOM_KILL = "kernel_oom_kill"  # supervisor only: SIGKILLed by the kernel's OOM killer
     SUPERVISOR_RESTART = "supervisor_restart"  # supervisor only: the attempt was lost with its supervisor
+    STALLED = "stalled"                # supervisor only: no progress for supervisor.stall_timeout_s
 
     def __str__(self) -> str:
         return self.value
@@ -82,6 +83,7 @@ class BatchFiles:
         self.errors = d / "errors.jsonl"          # every bad line
         self.checkpoints = d / "checkpoints"
         self.progress = d / "progress.json"       # live progress (status reads it)
+        self.heartbeat = d / "heartbeat"          # touched by the worker's own loops: its mtime is its last sign of life
         self.result = d / "result.json"           # the worker's last word for the attempt
         self.stderr = d / "worker.stderr"
         self.published = d / "published"         # the attempt's final adapter (--publish)

@@ -11,6 +11,8 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
                                 ``current`` moves
   term_in_evaluation            worker: SIGTERM itself after the first evaluation batch (a stop
                                 that lands in the middle of the evaluation, every time)
+  stop_in_checkpoint            worker: SIGSTOP itself in the middle of writing a checkpoint, once
+                                per batch (a worker frozen there: a hung disk, a debugger)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["ENV", "active", "die_at", "number", "term_at"]
+__all__ = ["ENV", "active", "die_at", "freeze_at", "number", "term_at"]
 
 ENV = "TRAINERD_FAULT"
 
@@ -54,3 +56,15 @@ def term_at(point: str) -> None:
     """SIGTERM this process now if fault ``point`` is on: a graceful stop, delivered at that point."""
     if active(point):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def freeze_at(point: str, once: "os.PathLike[str] | None" = None) -> None:
+    """SIGSTOP this process now if fault ``point`` is on: it stays frozen until someone SIGCONTs it.
+    With ``once`` (a marker file), only the first time: a retried attempt goes through."""
+    if not active(point):
+        return
+    if once is not None:
+        if os.path.exists(once):
+            return
+        open(once, "w").close()
+    os.kill(os.getpid(), signal.SIGSTOP)

@@ -100,6 +100,7 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
                 "micro_batch_size": b.micro_batch_size, "grad_accum_steps": b.grad_accum_steps,
                 # The ledger says running but no daemon holds the lock: it died mid-attempt.
                 "interrupted": interrupted,
+                "no_progress_s": _quiet_s(layout.batch(b.id), prog, now),
             }
         elif b.state in (BatchState.QUEUED, BatchState.CLAIMING):
             wait = b.next_attempt_at - now
@@ -116,6 +117,16 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
                                 "adapter_version": b.adapter_version, "reason": b.last_reason}
     out["rejected"] = [{"id": b.id, "file": b.name, "reason": b.last_reason}
                        for b in rows if b.state is BatchState.REJECTED]
+
+
+def _quiet_s(files: Any, prog: dict[str, Any], now: float) -> float | None:
+    """Seconds since the worker's loops last moved, when that is long enough to say
+    (max(10 s, 3 x its median step)); None otherwise. The stall watchdog acts much later."""
+    try:
+        quiet = now - os.stat(files.heartbeat).st_mtime
+    except OSError:
+        return None
+    return round(quiet) if quiet >= max(10.0, 3 * (prog.get("median_step_s") or 0.0)) else None
 
 
 def _fmt_s(s: Any) -> str:
@@ -170,6 +181,9 @@ def _render_running(r: dict[str, Any] | None) -> str:
         return (f"training  #{r['id']} {r['file']} interrupted at step {step} "
                 "(the daemon is not running; it resumes at the next start)")
     tps = f"{r['tokens_per_s']:.0f} tok/s" if isinstance(r.get("tokens_per_s"), (int, float)) else "- tok/s"
-    return (f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
+    line = (f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
             f"ETA {_fmt_s(r.get('eta_s'))}, memory {fmt_bytes(r.get('rss_bytes'))}, "
             f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")
+    if r.get("no_progress_s"):
+        line += f" -- no progress for {_fmt_s(r['no_progress_s'])}"
+    return line

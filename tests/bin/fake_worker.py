@@ -16,6 +16,7 @@ runs ``plan[min(k - 1, len(plan) - 1)]``. Actions:
                 checkpoint-free exit 75 with the reason; ``wait:S`` finishes as ``done`` after S s
   ignore_term   ignore SIGTERM (then create BATCH_DIR/term_ignored) and sleep until killed
   grandchild    start a sleeping grandchild (pid in grandchild.pid), then ``wait``
+  beat:S        beat the heartbeat (BATCH_DIR/heartbeat) every 0.5 s for S seconds, then ``done``
 
 Every start appends its argv to BATCH_DIR/fake_calls.jsonl. Stdout gets JSON log lines and
 one plain text line; stderr gets one line.
@@ -102,6 +103,15 @@ def main() -> int:
         os.kill(os.getpid(), signal.SIGSEGV)
     if name == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if name == "beat":
+        hb = os.path.join(batch_dir, "heartbeat")
+        with open(hb, "w") as f:
+            f.write("train")
+        end = time.monotonic() + float(arg)
+        while time.monotonic() < end:
+            os.utime(hb)
+            time.sleep(0.5)
+        return done()
     if name == "ignore_term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         open(os.path.join(batch_dir, "term_ignored"), "w").close()  # tests wait for this, not a guess

@@ -33,6 +33,7 @@ from trainerd.supervisor import forensics, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.lineage import chain_base, freeze_inputs
+from trainerd.supervisor.stall import StallWatch
 from trainerd.supervisor.stopping import Escalation
 
 __all__ = ["Attempts", "Running"]
@@ -50,6 +51,8 @@ class Running:
     log: Any
     oom_kills_at_start: int | None   # the kernel's OOM kill count (/proc/vmstat) at start
     next_guard_poll: float = 0.0
+    stall: StallWatch | None = None
+    next_stall_look: float = 0.0
 
     @property
     def attempt(self) -> int:
@@ -184,7 +187,9 @@ class Attempts:
                   micro_batch_size=settings.train.micro_batch_size,
                   grad_accum_steps=settings.train.grad_accum_steps,
                   gradient_checkpointing=settings.train.gradient_checkpointing)
-        return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills, next_guard_poll=now)
+        unlink_quietly(files.heartbeat)  # the last attempt's sign of life is not this one's
+        return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills, next_guard_poll=now,
+                       stall=StallWatch(files, now))
 
     def _parent(self, batch: Batch, now: float) -> tuple[Batch, Path | None]:
         """The adapter the batch continues and is judged against: the newest version at its first
@@ -221,7 +226,7 @@ class Attempts:
             kernel_oom = forensics.kernel_oom_killed(r.child.pid, r.oom_kills_at_start)
         end = policy.AttemptEnd(st, result, cause=r.stop.cause, sender=sender,
                                 adapter_staged=r.files.published.is_dir(), kernel_oom=kernel_oom,
-                                limit_bytes=getattr(self.guard, "limit_bytes", None))
+                                limit_bytes=getattr(self.guard, "limit_bytes", None), stalled=r.stop.stalled)
         return self.settle(r.batch, r.attempt, end, now, r.log, stopping=stopping, pid=r.child.pid,
                            oom_kills_before=r.oom_kills_at_start)
 

@@ -422,6 +422,17 @@ class Supervisor:
         self.base_held = held
         return True
 
+    def _watch_stall(self, r: Running, now: float) -> None:
+        if r.stall is None or r.stop.stalled is not None or now < r.next_stall_look:
+            return
+        r.next_stall_look = now + 1.0  # a stat and two small reads: once a second is plenty
+        look = r.stall.look(now, self.settings.supervisor.stall_timeout_s)
+        if look.stalled:
+            r.log.error("worker_stalled", pid=r.child.pid, **r.stall.fields(look),
+                        action="SIGCONT, SIGTERM (a checkpoint if it still can), SIGKILL after the stop grace; "
+                               "counted as a crash")
+            r.stop.stall(now, self.settings.supervisor.stop_grace_s, look.describe())
+
     def _maintaining(self, now: float) -> bool:
         """True while maintenance runs (and started now if due): the replay store past its bound
         is compacted between workers, never beside one (a draw reads the store)."""
@@ -454,6 +465,7 @@ class Supervisor:
             if now >= r.next_guard_poll:
                 r.next_guard_poll = now + self.settings.memory.interval_ms / 1000.0
                 r.stop.apply_guard(self.guard.poll(time.monotonic()))
+                self._watch_stall(r, now)
             r.stop.tick(now)
             return
         self.guard.detach()

@@ -6,6 +6,7 @@ fatal signal, the kernel's OOM evidence) with the batch row and the settings, an
 :class:`Verdict`. :mod:`trainerd.supervisor.attempts` carries it out. Table-tested in
 tests/test_policy.py; the process-level tests prove the pieces fit.
 
+    stopped by the stall watchdog  -> crash (whatever the exit)
     exit 0 + adapter staged        -> publish, or reject when the gate did not bless it
     exit 0, no adapter             -> crash
     exit 75                        -> stopped (reason from result.json; our guard's SIGTERM
@@ -61,6 +62,7 @@ class AttemptEnd:
     kernel_oom: bool | None = None       # forensics for a bare SIGKILL; None = cannot tell
     limit_bytes: int | None = None       # the guard's memory limit, for a failure message
     gate: GateDecision | None = None     # the gate's verdict on the candidate (exit 0 only)
+    stalled: str | None = None           # the stall watchdog stopped it: what it saw
 
     @property
     def result_reason(self) -> str | None:
@@ -83,6 +85,10 @@ class Verdict:
 def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Verdict:
     """The verdict on one ended attempt of ``batch`` (the row as it was while running)."""
     st = end.status
+    if end.stalled is not None and st.code != ExitCode.OK:
+        # Stopped for making no progress: a crash, whatever it managed on the way out (exit 75
+        # with a checkpoint is the best case: the retry resumes from it).
+        return crash(batch, f"stalled: {end.stalled}", settings, now)
     if st.code == ExitCode.OK:
         if end.adapter_staged:
             if end.gate is not None and not end.gate.blessed:

@@ -49,6 +49,7 @@ class Escalation:
         self.cause: StopReason | None = None
         self.kill_at: float | None = None       # SIGKILL the group at this time (a grace runs)
         self.grace_s: float | None = None
+        self.stalled: str | None = None  # what the stall watchdog saw, when it stopped the worker
         self.stop_file: StopReason | None = None  # what this attempt's .stop says (written by us)
         self._sent: list[tuple[int, Sender]] = []
 
@@ -118,6 +119,12 @@ class Escalation:
             self.terminate(StopReason.MEMORY, Sender.GUARD, 0.0)
         elif action == "kill":
             self.kill(StopReason.MEMORY, Sender.GUARD)
+
+    def stall(self, now: float, grace_s: float, why: str) -> None:
+        """No progress: continue a stopped worker (so it can checkpoint), then SIGTERM with a grace."""
+        self.stalled = why
+        self.child.send(signal.SIGCONT, group=True)
+        self.terminate(StopReason.STALLED, Sender.SUPERVISOR, now, grace_s=grace_s)
 
     def shutdown(self, now: float, grace_s: float, *, at_once: bool) -> None:
         """The daemon is stopping: SIGTERM with a grace, or (a second request) SIGKILL now."""

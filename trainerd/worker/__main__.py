@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainerd.contract import BatchFiles, ExitCode, Outcome
 
     files = BatchFiles(args.batch_dir.resolve())
+    from trainerd.worker import heartbeat
+
+    if files.dir.is_dir():
+        heartbeat.start(files.heartbeat)
+        heartbeat.phase("split")
     try:
         settings = _settings(files, args.init_adapter, log)
         rejected = _first_split(files, settings, log)

@@ -58,6 +58,7 @@ def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: A
         model.save_pretrained(str(tmp), safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         faults.die_at("crash_in_checkpoint")
+        faults.freeze_at("stop_in_checkpoint", once=ckpt_root.parent / ".fault-stop_in_checkpoint")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))

@@ -34,6 +34,7 @@ from trainerd.contract import BatchFiles
 from trainerd.fsutil import open_regular, read_json_or_none
 from trainerd.lines import content_hash, iter_lines, parse_line
 from trainerd.worker.data import IGNORE_INDEX, Encoder
+from trainerd.worker import heartbeat
 from trainerd.worker.split import EvalSetRef, read_evalsets
 from trainerd.worker.stopper import StopRequested
 
@@ -150,6 +151,7 @@ class Evaluator:
                 if start and (reason := self.stopper.check()):
                     raise StopRequested(reason)
                 out.extend(self._batch(examples[start:start + self.batch_size]))
+                heartbeat.beat()
                 faults.term_at("term_in_evaluation")
         finally:
             if was_training:

@@ -37,12 +37,18 @@ class Progress:
         self.tokens = 0          # real (unpadded) tokens trained by this attempt
         self.seconds = 0.0       # time inside optimizer steps
         self.steps = 0
+        self._recent: list[float] = []  # the last steps' seconds (the stall watchdog scales with them)
         self._written_at = 0.0
 
     def add_step(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
         self.seconds += seconds
         self.steps += 1
+        self._recent = (self._recent + [seconds])[-21:]
+
+    @property
+    def median_step_s(self) -> float | None:
+        return sorted(self._recent)[len(self._recent) // 2] if self._recent else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,6 +74,7 @@ class Progress:
                 "step": step, "total_steps": total_steps, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
                 "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": micro_batch_size,
+                "median_step_s": self.median_step_s,
                 "pid": os.getpid(), "updated": time.time(),
             }, durable=False)
         except OSError as e:

@@ -35,6 +35,7 @@ from trainerd.config import EvalSettings, Settings
 from trainerd.contract import BatchFiles, RootLayout
 from trainerd.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none
 from trainerd.lines import LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
+from trainerd.worker import heartbeat
 from trainerd.replay import MAX_LINE, Store, content_fraction, line_bytes, read_checked
 
 __all__ = ["EvalSetRef", "Split", "first_split", "holdout_count", "load_split", "read_evalsets", "set_hashes"]
@@ -195,6 +196,8 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
         with open_regular(files.data) as f:
             for raw in iter_lines(f, d.max_line_bytes):
                 report.lines += 1
+                if report.lines % 4096 == 0:
+                    heartbeat.beat()
                 ex, err = parse_line(raw)
                 if err is not None:
                     report.bad += 1
@@ -274,7 +277,9 @@ def draw_replay(files: BatchFiles, settings: Settings, skip: set[str], own: arra
     store = Store.open(RootLayout(settings.root).replay)
 
     def eligible(lines: Iterator[RawLine]) -> Iterator[RawLine]:
-        for raw in lines:
+        for n, raw in enumerate(lines):
+            if n % 4096 == 0:
+                heartbeat.beat()
             ex, _ = parse_line(raw)
             if ex is None:
                 continue

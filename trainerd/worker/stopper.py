@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from trainerd.contract import StopReason
+from trainerd.worker import heartbeat
 
 __all__ = ["Stopper", "StopRequested"]
 
@@ -75,6 +76,8 @@ class Stopper:
         self._lifeline_lost.set()
 
     def check(self) -> StopReason | None:
+        # Asked from every loop of the work (micro-batches, reading, evaluating): a sign of life.
+        heartbeat.beat()
         if self._signal_reason:
             return self._signal_reason
         if self._lifeline_lost.is_set():

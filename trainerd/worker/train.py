@@ -30,6 +30,7 @@ from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopRea
 from trainerd.fsutil import atomic_write_json, free_bytes, publish_dir, read_json
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import evaluate as ev
+from trainerd.worker import heartbeat
 from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
 from trainerd.worker.evaluate import EarlyStopping
@@ -134,8 +135,10 @@ class Trainer:
         self.stopper.install()
         if not self.files.data.is_file():
             raise DataError(f"data file missing: {self.files.data}")
+        heartbeat.phase("load")  # from_pretrained has no loop of ours: the watchdog allows it longer
         self.loaded = mdl.load(self.s, self.log)
         encoder = Encoder(self.loaded.tokenizer)
+        heartbeat.phase("scan")
         sc = self._first_pass(encoder)
         if sc is None:
             return self._stopped_before_training()
@@ -150,13 +153,16 @@ class Trainer:
                                   max_line_bytes=self.s.data.max_line_bytes, chunk_lines=self.s.data.chunk_lines,
                                   pad_id=self.loaded.tokenizer.pad_token_id, blocks_per_epoch=sc.blocks_per_epoch,
                                   epochs=t.epochs, cursor=cursor))
+        heartbeat.phase("train")
         stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
         if stopped is not None:
             return stopped
+        heartbeat.phase("evaluate")
         try:
             self._evaluate(sc.tokens * t.epochs)
         except StopRequested as stop:
             return self._stopped(stop.reason)  # the final checkpoint stands: the resume only evaluates
+        heartbeat.phase("publish")
         written = self._write_final_adapter()
         self._report(self.last_loss, log_step=False)
         return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(written)})
@@ -354,6 +360,7 @@ class Trainer:
                  "first_loss": self.first_loss, "last_loss": self.last_loss,
                  "early": self.early.state(), "training_done": self.training_done}
         root = self.files.checkpoints
+        heartbeat.beat()
         try:
             path = ckpt.save(root, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                              rng=rng, state=state, keep=self.s.train.keep_checkpoints, protect=self.early.best_step)
