@@ -108,6 +108,17 @@ class TrainSettings:
     gradient_checkpointing: bool = field(default=False, metadata=_check("bool"))
     # 0 = let torch decide. Fixed thread counts keep CPU runs reproducible across machines.
     threads: int = field(default=0, metadata=_check("int", min=0))
+    # Distributed (torchrun + DDP): ranks per node and nodes. micro_batch_size and
+    # grad_accum_steps are per rank: the effective batch is micro x accumulation x ranks.
+    nproc_per_node: int = field(default=1, metadata=_check("int", min=1))
+    nnodes: int = field(default=1, metadata=_check("int", min=1))
+    # Across nodes: the c10d rendezvous every node's torchrun agent joins (HOST:PORT), and its id.
+    rdzv_endpoint: str = field(default="", metadata=_check("str"))
+    rdzv_id: str = field(default="trainerd", metadata=_check("str", nonempty=True))
+    # auto: nccl on CUDA, gloo on CPU. A rank that dies leaves the others in their next
+    # collective: they give up after dist_timeout_s (torch's defaults are 10 and 30 minutes).
+    dist_backend: str = field(default="auto", metadata=_check("choice", choices=("auto", "gloo", "nccl")))
+    dist_timeout_s: float = field(default=60.0, metadata=_check("float", min=1.0))
 
 
 @dataclass
@@ -333,6 +344,8 @@ def _cross_checks(s: Settings, problems: list[str]) -> None:
     if s.eval.holdout_min > s.eval.holdout_max:
         problems.append(f"eval.holdout_min: must be <= eval.holdout_max ({s.eval.holdout_max}), "
                         f"got {s.eval.holdout_min}")
+    if s.train.nnodes > 1 and not s.train.rdzv_endpoint:
+        problems.append("train.rdzv_endpoint: needed with train.nnodes > 1 (HOST:PORT every node's torchrun joins)")
     if s.eval.early_stopping_patience and not s.eval.every_steps:
         problems.append("eval.early_stopping_patience: needs eval.every_steps > 0 (evaluations to count)")
     if s.memory.soft >= s.memory.hard:

@@ -84,7 +84,7 @@ class BatchFiles:
         self.checkpoints = d / "checkpoints"
         self.progress = d / "progress.json"       # live progress (status reads it)
         self.heartbeat = d / "heartbeat"          # touched by the worker's own loops: its mtime is its last sign of life
-        self.result = d / "result.json"           # the worker's last word for the attempt
+        self.result = d / "result.json"           # the worker's last word for the attempt (rank 0's)
         self.stderr = d / "worker.stderr"
         self.published = d / "published"         # the attempt's final adapter (--publish)
         self.final_adapter = d / "final_adapter"  # the adapter when the worker runs without --publish
@@ -98,6 +98,10 @@ class BatchFiles:
         self.replay = d / "replay.jsonl"          # earlier batches' lines drawn into this batch, fixed at the first pass
         self.replay_contrib = d / "replay-contrib.jsonl"  # this batch's training lines, for the store once published
         self.eval_result = d / "eval.json"        # candidate and champion figures on every set
+
+    def rank_result(self, rank: int) -> Path:
+        """A distributed attempt's other ranks' last words (exit code and reason)."""
+        return self.result if rank == 0 else self.dir / f"result.rank{rank}.json"
 
     def __repr__(self) -> str:
         return f"BatchFiles({str(self.dir)!r})"
