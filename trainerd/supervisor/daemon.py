@@ -35,6 +35,7 @@ from trainerd.inbox import Inbox
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
+from trainerd.metrics import Metrics
 from trainerd.replay import Store
 from trainerd.sdnotify import Notifier
 from trainerd.supervisor.attempts import Attempts, Running
@@ -108,6 +109,7 @@ class Supervisor:
         # so the loop never blocks on it.
         self.maintenance: Child | None = None
         self._maintenance_blocked_until = 0.0
+        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
 
     # --- derived state -------------------------------------------------------------------
 
@@ -220,7 +222,8 @@ class Supervisor:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
         self._write_daemon_state()
-        return self._next_wake(now)
+        metrics_due = self.metrics.tick(now, self)  # reads this object's public state; cheap unless due
+        return min(self._next_wake(now), metrics_due)
 
     def _scan(self, now: float) -> None:
         self.intake.scan(now, self.ledger, self.attempts, self.filing)

@@ -38,11 +38,17 @@ class Progress:
         self.seconds = 0.0       # time inside optimizer steps
         self.steps = 0
         self._written_at = 0.0
+        self.checkpoint: dict[str, Any] | None = None  # the last one written: step, at (Unix time), seconds
 
     def add_step(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
         self.seconds += seconds
         self.steps += 1
+
+    def checkpointed(self, step: int, seconds: float) -> None:
+        """A checkpoint was written: progress.json says so at its next write (the metrics read it)."""
+        self.checkpoint = {"step": step, "at": time.time(), "seconds": round(seconds, 4)}
+        self._written_at = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,7 +74,7 @@ class Progress:
                 "step": step, "total_steps": total_steps, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
                 "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": micro_batch_size,
-                "pid": os.getpid(), "updated": time.time(),
+                "pid": os.getpid(), "updated": time.time(), "checkpoint": self.checkpoint,
             }, durable=False)
         except OSError as e:
             # A status hint only: a full disk must not end the run here; the next checkpoint
