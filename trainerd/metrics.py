@@ -40,14 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    InfoMetricFamily,
-)
-from prometheus_client.exposition import generate_latest
-
 from trainerd.contract import RootLayout, StopReason
 from trainerd.fsutil import read_json_or_none
 from trainerd.inbox import is_candidate_name
@@ -119,6 +111,8 @@ class _Collector:
         self.build = {"version": _build_version(), "python": platform.python_version()}
 
     def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
         s = self.snap
         info = InfoMetricFamily("trainerd_build", "trainerd's version and the supervisor's python")
         info.add_metric([], self.build)
@@ -185,12 +179,8 @@ class Metrics:
 
     def __init__(self, log: Any):
         self.log = log
-        self.registry = CollectorRegistry(auto_describe=False)
         self.collector = _Collector()
-        self.registry.register(self.collector)
-        # The supervisor's own RSS and CPU (the 40 MB budget), under its own prefix: node_exporter
-        # merges every textfile, and bare process_* names would collide with other services'.
-        ProcessCollector(namespace="trainerd_supervisor", registry=self.registry)
+        self.registry: Any = None  # prometheus_client's, made at the first write: off costs no import (~2 MB)
         self.next_write = 0.0
         self.writes = 0
         self._seen: Any = None
@@ -375,7 +365,7 @@ class Metrics:
     def _write(self, path: Path, group: str) -> None:
         if path != self._path or (group and self._gid is None and f"group:{group}" not in self._warned):
             self._prepare_folder(path, group)
-        data = generate_latest(self.registry)
+        data = self._render()
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # not *.prom: the collector skips it
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
@@ -395,6 +385,18 @@ class Metrics:
         os.close(fd)
         # No fsync: rewritten every few seconds; after a power cut the next write replaces it.
         os.replace(tmp, path)
+
+    def _render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, ProcessCollector
+        from prometheus_client.exposition import generate_latest
+
+        if self.registry is None:
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(self.collector)
+            # The supervisor's own RSS and CPU (the 40 MB budget), under its own prefix: node_exporter
+            # merges every textfile, and bare process_* names would collide with other services'.
+            ProcessCollector(namespace="trainerd_supervisor", registry=self.registry)
+        return generate_latest(self.registry)
 
     def _prepare_folder(self, path: Path, group: str) -> None:
         """Create the folder; with ``metrics.group``: chgrp + 0750 on it, so node_exporter (in that
