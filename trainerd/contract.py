@@ -124,6 +124,7 @@ class RootLayout:
         self.rejected = self.adapters / "rejected"  # candidates the gate refused, by batch id
         self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
         self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/replay.py)
+        self.tensorboard = r / "tensorboard"     # TensorBoard event files, a run per batch (worker/curves.py)
 
     @staticmethod
     def batch_name(batch_id: int) -> str:

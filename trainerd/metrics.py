@@ -111,7 +111,11 @@ class _Collector:
         self.build = {"version": _build_version(), "python": platform.python_version()}
 
     def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
 
         s = self.snap
         info = InfoMetricFamily("trainerd_build", "trainerd's version and the supervisor's python")
