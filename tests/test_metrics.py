@@ -193,10 +193,12 @@ def test_metrics_match_the_ledger_after_a_real_run_and_a_restart(daemon_factory)
     assert _value(got, "trainerd_paused") == 0 and _value(got, "trainerd_inbox_files") == 0
     assert next(iter(got["trainerd_build_info"]))
     assert _value(got, "trainerd_supervisor_process_resident_memory_bytes") > 0
+    assert got.get("trainerd_worker_restarts_total", {}) == {}  # a bad file fails; nothing restarted
 
     d.root.joinpath(".stop").touch()
     d.wait_for(lambda: _value(_read(path), "trainerd_paused") == 1, 10)
     assert d.terminate() == 0
+    assert _value(_read(path), "trainerd_worker_running") == 0
     path.unlink()
     d.start()
     after = d.wait_for(lambda: _read(path) if path.exists() else None, 30)

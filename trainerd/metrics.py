@@ -188,7 +188,7 @@ class Metrics:
         self.next_write = 0.0
         self.writes = 0
         self._seen: Any = None
-        self._path: Path | None = None      # where the folder's group and mode were last set up
+        self._prepared: tuple[Path, str] | None = None  # (path, group) the folder was last set up for
         self._gid: int | None = None
         self._warned: set[str] = set()
         self._totals_key: Any = None          # the ledger change count the derived totals are from
@@ -367,7 +367,7 @@ class Metrics:
     # --- writing -------------------------------------------------------------------------------
 
     def _write(self, path: Path, group: str) -> None:
-        if path != self._path or (group and self._gid is None and f"group:{group}" not in self._warned):
+        if (path, group) != self._prepared or (group and self._gid is None and f"group:{group}" not in self._warned):
             self._prepare_folder(path, group)
         data = self._render()
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # not *.prom: the collector skips it
@@ -405,7 +405,7 @@ class Metrics:
     def _prepare_folder(self, path: Path, group: str) -> None:
         """Create the folder; with ``metrics.group``: chgrp + 0750 on it, so node_exporter (in that
         group, not the daemon's user) can read it. Where that is not allowed, log why once."""
-        self._path, self._gid = path, None
+        self._prepared, self._gid = (path, group), None
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         if not group:
             return

@@ -213,6 +213,7 @@ class Supervisor:
             self._supervise(now)
         if self.stopping and self.running is None:
             self.finished = True
+            self.metrics.tick(now, self)  # the last state (no worker) for the textfile it leaves behind
             return None
         if self.intake.due(now):
             self._scan(now)
