@@ -221,6 +221,15 @@ class GateSettings:
 
 
 @dataclass
+class MetricsSettings:
+    # Prometheus textfile (node_exporter's textfile collector); relative to root; "" = off.
+    textfile: str = field(default="metrics/trainerd.prom", metadata=_check("str"))
+    # The group that may read the file's folder (node_exporter's); "" = leave it as created.
+    group: str = field(default="", metadata=_check("str"))
+    interval_s: float = field(default=5.0, metadata=_check("float", min=0.5, max=3600.0))
+
+
+@dataclass
 class LogSettings:
     level: str = field(default="info", metadata=_check("choice", choices=("debug", "info", "warning", "error")))
     file: bool = field(default=True, metadata=_check("bool"))
@@ -242,6 +251,7 @@ class Settings:
     eval: EvalSettings = field(default_factory=EvalSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
@@ -337,6 +347,7 @@ _SECTIONS = {
     "eval": EvalSettings,
     "gate": GateSettings,
     "replay": ReplaySettings,
+    "metrics": MetricsSettings,
 }
 
 

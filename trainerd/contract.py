@@ -131,6 +131,7 @@ class RootLayout:
         self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
         self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/replay.py)
         self.chain = r / "chain.json"            # a rebase: the base model the chain continues on, and since when
+        self.tensorboard = r / "tensorboard"     # TensorBoard event files, a run per batch (worker/curves.py)
 
     @staticmethod
     def batch_name(batch_id: int) -> str:

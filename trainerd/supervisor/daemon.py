@@ -37,6 +37,7 @@ from trainerd.inbox import Inbox
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
+from trainerd.metrics import Metrics
 from trainerd.replay import Store
 from trainerd.sdnotify import Notifier
 from trainerd.states import FINAL_STATES
@@ -117,6 +118,7 @@ class Supervisor:
         self._backed_up_at = 0.0
         self.base = Watched(settings.model.path)  # the configured base model's identity
         self.base_held: dict[str, Any] | None = None  # why the queue is held for the base model
+        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
 
     # --- derived state -------------------------------------------------------------------
 
@@ -235,6 +237,7 @@ class Supervisor:
             self._supervise(now)
         if self.stopping and self.running is None:
             self.finished = True
+            self.metrics.tick(now, self)  # the last state (no worker) for the textfile it leaves behind
             return None
         if self.intake.due(now):
             self._scan(now)
@@ -247,7 +250,8 @@ class Supervisor:
         every = self.settings.supervisor.ledger_backup_s
         if every and now - self._backed_up_at >= every:
             self._backup(now)
-        return self._next_wake(now)
+        metrics_due = self.metrics.tick(now, self)  # reads this object's public state; cheap unless due
+        return min(self._next_wake(now), metrics_due)
 
     def _scan(self, now: float) -> None:
         self.intake.scan(now, self.ledger, self.attempts, self.filing)
@@ -464,7 +468,10 @@ class Supervisor:
         if status is None:
             if now >= r.next_guard_poll:
                 r.next_guard_poll = now + self.settings.memory.interval_ms / 1000.0
-                r.stop.apply_guard(self.guard.poll(time.monotonic()))
+                decision = self.guard.poll(time.monotonic())
+                if decision.action != "none":  # counted for the metrics (ledger counters survive restarts)
+                    self.ledger.bump(f"guard_actions:{decision.action}")
+                r.stop.apply_guard(decision)
                 self._watch_stall(r, now)
             r.stop.tick(now)
             return
