@@ -47,13 +47,16 @@ def make_batch(tmp: Path, model_dir: Path, lines: Iterable[str] | bytes, *, name
 def write_settings(batch: Path, root: Path, model_dir: Path, **overrides: Any) -> None:
     cfg: dict[str, Any] = {
         "root": str(root),
-        "model": {"path": str(model_dir)},
+        # fp32 unless a test asks for bf16: the figures below (tolerances, bit-identity) are per precision
+        "model": {"path": str(model_dir), "dtype": "float32"},
         "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 2,
                   "threads": 1, "warmup_steps": 2},
         "data": {"chunk_lines": 16},
     }
     for section, values in overrides.items():
-        if isinstance(values, dict):
+        if section == "dtype":  # shorthand: make_batch(..., dtype="bfloat16")
+            cfg["model"]["dtype"] = values
+        elif isinstance(values, dict):
             cfg.setdefault(section, {}).update(values)
         else:
             cfg[section] = values
