@@ -56,7 +56,11 @@ class Stepper:
                 loss_sum = self._accumulate(ids, labels, mask, max(n_items, 1))
                 break
             except torch.OutOfMemoryError:
-                self._back_off(number, len(blocks), step_rng)
+                pass
+            # Backed off outside the except block: inside it the exception's traceback still
+            # holds the failed forward's frames and their activations, which empty_cache()
+            # could then not give back, and the smaller micro-batch would run out too.
+            self._back_off(number, len(blocks), step_rng)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
