@@ -161,11 +161,11 @@ def json_lines(lines: list[str]) -> list[dict[str, Any]]:
 def worker_settings(*, root: Path, model: Path, seq_len: int, micro_batch: int, grad_accum: int,
                     threads: int, seed: int, lr: float, warmup_steps: int, max_grad_norm: float,
                     lora_r: int, lora_alpha: float, lora_dropout: float, targets: list[str],
-                    chunk_lines: int = 1000, dtype: str = "float32") -> dict[str, Any]:
+                    chunk_lines: int = 1000, dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
     """The settings.json body for a benchmark batch (validated by ``trainerd.config.from_dict``)."""
     return {
         "root": str(root),
-        "model": {"path": str(model), "dtype": dtype, "device": "cpu"},
+        "model": {"path": str(model), "dtype": dtype, "device": device},
         "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": list(targets)},
         "train": {
             "seq_len": seq_len, "micro_batch_size": micro_batch, "grad_accum_steps": grad_accum,

@@ -164,7 +164,20 @@ def _child_common(a: argparse.Namespace):
                      target_modules=list(a.targets), task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     model.train()
+    if a.device == "cuda":
+        model.to("cuda")
+        blocks = {k: v.to("cuda") for k, v in blocks.items()}
     return torch, blocks, model, time.perf_counter() - t0
+
+
+def _sync(torch: Any, a: argparse.Namespace) -> None:
+    """Wait for the GPU before reading a clock (a no-op on CPU)."""
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cuda_peak(torch: Any, a: argparse.Namespace) -> int | None:
+    return int(torch.cuda.max_memory_allocated()) if a.device == "cuda" else None
 
 
 def child_plain(a: argparse.Namespace) -> dict[str, Any]:
@@ -183,13 +196,14 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
         sl = slice(step * eff, (step + 1) * eff)
         ids, labels, mask = ids_all[sl], labels_all[sl], mask_all[sl]
         n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        _sync(torch, a)
         t0 = time.perf_counter()
         total = 0.0
         for start in range(0, ids.shape[0], a.micro_batch):
             ms = slice(start, start + a.micro_batch)
             # Keep only the loss: holding the whole output would keep this step's logits
             # (micro x seq x vocab fp32, ~200 MB here) alive through backward (the peak).
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(a.device, dtype=torch.bfloat16, enabled=bf16):
                 out = model(input_ids=ids[ms], attention_mask=mask[ms], labels=labels[ms],
                             num_items_in_batch=n_items)
             loss = out.loss
@@ -205,11 +219,13 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        _sync(torch, a)
         step_s.append(time.perf_counter() - t0)
         losses.append(total)
         step_tokens.append(int(mask.sum()))
         _step_line(step + 1)
-    return {"step_s": step_s, "losses": losses, "step_tokens": step_tokens, "load_s": load_s}
+    return {"step_s": step_s, "losses": losses, "step_tokens": step_tokens, "load_s": load_s,
+            "cuda_peak_bytes": _cuda_peak(torch, a)}
 
 
 def child_hf(a: argparse.Namespace) -> dict[str, Any]:
@@ -229,9 +245,11 @@ def child_hf(a: argparse.Namespace) -> dict[str, Any]:
         # on_step_begin fires after the step's batches were fetched, on_step_end after
         # zero_grad: the same span the worker and the plain loop time.
         def on_step_begin(self, args, state, control, **kw):
+            _sync(torch, a)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync(torch, a)
             rec["step_s"].append(time.perf_counter() - self.t0)
             rec["step_tokens"].append(a.micro_batch * a.grad_accum * a.seq_len)
             _step_line(state.global_step)
@@ -241,21 +259,27 @@ def child_hf(a: argparse.Namespace) -> dict[str, Any]:
                 rec["losses"].append(float(logs["loss"]))
 
     out_dir = Path(a.result).with_suffix(".hf-out")
-    args = TrainingArguments(
+    kw = dict(
         output_dir=str(out_dir), per_device_train_batch_size=a.micro_batch,
         gradient_accumulation_steps=a.grad_accum, max_steps=a.steps, learning_rate=a.lr,
         weight_decay=0.0, warmup_steps=min(a.warmup_steps, a.steps // 2), lr_scheduler_type="linear",
         max_grad_norm=a.max_grad_norm,
         optim="adamw_torch",  # torch.optim.AdamW, as the worker and the plain loop (HF's default is the fused one)
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=a.seed, data_seed=a.seed,
-        bf16=a.precision == "bf16",
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=a.device == "cpu", seed=a.seed,
+        data_seed=a.seed, bf16=a.precision == "bf16",
         dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True,
         remove_unused_columns=False, train_sampling_strategy="sequential",
     )
+    try:
+        args = TrainingArguments(**kw)
+    except TypeError:  # an older transformers (the GPU machine's 5.17) may lack the sampler switch
+        kw.pop("train_sampling_strategy")
+        args = TrainingArguments(**kw)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=default_data_collator,
                       callbacks=[StepTimer()])
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
+    rec["cuda_peak_bytes"] = _cuda_peak(torch, a)
     return rec
 
 
@@ -267,17 +291,19 @@ def child_matmul(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     n = a.matmul_n
     out: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    mats = {k: (torch.randn(n, n).to(dt), torch.randn(n, n).to(dt))
+    mats = {k: (torch.randn(n, n, device=a.device).to(dt), torch.randn(n, n, device=a.device).to(dt))
             for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    for k, (x, y) in mats.items():  # warm-up: oneDNN picks and JITs its kernels on first use
-        for _ in range(2):
+    for k, (x, y) in mats.items():  # warm-up: oneDNN/cuBLAS pick (and JIT) their kernels on first use
+        for _ in range(3):
             torch.mm(x, y)
+    _sync(torch, a)
     for _ in range(a.matmul_reps):
         for k, (x, y) in mats.items():
             reps, t0 = 0, time.perf_counter()
             while True:
                 torch.mm(x, y)
                 reps += 1
+                _sync(torch, a)
                 dt = time.perf_counter() - t0
                 if dt > 0.5:
                     break
@@ -289,7 +315,7 @@ def child_matmul(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _shared_child_args(a: argparse.Namespace, model: Path, precision: str = "fp32") -> list[str]:
-    return ["--model", str(model), "--precision", precision, "--steps", str(a.steps), "--seq-len", str(a.seq_len),
+    return ["--model", str(model), "--device", a.device, "--precision", precision, "--steps", str(a.steps), "--seq-len", str(a.seq_len),
             "--micro-batch", str(a.micro_batch), "--grad-accum", str(a.grad_accum), "--threads", str(a.threads),
             "--seed", str(a.seed), "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps),
             "--max-grad-norm", str(a.max_grad_norm), "--lora-r", str(a.lora_r), "--lora-alpha", str(a.lora_alpha),
@@ -321,7 +347,7 @@ def _worker_settings(a: argparse.Namespace, model: Path, work: Path, precision: 
                            grad_accum=a.grad_accum, threads=a.threads, seed=a.seed, lr=a.lr,
                            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_r=a.lora_r,
                            lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, targets=a.targets,
-                           dtype="float32" if precision == "fp32" else "auto")
+                           dtype="float32" if precision == "fp32" else "auto", device=a.device)
 
 
 def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int, precision: str = "fp32") -> dict[str, Any]:
@@ -358,6 +384,7 @@ def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int, precisi
         "wall_s": run.wall_s, "cpu_s": run.cpu_s, "train_s": sum(step_s),
         "load_s": (ev.get("model_loaded") or {}).get("load_s"), "scan_s": (ev.get("data_scanned") or {}).get("scan_s"),
         "precision": res.get("precision"), "min_flt": run.min_flt,
+        "cuda_peak_bytes": res.get("cuda_peak_allocated_bytes"),
         "step_s": step_s, "loadavg_before": run.loadavg_before,
     }
     if run.exit_code != 0:
@@ -385,7 +412,8 @@ def run_baseline(role: str, a: argparse.Namespace, model: Path, work: Path, rnd:
     out.update(**_rates(rec["step_s"], rec["step_tokens"]), steps=len(rec["step_s"]), tokens=sum(rec["step_tokens"]),
                first_loss=rec["losses"][0] if rec["losses"] else None,
                last_loss=rec["losses"][-1] if rec["losses"] else None,
-               train_s=sum(rec["step_s"]), load_s=rec["load_s"], step_s=rec["step_s"])
+               train_s=sum(rec["step_s"]), load_s=rec["load_s"], step_s=rec["step_s"],
+               cuda_peak_bytes=rec.get("cuda_peak_bytes"))
     return out
 
 
@@ -585,13 +613,18 @@ def _line(name: str, r: dict[str, Any]) -> str:
     return (f"  {name:<11} tps {r.get('tps', float('nan')):7.2f}  steady {r.get('tps_steady', float('nan')):7.2f}  "
             f"median-step {r.get('tps_mstep', float('nan')):7.2f}  MFU {100 * r.get('mfu', float('nan')):5.1f}%  "
             f"peak RSS {gib(r['peak_rss_bytes'])}  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
-            f"[{r.get('precision')}] first loss {fl if fl is None else round(fl, 4)}  exit {r['exit_code']}")
+            + (f"GPU peak {gib(r['cuda_peak_bytes'])}  " if r.get("cuda_peak_bytes") else "")
+            + f"[{r.get('precision')}] first loss {fl if fl is None else round(fl, 4)}  exit {r['exit_code']}")
+
+
+DEVICE = {"kind": "cpu"}  # set by main(): the plain loop and HF use bf16 on any bf16 GPU
 
 
 def _baseline_precision(precision: str) -> str:
     """What the plain loop and HF Trainer run for a precision label: ``best`` is bf16 autocast
-    where the CPU computes bf16 natively (what a user of either would turn on), fp32 elsewhere."""
-    return "bf16" if precision == "best" and cpu_bf16_features()["native_bf16"] else "fp32"
+    where the hardware computes bf16 natively (what a user of either would turn on), fp32 elsewhere."""
+    native = DEVICE["kind"] == "cuda" or cpu_bf16_features()["native_bf16"]
+    return "bf16" if precision == "best" and native else "fp32"
 
 
 KEYS = ("tps", "tps_steady", "tps_mstep", "tps_best", "mfu", "peak_rss_bytes", "wall_s", "cpu_s", "train_s")
@@ -651,7 +684,9 @@ def targets(rounds: list[dict[str, Any]], names: list[str], head: str, feats: di
         out.append(f"  {label}: {v:.3f}x {'<=' if le else '>='} {want}x  {'OK' if ok else 'MISSED'}  "
                    f"(per round {pr['per_round']})")
 
-    if feats["amx_bf16"]:
+    if DEVICE["kind"] == "cuda":
+        pass  # the CPU targets do not apply; the same-precision comparisons below do
+    elif feats["amx_bf16"]:
         check("AMX CPU: worker (auto) tokens/s vs plain fp32", "worker-best", "plain-fp32", head, 1.8)
         mfus = [r["worker-best"].get("mfu") for r in rounds if "worker-best" in r and _ok(r["worker-best"], "mfu")]
         if mfus:
@@ -667,7 +702,8 @@ def targets(rounds: list[dict[str, Any]], names: list[str], head: str, feats: di
             check(f"worker-{prec} vs {other}-{prec} tokens/s (same precision)", f"worker-{prec}", f"{other}-{prec}",
                   head, 1.0)
     check("worker-fp32 vs plain-fp32 tokens/s", "worker-fp32", "plain-fp32", head, 0.97)
-    check("worker (auto) peak RSS vs plain fp32", "worker-best", "plain-fp32", "peak_rss_bytes", 0.8, le=True)
+    if DEVICE["kind"] == "cpu":
+        check("worker (auto) peak RSS vs plain fp32", "worker-best", "plain-fp32", "peak_rss_bytes", 0.8, le=True)
     return out
 
 
@@ -694,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", nargs="+", choices=("fp32", "best"), default=["fp32", "best"],
                    help="fp32, and best: the worker's auto precision, bf16 autocast for the plain loop and "
                         "HF Trainer (bf16=True) where the CPU has native bf16")
-    p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: every contender on the GPU (benchmarks/gpu_check.sh)")
+    p.add_argument("--matmul-n", type=int, default=0, help="matmul size for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--matmul-reps", type=int, default=3)
     p.add_argument("--text", choices=("synthetic", "real"), default="synthetic",
                    help="the training text: deterministic pseudo-English, or real prose (Python's own docs)")
@@ -722,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.monotonic()
+    a.matmul_n = a.matmul_n or (8192 if a.device == "cuda" else 2048)
     a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
     model = tiny_model(a.work / "tiny-model") if a.tiny else a.model.resolve()
@@ -744,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         "tps_mstep = tokens per step / median time of steps 2..N",
         "rounds": [],
     }
+    DEVICE["kind"] = a.device
     if a.quality:
         return quality(a, model, report, t_start)
     feats = cpu_bf16_features()
@@ -831,6 +871,7 @@ def measure_peak(a: argparse.Namespace) -> dict[str, Any]:
     result = a.work / "matmul.json"
     result.unlink(missing_ok=True)
     argv = [sys.executable, str(Path(__file__).resolve()), "--role", "matmul", "--result", str(result),
+            "--device", a.device,
             "--threads", str(a.threads), "--matmul-n", str(a.matmul_n), "--matmul-reps", str(a.matmul_reps)]
     run = run_child(argv, env=child_env(a.threads), cwd=REPO, stderr_path=a.work / "matmul.stderr")
     if run.exit_code != 0:
