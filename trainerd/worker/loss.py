@@ -99,7 +99,10 @@ def token_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
            else contextlib.nullcontext())
     with amp:
         if path.kind == "fused":
-            hidden = path.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # use_cache=False: in training mode the decoder would otherwise fill a KV cache nobody
+            # reads (transformers builds one whenever config.use_cache is on).
+            hidden = path.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
             weight, bias = path.head.weight, path.head.bias
             loss = linear_cross_entropy(rows, weight, bias, shift.index_select(0, keep), scale=1.0 / divide_by,
@@ -108,7 +111,7 @@ def token_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
             if n == 0 and rows.requires_grad:
                 loss = loss + hidden.sum() * 0.0  # keeps backward() valid for a block with no labels
             return loss, n
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift, ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss / divide_by, n
