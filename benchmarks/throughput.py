@@ -341,13 +341,15 @@ def _rates(step_s: list[float], step_tokens: list[int]) -> dict[str, float]:
 
 
 def _worker_settings(a: argparse.Namespace, model: Path, work: Path, precision: str = "fp32") -> dict[str, Any]:
-    """fp32 forced, or ``best``: the worker's own ``model.dtype: auto``."""
+    """fp32 forced, or ``best``: the worker's own ``model.dtype: auto``; ``--compile``: train.compile."""
     (work / "root").mkdir(exist_ok=True)
-    return worker_settings(root=work / "root", model=model, seq_len=a.seq_len, micro_batch=a.micro_batch,
+    s = worker_settings(root=work / "root", model=model, seq_len=a.seq_len, micro_batch=a.micro_batch,
                            grad_accum=a.grad_accum, threads=a.threads, seed=a.seed, lr=a.lr,
                            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, lora_r=a.lora_r,
                            lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, targets=a.targets,
                            dtype="float32" if precision == "fp32" else "auto", device=a.device)
+    s["train"]["compile"] = bool(a.compile)
+    return s
 
 
 def run_worker(a: argparse.Namespace, model: Path, work: Path, rnd: int, precision: str = "fp32") -> dict[str, Any]:
@@ -740,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: the worker in fp32 and in bf16 on real text; bf16's loss within "
                         "--quality-tol of fp32's at every step after the first 5 (use --steps 50)")
     p.add_argument("--quality-tol", type=float, default=0.02)
+    p.add_argument("--compile", action="store_true", help="the worker with train.compile: true")
     p.add_argument("--lockstep", action="store_true",
                    help="alternate step by step instead of run by run (all contenders alive, one running; "
                         "timed from outside) - for a busy machine")

@@ -322,3 +322,18 @@ def test_out_of_memory_at_micro_batch_1_is_a_memory_stop(tmp_path, tiny_model_di
     assert rc == 75 and result["reason"] == "memory"
     assert (batch / result["checkpoint"] / "state.json").is_file()
     assert any(l["event"] == "cuda_oom_at_micro_batch_1" for l in logs)
+
+
+@pytest.mark.slow
+def test_compiled_layers_resume_bit_identical(tmp_path, tiny_model_dir):
+    """train.compile (torch.compile per decoder layer, bf16): SIGKILL after step 5 and a resume end bit-identical
+    to an uninterrupted compiled run (the first compile takes minutes on 2 cores; later ones hit inductor's cache)."""
+    ref = make_batch(tmp_path / "ref", tiny_model_dir, sample_lines(120), dtype="bfloat16", train={"compile": True})
+    rc, result, logs = run_worker(ref, timeout=900)
+    assert rc == 0 and next(l for l in logs if l["event"] == "compile_enabled")["layers"] == 2
+    batch = make_batch(tmp_path / "run", tiny_model_dir, sample_lines(120), dtype="bfloat16", train={"compile": True})
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"), timeout=900)
+    assert rc == -signal.SIGKILL
+    rc, _, _ = run_worker(batch, timeout=900)
+    assert rc == 0
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref / "final_adapter")

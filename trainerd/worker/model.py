@@ -212,12 +212,35 @@ def build_peft(loaded: Loaded, settings: Settings, adapter_dir: Path | None, pre
     if precision.name == BFLOAT16:
         narrowed = hold_frozen_linears_in_bf16(model)
         log.info("base_linears_in_bf16", params=narrowed)
+    if settings.train.compile:
+        compile_layers(model, settings, log)
     bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     if bad:  # the adapter, its gradients and AdamW state are fp32 in every precision
         raise ConfigProblem(f"trainable parameters not in fp32: {bad[:3]}")
     model.to(loaded.device)
     model.train()
     return model
+
+
+def compile_layers(model: Any, settings: Settings, log: Any) -> int:
+    """``train.compile``: torch.compile every decoder layer in place (regional compilation: the
+    layers share one compiled graph, so it compiles once, at the first step, not 30 times).
+    Not with gradient checkpointing (its recompute wrapper sits inside the layer call). A layer
+    dynamo cannot compile runs eagerly (suppress_errors): slower, never wrong."""
+    if settings.train.gradient_checkpointing:
+        log.info("compile_skipped", reason="gradient checkpointing is on")
+        return 0
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in kinds]
+    for layer in layers:
+        layer.compile()
+    log.info("compile_enabled", layers=len(layers), kind=sorted(kinds), torch=torch.__version__,
+             note="compiles at the first step")
+    return len(layers)
 
 
 def make_optimizer(model: Any, settings: Settings, total_steps: int) -> tuple[Any, Any]:
