@@ -65,7 +65,7 @@ def test_plan_options_are_the_back_off_ladder(start):
 
 @pytest.mark.parametrize("limit_mib, expected", [
     (100_000, ((8, 2, False), True)),      # room to spare: the configured setting is kept
-    (3000, ((4, 4, False), True)),         # halved once
+    (3000, ((2, 8, False), True)),         # halved twice
     (2000, ((1, 16, False), True)),        # halved three times
     (1400, ((1, 16, True), True)),         # only the last rung fits
     (600, ((1, 16, True), False)),         # nothing fits: the last rung, marked so
@@ -95,9 +95,10 @@ def test_estimate_knows_precision_and_the_fused_loss():
         fp32 = estimate_training_bytes(SHAPE, mb, SEQ)
         assert estimate_training_bytes(SHAPE, mb, SEQ, precision="bfloat16") < fp32
         assert estimate_training_bytes(SHAPE, mb, SEQ, fused_loss=False) > fp32
-    # the full logits cost 4 copies of micro x seq x vocab fp32: ~0.8 GB at micro-batch 4
+    # the full logits cost 4 copies of micro x seq x vocab fp32 (~0.8 GB at micro-batch 4), the fused loss
+    # a fixed working set: measured 343-449 MiB less at micro 4, 1115 MiB at micro 8 (fp32)
     saved = estimate_training_bytes(SHAPE, 4, SEQ, fused_loss=False) - estimate_training_bytes(SHAPE, 4, SEQ)
-    assert 500 * MiB < saved < 700 * MiB
+    assert 350 * MiB < saved < 550 * MiB
     with pytest.raises(ValueError, match="precision"):
         estimate_training_bytes(SHAPE, 4, SEQ, precision="fp8")
 
