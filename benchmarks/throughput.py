@@ -918,8 +918,11 @@ def quality(a: argparse.Namespace, model: Path, report: dict[str, Any], t_start:
         write_batch(batch, settings, a.work / "data.jsonl")
         run = run_child([sys.executable, "-m", "trainerd.worker", str(batch)], env=child_env(a.threads), cwd=REPO,
                         stderr_path=batch / "worker.stderr", stdin_pipe=True)
+        (batch / "worker.stdout").write_text("\n".join(run.stdout_lines) + "\n")  # the curve survives us
         ev = [e for e in json_lines(run.stdout_lines) if e.get("event") == "step"]
         curves[prec] = [e["loss"] for e in ev]
+        report["quality_partial"] = dict(curves)
+        write_json(a.out, report)
         res = json.loads((batch / "result.json").read_text())
         print(f"  worker {prec}: exit {run.exit_code}, {len(ev)} steps, precision {res.get('precision')}, "
               f"tokens/s {res.get('tokens_per_s')}, peak RSS {gib(run.peak_rss_bytes)}", flush=True)
