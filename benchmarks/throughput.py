@@ -68,6 +68,9 @@ from benchmarks.common import (  # noqa: E402
 from trainerd.planning import read_model_shape  # noqa: E402
 
 CONTENDERS = ("worker", "plain", "hf")
+# --cross: the issue's headline pair run step by step in one lock-step group, with the plain
+# loop's own bf16 beside them: worker (auto) vs the fp32 plain loop.
+CROSS = [("worker", "best"), ("plain", "fp32"), ("plain", "best")]
 IGNORE_INDEX = -100
 
 
@@ -516,7 +519,8 @@ class Paced:
                 pass
 
 
-def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, precision: str = "fp32") -> dict[str, Any]:
+def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, precision: str = "fp32",
+                 members: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """All contenders alive at once but only one running: step k of worker, plain, hf, then
     step k + 1 of each, ... The parent times each step from SIGCONT to the step line, the same
     way for all three, so the load of the moment is shared step by step, not run by run.
@@ -525,28 +529,30 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, preci
     timed interval holds one optimizer step plus the contender's own between-step work
     (fetching the next blocks, logging); the in-process step timers are not used here (a
     SIGSTOP can land after a child started its next step's timer). One precision at a time
-    (three processes alive, not six: the machine has 24 GiB)."""
+    (three processes alive, not six: the machine has 24 GiB). ``members`` instead: any
+    (role, precision) list, e.g. ``--cross``: worker-best, plain-fp32, plain-best."""
     d = work / f"round{rnd}"
     d.mkdir(parents=True, exist_ok=True)
     children: dict[str, Paced] = {}
-    batch = d / f"worker-{precision}"
+    if members is None:
+        members = [(c, precision) for c in CONTENDERS if c in a.only]
+    prec_of = {f"{r}-{p}": p for r, p in members}
     try:
-        for name in CONTENDERS:
-            if name not in a.only:
-                continue
-            if name == "worker":
+        for role, precision in members:
+            name = f"{role}-{precision}"
+            batch = d / name
+            if role == "worker":
                 shutil.rmtree(batch, ignore_errors=True)
                 write_batch(batch, _worker_settings(a, model, work, precision), work / "data.jsonl")
                 argv = [sys.executable, "-m", "trainerd.worker", str(batch)]
                 c = Paced(name, argv, env=child_env(a.threads), stderr_path=batch / "worker.stderr", stdin_pipe=True)
             else:
-                result = d / f"{name}-{precision}.json"
+                result = d / f"{name}.json"
                 result.unlink(missing_ok=True)
-                argv = [sys.executable, str(Path(__file__).resolve()), "--role", name, "--blocks",
+                argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--blocks",
                         str(work / "blocks.pt"), "--result", str(result),
                         *_shared_child_args(a, model, _baseline_precision(precision))]
-                c = Paced(name, argv, env=child_env(a.threads), stderr_path=d / f"{name}-{precision}.stderr",
-                          stdin_pipe=False)
+                c = Paced(name, argv, env=child_env(a.threads), stderr_path=d / f"{name}.stderr", stdin_pipe=False)
             children[name] = c
             # Start-up and step 1 one contender at a time (never two loads at once).
             if c.step(1, timeout_s=1800) is None:
@@ -579,7 +585,9 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, preci
             "tps_best": tokens_per_step / min(iv) if iv else float("nan"), "step_s": iv,
             "step_cpu_s": cpu[name], "median_step_cpu_s": median(cpu[name]) if cpu[name] else float("nan"),
         }
-        if name == "worker":
+        precision = prec_of[name]
+        if name.startswith("worker-"):
+            batch = d / name
             (batch / "worker.stdout").write_text("\n".join(c.lines) + "\n")
             try:
                 res = json.loads((batch / "result.json").read_text())
@@ -591,23 +599,25 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, preci
         else:
             r["precision"] = "float32" if _baseline_precision(precision) == "fp32" else "bfloat16"
             try:
-                rec = json.loads((d / f"{name}-{precision}.json").read_text())
+                rec = json.loads((d / f"{name}.json").read_text())
                 r.update(steps=len(rec["step_s"]), tokens=sum(rec["step_tokens"]),
                          first_loss=rec["losses"][0] if rec["losses"] else None,
                          last_loss=rec["losses"][-1] if rec["losses"] else None)
             except (OSError, ValueError, KeyError):
                 pass
         out[name] = r
-    # Step-by-step pairs: worker step k against the plain loop's step k, run seconds apart.
-    for other in ("plain", "hf"):
-        if "worker" in intervals and other in intervals:
-            pr = [o / w for w, o in zip(intervals["worker"], intervals[other]) if w > 0]  # = tps ratio
-            out["worker"][f"paired_step_tps_ratio_vs_{other}"] = {
-                "median": round(median(pr), 4), "min": round(min(pr), 4), "max": round(max(pr), 4)} if pr else {}
-            wc, oc = out["worker"]["median_step_cpu_s"], out[other]["median_step_cpu_s"]
-            if wc and oc:
-                out["worker"][f"median_step_cpu_ratio_vs_{other}"] = round(wc / oc, 4)
-    return {f"{name}-{precision}": r for name, r in out.items()}
+    # Step-by-step pairs: the first member's step k against each other member's step k, run
+    # seconds apart (e.g. worker-fp32 vs plain-fp32 as paired_step_tps_ratio_vs_plain).
+    first = next(iter(intervals))
+    for other in list(intervals)[1:]:
+        pr = [o / w for w, o in zip(intervals[first], intervals[other]) if w > 0]  # = tps ratio
+        tag = other.split("-")[0] if prec_of[other] == prec_of[first] else other
+        out[first][f"paired_step_tps_ratio_vs_{tag}"] = {
+            "median": round(median(pr), 4), "min": round(min(pr), 4), "max": round(max(pr), 4)} if pr else {}
+        wc, oc = out[first]["median_step_cpu_s"], out[other]["median_step_cpu_s"]
+        if wc and oc:
+            out[first][f"median_step_cpu_ratio_vs_{tag}"] = round(wc / oc, 4)
+    return out
 
 
 def _line(name: str, r: dict[str, Any]) -> str:
@@ -743,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--quality-tol of fp32's at every step after the first 5 (use --steps 50)")
     p.add_argument("--quality-tol", type=float, default=0.02)
     p.add_argument("--compile", action="store_true", help="the worker with train.compile: true")
+    p.add_argument("--cross", action="store_true",
+                   help="with --lockstep: one group of worker-best, plain-fp32, plain-best (the 1.8x target, paired "
+                        "step by step)")
     p.add_argument("--lockstep", action="store_true",
                    help="alternate step by step instead of run by run (all contenders alive, one running; "
                         "timed from outside) - for a busy machine")
@@ -790,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quality:
         return quality(a, model, report, t_start)
     feats = cpu_bf16_features()
-    names = [f"{c}-{prec}" for prec in a.precisions for c in CONTENDERS if c in a.only]
+    names = ([f"{r}-{p}" for r, p in CROSS] if a.cross else
+             [f"{c}-{prec}" for prec in a.precisions for c in CONTENDERS if c in a.only])
     flops_tok = model_flops_per_token(read_model_shape(model), a.seq_len)
     report.update(contenders=names, cpu_bf16=feats, model_flops_per_token=flops_tok,
                   precision_note="fp32: everything fp32. best: the worker's model.dtype auto; plain and HF "
@@ -804,7 +818,14 @@ def main(argv: list[str] | None = None) -> int:
         results["matmul"] = mm
         print(f"  matmul {mm['n']}^3 peak: fp32 {mm['peak_gflops']['fp32']:.0f} GFLOP/s, "
               f"bf16 {mm['peak_gflops']['bf16']:.0f} GFLOP/s", flush=True)
-        for prec in a.precisions:
+        for prec in (["cross"] if a.cross else a.precisions):
+            if prec == "cross":
+                results.update(run_lockstep(a, model, a.work, rnd, members=CROSS))
+                for name in results:
+                    if name != "matmul":
+                        _add_mfu(results[name], a, flops_tok, mm)
+                        print(_line(name, results[name]), flush=True)
+                continue
             if a.lockstep:
                 results.update(run_lockstep(a, model, a.work, rnd, prec))
             else:
@@ -857,11 +878,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k}: {v}")
     if a.lockstep:
         for i, r in enumerate(report["rounds"], 1):
-            for prec in a.precisions:
-                pr = r.get(f"worker-{prec}", {}).get("paired_step_tps_ratio_vs_plain")
-                if pr:
-                    print(f"  round {i}: worker-{prec}/plain-{prec} tokens/s, step by step: median {pr['median']} "
-                          f"(min {pr['min']}, max {pr['max']})")
+            for name, res in r.items():
+                for k, pr in (res.items() if isinstance(res, dict) else ()):
+                    if k.startswith("paired_step_tps_ratio_vs_") and pr:
+                        print(f"  round {i}: {name} / {k.removeprefix('paired_step_tps_ratio_vs_')} tokens/s, step by "
+                              f"step: median {pr['median']} (min {pr['min']}, max {pr['max']})")
     print(f"targets ({head}, paired medians; this CPU: "
           f"{'AMX' if feats['amx_bf16'] else 'AVX512-BF16' if feats['avx512_bf16'] else 'no native bf16'}):")
     for line in report["targets"]:
