@@ -534,6 +534,7 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, preci
     d = work / f"round{rnd}"
     d.mkdir(parents=True, exist_ok=True)
     children: dict[str, Paced] = {}
+    members_given = members is not None
     if members is None:
         members = [(c, precision) for c in CONTENDERS if c in a.only]
     prec_of = {f"{r}-{p}": p for r, p in members}
@@ -541,9 +542,11 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, preci
         for role, precision in members:
             name = f"{role}-{precision}"
             batch = d / name
-            if role == "worker":
+            if role in ("worker", "workerc"):  # workerc: the worker with train.compile
                 shutil.rmtree(batch, ignore_errors=True)
-                write_batch(batch, _worker_settings(a, model, work, precision), work / "data.jsonl")
+                settings = _worker_settings(a, model, work, precision)
+                settings["train"]["compile"] = (role == "workerc") if members_given else bool(a.compile)
+                write_batch(batch, settings, work / "data.jsonl")
                 argv = [sys.executable, "-m", "trainerd.worker", str(batch)]
                 c = Paced(name, argv, env=child_env(a.threads), stderr_path=batch / "worker.stderr", stdin_pipe=True)
             else:
@@ -586,7 +589,7 @@ def run_lockstep(a: argparse.Namespace, model: Path, work: Path, rnd: int, preci
             "step_cpu_s": cpu[name], "median_step_cpu_s": median(cpu[name]) if cpu[name] else float("nan"),
         }
         precision = prec_of[name]
-        if name.startswith("worker-"):
+        if name.startswith(("worker-", "workerc-")):
             batch = d / name
             (batch / "worker.stdout").write_text("\n".join(c.lines) + "\n")
             try:
@@ -665,7 +668,8 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> dict
         for other in ("plain", "hf"):
             pairs.append((f"worker-{prec}", f"{other}-{prec}"))
     pairs += [("worker-best", "plain-fp32"), ("worker-best", "worker-fp32"), ("plain-best", "plain-fp32"),
-              ("hf-best", "hf-fp32")]
+              ("hf-best", "hf-fp32"), ("workerc-best", "plain-fp32"), ("workerc-best", "worker-best"),
+              ("workerc-best", "plain-best")]
     for num, den in pairs:
         if num not in names or den not in names:
             continue
@@ -700,6 +704,7 @@ def targets(rounds: list[dict[str, Any]], names: list[str], head: str, feats: di
         pass  # the CPU targets do not apply; the same-precision comparisons below do
     elif feats["amx_bf16"]:
         check("AMX CPU: worker (auto) tokens/s vs plain fp32", "worker-best", "plain-fp32", head, 1.8)
+        check("AMX CPU: worker (auto, train.compile) tokens/s vs plain fp32", "workerc-best", "plain-fp32", head, 1.8)
         mfus = [r["worker-best"].get("mfu") for r in rounds if "worker-best" in r and _ok(r["worker-best"], "mfu")]
         if mfus:
             m = median(mfus)
@@ -752,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: the worker in fp32 and in bf16 on real text; bf16's loss within "
                         "--quality-tol of fp32's at every step after the first 5 (use --steps 50)")
     p.add_argument("--quality-tol", type=float, default=0.02)
-    p.add_argument("--compile", action="store_true", help="the worker with train.compile: true")
+    p.add_argument("--compile", action="store_true",
+                   help="the worker with train.compile: true (with --cross: an extra contender workerc-best)")
     p.add_argument("--cross", action="store_true",
                    help="with --lockstep: one group of worker-best, plain-fp32, plain-best (the 1.8x target, paired "
                         "step by step)")
@@ -803,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quality:
         return quality(a, model, report, t_start)
     feats = cpu_bf16_features()
-    names = ([f"{r}-{p}" for r, p in CROSS] if a.cross else
+    cross = CROSS + ([("workerc", "best")] if a.compile else [])
+    names = ([f"{r}-{p}" for r, p in cross] if a.cross else
              [f"{c}-{prec}" for prec in a.precisions for c in CONTENDERS if c in a.only])
     flops_tok = model_flops_per_token(read_model_shape(model), a.seq_len)
     report.update(contenders=names, cpu_bf16=feats, model_flops_per_token=flops_tok,
@@ -820,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
               f"bf16 {mm['peak_gflops']['bf16']:.0f} GFLOP/s", flush=True)
         for prec in (["cross"] if a.cross else a.precisions):
             if prec == "cross":
-                results.update(run_lockstep(a, model, a.work, rnd, members=CROSS))
+                results.update(run_lockstep(a, model, a.work, rnd, members=cross))
                 for name in results:
                     if name != "matmul":
                         _add_mfu(results[name], a, flops_tok, mm)
