@@ -54,8 +54,9 @@ class Batch:
     duplicate_of: int | None = None
     finished_at: float | None = None
     parent_version: int | None = None
-    decision: str | None = None       # blessed | rejected | forced
+    decision: str | None = None       # blessed | rejected | forced | cancelled
     gate_json: str | None = None
+    priority: int = 0                 # its lane: 1 high, 0 normal, -1 low (contract.LANES)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":
@@ -100,6 +101,7 @@ class AdapterVersion:
     parent: int | None = None   # the version its weights were trained from; None: the base model
     kind: str = "blessed"       # blessed | forced | rollback
     source: int | None = None   # rollback: the version it copies
+    removed_at: float | None = None  # retention deleted its folder (the row stays: history, numbering)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AdapterVersion":
@@ -122,7 +124,10 @@ class AttemptRecord:
 
 def decided_end(batch: Batch) -> BatchState:
     """The final state a decided batch is going to: a reserved version is a publish (or a
-    promote), a duplicate a skip, a refused candidate a rejection, anything else a failure."""
+    promote), a duplicate a skip, a refused candidate a rejection, an operator's cancel a
+    cancellation, anything else a failure."""
+    if batch.decision == "cancelled":
+        return BatchState.CANCELLED
     if batch.adapter_version is not None:
         return BatchState.DONE
     if batch.duplicate_of is not None:
