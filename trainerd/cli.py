@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.cli_chain import add_commands as add_chain_commands
-from trainerd.contract import ExitCode, RootLayout
+from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
 
 DEFAULT_ROOT = "/var/lib/trainerd"
@@ -193,9 +193,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         settings = _load_settings(_config_path(args))
     except ConfigError as e:
         return _print_config_error(e)
-    inbox = RootLayout(_root(args)).inbox
+    inbox = RootLayout(_root(args)).lane(LANES[args.priority])
     if not inbox.is_dir():
-        print(f"trainerd submit: no inbox at {inbox} (is the root right? use --root or --config)",
+        print(f"trainerd submit: no inbox at {inbox} (is the root right? use --root or --config; "
+              "the priority lanes inbox/high and inbox/low are made by the daemon at its start)",
               file=sys.stderr)
         return ExitCode.FAIL
     if args.eval and len(args.files) != 1:
@@ -205,8 +206,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for f in args.files:
         src = Path(f)
         if not is_candidate_name(src.name):
-            print(f"{f}: not submitted: the name must end in .jsonl (not .eval.jsonl, kept for eval files) "
-                  "and not start with a dot", file=sys.stderr)
+            print(f"{f}: not submitted: the name must end in .jsonl, .jsonl.gz or .jsonl.zst (not .eval.jsonl, "
+                  "kept for eval files) and not start with a dot", file=sys.stderr)
             rc = rc or ExitCode.FAIL
             continue
         reports = [_scan(f, settings)] + ([_scan(args.eval, settings)] if args.eval else [])
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", parents=[common], help="validate files, then place them in the inbox atomically")
     s.add_argument("files", nargs="+")
     s.add_argument("--eval", metavar="EVAL.jsonl", help="an evaluation set for this batch (replaces its held-out slice)")
+    s.add_argument("--priority", choices=list(LANES), default="normal",
+                   help="its lane: a queued file of a higher lane starts before lower ones (inbox/high/, inbox/low/)")
     s.set_defaults(fn=cmd_submit)
     s = sub.add_parser("status", parents=[common], help="what the daemon is doing")
     s.add_argument("--json", action="store_true", help="machine-readable output")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
+from trainerd.contract import LANES, RootLayout, lane_name
 from trainerd.fsutil import fmt_bytes, read_json_or_none
 from trainerd.ledger import Ledger
 from trainerd.states import FINAL_STATES, BatchState
@@ -89,7 +89,8 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     now = time.time()
     for b in rows:
         out["batches"].append({"id": b.id, "file": b.name, "state": b.state.value, "attempts": b.attempts,
-                               "adapter_version": b.adapter_version, "reason": b.last_reason})
+                               "adapter_version": b.adapter_version, "reason": b.last_reason,
+                               "lane": lane_name(b.priority)})
         if b.state is BatchState.RUNNING:
             prog = read_json_or_none(layout.batch(b.id).progress) or {}
             out["running"] = {
@@ -105,12 +106,14 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
         elif b.state in (BatchState.QUEUED, BatchState.CLAIMING):
             wait = b.next_attempt_at - now
             out["queue"].append({"id": b.id, "file": b.name, "state": b.state.value,
-                                 "attempts": b.attempts, "reason": b.last_reason,
+                                 "attempts": b.attempts, "reason": b.last_reason, "lane": lane_name(b.priority),
                                  "retry_in_s": round(wait, 1) if wait > 0 else None})
+    # The queue in the order it will start (ledger.next_queued): started first, then lane, then id.
+    out["queue"].sort(key=lambda q: (-(q["attempts"] > 0), -LANES[q["lane"]], q["id"]))
     finished = sorted((b for b in rows if b.state in FINAL_STATES), key=lambda b: b.finished_at or 0, reverse=True)
     out["recent"] = [{"id": b.id, "file": b.name, "state": b.state.value, "adapter_version": b.adapter_version,
                       "reason": b.last_reason, "finished_at": b.finished_at} for b in finished[:recent]]
-    judged = [b for b in finished if b.decision]
+    judged = [b for b in finished if b.decision in ("blessed", "rejected", "forced")]  # the gate's, not a cancel
     if judged:
         b = judged[0]
         out["last_decision"] = {"id": b.id, "file": b.name, "decision": b.decision,
@@ -150,7 +153,8 @@ def render_status(st: dict[str, Any]) -> str:
     for q in st["queue"][:10]:
         extra = f", retry in {_fmt_s(q['retry_in_s'])}" if q["retry_in_s"] else ""
         why = f" (last: {q['reason']})" if q["reason"] else ""
-        lines.append(f"  #{q['id']:<5} {q['file']}  attempts {q['attempts']}{extra}{why}")
+        lane = f" [{q['lane']}]" if q.get("lane", "normal") != "normal" else ""
+        lines.append(f"  #{q['id']:<5} {q['file']}{lane}  attempts {q['attempts']}{extra}{why}")
     if len(st["queue"]) > 10:
         lines.append(f"  ... {len(st['queue']) - 10} more")
     lines.append("recent")
@@ -169,7 +173,7 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"ledger    unreadable right now: {st['ledger_error']}")
     c = st["counts"]
     lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in
-                                           ("done", "rejected", "failed", "skipped", "queued", "running")))
+                                           ("done", "rejected", "failed", "skipped", "cancelled", "queued", "running")))
     return "\n".join(lines)
 
 

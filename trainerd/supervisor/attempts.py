@@ -24,7 +24,7 @@ from trainerd import config as config_mod
 from trainerd.basemodel import Watched
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
-from trainerd.contract import BatchFiles, ExitCode, RootLayout
+from trainerd.contract import BatchFiles, ExitCode, RootLayout, lane_name
 from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
 from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
@@ -79,9 +79,10 @@ class Attempts:
 
     # --- claim -----------------------------------------------------------------------
 
-    def claim(self, name: str, now: float) -> Batch | None:
-        """Take a finished inbox file: ledger row first, then the rename, then the hash."""
-        src = self.layout.inbox / name
+    def claim(self, name: str, now: float, priority: int = 0) -> Batch | None:
+        """Take a finished inbox file (of the lane ``priority``): ledger row first, then the
+        rename, then the hash."""
+        src = self.layout.lane(priority) / name
         try:
             st = os.lstat(src)
         except FileNotFoundError:
@@ -91,29 +92,31 @@ class Attempts:
         if st.st_nlink > 1:
             self.log.warning("inbox_file_hard_linked", file=name, links=st.st_nlink,
                              hint="another name can still change these bytes while they train")
-        batch = self.ledger.begin_claim(name, st.st_size, now)
+        batch = self.ledger.begin_claim(name, st.st_size, now, priority=priority)
         return self.complete_claim(batch, now)
 
     def complete_claim(self, batch: Batch, now: float) -> Batch | None:
         """CLAIMING -> QUEUED or SKIPPED (or FAILED). Idempotent: reconcile calls it after a crash."""
         log = self.log.bind(batch=batch.id)
         files = self.layout.batch(batch.id)
-        if not os.path.lexists(files.data):
+        original = files.claimed(batch.name)  # data.jsonl, or data.jsonl.gz|zst (the worker expands it)
+        inbox = self.layout.lane(batch.priority)
+        if not os.path.lexists(original):
             files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._claim_eval_partner(batch, files, log)
             try:
                 # The claim itself: atomic, same file system, the bytes never copied. If the
                 # entry was swapped for a symlink since lstat, rename moves the link, unread.
-                os.rename(self.layout.inbox / batch.name, files.data)
+                os.rename(inbox / batch.name, original)
             except FileNotFoundError:
                 self.ledger.forget_claim(batch.id)
                 shutil.rmtree(files.dir, ignore_errors=True)
                 log.warning("claim_vanished", file=batch.name, reason="the file left the inbox before it was claimed")
                 return None
-            fsync_dir(self.layout.inbox)
+            fsync_dir(inbox)
             fsync_dir(files.dir)
         try:
-            sha, size = _sha256(files.data)
+            sha, size = _sha256(original)
         except OSError as e:
             return self._fail(batch, BatchState.CLAIMING, f"cannot read the claimed file: {e.strerror or e}", now, log)
         dup = self.ledger.find_by_sha(sha, ACTIVE_STATES, batch.id)
@@ -125,13 +128,13 @@ class Attempts:
                         reason="this content was already trained or is queued; not training it twice")
             return batch
         batch = self.ledger.finish_claim(batch.id, sha, size, now)  # CLAIMING -> QUEUED
-        log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size)
+        log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size, lane=lane_name(batch.priority))
         return batch
 
     def _claim_eval_partner(self, batch: Batch, files: BatchFiles, log: Any) -> None:
         """``name.eval.jsonl`` in the inbox goes with ``name.jsonl``, renamed first (so a crash
         between the two renames leaves the data, still in the inbox, to claim it again)."""
-        partner = self.layout.inbox / eval_partner(batch.name)
+        partner = self.layout.lane(batch.priority) / eval_partner(batch.name)
         try:
             st = os.lstat(partner)
         except FileNotFoundError:
@@ -146,8 +149,8 @@ class Attempts:
         """QUEUED -> RUNNING: write the attempt's settings and start the worker."""
         log = self.log.bind(batch=batch.id)
         files = self.layout.batch(batch.id)
-        if not files.data.is_file():
-            self._fail(batch, BatchState.QUEUED, f"the claimed data is missing: {files.data}", now, log)
+        if not files.claimed(batch.name).is_file():
+            self._fail(batch, BatchState.QUEUED, f"the claimed data is missing: {files.claimed(batch.name)}", now, log)
             return None
         if not batch.planned:
             # The guard logs the plan with its numbers (memory_plan_kept / _reduced / _does_not_fit).
