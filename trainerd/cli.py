@@ -1,4 +1,5 @@
-"""``trainerd``: run | submit | status | pause | resume | validate.
+"""``trainerd``: run | submit | status | pause | resume | validate (cli_chain.py: history, promote,
+rollback, rebase, fsck; cli_ops.py: cancel, gc).
 
 Only ``run`` imports the supervisor (psutil, watchdog); ``status`` reads the ledger
 read-only and a few small files, so it answers in tens of milliseconds and never imports
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.cli_chain import add_commands as add_chain_commands
+from trainerd.cli_ops import add_commands as add_ops_commands
 from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
 
@@ -300,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pause", parents=[common], help="create root/.stop").set_defaults(fn=cmd_pause)
     sub.add_parser("resume", parents=[common], help="remove root/.stop").set_defaults(fn=cmd_resume)
     add_chain_commands(sub, common)
+    add_ops_commands(sub, common)
     s = sub.add_parser("validate", parents=[common], help="line-level report; exit 65 if it would be rejected")
     s.add_argument("files", nargs="+")
     s.add_argument("--json", action="store_true")

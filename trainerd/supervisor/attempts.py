@@ -29,9 +29,10 @@ from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_q
 from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.states import ACTIVE_STATES, BatchState
-from trainerd.supervisor import forensics, policy
+from trainerd.supervisor import forensics, hooks, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.intake import guarded
 from trainerd.supervisor.lineage import chain_base, freeze_inputs
 from trainerd.supervisor.stall import StallWatch
 from trainerd.supervisor.stopping import Escalation
@@ -262,6 +263,8 @@ class Attempts:
             return self.end(batch, now)  # RUNNING -> REJECTED
         if v.action is policy.Action.FAIL:
             return self._fail(batch, BatchState.RUNNING, v.batch_reason, now, log, attempt=record, **v.updates)
+        if v.action is policy.Action.CANCEL:
+            return self.cancel(batch, BatchState.RUNNING, v.batch_reason, now, attempt=record)  # RUNNING -> CANCELLED
         return self.ledger.requeue(batch.id, now, reason=v.batch_reason, attempt=record,  # RUNNING -> QUEUED
                                    next_attempt_at=v.next_attempt_at, **v.updates)
 
@@ -272,10 +275,19 @@ class Attempts:
         log.error("batch_failed", file=batch.name, reason=reason, moved_to=str(dest) if dest else None)
         return batch
 
+    def cancel(self, batch: Batch, from_state: BatchState, reason: str, now: float, *,
+               attempt: AttemptRecord | None = None) -> Batch:
+        """QUEUED | RUNNING -> CANCELLED (`trainerd cancel`): decided, filed (the original to done/
+        with <name>.cancelled.json; its folder and checkpoints stay), finished."""
+        batch = self.ledger.decide_cancelled(batch.id, from_state, reason, now, attempt=attempt)
+        return self.end(batch, now)
+
     def end(self, batch: Batch, now: float) -> Batch:
         """File a decided batch (done/, failed/, adapters/, current), then finish its state: a
         final state in the ledger means its files are in place. Idempotent (reconcile repeats it)."""
         self.end_filing(batch)
+        # A publish or a rejection: its hook is recorded before the state is final (supervisor/hooks.py).
+        guarded(self.log, "hook_record_failed", lambda: hooks.record_end(self.layout, batch), batch=batch.id)
         return self.ledger.finish(batch, now)
 
     def end_filing(self, batch: Batch) -> None:
@@ -287,6 +299,8 @@ class Attempts:
             self.filing.finish_rejected(batch)
         elif final is BatchState.SKIPPED:
             self.filing.finish_skipped(batch)
+        elif final is BatchState.CANCELLED:
+            self.filing.finish_cancelled(batch)
         else:
             self.filing.finish_failed(batch)
 
@@ -322,6 +336,9 @@ class Attempts:
                 log.warning(event, file=batch.name, rule=end.gate.rule, champion_version=batch.parent_version,
                             candidate=str(self.layout.rejected_dir(batch.id)), **_gate_fields(end.gate),
                             hint=f"current does not move; `trainerd promote {batch.id}` publishes it anyway")
+            elif event == "batch_cancelled":
+                log.warning(event, file=batch.name, exit=end.status.describe(), step=result.get("step"),
+                            checkpoint=result.get("checkpoint"), moved_to=str(self.layout.done))
             elif event == "worker_crashed":
                 log.error(event, reason=v.reason, crashes=v.updates["crashes"],
                           max_attempts=self.settings.retry.max_attempts,

@@ -42,6 +42,9 @@ from trainerd.sdnotify import Notifier
 from trainerd.states import FINAL_STATES
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
+from trainerd.supervisor.desk import Desk
+from trainerd.supervisor.hooks import Hooks
+from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.filing import Filing
 from trainerd.fsutil import read_json_or_none
@@ -110,6 +113,9 @@ class Supervisor:
         self.report = StateReport(self.layout, self.notifier, self.log)
         self.requests = Requests(self.layout, self.log)
         self.chain: Chain | None = None
+        self.desk: Desk | None = None
+        self.hooks: Hooks | None = None
+        self.retention: Retention | None = None
         # Work on the root that must not run beside a worker (replay compaction): a child process,
         # so the loop never blocks on it.
         self.maintenance: Child | None = None
@@ -144,6 +150,12 @@ class Supervisor:
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
         self.attempts.base = self.base
         self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
+        # Issue 14: publish hooks (children the loop polls), retention and disk use (a child between
+        # workers), and the desk that serves cancel and gc requests besides the chain's.
+        self.hooks = Hooks(self.layout, self.log, settings_of=lambda: self.settings, bump=self.ledger.bump,
+                           env=self.env)
+        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env)
+        self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
@@ -203,6 +215,9 @@ class Supervisor:
             raise
         finally:
             self.wakeup.uninstall()
+            for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
+                if side is not None:
+                    side.close()
             if self.maintenance is not None:
                 self.maintenance.kill_group()  # each of its steps is atomic: safe to cut anywhere
                 self.maintenance.wait(5.0)
@@ -239,7 +254,9 @@ class Supervisor:
         if self.intake.due(now):
             self._scan(now)
         # promote / rollback asked through root/requests/ (a listdir when there are none)
-        self.requests.serve(self.chain, self.running, now, base=self.base.get())
+        self.requests.serve(self.desk, self.running, now, base=self.base.get())
+        self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
+        self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
@@ -258,6 +275,8 @@ class Supervisor:
             times.append(self.report.next_ping)
         if self.maintenance is not None:
             times.append(now + 1.0)  # SIGCHLD wakes us when it ends; this is only a backstop
+        if self.hooks is not None and self.retention is not None:
+            times += self.hooks.wake_times(now) + self.retention.wake_times(now)
         r = self.running
         if r is not None:
             times.append(r.next_guard_poll)
@@ -382,7 +401,7 @@ class Supervisor:
             return
         if not self.disk.may_start(self.settings.disk.min_free_bytes, head.id):
             return
-        if self._maintaining(now) or self._base_held(head):
+        if self._maintaining(now) or self.retention.busy() or self._base_held(head):
             return
         if self._guard_stale:
             self._guard_stale = False

@@ -210,6 +210,25 @@ class Filing:
             "duplicate_of": batch.duplicate_of, "reason": batch.last_reason})
         self._move_original(batch, self.layout.done, name)
 
+    # --- cancelled -------------------------------------------------------------------
+
+    def finish_cancelled(self, batch: Batch) -> None:
+        """Withdrawn by `trainerd cancel`: the original to done/ with ``<name>.cancelled.json``;
+        the batch folder (checkpoints, logs) stays for retention to handle."""
+        files = self.layout.batch(batch.id)
+        if not os.path.lexists(files.claimed(batch.name)):
+            return
+        result = read_json_or_none(files.result) or {}
+        name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
+        atomic_write_json(self.layout.done / f"{name}.cancelled.json", {
+            "file": batch.name, "batch": batch.id, "sha256": batch.sha256, "reason": batch.last_reason,
+            "attempts": batch.attempts, "step": result.get("step") if batch.attempts else None,
+            "total_steps": result.get("total_steps") if batch.attempts else None,
+            "checkpoint": result.get("checkpoint") if batch.attempts else None,
+            "batch_dir": str(files.dir), "cancelled_at": batch.finished_at,
+            "resubmit": "trainerd submit FILE (the same content is trained again: a cancelled batch is no duplicate)"})
+        self._move_original(batch, self.layout.done, name)
+
     # --- the inbox -------------------------------------------------------------------
 
     def reject_entry(self, rej: Rejected, now: float) -> None:
