@@ -8,8 +8,8 @@ root's lock (:func:`trainerd.cli_chain._change`). Both hand them here: the adapt
 :class:`~.chain.Refused` (never possible) / :class:`~.chain.Waiting` (possible later; the request
 stays and is served again).
 
-Cancelling a running batch is a stop through its Escalation (``.stop`` says cancelled, SIGTERM,
-SIGKILL after the stop grace) with cause CANCELLED, so the exit policy files it as cancelled
+Cancelling a running batch is a stop through its Escalation (``.stop`` says cancelled, SIGKILL
+to its group after the stop grace) with cause CANCELLED, so the exit policy files it as cancelled
 whatever the worker's exit; the request stays waiting until the batch is filed, which also makes
 it survive a restart of the daemon (the next one finds the batch queued and withdraws it).
 """

@@ -127,13 +127,16 @@ class Escalation:
         self.terminate(StopReason.STALLED, Sender.SUPERVISOR, now, grace_s=grace_s)
 
     def cancel(self, now: float, grace_s: float) -> bool:
-        """`trainerd cancel`: .stop says cancelled (the worker checkpoints and exits 75), SIGTERM
-        (it checkpoints on that too, also while loading), SIGKILL after the grace. Once only;
-        False when already asked."""
+        """`trainerd cancel`: .stop says cancelled (the worker checkpoints at its next micro-batch
+        and exits 75, its result.json saying why), SIGKILL to the group once ``grace_s`` has passed.
+        No SIGTERM in between: the worker reads both at the same boundaries, and the .stop keeps
+        the reason. Once only; False when already asked."""
         if self.cause is StopReason.CANCELLED:
             return False
+        self._set_cause(StopReason.CANCELLED, force=True)
         self.write_stop(StopReason.CANCELLED)
-        self.terminate(StopReason.CANCELLED, Sender.SUPERVISOR, now, grace_s=grace_s)
+        self.grace_s = grace_s
+        self.kill_at = now + grace_s if self.kill_at is None else min(self.kill_at, now + grace_s)
         return True
 
     def shutdown(self, now: float, grace_s: float, *, at_once: bool) -> None:
