@@ -130,7 +130,7 @@ def _scan(path: str, settings: Any) -> Any:
 
     return scan_file(path, max_line_bytes=settings.data.max_line_bytes,
                      max_bad_fraction=settings.data.max_bad_fraction,
-                     max_errors=settings.data.max_errors_reported)
+                     max_errors=settings.data.max_errors_reported, max_file_bytes=settings.data.max_file_bytes)
 
 
 def _print_report(rep: Any) -> None:
