@@ -15,7 +15,7 @@ hook, runs it at its next start: at least once, in order. A hook should therefor
 
 A hook's failure (an exit other than 0, a signal, the timeout, a missing executable) is logged with
 its output and counted (ledger counter ``hook_failures``); it never undoes the publish. The hook
-gets the daemon's environment plus::
+gets the daemon's environment (less its own TRAINERD_* settings) plus::
 
     TRAINERD_EVENT          published | rejected
     TRAINERD_ADAPTER_DIR    the new version's folder, absolute and resolved (a rejection: the candidate's)
@@ -169,8 +169,8 @@ class Hooks:
         except subprocess.TimeoutExpired:
             self._signal(r, signal.SIGKILL)
             r.proc.wait(5.0)
-        self.log.warning("hook_interrupted", event=r.event.get("event"), version=r.event.get("version"),
-                         batch=r.event.get("batch"), hint="the daemon is stopping; the hook runs again at its next start")
+        self.log.warning("hook_interrupted", **_fields(r.event),
+                         hint="the daemon is stopping; the hook runs again at its next start")
         unlink_quietly(self.layout.hooks / "running.json")
         self.run = None
 
@@ -199,7 +199,10 @@ class Hooks:
             self._count_failure()
             unlink_quietly(path)
             return
-        env = dict(self.env if self.env is not None else os.environ)
+        # The daemon's environment without its own TRAINERD_* settings (a worker command, a fault
+        # injection): the hook's TRAINERD_* are exactly the ones describing its event.
+        env = {k: v for k, v in (self.env if self.env is not None else os.environ).items()
+               if not k.startswith("TRAINERD_")}
         env.update(_environment(self.layout, event, adapter_dir))
         out = self.layout.hooks / "output.log"
         try:
