@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.contract import LANES, RootLayout, lane_name
-from trainerd.fsutil import fmt_bytes, read_json_or_none
+from trainerd.fsutil import fmt_bytes, free_bytes, read_json_or_none
 from trainerd.ledger import Ledger
 from trainerd.states import FINAL_STATES, BatchState
 
@@ -63,6 +63,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
         "running": None, "queue": [], "recent": [], "batches": [], "counts": {}, "kernel_oom_kills": 0,
         "last_decision": None, "rejected": [],
     }
+    out["disk"] = _disk(layout)
     if not layout.db.exists():
         return out
     try:
@@ -122,6 +123,31 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
                        for b in rows if b.state is BatchState.REJECTED]
 
 
+def _disk(layout: RootLayout) -> dict[str, Any]:
+    """Free space now (one statvfs) and the use by kind as last measured by the daemon's child
+    (root/disk-usage.json, re-measured every 10 minutes and after each retention run): status never
+    walks the tree, so it stays fast on a root of any size."""
+    usage = read_json_or_none(layout.disk_usage) or {}
+    return {"free_bytes": free_bytes(layout.root), "min_free_bytes": usage.get("min_free_bytes"),
+            "kinds": usage.get("kinds"), "total_bytes": usage.get("total"), "measured_at": usage.get("measured_at")}
+
+
+def _render_disk(d: dict[str, Any] | None) -> str | None:
+    if not d:
+        return None
+    free, low = d.get("free_bytes"), d.get("min_free_bytes")
+    line = f"disk      free {fmt_bytes(free)}" + (f" (min {fmt_bytes(low)})" if low else "")
+    if free is not None and low and free < low:
+        line += " LOW: no batch starts"
+    kinds = d.get("kinds")
+    if kinds:
+        line += " - " + ", ".join(f"{k} {fmt_bytes(v) if v else '0 B'}" for k, v in kinds.items())
+        line += f" (measured {_fmt_s(time.time() - d['measured_at'])} ago)" if d.get("measured_at") else ""
+    else:
+        line += " - use by kind not measured yet (the daemon measures it)"
+    return line
+
+
 def _quiet_s(files: Any, prog: dict[str, Any], now: float) -> float | None:
     """Seconds since the worker's loops last moved, when that is long enough to say
     (max(10 s, 3 x its median step)); None otherwise. The stall watchdog acts much later."""
@@ -169,6 +195,9 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"decision  #{d['id']} {d['file']}: {d['decision']} ({what})")
     for r in st.get("rejected", [])[:5]:
         lines.append(f"rejected  #{r['id']} {r['file']}: `trainerd promote {r['id']}` publishes it anyway")
+    disk = _render_disk(st.get("disk"))
+    if disk:
+        lines.append(disk)
     if st.get("ledger_error"):
         lines.append(f"ledger    unreadable right now: {st['ledger_error']}")
     c = st["counts"]

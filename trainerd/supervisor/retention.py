@@ -21,8 +21,8 @@ the logs.
 Applied by the daemon: the plan is made in its loop (ledger queries and one directory listing of
 ``done/`` and ``failed/``: milliseconds), versions are marked removed in the ledger first, then
 ``python -m trainerd.diskuse`` deletes the paths and measures the disk use for ``trainerd status``.
-Automatically once an hour between workers (it holds the next start while it deletes, seconds at
-most); at once on ``trainerd gc`` (a request; it may run beside a worker: nothing it deletes is
+Automatically after every worker ends and at least once an hour, between workers (it holds the next
+start while it deletes, seconds at most); at once on ``trainerd gc`` (a request; it may run beside a worker: nothing it deletes is
 anything a worker reads). Without a daemon, ``trainerd gc`` applies it itself under the root's lock.
 The disk use alone is re-measured every 10 minutes (that child only reads).
 """
@@ -153,6 +153,7 @@ class Retention:
         self._for_request = False       # ... asked by `trainerd gc`
         self._answer: dict[str, Any] | None = None
         self._next_apply = 0.0
+        self._was_idle = True
         usage = read_json_or_none(layout.disk_usage) or {}
         self._next_measure = float(usage.get("measured_at") or 0.0) + MEASURE_EVERY_S
 
@@ -168,6 +169,9 @@ class Retention:
             if st is None:
                 return
             self._ended(st, now)
+        if idle and not self._was_idle:
+            self._next_apply = min(self._next_apply, now)  # a worker just ended: between workers now
+        self._was_idle = idle
         if stopping:
             return
         settings = self.settings_of()
