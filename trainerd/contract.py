@@ -30,8 +30,11 @@ def data_suffix(name: str) -> str | None:
 LANES = {"high": 1, "normal": 0, "low": -1}
 
 
+_LANE_NAMES = {v: k for k, v in LANES.items()}
+
+
 def lane_name(priority: int | None) -> str:
-    return next((k for k, v in LANES.items() if v == (priority or 0)), "normal")
+    return _LANE_NAMES.get(priority or 0, "normal")
 
 
 class ExitCode(IntEnum):

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from trainerd import schema
-from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, decided_end
+from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, BatchSummary, decided_end
 from trainerd.schema import LedgerTooNew
 from trainerd.states import FINAL_STATES, BatchState, check_transition
 
@@ -149,6 +149,12 @@ class Ledger:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [Batch.from_row(r) for r in self.db.execute(sql, args)]
+
+    def summaries(self) -> list[BatchSummary]:
+        """Every batch, oldest first, as the light tuples ``trainerd status`` reads."""
+        make, states = BatchSummary._make, {s.value: s for s in BatchState}
+        return [make((r[0], r[1], states[r[2]], *r[3:])) for r in self.db.execute(
+            f"SELECT {BatchSummary.columns()} FROM batches ORDER BY id")]
 
     def next_queued(self) -> Batch | None:
         """The head of the queue, whether or not its back-off has expired: a batch that has

@@ -10,11 +10,11 @@ import dataclasses
 import json
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from trainerd.states import BatchState
 
-__all__ = ["AdapterVersion", "Attempt", "AttemptRecord", "Batch", "decided_end"]
+__all__ = ["AdapterVersion", "Attempt", "AttemptRecord", "Batch", "BatchSummary", "decided_end"]
 
 
 # --- rows ------------------------------------------------------------------------------
@@ -65,6 +65,28 @@ class Batch:
     @property
     def planned(self) -> bool:
         return self.micro_batch_size is not None
+
+
+class BatchSummary(NamedTuple):
+    """The columns ``trainerd status`` shows, for every batch: a tuple, not a :class:`Batch`, so a
+    root with 10 000 batches is read in milliseconds (a Batch costs ~40 us to build)."""
+
+    id: int
+    name: str
+    state: BatchState
+    attempts: int
+    adapter_version: int | None
+    last_reason: str | None
+    priority: int
+    next_attempt_at: float
+    micro_batch_size: int | None
+    grad_accum_steps: int | None
+    finished_at: float | None
+    decision: str | None
+
+    @classmethod
+    def columns(cls) -> str:
+        return ", ".join(cls._fields)
 
 
 @dataclass(frozen=True)

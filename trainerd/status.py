@@ -73,7 +73,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
         return out
     try:
         try:
-            rows = led.batches()
+            rows = led.summaries()  # tuples: 10 000 batches in ~30 ms (Batch rows cost ~0.4 s)
             out["counts"] = led.counts()
             out["kernel_oom_kills"] = led.counter("kernel_oom_kills")
         except sqlite3.Error as e:  # the daemon is creating the ledger right now
