@@ -120,7 +120,8 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
         out["last_decision"] = {"id": b.id, "file": b.name, "decision": b.decision,
                                 "adapter_version": b.adapter_version, "reason": b.last_reason}
     out["rejected"] = [{"id": b.id, "file": b.name, "reason": b.last_reason}
-                       for b in rows if b.state is BatchState.REJECTED]
+                       for b in rows if b.state is BatchState.REJECTED
+                       and layout.rejected_dir(b.id).is_dir()]  # retention may have removed the candidate
 
 
 def _disk(layout: RootLayout) -> dict[str, Any]:

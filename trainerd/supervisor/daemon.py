@@ -175,6 +175,9 @@ class Supervisor:
         self._backed_up_at = now
 
     def close(self) -> None:
+        for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
+            if side is not None:
+                side.close()
         self.inbox.stop_watching()
         if self.ledger is not None:
             self.ledger.close()
@@ -215,9 +218,6 @@ class Supervisor:
             raise
         finally:
             self.wakeup.uninstall()
-            for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
-                if side is not None:
-                    side.close()
             if self.maintenance is not None:
                 self.maintenance.kill_group()  # each of its steps is atomic: safe to cut anywhere
                 self.maintenance.wait(5.0)
