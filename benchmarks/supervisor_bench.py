@@ -2,12 +2,17 @@
 """Supervisor benchmark: its own cost idle and while a worker trains, `trainerd status` latency,
 and how long a file waits between landing in the inbox and the worker's first step.
 
-    python benchmarks/supervisor_bench.py [OUT.json] [--idle-s 30] [--lines 1200]
+    python benchmarks/supervisor_bench.py [OUT.json] [--idle-s 30] [--lines 1200] [--metrics-rows 2000]
 
 Runs the real daemon (`python -m trainerd run`) with the real worker on the tiny test model
 (trainerd.worker.testing) in a temporary root. Targets (issue 3): supervisor RSS <= 40 MB and
 <= 0.1% of a core idle; status <= 0.2 s. Prints the figures and writes them as JSON
 (default bench-out/supervisor_bench.json).
+
+Idle is measured side by side: two daemons at once, one with the Prometheus textfile on (the
+default, every 5 s) and one with ``metrics.textfile: ""``, so the machine's noise lands on both.
+The training part runs with metrics on. ``metrics_write`` times the metrics' own work in-process
+(gather + write) on a ledger of ``--metrics-rows`` batches with two attempts each.
 
 CPU is measured from /proc (psutil cpu_times of the daemon process only, not the worker).
 The tiny model steps ~20 times a second and the worker logs every step, so "while training"
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -70,11 +76,104 @@ def status_times(root: Path, n: int) -> list[float]:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+        flags = open("/proc/cpuinfo").read()
+        return name + (" (AMX)" if "amx_tile" in flags else "") + (" (avx512_bf16)" if "avx512_bf16" in flags else "")
+    except OSError:
+        return "?"
+
+
+def start_daemon(tmp: Path, name: str, model: Path, *, metrics: bool) -> tuple[subprocess.Popen, Any]:
+    root = tmp / name
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(json.dumps({
+        "root": str(root), "model": {"path": str(model)},
+        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 20,
+                  "threads": 1, "warmup_steps": 2},
+        "data": {"chunk_lines": 64},
+        "supervisor": {"settle_s": 0.2, "rescan_s": 5.0, "stop_grace_s": 60},
+        "disk": {"min_free_bytes": 0},
+        "metrics": {} if metrics else {"textfile": ""},
+    }))
+    out_log = open(tmp / f"{name}.out", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(cfg)], env=env(),
+                            stdout=out_log, stderr=subprocess.STDOUT)
+    return proc, out_log
+
+
+def wait_ready(proc: subprocess.Popen, root: Path, tmp: Path) -> None:
+    log_path = root / "logs" / "trainerd.jsonl"
+    while True:
+        try:
+            if '"supervisor_ready"' in log_path.read_text():
+                return
+        except FileNotFoundError:
+            pass
+        assert proc.poll() is None, f"daemon on {root} exited {proc.returncode}"
+        time.sleep(0.01)
+
+
+def metrics_file_age(root: Path) -> float | None:
+    """Seconds since the textfile was last written (<= metrics.interval_s while the daemon idles)."""
+    p = root / "metrics" / "trainerd.prom"
+    return round(time.time() - p.stat().st_mtime, 2) if p.exists() else None
+
+
+def metrics_write_cost(tmp: Path, rows: int) -> dict:
+    """Metrics.tick's gather + write, in-process, on a ledger of ``rows`` batches x 2 attempts:
+    a periodic write (the derived totals cached) and a write after a ledger change (recomputed)."""
+    from types import SimpleNamespace
+
+    from trainerd.config import from_dict
+    from trainerd.contract import RootLayout
+    from trainerd.ledger import Ledger
+    from trainerd.memguard import MemoryGuard
+    from trainerd.metrics import Metrics
+
+    settings = from_dict({"root": str(tmp / "root")})
+    layout = RootLayout(settings.root)
+    layout.make()
+    led = Ledger(layout.db)
+    result = {"status": "done", "tokens": 12345, "step": 40, "errors": [{"line": i, "offset": i * 100,
+              "reason": "invalid JSON: Expecting value"} for i in range(20)]}
+    with led.transaction() as db:
+        for i in range(1, rows + 1):
+            db.execute("INSERT INTO batches(id, name, state, created_at, updated_at, attempts) VALUES (?,?,?,?,?,2)",
+                       (i, f"f{i}.jsonl", "done", 0.0, 0.0))
+            for n, outcome in ((1, "stopped"), (2, "done")):
+                db.execute("INSERT INTO attempts(batch_id, n, started_at, ended_at, outcome, reason, result_json)"
+                           " VALUES (?,?,?,?,?,?,?)", (i, n, 0.0, 1.0, outcome, "memory", json.dumps(result)))
+    daemon = SimpleNamespace(settings=settings, ledger=led, layout=layout, guard=MemoryGuard(settings.memory),
+                             running=None, paused=False, stopping=False)
+    m = Metrics(SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None))
+    times_periodic, times_changed = [], []
+    for i in range(21):
+        t = time.perf_counter()
+        m.tick(1000.0 + 10 * i, daemon)
+        if i:
+            times_periodic.append(time.perf_counter() - t)
+    for i in range(10):
+        led.bump("bench")  # any commit changes the ledger's change count: totals are recomputed
+        t = time.perf_counter()
+        m.tick(2000.0 + 10 * i, daemon)
+        times_changed.append(time.perf_counter() - t)
+    led.close()
+    size = (layout.root / "metrics" / "trainerd.prom").stat().st_size
+    return {"ledger_batches": rows, "ledger_attempts": 2 * rows, "file_bytes": size,
+            "periodic_write_ms": round(1000 * statistics.median(times_periodic), 2),
+            "after_ledger_change_ms": round(1000 * statistics.median(times_changed), 2),
+            "cpu_percent_of_core_at_5s": round(100 * statistics.median(times_periodic) / 5.0, 4)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?", default=str(REPO / "bench-out" / "supervisor_bench.json"))
     ap.add_argument("--idle-s", type=float, default=30.0)
     ap.add_argument("--lines", type=int, default=1200)
+    ap.add_argument("--metrics-rows", type=int, default=2000, help="batches in the ledger for metrics_write")
     ap.add_argument("--keep", action="store_true", help="keep the scratch root for inspection")
     args = ap.parse_args()
 
@@ -83,20 +182,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="trainerd-bench-"))
     model = build_tiny_model(tmp / "model")
     root = tmp / "root"
-    cfg = tmp / "trainerd.yaml"
-    cfg.write_text(json.dumps({
-        "root": str(root), "model": {"path": str(model)},
-        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 20,
-                  "threads": 1, "warmup_steps": 2},
-        "data": {"chunk_lines": 64},
-        "supervisor": {"settle_s": 0.2, "rescan_s": 5.0, "stop_grace_s": 60},
-        "disk": {"min_free_bytes": 0},
-    }))
-    out_log = open(tmp / "daemon.out", "wb")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_name(), "loadavg_start": os.getloadavg()}}
     t_start = time.perf_counter()
-    daemon = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(cfg)], env=env(),
-                              stdout=out_log, stderr=subprocess.STDOUT)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    daemon, out_log = start_daemon(tmp, "root", model, metrics=True)
+    quiet, quiet_log = start_daemon(tmp, "root-metrics-off", model, metrics=False)
     try:
         log_path = root / "logs" / "trainerd.jsonl"
 
@@ -106,20 +195,24 @@ def main() -> int:
             except FileNotFoundError:
                 return []
 
-        while not any(e["event"] == "supervisor_ready" for e in events()):
-            time.sleep(0.01)
-            assert daemon.poll() is None, (tmp / "daemon.out").read_text()
-        results["startup_to_ready_s"] = round(time.perf_counter() - t_start, 3)
-        proc = psutil.Process(daemon.pid)
+        for d, r in ((daemon, root), (quiet, tmp / "root-metrics-off")):
+            wait_ready(d, r, tmp)
+            if d is daemon:
+                results["startup_to_ready_s"] = round(time.perf_counter() - t_start, 3)
+        proc, proc_off = psutil.Process(daemon.pid), psutil.Process(quiet.pid)
 
-        # --- idle ---------------------------------------------------------------------
+        # --- idle, metrics on and off side by side -----------------------------------
         time.sleep(2.0)
-        c0, w0 = cpu_s(proc), time.monotonic()
+        c0, c0_off, w0 = cpu_s(proc), cpu_s(proc_off), time.monotonic()
         time.sleep(args.idle_s)
-        c1, w1 = cpu_s(proc), time.monotonic()
-        mem = proc.memory_full_info()
-        results["idle"] = {"seconds": round(w1 - w0, 1), "cpu_percent_of_core": round(100 * (c1 - c0) / (w1 - w0), 4),
-                           "rss_mb": round(mem.rss / 2**20, 1), "uss_mb": round(mem.uss / 2**20, 1)}
+        c1, c1_off, w1 = cpu_s(proc), cpu_s(proc_off), time.monotonic()
+        for key, p, a, b in (("idle", proc, c0, c1), ("idle_metrics_off", proc_off, c0_off, c1_off)):
+            mem = p.memory_full_info()
+            results[key] = {"seconds": round(w1 - w0, 1), "cpu_percent_of_core": round(100 * (b - a) / (w1 - w0), 4),
+                            "rss_mb": round(mem.rss / 2**20, 1), "uss_mb": round(mem.uss / 2**20, 1)}
+        results["idle"]["metrics_file_age_s"] = metrics_file_age(root)
+        quiet.send_signal(signal.SIGTERM)
+        quiet.wait(60)
         st = status_times(root, 10)
         results["status_idle_s"] = {"median": round(statistics.median(st), 4), "max": round(max(st), 4)}
 
@@ -175,12 +268,16 @@ def main() -> int:
         results["sigterm_exit_code"] = daemon.wait(60)
         results["sigterm_to_exit_s"] = round(time.perf_counter() - t, 3)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        for d in (daemon, quiet):
+            if d.poll() is None:
+                d.kill()
+                d.wait()
         out_log.close()
+        quiet_log.close()
+    results["metrics_write"] = metrics_write_cost(tmp / "metrics-bench", args.metrics_rows)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["targets"] = {"idle_rss_mb<=40": results["idle"]["rss_mb"] <= 40,
+                          "idle_rss_mb<=40 (metrics off)": results["idle_metrics_off"]["rss_mb"] <= 40,
                           "idle_cpu_percent<=0.1": results["idle"]["cpu_percent_of_core"] <= 0.1,
                           "status_s<=0.2": results["status_idle_s"]["median"] <= 0.2}
     out = Path(args.out)

@@ -215,7 +215,7 @@ def test_security_exposure_is_at_most_2():
 
 
 @needs_analyze
-@pytest.mark.parametrize("dropin", ["gpu.conf", "multinode.conf", "serving-hook.conf"])
+@pytest.mark.parametrize("dropin", ["gpu.conf", "multinode.conf", "ranks.conf", "serving-hook.conf"])
 def test_security_exposure_with_each_dropin_stays_at_most_2(tmp_path, dropin):
     """Opening GPUs or the network through a drop-in still keeps the exposure at 2.0 or less."""
     d = tmp_path / "trainerd.service.d"

@@ -125,6 +125,14 @@ class Child:
 
     # --- signals and exit ----------------------------------------------------------------
 
+    def descendants(self) -> list[psutil.Process]:
+        """Every process the worker started, however deep (torchrun's ranks each lead a session
+        of their own: the group alone does not reach them)."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
     def send(self, sig: int, *, group: bool = False) -> bool:
         """Send ``sig`` to the worker (or its whole group). False if it is gone.
 
@@ -143,8 +151,15 @@ class Child:
         return True
 
     def kill_group(self) -> None:
-        """SIGKILL the worker and every process left in its group (grandchildren included)."""
+        """SIGKILL the worker, every process left in its group, and every descendant in a session
+        of its own (torchrun's ranks): taken before the worker dies, while they are its children."""
+        tree = self.descendants()
         self.send(signal.SIGKILL, group=True)
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
 
     def poll(self) -> ExitStatus | None:
         """Reap the worker if it ended (non-blocking). On exit, clean up its group and lifeline."""

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd.cli_ask import add_commands as add_ask_commands
 from trainerd.cli_chain import add_commands as add_chain_commands
+from trainerd.cli_logs import add_commands as add_logs_commands
 from trainerd.cli_ops import add_commands as add_ops_commands
 from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
@@ -302,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pause", parents=[common], help="create root/.stop").set_defaults(fn=cmd_pause)
     sub.add_parser("resume", parents=[common], help="remove root/.stop").set_defaults(fn=cmd_resume)
     add_chain_commands(sub, common)
-    add_ops_commands(sub, common)
+    add_ops_commands(sub, common)  # trainerd cancel, gc (trainerd/cli_ops.py)
+    add_logs_commands(sub, common)  # trainerd logs (trainerd/cli_logs.py)
+    add_ask_commands(sub, common)  # trainerd ask (trainerd/cli_ask.py, trainerd/worker/ask.py)
     s = sub.add_parser("validate", parents=[common], help="line-level report; exit 65 if it would be rejected")
     s.add_argument("files", nargs="+")
     s.add_argument("--json", action="store_true")

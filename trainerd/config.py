@@ -108,6 +108,17 @@ class TrainSettings:
     gradient_checkpointing: bool = field(default=False, metadata=_check("bool"))
     # 0 = let torch decide. Fixed thread counts keep CPU runs reproducible across machines.
     threads: int = field(default=0, metadata=_check("int", min=0))
+    # Distributed (torchrun + DDP): ranks per node and nodes. micro_batch_size and
+    # grad_accum_steps are per rank: the effective batch is micro x accumulation x ranks.
+    nproc_per_node: int = field(default=1, metadata=_check("int", min=1))
+    nnodes: int = field(default=1, metadata=_check("int", min=1))
+    # Across nodes: the c10d rendezvous every node's torchrun agent joins (HOST:PORT), and its id.
+    rdzv_endpoint: str = field(default="", metadata=_check("str"))
+    rdzv_id: str = field(default="trainerd", metadata=_check("str", nonempty=True))
+    # auto: nccl on CUDA, gloo on CPU. A rank that dies leaves the others in their next
+    # collective: they give up after dist_timeout_s (torch's defaults are 10 and 30 minutes).
+    dist_backend: str = field(default="auto", metadata=_check("choice", choices=("auto", "gloo", "nccl")))
+    dist_timeout_s: float = field(default=60.0, metadata=_check("float", min=1.0))
 
 
 @dataclass
@@ -232,6 +243,15 @@ class RetentionSettings:
 
 
 @dataclass
+class MetricsSettings:
+    # Prometheus textfile (node_exporter's textfile collector); relative to root; "" = off.
+    textfile: str = field(default="metrics/trainerd.prom", metadata=_check("str"))
+    # The group that may read the file's folder (node_exporter's); "" = leave it as created.
+    group: str = field(default="", metadata=_check("str"))
+    interval_s: float = field(default=5.0, metadata=_check("float", min=0.5, max=3600.0))
+
+
+@dataclass
 class LogSettings:
     level: str = field(default="info", metadata=_check("choice", choices=("debug", "info", "warning", "error")))
     file: bool = field(default=True, metadata=_check("bool"))
@@ -255,6 +275,7 @@ class Settings:
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
@@ -352,6 +373,7 @@ _SECTIONS = {
     "replay": ReplaySettings,
     "publish": PublishSettings,
     "retention": RetentionSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -359,6 +381,8 @@ def _cross_checks(s: Settings, problems: list[str]) -> None:
     if s.eval.holdout_min > s.eval.holdout_max:
         problems.append(f"eval.holdout_min: must be <= eval.holdout_max ({s.eval.holdout_max}), "
                         f"got {s.eval.holdout_min}")
+    if s.train.nnodes > 1 and not s.train.rdzv_endpoint:
+        problems.append("train.rdzv_endpoint: needed with train.nnodes > 1 (HOST:PORT every node's torchrun joins)")
     if s.eval.early_stopping_patience and not s.eval.every_steps:
         problems.append("eval.early_stopping_patience: needs eval.every_steps > 0 (evaluations to count)")
     if s.memory.soft >= s.memory.hard:

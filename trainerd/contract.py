@@ -108,7 +108,7 @@ class BatchFiles:
         self.checkpoints = d / "checkpoints"
         self.progress = d / "progress.json"       # live progress (status reads it)
         self.heartbeat = d / "heartbeat"          # touched by the worker's own loops: its mtime is its last sign of life
-        self.result = d / "result.json"           # the worker's last word for the attempt
+        self.result = d / "result.json"           # the worker's last word for the attempt (rank 0's)
         self.stderr = d / "worker.stderr"
         self.published = d / "published"         # the attempt's final adapter (--publish)
         self.final_adapter = d / "final_adapter"  # the adapter when the worker runs without --publish
@@ -133,6 +133,10 @@ class BatchFiles:
     def compressed(self) -> Path | None:
         """The compressed original in this folder, if the batch came compressed."""
         return next((p for p in (self.dir / f"data{s}" for s in COMPRESSED_SUFFIXES) if os.path.lexists(p)), None)
+
+    def rank_result(self, rank: int) -> Path:
+        """A distributed attempt's other ranks' last words (exit code and reason)."""
+        return self.result if rank == 0 else self.dir / f"result.rank{rank}.json"
 
     def __repr__(self) -> str:
         return f"BatchFiles({str(self.dir)!r})"
@@ -167,6 +171,7 @@ class RootLayout:
         self.inbox_low = self.inbox / "low"      # ... and this one after it
         self.hooks = r / "hooks"                 # pending publish-hook runs (supervisor/hooks.py)
         self.disk_usage = r / "disk-usage.json"  # sizes by kind, measured by a child (supervisor/retention.py)
+        self.tensorboard = r / "tensorboard"     # TensorBoard event files, a run per batch (worker/curves.py)
 
     @staticmethod
     def batch_name(batch_id: int) -> str:

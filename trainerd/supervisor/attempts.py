@@ -33,6 +33,7 @@ from trainerd.supervisor import forensics, hooks, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import guarded
+from trainerd.supervisor.launch import distributed, launch_argv, launch_env
 from trainerd.supervisor.lineage import chain_base, freeze_inputs
 from trainerd.supervisor.stall import StallWatch
 from trainerd.supervisor.stopping import Escalation
@@ -54,6 +55,7 @@ class Running:
     next_guard_poll: float = 0.0
     stall: StallWatch | None = None
     next_stall_look: float = 0.0
+    world: int = 1               # ranks (torchrun): their result files decide the outcome
 
     @property
     def attempt(self) -> int:
@@ -170,13 +172,18 @@ class Attempts:
         batch, init_adapter = self._parent(batch, now)
         batch = self.ledger.start_attempt(batch.id, now, str(init_adapter) if init_adapter else None)  # QUEUED -> RUNNING
         alog = log.bind(attempt=batch.attempts)
-        argv = [*self.worker_cmd, str(files.dir)]
+        worker_args = [str(files.dir)]
         if init_adapter is not None:
-            argv += ["--init-adapter", str(init_adapter)]
-        argv += ["--publish", str(files.published)]
+            worker_args += ["--init-adapter", str(init_adapter)]
+        worker_args += ["--publish", str(files.published)]
+        argv = launch_argv(settings, self.worker_cmd, worker_args)
+        for stale in files.dir.glob("result.rank*.json"):
+            stale.unlink(missing_ok=True)
+        _stop_orphans(self.layout, files, alog)
         oom_kills = forensics.vmstat_oom_kills()
         try:
-            child = Child(argv, stderr_path=files.stderr, log=alog, env=self.env, cwd=self.layout.root)
+            child = Child(argv, stderr_path=files.stderr, log=alog, env=launch_env(settings, self.env),
+                          cwd=self.layout.root)
         except OSError as e:
             alog.error("worker_start_failed", error=str(e), argv=argv)
             verdict = policy.crash(batch, f"cannot start the worker: {e}", self.settings, now)
@@ -185,6 +192,12 @@ class Attempts:
             self._apply(batch, batch.attempts, verdict, end, now, alog)
             return None
         self.ledger.set_attempt_pid(batch.id, batch.attempts, child.pid, child.create_time)
+        if distributed(settings):
+            t = settings.train
+            alog.info("ranks_started", nproc_per_node=t.nproc_per_node, nnodes=t.nnodes,
+                      world_size=t.nproc_per_node * t.nnodes, argv=argv,
+                      other_nodes=None if t.nnodes == 1 else "run the same argv on every other node (same config, "
+                                                             "the batch folder on a shared file system)")
         alog.info("worker_started", file=batch.name, pid=child.pid,
                   init_adapter=str(init_adapter) if init_adapter else None,
                   init_adapter_version=batch.parent_version,
@@ -192,8 +205,9 @@ class Attempts:
                   grad_accum_steps=settings.train.grad_accum_steps,
                   gradient_checkpointing=settings.train.gradient_checkpointing)
         unlink_quietly(files.heartbeat)  # the last attempt's sign of life is not this one's
+        world = settings.train.nproc_per_node * settings.train.nnodes if distributed(settings) else 1
         return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills, next_guard_poll=now,
-                       stall=StallWatch(files, now))
+                       stall=StallWatch(files, now), world=world)
 
     def _parent(self, batch: Batch, now: float) -> tuple[Batch, Path | None]:
         """The adapter the batch continues and is judged against: the newest version at its first
@@ -219,6 +233,8 @@ class Attempts:
     def finish(self, r: Running, st: ExitStatus, now: float, *, stopping: bool) -> Batch:
         """The worker ``r`` exited with ``st``: log it, then settle its batch."""
         result = read_json_or_none(r.files.result)
+        if r.world > 1:
+            st = ranks_status(r.files, st, r.world)
         sender = r.stop.sent_by(st.signal) if st.signal is not None else None
         r.log.info("worker_exited", exit=st.describe(), exit_code=st.code, signal=st.signal,
                    signal_sent_by=None if sender is None else sender.value,
@@ -362,3 +378,38 @@ def _gate_fields(g: Any) -> dict[str, Any]:
             "new_set_loss": None if new is None else [new.champion, new.candidate],
             "worst_regression": None if worst is None else {"set": worst.name, "change": worst.change,
                                                              "allowed": worst.allowed}}
+
+
+def ranks_status(files: BatchFiles, st: ExitStatus, world: int) -> ExitStatus:
+    """The attempt's exit as the ranks say it. torchrun exits 1 when any rank fails, so a rank's
+    75 (stopped, resumable) does not come through its code: every rank wrote its own result
+    (rank 0: result.json). All 0 or all 75: that. A rank that wrote nothing, or a bad-data /
+    bad-settings / crash code: that, the worst first. torchrun's own code only as a fallback."""
+    if st.code == ExitCode.OK:
+        return st
+    codes = []
+    for rank in range(world):
+        res = read_json_or_none(files.rank_result(rank))
+        codes.append(res.get("exit_code") if res else None)
+    for code in (ExitCode.DATAERR, ExitCode.CONFIG, ExitCode.SOFTWARE):
+        if code in codes:
+            return ExitStatus(int(code), None)
+    if codes and all(c == ExitCode.TEMPFAIL for c in codes):
+        return ExitStatus(int(ExitCode.TEMPFAIL), None)
+    return st
+
+
+def _stop_orphans(layout: RootLayout, files: BatchFiles, log: Any) -> None:
+    """Processes of an earlier attempt of this batch still alive (a rank orphaned when its torchrun
+    was killed from outside, checkpointing on its lifeline's EOF): SIGKILLed before a new attempt
+    writes the same folder. Their writes are atomic, so nothing is torn."""
+    from trainerd.supervisor.reconcile import find_leftover_workers
+
+    for p in find_leftover_workers(layout):
+        try:
+            if str(files.dir) in p.cmdline():
+                log.warning("orphan_worker_killed", pid=p.pid, cmdline=" ".join(p.cmdline()[:8]))
+                p.kill()
+                p.wait(5)
+        except Exception:  # psutil.Error, TimeoutExpired: it is gone or going
+            pass

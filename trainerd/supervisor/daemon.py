@@ -22,24 +22,20 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
-from trainerd.basemodel import Watched, short
-from trainerd.child import Child, worker_command
+from trainerd.child import worker_command
 from trainerd.config import ConfigError, Settings
 from trainerd.contract import RootLayout
 from trainerd.inbox import Inbox
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.logs import get_logger
 from trainerd.memguard import MemoryGuard
-from trainerd.replay import Store
+from trainerd.metrics import Metrics
 from trainerd.sdnotify import Notifier
-from trainerd.states import FINAL_STATES
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
 from trainerd.supervisor.desk import Desk
@@ -47,11 +43,12 @@ from trainerd.supervisor.hooks import Hooks
 from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.filing import Filing
-from trainerd.fsutil import read_json_or_none
 from trainerd.supervisor.intake import Intake
-from trainerd.supervisor.lineage import chain_base
 from trainerd.supervisor.reconcile import reconcile
 from trainerd.supervisor import recovery
+from trainerd.supervisor import stall
+from trainerd.supervisor.basehold import BaseHold
+from trainerd.supervisor.maintenance import Maintenance
 from trainerd.supervisor.report import StateReport
 from trainerd.supervisor.requests import Requests
 from trainerd.supervisor.wakeup import Wakeup
@@ -116,13 +113,10 @@ class Supervisor:
         self.desk: Desk | None = None
         self.hooks: Hooks | None = None
         self.retention: Retention | None = None
-        # Work on the root that must not run beside a worker (replay compaction): a child process,
-        # so the loop never blocks on it.
-        self.maintenance: Child | None = None
-        self._maintenance_blocked_until = 0.0
-        self._backed_up_at = 0.0
-        self.base = Watched(settings.model.path)  # the configured base model's identity
-        self.base_held: dict[str, Any] | None = None  # why the queue is held for the base model
+        self.maintenance = Maintenance(self.layout, self.log, env)
+        self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
+        self.backups: recovery.Backups | None = None
+        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
 
     # --- derived state -------------------------------------------------------------------
 
@@ -144,11 +138,12 @@ class Supervisor:
         self.layout.make()
         self._take_lock()
         self.ledger = recovery.open_ledger(self.layout, self.log)
-        self.ledger.on_change = self._ledger_changed
+        self.backups = recovery.Backups(self.ledger, self.layout, self.log)
+        self.ledger.on_change = self.backups.changed
         self.filing = Filing(self.layout, self.ledger, self.log)
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
-        self.attempts.base = self.base
+        self.attempts.base = self.base_hold.base
         self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
         # Issue 14: publish hooks (children the loop polls), retention and disk use (a child between
         # workers), and the desk that serves cancel and gc requests besides the chain's.
@@ -160,19 +155,6 @@ class Supervisor:
                       worker_cmd=" ".join(self.worker_cmd))
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
-
-    def _ledger_changed(self, batch: Any) -> None:
-        """After every committed change of a batch: its folder's manifest; after its end, a backup."""
-        recovery.write_manifest(self.layout, batch)
-        if batch.state in FINAL_STATES:
-            self._backup(time.time())
-
-    def _backup(self, now: float) -> None:
-        try:
-            recovery.backup(self.ledger, self.layout)
-        except (OSError, sqlite3.Error) as e:
-            self.log.error("ledger_backup_failed", error=str(e))
-        self._backed_up_at = now
 
     def close(self) -> None:
         for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
@@ -218,9 +200,7 @@ class Supervisor:
             raise
         finally:
             self.wakeup.uninstall()
-            if self.maintenance is not None:
-                self.maintenance.kill_group()  # each of its steps is atomic: safe to cut anywhere
-                self.maintenance.wait(5.0)
+            self.maintenance.stop()
             if self.running is not None:
                 # Only after an exception. Let the worker checkpoint (it would also stop on its
                 # lifeline, but then the next start has to wait for it); kill it if it hangs.
@@ -250,21 +230,21 @@ class Supervisor:
             self._supervise(now)
         if self.stopping and self.running is None:
             self.finished = True
+            self.metrics.tick(now, self)  # the last state (no worker) for the textfile it leaves behind
             return None
         if self.intake.due(now):
             self._scan(now)
         # promote / rollback asked through root/requests/ (a listdir when there are none)
-        self.requests.serve(self.desk, self.running, now, base=self.base.get())
+        self.requests.serve(self.desk, self.running, now, base=self.base_hold.base.get())
         self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
         self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
         self._write_daemon_state()
-        every = self.settings.supervisor.ledger_backup_s
-        if every and now - self._backed_up_at >= every:
-            self._backup(now)
-        return self._next_wake(now)
+        self.backups.due(now, self.settings.supervisor.ledger_backup_s)
+        metrics_due = self.metrics.tick(now, self)  # reads this object's public state; cheap unless due
+        return min(self._next_wake(now), metrics_due)
 
     def _scan(self, now: float) -> None:
         self.intake.scan(now, self.ledger, self.attempts, self.filing)
@@ -273,7 +253,7 @@ class Supervisor:
         times = self.intake.next_wake()
         if self.report.next_ping is not None:
             times.append(self.report.next_ping)
-        if self.maintenance is not None:
+        if self.maintenance.child is not None:
             times.append(now + 1.0)  # SIGCHLD wakes us when it ends; this is only a backstop
         if self.hooks is not None and self.retention is not None:
             times += self.hooks.wake_times(now) + self.retention.wake_times(now)
@@ -338,9 +318,9 @@ class Supervisor:
             self.attempts.settings = new
         self.inbox.settle_s = new.supervisor.settle_s
         self.intake.rescan_s = new.supervisor.rescan_s
-        self.base = Watched(new.model.path)
+        self.base_hold = BaseHold(new.model.path, self.layout, self.log)
         if self.attempts is not None:
-            self.attempts.base = self.base
+            self.attempts.base = self.base_hold.base
         self._guard_stale = True  # rebuilt with the new memory settings before the next attempt
         self.log.info("config_reloaded", config=str(self.config_path))
         self.notifier.ready(status=self._describe_state())
@@ -367,9 +347,8 @@ class Supervisor:
                 " (pausing)" if self.paused else "")
         if self.paused:
             return "paused (remove .stop to resume)"
-        if self.base_held:
-            return (f"held: the base model is {self.base_held['configured_base']}, the chain's is "
-                    f"{self.base_held['chain_base']} (restore model.path or run `trainerd rebase`)")
+        if self.base_hold.held:
+            return self.base_hold.describe()
         if self.disk_low:
             return "waiting for free disk space"
         head = self.ledger.next_queued() if self.ledger else None
@@ -380,7 +359,7 @@ class Supervisor:
     def _write_daemon_state(self) -> None:
         r = self.running
         self.report.publish(self._describe_state(), {
-            "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low, "base_held": self.base_held,
+            "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low, "base_held": self.base_hold.held,
             "running": None if r is None else {"batch": r.batch.id, "attempt": r.attempt,
                                                "pid": r.child.pid, "started_at": r.started_at},
         })
@@ -401,7 +380,8 @@ class Supervisor:
             return
         if not self.disk.may_start(self.settings.disk.min_free_bytes, head.id):
             return
-        if self._maintaining(now) or self.retention.busy() or self._base_held(head):
+        if self.maintenance.busy(now, self.settings) or self.retention.busy() or \
+                self.base_hold.holds(head, self.ledger.latest_version()):
             return
         if self._guard_stale:
             self._guard_stale = False
@@ -419,63 +399,6 @@ class Supervisor:
             # worker age), and a wall-clock step (NTP) must not read as growth or a sudden age.
             self.guard.attach(self.running.child.pid, self.running.files.dir, time.monotonic())
 
-    def _base_held(self, head: Any) -> bool:
-        """Hold the queue (nothing fails) while the configured base model is not the one the chain
-        (or the head batch's checkpoints) belong to, until model.path is restored or `trainerd
-        rebase` starts a new chain. A model that cannot be read holds nothing: the worker says why."""
-        configured = self.base.get()
-        if configured is None:
-            return False
-        chain, _ = chain_base(self.layout, self.ledger.latest_version())
-        mine = (read_json_or_none(self.layout.batch(head.id).parent) or {}).get("base")
-        other = next((b for b in (mine, chain) if b and b.get("id") != configured["id"]), None)
-        if other is None:
-            if self.base_held is not None:
-                self.log.info("base_model_ok", base=configured["path"], base_id=configured["id"])
-            self.base_held = None
-            return False
-        held = {"chain_base": short(other), "configured_base": short(configured), "batch": head.id}
-        if held != self.base_held:
-            self.log.error("base_model_changed", **held, action="the queue is held: restore model.path, or run "
-                           "`trainerd rebase` to start a new chain on the configured model")
-        self.base_held = held
-        return True
-
-    def _watch_stall(self, r: Running, now: float) -> None:
-        if r.stall is None or r.stop.stalled is not None or now < r.next_stall_look:
-            return
-        r.next_stall_look = now + 1.0  # a stat and two small reads: once a second is plenty
-        look = r.stall.look(now, self.settings.supervisor.stall_timeout_s)
-        if look.stalled:
-            r.log.error("worker_stalled", pid=r.child.pid, **r.stall.fields(look),
-                        action="SIGCONT, SIGTERM (a checkpoint if it still can), SIGKILL after the stop grace; "
-                               "counted as a crash")
-            r.stop.stall(now, self.settings.supervisor.stop_grace_s, look.describe())
-
-    def _maintaining(self, now: float) -> bool:
-        """True while maintenance runs (and started now if due): the replay store past its bound
-        is compacted between workers, never beside one (a draw reads the store)."""
-        m = self.maintenance
-        if m is not None:
-            st = m.poll()
-            if st is None:
-                return True
-            self.maintenance = None
-            if st.code != 0:
-                self._maintenance_blocked_until = now + self.settings.retry.backoff_max_s
-            (self.log.info if st.code == 0 else self.log.error)(
-                "replay_compaction_ended", exit=st.describe(),
-                retry_in_s=None if st.code == 0 else self.settings.retry.backoff_max_s)
-            return False
-        max_bytes = self.settings.replay.max_bytes
-        if now < self._maintenance_blocked_until or not Store.open(self.layout.replay).over(max_bytes):
-            return False
-        argv = [sys.executable, "-m", "trainerd.replay", "compact", str(self.layout.root), str(max_bytes)]
-        self.maintenance = Child(argv, stderr_path=self.layout.logs / "maintenance.stderr",
-                                 log=self.log.bind(task="replay_compaction"), env=self.env, cwd=self.layout.root)
-        self.log.info("replay_compaction_started", max_bytes=max_bytes, pid=self.maintenance.pid)
-        return True
-
     def _supervise(self, now: float) -> None:
         r = self.running
         assert r is not None and self.attempts is not None
@@ -483,8 +406,11 @@ class Supervisor:
         if status is None:
             if now >= r.next_guard_poll:
                 r.next_guard_poll = now + self.settings.memory.interval_ms / 1000.0
-                r.stop.apply_guard(self.guard.poll(time.monotonic()))
-                self._watch_stall(r, now)
+                decision = self.guard.poll(time.monotonic())
+                if decision.action != "none":  # counted for the metrics (ledger counters survive restarts)
+                    self.ledger.bump(f"guard_actions:{decision.action}")
+                r.stop.apply_guard(decision)
+                stall.watch(r, now, self.settings.supervisor.stall_timeout_s, self.settings.supervisor.stop_grace_s)
             r.stop.tick(now)
             return
         self.guard.detach()

@@ -32,9 +32,9 @@ from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, read_json_or_none
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.rows import AdapterVersion, Batch
-from trainerd.states import FINAL_STATES
+from trainerd.states import FINAL_STATES, BatchState
 
-__all__ = ["LedgerUnrecoverable", "backup", "compare", "open_ledger", "repair", "write_manifest"]
+__all__ = ["Backups", "LedgerUnrecoverable", "backup", "compare", "open_ledger", "repair", "write_manifest"]
 
 MANIFEST = "manifest.json"
 
@@ -62,6 +62,31 @@ def backup(ledger: Ledger, layout: RootLayout) -> None:
     finally:
         conn.close()
     os.replace(tmp, dest)
+
+
+class Backups:
+    """The daemon's side: each batch's manifest after every change of it, a backup after its end
+    and at least every ``supervisor.ledger_backup_s``."""
+
+    def __init__(self, ledger: Ledger, layout: RootLayout, log: Any):
+        self.ledger, self.layout, self.log = ledger, layout, log
+        self.at = 0.0
+
+    def changed(self, batch: Batch) -> None:
+        write_manifest(self.layout, batch)
+        if batch.state in FINAL_STATES:
+            self.take(time.time())
+
+    def take(self, now: float) -> None:
+        try:
+            backup(self.ledger, self.layout)
+        except (OSError, sqlite3.Error) as e:
+            self.log.error("ledger_backup_failed", error=str(e))
+        self.at = now
+
+    def due(self, now: float, every_s: float) -> None:
+        if every_s and now - self.at >= every_s:
+            self.take(now)
 
 
 def _check(path: Path) -> str:

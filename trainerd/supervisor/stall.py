@@ -19,7 +19,7 @@ from typing import Any
 from trainerd.contract import BatchFiles
 from trainerd.fsutil import read_json_or_none
 
-__all__ = ["Stall", "StallWatch", "timeout_s"]
+__all__ = ["Stall", "StallWatch", "timeout_s", "watch"]
 
 MIN_TIMEOUT_S = 300.0
 
@@ -62,3 +62,16 @@ class StallWatch:
     def fields(self, s: Stall) -> dict[str, Any]:
         return {"no_progress_s": round(s.since_s, 1), "phase": s.phase, "stall_timeout_s": round(s.timeout_s, 1),
                 "median_step_s": s.median_step_s}
+
+
+def watch(r: Any, now: float, timeout_configured_s: float, grace_s: float) -> None:
+    """Look at the running worker at most once a second; stop it (stopping.py) once stalled."""
+    if r.stall is None or r.stop.stalled is not None or now < r.next_stall_look:
+        return
+    r.next_stall_look = now + 1.0  # a stat and two small reads: once a second is plenty
+    look = r.stall.look(now, timeout_configured_s)
+    if look.stalled:
+        r.log.error("worker_stalled", pid=r.child.pid, **r.stall.fields(look),
+                    action="SIGCONT, SIGTERM (a checkpoint if it still can), SIGKILL after the stop grace; "
+                           "counted as a crash")
+        r.stop.stall(now, grace_s, look.describe())

@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="first_split")
             raise _Finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,
                           lines_bad=rejected.bad, errors=rejected.errors, step=0, total_steps=0)
-        end = _train(files, settings, args, log)
+        from trainerd.worker.curves import recording
+
+        with recording(files, settings, args.init_adapter, log):  # TensorBoard curves, fed by the log events
+            end = _train(files, settings, args, log)
     except _Finish as e:
         end = e
     return _write_result(files, log, end)

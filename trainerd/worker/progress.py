@@ -39,6 +39,7 @@ class Progress:
         self.steps = 0
         self._recent: list[float] = []  # the last steps' seconds (the stall watchdog scales with them)
         self._written_at = 0.0
+        self.checkpoint: dict[str, Any] | None = None  # the last one written: step, at (Unix time), seconds
 
     def add_step(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
@@ -49,6 +50,11 @@ class Progress:
     @property
     def median_step_s(self) -> float | None:
         return sorted(self._recent)[len(self._recent) // 2] if self._recent else None
+
+    def checkpointed(self, step: int, seconds: float) -> None:
+        """A checkpoint was written: progress.json says so at its next write (the metrics read it)."""
+        self.checkpoint = {"step": step, "at": time.time(), "seconds": round(seconds, 4)}
+        self._written_at = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,7 +80,7 @@ class Progress:
                 "step": step, "total_steps": total_steps, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
                 "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": micro_batch_size,
-                "median_step_s": self.median_step_s,
+                "median_step_s": self.median_step_s, "checkpoint": self.checkpoint,
                 "pid": os.getpid(), "updated": time.time(),
             }, durable=False)
         except OSError as e:

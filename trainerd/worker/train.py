@@ -370,6 +370,7 @@ class Trainer:
             raise
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = self.step
+        self.progress.checkpointed(self.step, time.monotonic() - t0)
         self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
         self.log.info("checkpoint_saved", step=self.step, path=path.name,
                       save_s=round(time.monotonic() - t0, 3), cursor=cursor.as_dict())

@@ -1,0 +1,139 @@
+"""TensorBoard curves: a real worker writes event files that show its loss per step (read back
+through the TFRecord framing and tensorboardX's Event proto); a resumed run purges what the
+interrupted one logged after its checkpoint and still ends bit-identical; the step axis continues
+along the chain; the versions' gate figures are written once each; a failing writer goes quiet."""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+from support.log import ListLog
+from workerutil import adapter_bytes, make_batch, run_worker, sample_lines
+
+from trainerd.contract import RootLayout
+from trainerd.worker.curves import Curves, chain_offset, write_versions
+
+
+def read_events(run: Path) -> list:
+    """Every Event in a run folder, file by file in name order (TFRecord: length, crc, data, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for f in sorted(run.glob("events.out.tfevents.*")):
+        data, pos = f.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = Event()
+            ev.ParseFromString(data[pos + 12:pos + 12 + n])
+            out.append((f.name, ev))
+            pos += 12 + n + 4
+    return out
+
+
+def scalars(run: Path, tag: str) -> dict[int, float]:
+    """{step: value} for ``tag`` as TensorBoard shows it: a START session log at step P in a later
+    file hides the earlier files' events at steps >= P."""
+    events = read_events(run)
+    shown: dict[int, float] = {}
+    for name, ev in events:
+        if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+            shown = {s: v for s, v in shown.items() if s < ev.step}
+        for v in ev.summary.value:
+            if v.tag == tag:
+                shown[ev.step] = v.simple_value
+    return shown
+
+
+def test_a_worker_run_writes_loss_per_step_and_the_eval_figures(tmp_path, tiny_model_dir):
+    """The event file holds train/loss for every step the worker logged (same values), the
+    learning rate, tokens/s and memory, and the final evaluation's candidate and champion losses."""
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(60), name="000007")
+    rc, _, logs = run_worker(batch)
+    assert rc == 0
+    run = tmp_path / "root" / "tensorboard" / "000007"
+    steps = {e["step"]: e["loss"] for e in logs if e["event"] == "step"}
+    assert len(steps) >= 4
+    loss = scalars(run, "train/loss")
+    assert sorted(loss) == sorted(steps)
+    assert all(abs(loss[s] - steps[s]) < 1e-5 for s in steps)
+    for tag in ("train/learning_rate", "train/tokens_per_s", "train/rss_bytes"):
+        assert sorted(scalars(run, tag)) == sorted(steps), tag
+    done = next(e for e in logs if e["event"] == "evaluation_done")
+    assert done["sets"]
+    for s in done["sets"]:
+        kind, name = s["kind"], s["name"].replace(":", "_")
+        for model in ("candidate", "champion"):  # simple_value is a float32
+            assert scalars(run, f"eval/{kind}/{name}/{model}") == {max(steps): pytest.approx(s[model], rel=1e-6)}
+
+
+def test_resume_purges_the_lost_steps_and_stays_exact(tmp_path, tiny_model_dir):
+    """Killed after step 5 (checkpoint at 4), then resumed: TensorBoard shows each step once, the
+    resumed run's values from step 5 on; the adapter is bit-identical to an uninterrupted run's."""
+    lines = sample_lines(60)
+    ref = make_batch(tmp_path / "a", tiny_model_dir, lines, name="ref")
+    assert run_worker(ref)[0] == 0
+    batch = make_batch(tmp_path / "b", tiny_model_dir, lines, name="cut")
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
+    assert rc == -signal.SIGKILL
+    rc, _, logs = run_worker(batch)
+    assert rc == 0
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref / "final_adapter")
+    run = tmp_path / "b" / "root" / "tensorboard" / "cut"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    resumed = {e["step"]: e["loss"] for e in logs if e["event"] == "step"}
+    assert min(resumed) == 5
+    shown = scalars(run, "train/loss")
+    assert sorted(shown) == list(range(1, max(resumed) + 1))
+    assert all(abs(shown[s] - resumed[s]) < 1e-5 for s in resumed)
+    assert shown == scalars(tmp_path / "a" / "root" / "tensorboard" / "ref", "train/loss")
+
+
+def test_chain_offset_follows_init_adapters(tmp_path):
+    """The offset is the steps of every adapter up the chain (trainerd.json's steps and init_adapter)."""
+    a, b, c = (tmp_path / n for n in "abc")
+    for d, steps, parent in ((a, 10, None), (b, 7, a), (c, 5, b)):
+        d.mkdir()
+        (d / "trainerd.json").write_text(json.dumps({"steps": steps, "init_adapter": str(parent) if parent else None}))
+    assert chain_offset(None) == 0
+    assert chain_offset(a) == 10
+    assert chain_offset(c) == 22
+    (a / "trainerd.json").write_text(json.dumps({"steps": 10, "init_adapter": str(c)}))  # a hand-made cycle
+    assert chain_offset(c) == 22
+
+
+def test_versions_gate_figures_are_written_once_each(tmp_path):
+    """Each adapters/<n>/lineage.json becomes one event file in tensorboard/versions at step n; a
+    second call writes nothing; a version without its lineage yet is left for later."""
+    layout = RootLayout(tmp_path / "root")
+    gate = {"sets": [{"name": "000001:holdout.jsonl", "kind": "new", "champion": 3.0, "candidate": 2.5,
+                      "change": -0.5, "allowed": 0.02}]}
+    for n, kind in ((1, "blessed"), (2, "forced")):
+        (layout.adapters / str(n)).mkdir(parents=True)
+        (layout.adapters / str(n) / "lineage.json").write_text(json.dumps(
+            {"version": n, "kind": kind, "steps": 4 * n, "tokens": 100 * n, "gate": gate}))
+    (layout.adapters / "3").mkdir()
+    assert write_versions(layout) == [1, 2]
+    assert write_versions(layout) == []
+    run = layout.tensorboard / "versions"
+    assert scalars(run, "gate/new/000001_holdout.jsonl/candidate") == {1: 2.5, 2: 2.5}
+    assert scalars(run, "version/blessed") == {1: 1.0, 2: 0.0}
+    assert scalars(run, "version/steps") == {1: 4.0, 2: 8.0}
+
+
+def test_a_failing_writer_logs_once_and_goes_quiet(tmp_path):
+    """The run folder cannot be made (a file is in the way): one curves_failed, then silence."""
+    (tmp_path / "tensorboard").write_text("in the way")
+    log = ListLog()
+    c = Curves(tmp_path / "tensorboard" / "000001", 0, log)
+    import logging
+
+    for msg in ({"event": "training_started", "step": 0}, {"event": "step", "step": 1, "loss": 2.0},
+                {"event": "step", "step": 2, "loss": 1.9}):
+        c.emit(logging.LogRecord("trainerd", logging.INFO, __file__, 1, msg, None, None))
+    c.close()
+    assert log.events() == ["curves_failed"]

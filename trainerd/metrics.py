@@ -1,0 +1,423 @@
+"""Prometheus metrics as a textfile for node_exporter's textfile collector (supervisor side).
+
+The daemon calls :meth:`Metrics.tick` once per loop turn. Most turns cost a few attribute reads
+(is anything different: the ledger's change count, paused, the running attempt, the guard's
+actions on it); the file is rewritten when something changed and every ``metrics.interval_s``
+otherwise. Gathering the figures is here, from what the daemon already has (its ledger, guard,
+layout, settings, the running attempt) and small files (progress.json, the current version's
+lineage.json): the daemon keeps no state for us.
+
+Counters survive a restart because they are derived from the ledger, not counted in memory:
+
+- ``trainerd_trained_tokens_total`` / ``trainerd_training_steps_total``: per batch, the furthest
+  any of its attempts got (result.json's ``tokens``/``step`` are cumulative over a batch's
+  attempts, so summing attempts would count a resumed batch twice), plus the running attempt's
+  live progress beyond that. Steps redone after a crash (lost since the last checkpoint) are not
+  counted again. Only a supervisor killed while its worker trained can make it step back (the
+  lost attempt's live progress was never recorded): Prometheus reads that as a counter reset.
+- ``trainerd_worker_restarts_total{reason}``: attempts that ended before their batch was through
+  (stopped, crashed, lost), by why.
+- ``trainerd_kernel_oom_kills_total``: the ledger's own counter.
+- ``trainerd_guard_actions_total{action}``: the guard's stop / recycle / term / kill decisions on
+  a running worker, counted by the daemon as it carries them out (the ledger's counters table,
+  ``guard_actions:<action>``).
+
+No timestamps on samples (the textfile convention); the time figures are gauges holding Unix
+seconds. Never fatal: a failure to gather or write is logged once per kind and retried at the
+next interval.
+"""
+
+from __future__ import annotations
+
+import grp
+import math
+import os
+import platform
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainerd.contract import RootLayout, StopReason
+from trainerd.fsutil import read_json_or_none
+from trainerd.inbox import is_candidate_name
+from trainerd.states import BatchState
+
+__all__ = ["Metrics", "Snapshot", "textfile_path"]
+
+GUARD_ACTIONS = ("stop", "recycle", "term", "kill")
+_RESTART_OUTCOMES = ("stopped", "crashed", "lost")
+_KNOWN_STOPS = {r.value for r in StopReason}
+
+
+def textfile_path(settings: Any) -> Path | None:
+    """Where the metrics go (``metrics.textfile`` relative to the root), or None when off."""
+    name = settings.metrics.textfile
+    return None if not name else Path(settings.root) / name
+
+
+def _build_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("trainerd")
+    except Exception:  # noqa: BLE001 - not installed (run from a checkout), or broken metadata
+        return "unknown"
+
+
+@dataclass
+class Snapshot:
+    """Every figure one write needs, gathered at once (plain values: the collector only formats)."""
+
+    batches: dict[str, int] = field(default_factory=dict)
+    inbox_files: int = 0
+    worker_running: bool = False
+    paused: bool = False
+    paused_since: float | None = None
+    trained_tokens: int = 0
+    training_steps: int = 0
+    tokens_per_s: float = 0.0
+    loss: float = math.nan
+    memory_usage_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    guard_actions: dict[str, int] = field(default_factory=dict)
+    kernel_oom_kills: int = 0
+    restarts: dict[str, int] = field(default_factory=dict)
+    checkpoint_seconds: float | None = None
+    checkpoint_at: float | None = None
+    publish_at: float | None = None
+    adapter_version: int | None = None
+    base_model: str = ""
+    eval_losses: list[tuple[str, str, str, float]] = field(default_factory=list)  # set, kind, model, loss
+
+
+def restart_reason(outcome: str, reason: str | None) -> str:
+    """A bounded label for why an attempt ended early: a stop reason, ``crash`` or ``lost``."""
+    if outcome == "crashed":
+        return "crash"
+    if outcome == "lost":
+        return "lost"
+    return reason if reason in _KNOWN_STOPS else "other"
+
+
+class _Collector:
+    """A prometheus_client collector over the last :class:`Snapshot` (a custom collector: the
+    counters are derived totals, set whole, which Counter objects cannot be)."""
+
+    def __init__(self) -> None:
+        self.snap = Snapshot()
+        self.build = {"version": _build_version(), "python": platform.python_version()}
+
+    def collect(self) -> Any:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
+        s = self.snap
+        info = InfoMetricFamily("trainerd_build", "trainerd's version and the supervisor's python")
+        info.add_metric([], self.build)
+        yield info
+        g = GaugeMetricFamily("trainerd_batches", "Batches in the ledger by state", labels=["state"])
+        for st in BatchState:
+            g.add_metric([st.value], s.batches.get(st.value, 0))
+        yield g
+        yield GaugeMetricFamily("trainerd_inbox_files", "Data files waiting in the inbox, not yet claimed",
+                                value=s.inbox_files)
+        yield GaugeMetricFamily("trainerd_worker_running", "1 while a worker trains", value=int(s.worker_running))
+        yield GaugeMetricFamily("trainerd_paused", "1 while root/.stop exists", value=int(s.paused))
+        if s.paused_since is not None:
+            yield GaugeMetricFamily("trainerd_paused_since_timestamp_seconds",
+                                    "When root/.stop was last written (Unix time)", value=s.paused_since)
+        yield CounterMetricFamily("trainerd_trained_tokens", "Real (unpadded) tokens trained, each batch "
+                                  "position counted once", value=s.trained_tokens)
+        yield CounterMetricFamily("trainerd_training_steps", "Optimizer steps trained, each batch position "
+                                  "counted once", value=s.training_steps)
+        yield GaugeMetricFamily("trainerd_training_tokens_per_second", "The running attempt's training speed "
+                                "(0 when no worker trains)", value=s.tokens_per_s)
+        yield GaugeMetricFamily("trainerd_training_loss", "The running attempt's last step loss (NaN when none)",
+                                value=s.loss)
+        if s.memory_limit_bytes is not None:
+            yield GaugeMetricFamily("trainerd_memory_usage_bytes", "Memory use as the guard measures it",
+                                    value=s.memory_usage_bytes or 0)
+            yield GaugeMetricFamily("trainerd_memory_limit_bytes", "The memory limit the guard applies",
+                                    value=s.memory_limit_bytes)
+        c = CounterMetricFamily("trainerd_guard_actions", "Memory guard actions on workers", labels=["action"])
+        for a in GUARD_ACTIONS:
+            c.add_metric([a], s.guard_actions.get(a, 0))
+        yield c
+        yield CounterMetricFamily("trainerd_kernel_oom_kills", "Workers the kernel's OOM killer took (target 0)",
+                                  value=s.kernel_oom_kills)
+        c = CounterMetricFamily("trainerd_worker_restarts", "Attempts that ended before their batch was "
+                                "through, by why", labels=["reason"])
+        for reason, n in sorted(s.restarts.items()):
+            c.add_metric([reason], n)
+        yield c
+        if s.checkpoint_at is not None:
+            yield GaugeMetricFamily("trainerd_last_checkpoint_duration_seconds", "How long the last checkpoint "
+                                    "write took", value=s.checkpoint_seconds or 0.0)
+            yield GaugeMetricFamily("trainerd_last_checkpoint_timestamp_seconds", "When the last checkpoint was "
+                                    "written (Unix time)", value=s.checkpoint_at)
+        if s.publish_at is not None:
+            yield GaugeMetricFamily("trainerd_last_publish_timestamp_seconds", "When the newest adapter version "
+                                    "was published (Unix time)", value=s.publish_at)
+        if s.adapter_version is not None:
+            yield GaugeMetricFamily("trainerd_adapter_version", "The version adapters/current points at",
+                                    value=s.adapter_version)
+            info = InfoMetricFamily("trainerd_adapter", "The current adapter version and its base model")
+            info.add_metric([], {"version": str(s.adapter_version), "base_model": s.base_model})
+            yield info
+        g = GaugeMetricFamily("trainerd_current_eval_loss", "The current version's gate figures: mean loss "
+                              "per token on each set, of the candidate it was and the champion it beat",
+                              labels=["set", "kind", "model"])
+        for name, kind, model, loss in s.eval_losses:
+            g.add_metric([name, kind, model], loss)
+        yield g
+
+
+class Metrics:
+    """The textfile: when to write it, what goes in, and the folder's group."""
+
+    def __init__(self, log: Any):
+        self.log = log
+        self.collector = _Collector()
+        self.registry: Any = None  # prometheus_client's, made at the first write: off costs no import (~2 MB)
+        self.next_write = 0.0
+        self.writes = 0
+        self._seen: Any = None
+        self._prepared: tuple[Path, str] | None = None  # (path, group) the folder was last set up for
+        self._gid: int | None = None
+        self._warned: set[str] = set()
+        self._totals_key: Any = None          # the ledger change count the derived totals are from
+        self._totals: dict[str, Any] = {}
+        self._lineage_key: Any = None
+        self._lineage: dict[str, Any] = {}
+        self._last_attempt: tuple[Any, Path] | None = None  # the attempt seen running last, its progress.json
+        self._checkpoint: tuple[float | None, float | None] | None = None  # (seconds, at); None: not looked
+
+    # --- the daemon's one call ---------------------------------------------------------------
+
+    def tick(self, now: float, daemon: Any) -> float:
+        """Write the file if something changed or it is due; return when to be called next
+        (``math.inf`` while metrics are off)."""
+        path = textfile_path(daemon.settings)
+        if path is None or daemon.ledger is None:
+            return math.inf
+        r = daemon.running
+        seen = (daemon.ledger.db.total_changes, daemon.paused, None if r is None else (r.batch.id, r.attempt),
+                daemon.stopping)
+        if seen == self._seen and now < self.next_write:
+            return self.next_write
+        self._seen = seen
+        interval = daemon.settings.metrics.interval_s
+        self.next_write = now + interval
+        try:
+            self.collector.snap = self.gather(daemon)
+            self._write(path, daemon.settings.metrics.group)
+            self.writes += 1
+        except (OSError, sqlite3.Error, ValueError) as e:
+            self._warn_once(f"write:{type(e).__name__}", "metrics_write_failed", path=str(path), error=str(e),
+                            retry_in_s=interval)
+        return self.next_write
+
+    # --- gathering -----------------------------------------------------------------------------
+
+    def gather(self, daemon: Any) -> Snapshot:
+        led, layout = daemon.ledger, daemon.layout
+        s = Snapshot(batches=led.counts(), paused=daemon.paused, worker_running=daemon.running is not None,
+                     kernel_oom_kills=led.counter("kernel_oom_kills"),
+                     guard_actions={a: led.counter(f"guard_actions:{a}") for a in GUARD_ACTIONS})
+        s.inbox_files = _count_inbox(layout)
+        if s.paused:
+            try:
+                s.paused_since = os.lstat(layout.stop).st_mtime
+            except OSError:
+                pass
+        totals = self._derived_totals(led)
+        s.trained_tokens, s.training_steps, s.restarts = totals["tokens"], totals["steps"], totals["restarts"]
+        r = daemon.running
+        key = None if r is None else (r.batch.id, r.attempt)
+        if self._last_attempt is not None and self._last_attempt[0] != key:
+            # That attempt's last checkpoint (the final one, a stop's) came after our last look.
+            self._note_checkpoint(read_json_or_none(self._last_attempt[1]) or {})
+        self._last_attempt = None if r is None else (key, r.files.progress)
+        if r is not None:
+            prog = read_json_or_none(r.files.progress) or {}
+            if prog.get("pid") == r.child.pid:  # this attempt's, not the previous one's leftovers
+                done = totals["by_batch"].get(r.batch.id, (0, 0))
+                s.trained_tokens += max(0, int(prog.get("tokens") or 0) - done[0])
+                s.training_steps += max(0, int(prog.get("step") or 0) - done[1])
+                s.tokens_per_s = float(prog.get("tokens_per_s") or 0.0)
+                s.loss = float(prog["loss"]) if prog.get("loss") is not None else math.nan
+                self._note_checkpoint(prog)
+        if self._checkpoint is None:
+            self._checkpoint = _newest_checkpoint(led, layout)
+        s.checkpoint_seconds, s.checkpoint_at = self._checkpoint
+        # Counters never step back within one daemon's life (a resumed attempt restarts its
+        # live progress at the checkpoint it resumed from).
+        prev = self.collector.snap
+        s.trained_tokens = max(s.trained_tokens, prev.trained_tokens)
+        s.training_steps = max(s.training_steps, prev.training_steps)
+        self._gather_memory(daemon, s)
+        latest = led.latest_version()
+        if latest is not None:
+            s.publish_at = latest.created_at
+        self._gather_current(layout, daemon.settings, s)
+        return s
+
+    def _note_checkpoint(self, progress: dict[str, Any]) -> None:
+        ck = progress.get("checkpoint") or {}
+        if ck.get("at"):
+            self._checkpoint = (ck.get("seconds"), ck["at"])
+
+    def _derived_totals(self, led: Any) -> dict[str, Any]:
+        """Tokens and steps per batch (the furthest attempt) and restarts by reason, from the
+        attempts table; recomputed only when the ledger changed (one aggregate query: the
+        results are parsed by SQLite's json_extract, not here)."""
+        key = led.db.total_changes
+        if key == self._totals_key:
+            return self._totals
+        by_batch: dict[int, tuple[int, int]] = {}
+        for row in led.db.execute(
+                "SELECT batch_id, max(coalesce(json_extract(result_json, '$.tokens'), 0)),"
+                " max(coalesce(json_extract(result_json, '$.step'), 0))"
+                " FROM attempts WHERE result_json IS NOT NULL GROUP BY batch_id"):
+            by_batch[int(row[0])] = (int(row[1] or 0), int(row[2] or 0))
+        restarts: dict[str, int] = {}
+        for outcome, reason, n in led.db.execute(
+                f"SELECT outcome, reason, count(*) FROM attempts WHERE outcome IN ({','.join('?' * len(_RESTART_OUTCOMES))})"
+                " GROUP BY outcome, reason", _RESTART_OUTCOMES):
+            label = restart_reason(outcome, reason)
+            restarts[label] = restarts.get(label, 0) + int(n)
+        self._totals_key = key
+        self._totals = {"by_batch": by_batch, "tokens": sum(t for t, _ in by_batch.values()),
+                        "steps": sum(st for _, st in by_batch.values()), "restarts": restarts}
+        return self._totals
+
+    def _gather_memory(self, daemon: Any, s: Snapshot) -> None:
+        guard = daemon.guard
+        try:
+            # The guard's own measurement (cgroup usage less page cache, or the worker's tree).
+            sample = guard.sample(time.monotonic())
+            s.memory_usage_bytes, s.memory_limit_bytes = int(sample.usage_bytes), int(sample.limit_bytes)
+        except Exception as e:  # noqa: BLE001 - a figure is not worth a broken loop
+            s.memory_limit_bytes = getattr(guard, "limit_bytes", None)
+            self._warn_once("memory", "metrics_memory_unavailable", error=f"{type(e).__name__}: {e}")
+
+    def _gather_current(self, layout: RootLayout, settings: Any, s: Snapshot) -> None:
+        """The version ``current`` points at and its lineage's gate figures (re-read when either changes)."""
+        try:
+            target = os.readlink(layout.current)
+            lin_path = layout.adapters / target / "lineage.json"
+            key = (target, os.stat(lin_path).st_mtime_ns)
+        except OSError:
+            return
+        if key != self._lineage_key:
+            self._lineage_key, self._lineage = key, read_json_or_none(lin_path) or {}
+        lin = self._lineage
+        try:
+            s.adapter_version = int(lin.get("version") or target)
+        except ValueError:
+            return
+        base = lin.get("base_model") or settings.model.path
+        s.base_model = str(base.get("name") or base.get("path")) if isinstance(base, dict) else str(base)
+        for e in lin.get("eval") or []:
+            for model in ("candidate", "champion"):
+                v = e.get(model)
+                if isinstance(v, (int, float)):
+                    s.eval_losses.append((str(e.get("name")), str(e.get("kind")), model, float(v)))
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _write(self, path: Path, group: str) -> None:
+        if (path, group) != self._prepared or (group and self._gid is None and f"group:{group}" not in self._warned):
+            self._prepare_folder(path, group)
+        data = self._render()
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # not *.prom: the collector skips it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            # Mode and group before the rename, so node_exporter never meets a file it may not read.
+            os.fchmod(fd, 0o640)
+            if self._gid is not None:
+                try:
+                    os.fchown(fd, -1, self._gid)
+                except OSError as e:
+                    self._warn_once(f"group:{group}", "metrics_group_not_set", group=group, error=str(e))
+                    self._gid = None
+            os.write(fd, data)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        # No fsync: rewritten every few seconds; after a power cut the next write replaces it.
+        os.replace(tmp, path)
+
+    def _render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, ProcessCollector
+        from prometheus_client.exposition import generate_latest
+
+        if self.registry is None:
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(self.collector)
+            # The supervisor's own RSS and CPU (the 40 MB budget), under its own prefix: node_exporter
+            # merges every textfile, and bare process_* names would collide with other services'.
+            ProcessCollector(namespace="trainerd_supervisor", registry=self.registry)
+        return generate_latest(self.registry)
+
+    def _prepare_folder(self, path: Path, group: str) -> None:
+        """Create the folder; with ``metrics.group``: chgrp + 0750 on it, so node_exporter (in that
+        group, not the daemon's user) can read it. Where that is not allowed, log why once."""
+        self._prepared, self._gid = (path, group), None
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if not group:
+            return
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            os.chown(path.parent, -1, gid)
+            os.chmod(path.parent, 0o750)
+        except (KeyError, OSError) as e:
+            why = "no such group" if isinstance(e, KeyError) else str(e)
+            self._warn_once(f"group:{group}", "metrics_group_not_set", group=group, folder=str(path.parent),
+                            error=why, hint="node_exporter must be able to read this folder some other way")
+            return
+        self._gid = gid
+        self.log.info("metrics_folder_ready", folder=str(path.parent), group=group, gid=gid)
+
+    def _warn_once(self, key: str, event: str, **fields: Any) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        self.log.warning(event, **fields)
+
+
+def _count_inbox(layout: RootLayout) -> int:
+    try:
+        with os.scandir(layout.inbox) as it:
+            return sum(1 for e in it if is_candidate_name(e.name))
+    except OSError:
+        return 0
+
+
+def _newest_checkpoint(led: Any, layout: RootLayout) -> tuple[float | None, float | None]:
+    """After a restart: the last checkpoint recorded in the progress.json of the newest batches
+    (a failed or skipped batch may have none; 20 is plenty to look back)."""
+    for b in led.batches(limit=20, newest_first=True):
+        ck = (read_json_or_none(layout.batch(b.id).progress) or {}).get("checkpoint") or {}
+        if ck.get("at"):
+            return ck.get("seconds"), ck["at"]
+    return None, None
+
+
+def parse(text: str) -> dict[str, Any]:
+    """``{name: {labels tuple: value}}`` from textfile content (prometheus_client's own parser);
+    for tests and ``benchmarks/``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, Any] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out.setdefault(smp.name, {})[tuple(sorted(smp.labels.items()))] = smp.value
+    return out
