@@ -73,7 +73,11 @@ def test_expand_stops_before_the_disk_is_low_and_leaves_nothing(tmp_path, monkey
     src = tmp_path / "data.jsonl.gz"
     src.write_bytes(gzip.compress(b"\0" * (32 << 20)))
     dest = tmp_path / "data.jsonl"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".data.jsonl.expanding-{dead.pid}").write_bytes(b"left by a killed attempt")
     got = expand(src, dest, name="a.jsonl.gz", max_bytes=1 << 30, min_free_bytes=0)
+    assert not (tmp_path / f".data.jsonl.expanding-{dead.pid}").exists()
     assert dest.stat().st_size == got["bytes"] == 32 << 20
     dest.unlink()
     with pytest.raises(ArchiveError, match="more than data.max_file_bytes"):

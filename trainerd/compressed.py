@@ -151,7 +151,12 @@ def expand(src: Path, dest: Path, *, name: str, max_bytes: int, min_free_bytes: 
     whole or not at all). ArchiveError when the archive is corrupt or truncated, decompresses to more
     than ``max_bytes``, or would leave less than ``min_free_bytes`` free (nothing is left behind)."""
     t0 = time.monotonic()
-    tmp = dest.with_name(f".{dest.name}.expanding")
+    # Per process: ranks of one torchrun attempt may expand the same batch at once; each writes its
+    # own copy and the renames leave one whole file. A copy left by a killed attempt is removed.
+    for old in dest.parent.glob(f".{dest.name}.expanding-*"):
+        if not os.path.exists(f"/proc/{old.name.rsplit('-', 1)[-1]}"):
+            _unlink(old)
+    tmp = dest.with_name(f".{dest.name}.expanding-{os.getpid()}")
     written = 0
     next_check = DISK_CHECK_BYTES
     try:
