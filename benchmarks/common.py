@@ -85,6 +85,7 @@ class ChildRun:
     wall_s: float
     peak_rss_bytes: int  # ru_maxrss of the child, from wait4
     cpu_s: float  # user + system CPU seconds of the child
+    min_flt: int = 0  # minor page faults of the child (fresh pages the kernel zeroed: malloc/mmap churn)
     stdout_lines: list[str] = field(default_factory=list)
     loadavg_before: str = ""
 
@@ -143,7 +144,7 @@ def run_child(argv: list[str], *, env: dict[str, str], cwd: Path, stderr_path: P
         if proc.stdout is not None:
             proc.stdout.close()
     return ChildRun(argv=argv, exit_code=proc.returncode, wall_s=wall, peak_rss_bytes=ru.ru_maxrss * 1024,
-                    cpu_s=ru.ru_utime + ru.ru_stime, stdout_lines=lines, loadavg_before=load)
+                    cpu_s=ru.ru_utime + ru.ru_stime, min_flt=ru.ru_minflt, stdout_lines=lines, loadavg_before=load)
 
 
 def json_lines(lines: list[str]) -> list[dict[str, Any]]:
@@ -160,11 +161,11 @@ def json_lines(lines: list[str]) -> list[dict[str, Any]]:
 def worker_settings(*, root: Path, model: Path, seq_len: int, micro_batch: int, grad_accum: int,
                     threads: int, seed: int, lr: float, warmup_steps: int, max_grad_norm: float,
                     lora_r: int, lora_alpha: float, lora_dropout: float, targets: list[str],
-                    chunk_lines: int = 1000) -> dict[str, Any]:
+                    chunk_lines: int = 1000, dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
     """The settings.json body for a benchmark batch (validated by ``trainerd.config.from_dict``)."""
     return {
         "root": str(root),
-        "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+        "model": {"path": str(model), "dtype": dtype, "device": device},
         "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": list(targets)},
         "train": {
             "seq_len": seq_len, "micro_batch_size": micro_batch, "grad_accum_steps": grad_accum,
@@ -219,6 +220,43 @@ def gib(n: float) -> str:
     return f"{n / (1 << 30):.3f} GiB"
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_features() -> dict[str, bool]:
+    """What decides the precision targets: AMX tiles (Intel Sapphire Rapids+) and AVX512-BF16."""
+    f = cpu_flags()
+    return {"amx_bf16": "amx_bf16" in f, "avx512_bf16": "avx512_bf16" in f, "native_bf16": bool(f & set(BF16_FLAGS))}
+
+
+def model_flops_per_token(shape: dict[str, int], seq_len: int) -> float:
+    """Model FLOPs per trained token of a LoRA step (the MFU convention: no recompute counted).
+
+    Forward: 2 x every matmul weight (attention and MLP projections, the lm-head) + causal
+    attention scores and values (2 x 2 x seq x heads x head_dim per layer, the full square as
+    PaLM counts it). Backward: the same again for the projections' activation gradients (frozen
+    weights get no weight gradient) and twice the attention's (its inputs are all activations);
+    the LoRA matrices' own FLOPs are < 1% and left out. SmolLM2-135M at seq 256: 591 MFLOP/token.
+    """
+    h, L, inter, vocab = shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"]
+    heads, kvh, hd = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    per_layer = h * hd * (heads + 2 * kvh) + heads * hd * h + 3 * h * inter
+    matmul_params = L * per_layer + vocab * h
+    attention = 2 * 2 * seq_len * heads * hd * L
+    return 4 * matmul_params + 3 * attention
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     try:
@@ -229,6 +267,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    info["cpu_bf16"] = cpu_bf16_features()
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                             text=True, timeout=10).stdout.strip()

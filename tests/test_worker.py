@@ -17,14 +17,32 @@ from workerutil import (adapter_bytes, clean_runs, finish, make_batch, run_worke
 LONG = 600  # lines: enough steps that a stop lands mid-run
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir):
-    """One uninterrupted run that the resumed runs must match bit for bit."""
-    tmp = tmp_path_factory.mktemp("reference")
-    batch = make_batch(tmp, tiny_model_dir, sample_lines(120))
+def _reference(tmp_path_factory, tiny_model_dir, dtype):
+    tmp = tmp_path_factory.mktemp(f"reference-{dtype}")
+    batch = make_batch(tmp, tiny_model_dir, sample_lines(120), dtype=dtype)
     rc, result, logs = run_worker(batch)
     assert rc == 0, result
+    assert result["precision"] == dtype
     return batch, result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """One uninterrupted fp32 run that the resumed runs must match bit for bit."""
+    return _reference(tmp_path_factory, tiny_model_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(tmp_path_factory, tiny_model_dir):
+    """The same uninterrupted run in bf16 (autocast, bf16 base Linear weights, fp32 LoRA and AdamW)."""
+    return _reference(tmp_path_factory, tiny_model_dir, "bfloat16")
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def precision_reference(request):
+    """(dtype, reference batch, its result) for each precision."""
+    name = "reference" if request.param == "float32" else "reference_bf16"
+    return (request.param, *request.getfixturevalue(name))
 
 
 def test_uninterrupted_run_finishes_and_reports(reference):
@@ -39,10 +57,10 @@ def test_uninterrupted_run_finishes_and_reports(reference):
     assert meta["steps"] == result["step"]
 
 
-def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, tiny_model_dir, reference):
-    """SIGKILL right after step 5 (checkpoint at 4), then a resume: the adapter equals the uninterrupted one."""
-    ref_batch, ref = reference
-    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, tiny_model_dir, precision_reference):
+    """SIGKILL right after step 5 (checkpoint at 4), then a resume: the adapter equals the uninterrupted one (fp32 and bf16)."""
+    dtype, ref_batch, ref = precision_reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120), dtype=dtype)
     rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
     assert rc == -signal.SIGKILL
     rc, result, logs = run_worker(batch)
@@ -53,10 +71,10 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, tiny_mo
     assert result["last_loss"] == ref["last_loss"]
 
 
-def test_stop_file_resume_many_times_is_bit_identical(tmp_path, tiny_model_dir, reference):
-    """Stopped by the batch .stop at arbitrary points (mid-step too) and resumed 3 times: bit-identical."""
-    ref_batch, _ = reference
-    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+def test_stop_file_resume_many_times_is_bit_identical(tmp_path, tiny_model_dir, precision_reference):
+    """Stopped by the batch .stop at arbitrary points (mid-step too) and resumed 3 times: bit-identical (fp32 and bf16)."""
+    dtype, ref_batch, _ = precision_reference
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120), dtype=dtype)
     stops = 0
     for min_step in (2, 5, 9):
         proc = start_worker(batch)
@@ -150,14 +168,18 @@ def test_crash_during_publish_never_leaves_half_adapter(tmp_path, tiny_model_dir
     assert adapter_bytes(dest) == adapter_bytes(ref_batch / "final_adapter")
 
 
-def test_memory_backoff_resume_keeps_cursor_and_effective_batch(tmp_path, tiny_model_dir, reference):
-    """Resumed with half the micro-batch and double accumulation: same cursor, same effective batch, same losses."""
-    ref_batch, ref = reference
-    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+@pytest.mark.parametrize("dtype, rel", [("float32", 1e-4), ("bfloat16", 2e-3)])
+def test_memory_backoff_resume_keeps_cursor_and_effective_batch(tmp_path, tiny_model_dir, request, dtype, rel):
+    """Resumed with half the micro-batch and double accumulation: same cursor, same effective batch, same losses
+    (within float summation order: 1e-4 in fp32, 2e-3 in bf16)."""
+    ref_batch, ref = request.getfixturevalue("reference" if dtype == "float32" else "reference_bf16")
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120), dtype=dtype)
     rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
     assert rc == -signal.SIGKILL
     state = json.loads((batch / "checkpoints" / "step-00000004" / "state.json").read_text())
-    write_settings(batch, tmp_path / "root", tiny_model_dir, train={"micro_batch_size": 1, "grad_accum_steps": 4})
+    assert state["precision"] == dtype
+    write_settings(batch, tmp_path / "root", tiny_model_dir, train={"micro_batch_size": 1, "grad_accum_steps": 4},
+                   dtype=dtype)
     rc, result, logs = run_worker(batch)
     assert rc == 0
     started = next(l for l in logs if l["event"] == "training_started")
@@ -165,7 +187,37 @@ def test_memory_backoff_resume_keeps_cursor_and_effective_batch(tmp_path, tiny_m
     assert started["effective_batch"] == 4 and result["total_steps"] == ref["total_steps"]
     assert result["micro_batch_size"] == 1 and result["grad_accum_steps"] == 4
     # Same tokens, same objective; only the float summation order differs.
-    assert result["last_loss"] == pytest.approx(ref["last_loss"], rel=1e-4)
+    assert result["last_loss"] == pytest.approx(ref["last_loss"], rel=rel)
+
+
+def test_resumed_batch_keeps_its_precision_when_the_settings_change(tmp_path, tiny_model_dir, reference_bf16):
+    """A bf16 batch resumed under settings that now say float32 stays bf16 (from its checkpoint) and ends bit-identical."""
+    ref_batch, _ = reference_bf16
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120), dtype="bfloat16")
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"))
+    assert rc == -signal.SIGKILL
+    assert json.loads((batch / "precision.json").read_text())["precision"] == "bfloat16"
+    write_settings(batch, tmp_path / "root", tiny_model_dir, dtype="float32")  # an upgrade, another machine...
+    rc, result, logs = run_worker(batch)
+    assert rc == 0 and result["precision"] == "bfloat16"
+    kept = next(l for l in logs if l["event"] == "precision_kept")
+    assert kept["source"] == "checkpoint" and kept["settings_dtype"] == "float32"
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
+
+
+def test_precision_is_decided_before_the_first_checkpoint(tmp_path, tiny_model_dir):
+    """A restart without a checkpoint keeps what precision.json says; a fresh auto batch resolves, logs why, records it."""
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(30), dtype="auto")
+    (batch / "precision.json").write_text(json.dumps({"precision": "float32"}))  # as left by a first attempt
+    rc, result, logs = run_worker(batch)
+    assert rc == 0 and result["precision"] == "float32"
+    assert not [l for l in logs if l["event"] == "precision_resolved"]
+    assert next(l for l in logs if l["event"] == "precision_kept")["source"] == "batch"
+    batch2 = make_batch(tmp_path / "fresh", tiny_model_dir, sample_lines(30), dtype="auto")
+    rc, result, logs = run_worker(batch2)
+    resolved = next(l for l in logs if l["event"] == "precision_resolved")
+    assert rc == 0 and resolved["source"] == "auto" and "native_bf16" in resolved
+    assert json.loads((batch2 / "precision.json").read_text())["precision"] == result["precision"]
 
 
 def test_continues_from_init_adapter(tmp_path, tiny_model_dir, reference):
@@ -241,18 +293,20 @@ def test_no_dataset_cache_files_appear(tmp_path, tiny_model_dir):
     assert [p for p in cache.rglob("*")] == []
     assert sorted(p.name for p in batch.iterdir()) == sorted(
         ["data.jsonl", "settings.json", "split.json", "holdout.jsonl", "scan.json", "errors.jsonl", "checkpoints",
-         "progress.json", "heartbeat", "replay-contrib.jsonl", "eval.json", "result.json", "final_adapter"])
+         "progress.json", "heartbeat", "replay-contrib.jsonl", "eval.json", "result.json", "final_adapter",
+         "precision.json"])
     assert not list(batch.rglob("*.arrow")) and not list(tmp_path.rglob("cache-*"))
 
 
-def test_out_of_memory_in_a_step_halves_micro_batch_and_redoes_the_step(tmp_path, tiny_model_dir):
-    """An OOM inside a step (injected) backs off 4 -> 2 -> 1 and ends bit-identical to a micro-batch-1 run."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_out_of_memory_in_a_step_halves_micro_batch_and_redoes_the_step(tmp_path, tiny_model_dir, dtype):
+    """An OOM inside a step (injected) backs off 4 -> 2 -> 1 and ends bit-identical to a micro-batch-1 run (fp32 and bf16)."""
     plain = make_batch(tmp_path / "plain", tiny_model_dir, sample_lines(60),
-                       train={"micro_batch_size": 1, "grad_accum_steps": 4})
+                       train={"micro_batch_size": 1, "grad_accum_steps": 4}, dtype=dtype)
     rc, ref, _ = run_worker(plain)
     assert rc == 0
     batch = make_batch(tmp_path / "oom", tiny_model_dir, sample_lines(60),
-                       train={"micro_batch_size": 4, "grad_accum_steps": 1})
+                       train={"micro_batch_size": 4, "grad_accum_steps": 1}, dtype=dtype)
     rc, result, logs = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="oom_above_micro:1"))
     assert rc == 0, result
     backoffs = [l for l in logs if l["event"] == "cuda_oom_backoff"]
@@ -269,3 +323,18 @@ def test_out_of_memory_at_micro_batch_1_is_a_memory_stop(tmp_path, tiny_model_di
     assert rc == 75 and result["reason"] == "memory"
     assert (batch / result["checkpoint"] / "state.json").is_file()
     assert any(l["event"] == "cuda_oom_at_micro_batch_1" for l in logs)
+
+
+@pytest.mark.slow
+def test_compiled_layers_resume_bit_identical(tmp_path, tiny_model_dir):
+    """train.compile (torch.compile per decoder layer, bf16): SIGKILL after step 5 and a resume end bit-identical
+    to an uninterrupted compiled run (the first compile takes minutes on 2 cores; later ones hit inductor's cache)."""
+    ref = make_batch(tmp_path / "ref", tiny_model_dir, sample_lines(120), dtype="bfloat16", train={"compile": True})
+    rc, result, logs = run_worker(ref, timeout=900)
+    assert rc == 0 and next(l for l in logs if l["event"] == "compile_enabled")["layers"] == 2
+    batch = make_batch(tmp_path / "run", tiny_model_dir, sample_lines(120), dtype="bfloat16", train={"compile": True})
+    rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_at_step:5"), timeout=900)
+    assert rc == -signal.SIGKILL
+    rc, _, _ = run_worker(batch, timeout=900)
+    assert rc == 0
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref / "final_adapter")

@@ -50,8 +50,12 @@ DAEMON_ONLY = {"supervisor": None, "retry": None, "disk": None}
 
 
 def write_settings(batch: Path, root: Path, model_dir: Path, **overrides: Any) -> None:
-    """The batch's settings.json, as the supervisor writes it: the test config with ``overrides``."""
-    dump_json(from_dict(config_dict(root, model_dir, DAEMON_ONLY, **overrides)), batch / "settings.json")
+    """The batch's settings.json, as the supervisor writes it: the test config with ``overrides``;
+    fp32 unless a test asks for bf16 (``dtype="bfloat16"``): tolerances and bit-identity are per
+    precision."""
+    dtype = overrides.pop("dtype", "float32")
+    dump_json(from_dict(config_dict(root, model_dir, DAEMON_ONLY, {"model": {"dtype": dtype}}, **overrides)),
+              batch / "settings.json")
 
 
 def worker_cmd(batch: Path, *extra: str) -> list[str]:

@@ -104,6 +104,7 @@ class BatchFiles:
         self.settings = d / "settings.json"       # this attempt's resolved settings
         self.stop = d / ".stop"                   # stop request for this batch; content = reason
         self.scan = d / "scan.json"               # the worker's first pass, reused on resume
+        self.precision = d / "precision.json"     # the precision the worker chose; kept on resume
         self.errors = d / "errors.jsonl"          # every bad line
         self.checkpoints = d / "checkpoints"
         self.progress = d / "progress.json"       # live progress (status reads it)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the settings classes; importing trainerd.config would bring
 
 __all__ = [
     "ESTIMATE_MARGIN",
+    "FUSED_LOSS_BYTES",
     "LOGIT_COPIES",
     "RUNTIME_BYTES",
     "Plan",
@@ -36,10 +37,21 @@ __all__ = [
 RUNTIME_BYTES = 400 << 20
 # Estimates are padded by this much: allocator fragmentation, temporaries we do not model.
 ESTIMATE_MARGIN = 1.10
-# Copies of the (micro x seq x vocab) fp32 logits alive at the peak: logits, the float
-# upcast / log-softmax inside the loss, and their gradients. Calibrated against SmolLM2-135M
-# (seq 256 x micro-batch 4 peaked at 3.3-3.4 GiB RSS; this model says 3.5 GiB).
+# Copies of the (micro x seq x vocab) fp32 logits alive at the peak when the model computes all
+# of them (transformers' own loss; the worker's fallback path): logits, the float upcast /
+# log-softmax inside the loss, and their gradients. Calibrated against SmolLM2-135M (seq 256 x
+# micro-batch 4 peaked at 3.3-3.4 GiB RSS; this model says 3.5 GiB).
 LOGIT_COPIES = 4
+# The worker's fused loss (worker/loss.py) holds one chunk of logits at a time (96 MiB of fp32
+# rows, its compute-dtype copy, the bf16 copy of the lm-head: ~200 MiB) and leaves the
+# allocator's slack visible: calibrated so that SmolLM2-135M's measured peaks
+# (benchmarks/loss_memory.py, fp32 micro 4 / 8: 2.68-2.74 / 4.20 GiB) sit under the estimate.
+FUSED_LOSS_BYTES = 384 << 20
+# Activations kept for backward under bf16 autocast, relative to fp32: the Linear inputs and
+# outputs are bf16 copies, while the residual stream, norms and LoRA paths stay fp32.
+# Calibrated against SmolLM2-135M (bf16 micro 4: 2.24 GiB) and the tiny model.
+BF16_ACTIVATION_FACTOR = 0.8
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -84,10 +96,12 @@ def _ladder(micro_batch_size: int, grad_accum_steps: int, gradient_checkpointing
 
 
 def plan_micro_batch(shape: dict[str, int], train: TrainSettings, lora: LoraSettings | None = None, *,
-                     limit_bytes: int, baseline_bytes: int, available_bytes: int, soft: float) -> Plan:
+                     limit_bytes: int, baseline_bytes: int, available_bytes: int, soft: float,
+                     precision: str = "float32") -> Plan:
     """Start at the largest setting on the back-off ladder estimated to fit under the soft limit.
 
-    ``limit_bytes`` is the guard's effective limit; the host's headroom (``baseline_bytes``,
+    ``precision`` is the batch's (its precision.json) or the one expected for it; float32, the
+    larger estimate, when unknown. ``limit_bytes`` is the guard's effective limit; the host's headroom (``baseline_bytes``,
     what the cgroup already holds, + ``available_bytes``, MemAvailable) lowers it. The budget is
     soft x limit minus the baseline. Each rung halves the micro-batch and grows accumulation by
     the same factor (micro x accum stays exact); at micro-batch 1 gradient checkpointing goes
@@ -98,7 +112,8 @@ def plan_micro_batch(shape: dict[str, int], train: TrainSettings, lora: LoraSett
     options = _ladder(train.micro_batch_size, train.grad_accum_steps, train.gradient_checkpointing)
     fits = False
     for mb, accum, gc in options:
-        est = estimate_training_bytes(shape, mb, train.seq_len, gradient_checkpointing=gc, lora=lora)
+        est = estimate_training_bytes(shape, mb, train.seq_len, gradient_checkpointing=gc, lora=lora,
+                                      precision=precision)
         if est <= budget:
             fits = True
             break
@@ -155,16 +170,27 @@ def read_model_shape(model_dir: Path) -> dict[str, int]:
             "intermediate": inter, "vocab": vocab, "params": params}
 
 
-def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_len: int, *,
-                            gradient_checkpointing: bool = False, lora: LoraSettings | None = None) -> int:
-    """Peak resident bytes of a LoRA training step, fp32 on CPU (the conservative case).
+def linear_params(shape: dict[str, int]) -> int:
+    """Weights of the decoder's projections (attention and MLP): what a bf16 batch holds in bf16."""
+    h, inter, heads, kvh, hd = shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"], shape["head_dim"]
+    return shape["layers"] * (h * hd * (heads + 2 * kvh) + heads * hd * h + 3 * h * inter)
 
-    runtime + weights + adapter (weights, grads, two AdamW moments) + activations saved for
-    backward + LOGIT_COPIES x the vocab logits, padded by
-    ESTIMATE_MARGIN (SDPA attention: no seq x seq matrix). Per token and layer a Llama block keeps ~10 x hidden + 4 x intermediate
-    floats for backward; with gradient checkpointing only the layer inputs are kept and one
-    layer is recomputed at a time.
+
+def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_len: int, *,
+                            gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
+                            precision: str = "float32", fused_loss: bool = True) -> int:
+    """Peak resident bytes of a LoRA training step on CPU in ``precision`` (float32 | bfloat16).
+
+    runtime + weights (a bf16 batch holds the projections in bf16, the rest fp32) + adapter
+    (weights, grads, two AdamW moments, always fp32) + activations saved for backward + the
+    loss's logits (the fused loss: one chunk; else LOGIT_COPIES x all of them), padded by
+    ESTIMATE_MARGIN (SDPA attention: no seq x seq matrix). Per token and layer a Llama block
+    keeps ~11 x hidden + 4 x intermediate floats for backward (x BF16_ACTIVATION_FACTOR under
+    bf16); with gradient checkpointing only the layer inputs are kept and one layer is
+    recomputed at a time. Stdlib only: the caller names the precision.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if lora is None:
         from trainerd.config import LoraSettings  # the defaults live there (said once)
 
@@ -176,14 +202,19 @@ def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_le
     in_dims = {"o_proj": heads * hd, "down_proj": inter}
     adapter = sum(lora.r * (in_dims.get(m, h) + out_dims.get(m, h)) for m in lora.target_modules) * L
     tokens = micro_batch_size * seq_len
-    per_layer_token = 10 * h + 4 * inter
+    per_layer_token = 11 * h + 4 * inter
     if gradient_checkpointing:
         act = tokens * (L * 2 * h + per_layer_token) * 4
     else:
         act = tokens * L * per_layer_token * 4
-    logits = tokens * vocab * 4 * LOGIT_COPIES
+    if precision == "bfloat16":
+        act = int(act * BF16_ACTIVATION_FACTOR)
+        weights = shape["params"] * 4 - min(linear_params(shape), shape["params"]) * 2
+    else:
+        weights = shape["params"] * 4
+    logits = min(FUSED_LOSS_BYTES, tokens * vocab * 4 * 3) if fused_loss else tokens * vocab * 4 * LOGIT_COPIES
     # No seq x seq attention matrix: transformers uses SDPA, whose CPU and GPU kernels do not
     # materialize it (measured on the tiny model: seq 4096 x micro 4 peaked at 709 MiB, where a
     # materialized matrix alone would be 1 GiB per layer).
-    total = RUNTIME_BYTES + shape["params"] * 4 + adapter * 4 * 4 + act + logits
+    total = RUNTIME_BYTES + weights + adapter * 4 * 4 + act + logits
     return int(total * ESTIMATE_MARGIN)

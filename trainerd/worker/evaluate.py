@@ -34,6 +34,7 @@ from trainerd.contract import BatchFiles
 from trainerd.fsutil import open_regular, read_json_or_none
 from trainerd.lines import content_hash, iter_lines, parse_line
 from trainerd.worker.data import IGNORE_INDEX, Encoder
+from trainerd.worker.loss import loss_path, row_losses
 from trainerd.worker import heartbeat
 from trainerd.worker.split import EvalSetRef, read_evalsets
 from trainerd.worker.stopper import StopRequested
@@ -136,9 +137,11 @@ def allocate(sets: list[EvalSet], budget_tokens: int) -> int:
 class Evaluator:
     """Mean loss per token (and per example) of the model's current adapter on chosen examples."""
 
-    def __init__(self, model: Any, loaded: Any, stopper: Any, *, batch_size: int, pad_id: int):
-        self.model, self.device, self.autocast = model, loaded.device, loaded.autocast
+    def __init__(self, model: Any, loaded: Any, stopper: Any, *, batch_size: int, pad_id: int,
+                 autocast: torch.dtype | None = None):
+        self.model, self.device, self.autocast = model, loaded.device, autocast
         self.stopper, self.batch_size, self.pad_id = stopper, batch_size, pad_id
+        self.path = loss_path(model)
 
     @torch.no_grad()
     def losses(self, examples: list[Example]) -> list[tuple[float, int]]:
@@ -167,17 +170,8 @@ class Evaluator:
             ids[i, :e.tokens] = torch.tensor(e.ids)
             labels[i, :e.tokens] = torch.tensor(e.labels)
             mask[i, :e.tokens] = 1
-        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = labels[:, 1:]
-        per_token = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-        counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-        sums = per_token.sum(dim=1)
-        return [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+        return row_losses(self.model, ids.to(self.device), mask.to(self.device), labels.to(self.device),
+                          autocast_dtype=self.autocast, path=self.path)
 
 
 def figures(examples: list[Example], losses: list[tuple[float, int]], *, reused: str | None = None) -> dict[str, Any]:
@@ -247,9 +241,10 @@ def dumps(obj: Any) -> str:
 
 def evaluate_candidate(model: Any, loaded: Any, stopper: Any, files: BatchFiles, settings: Any, *,
                        new_set: str | None, champion: Path | None, train_tokens: int, encoder: Encoder,
-                       precision: str, log: Any) -> dict[str, Any]:
+                       precision: Any, log: Any) -> dict[str, Any]:
     """Candidate (the model's current adapter) and champion (``champion``, an adapter folder, or the
-    base model when None) on every set within the budget: eval.json's content."""
+    base model when None) on every set within the budget, in the batch's ``precision`` (model.Precision):
+    eval.json's content."""
     ev, t0 = settings.eval, time.monotonic()
     seq_len = settings.train.seq_len
     sets = load_sets(files, new_set, encoder, seq_len, settings.data.max_line_bytes, log)
@@ -263,13 +258,14 @@ def evaluate_candidate(model: Any, loaded: Any, stopper: Any, files: BatchFiles,
     if not chosen:
         log.info("evaluation_has_no_set", reason="no held-out slice, no eval file, no earlier set or suite "
                  "(or none fits the budget): the gate can only check for NaN/inf")
-    evaluator = Evaluator(model, loaded, stopper, batch_size=ev.batch_size, pad_id=loaded.tokenizer.pad_token_id)
+    evaluator = Evaluator(model, loaded, stopper, batch_size=ev.batch_size, pad_id=loaded.tokenizer.pad_token_id,
+                          autocast=precision.autocast)
     cand = [evaluator.losses(s.chosen) for s in chosen]
     lineage = read_lineage(champion)
     champ: list[tuple[list[tuple[float, int]], str | None]] = []
     missing = []
     for s in chosen:
-        got = reusable(lineage, s.sha256, s.chosen, seq_len, precision)
+        got = reusable(lineage, s.sha256, s.chosen, seq_len, precision.name)
         champ.append((got, f"{champion}/lineage.json" if got is not None else None))
         if got is None:
             missing.append(len(champ) - 1)
@@ -285,8 +281,8 @@ def evaluate_candidate(model: Any, loaded: Any, stopper: Any, files: BatchFiles,
     out = eval_json(chosen, results, champion={"path": str(champion) if champion else None}, budget=budget,
                     train_tokens=train_tokens, batch_size=ev.batch_size, seconds=time.monotonic() - t0,
                     skipped=skipped)
-    out["measurements"] = measurements(chosen, results, seq_len, precision)
-    out["precision"] = precision
+    out["measurements"] = measurements(chosen, results, seq_len, precision.name)
+    out["precision"] = precision.name
     return out
 
 

@@ -1,6 +1,9 @@
 """The model side of a worker: device, precision, the base model and tokenizer, the LoRA
 adapter on top, and the optimizer with its schedule.
 
+Precision is decided once per batch (:func:`resolve_precision`) and recorded by the trainer in
+the batch's ``precision.json`` and every checkpoint; see :class:`Precision` for what each means.
+
 Everything here runs once per attempt (seconds); the step loop is in :mod:`.train`.
 """
 
@@ -16,7 +19,8 @@ import torch
 
 from trainerd.config import Settings
 
-__all__ = ["ConfigProblem", "Loaded", "build_peft", "load", "make_optimizer", "pick_device", "pick_dtype"]
+__all__ = ["BFLOAT16", "FLOAT32", "ConfigProblem", "Loaded", "Precision", "auto_precision", "build_peft",
+           "cpu_features", "load", "make_optimizer", "pick_device", "resolve_precision"]
 
 
 class ConfigProblem(Exception):
@@ -33,30 +37,126 @@ def pick_device(settings: Settings) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(settings: Settings, device: torch.device) -> tuple[torch.dtype, bool]:
-    """(weights dtype, bf16 autocast on?)."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if settings.model.dtype == "bfloat16":
-        return torch.bfloat16, device.type == "cuda"
-    if settings.model.dtype == "float32":
-        return torch.float32, bf16_ok
-    return (torch.bfloat16 if bf16_ok else torch.float32), bf16_ok
+# --- precision ------------------------------------------------------------------------
+
+FLOAT32, BFLOAT16 = "float32", "bfloat16"
+PRECISIONS = (FLOAT32, BFLOAT16)
+# /proc/cpuinfo flags that mean native bf16 arithmetic: AVX512-BF16 dot products (Zen 4,
+# Cooper Lake and later Xeons) or AMX tiles (Sapphire Rapids and later). oneDNN uses either.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_features() -> dict[str, Any]:
+    """What this CPU offers for bf16: its /proc/cpuinfo flags and torch's own capability query."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    found = {"cpuinfo_flags": sorted(flags & {*CPU_BF16_FLAGS, "amx_tile", "avx512f", "avx2"})}
+    # Private but long-standing helpers (torch >= 2.2); guarded, so an older or newer torch that
+    # lacks one only loses that line of evidence.
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, name, None)
+        if fn is not None:
+            try:
+                found[name.strip("_").removeprefix("is_").removesuffix("_supported")] = bool(fn())
+            except Exception:
+                pass
+    cap = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    if cap is not None:
+        found["torch_capability"] = cap()
+    found["native_bf16"] = bool(flags & set(CPU_BF16_FLAGS)) or bool(found.get("avx512_bf16")) \
+        or bool(found.get("amx_tile"))
+    return found
+
+
+def auto_precision(device: torch.device) -> tuple[str, dict[str, Any]]:
+    """``model.dtype: auto``: bf16 where the hardware computes it natively, else fp32; and why."""
+    if device.type == "cuda":
+        ok = bool(torch.cuda.is_bf16_supported())
+        return (BFLOAT16 if ok else FLOAT32), {"cuda_bf16": ok, "gpu": torch.cuda.get_device_name(device)}
+    feats = cpu_features()
+    return (BFLOAT16 if feats["native_bf16"] else FLOAT32), feats
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a batch computes: ``float32``, or ``bfloat16`` = bf16 autocast around forward and
+    loss, LoRA weights, their gradients and AdamW state in fp32, and the frozen Linear weights of
+    the base held in bf16 (autocast would cast them to exactly these values for every matmul
+    anyway; embeddings, norms and the tied lm-head stay fp32)."""
+
+    name: str
+    source: str  # "settings" | "auto" | "checkpoint" | "batch" (precision.json)
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.name == BFLOAT16 else None
+
+
+def resolve_precision(settings: Settings, device: torch.device, kept: str | None, kept_from: str,
+                      log: Any) -> Precision:
+    """The batch's precision, decided once: what the batch already used (``kept``: its newest
+    checkpoint, else its precision.json) wins over the settings and over what this machine would
+    pick, so an upgrade or a move to another CPU never changes precision mid-batch."""
+    want = settings.model.dtype
+    if kept is not None:
+        if kept not in PRECISIONS:
+            raise ConfigProblem(f"{kept_from}: unknown precision {kept!r}")
+        differs = want != "auto" and want != kept
+        (log.warning if differs else log.info)("precision_kept", precision=kept, settings_dtype=want,
+                                                 source=kept_from, reason="a batch keeps the precision it started with")
+        return Precision(kept, kept_from)
+    if want in PRECISIONS:
+        log.info("precision_resolved", precision=want, source="settings", device=str(device))
+        return Precision(want, "settings")
+    name, found = auto_precision(device)
+    log.info("precision_resolved", precision=name, source="auto", device=str(device), **found)
+    return Precision(name, "auto")
+
+
+def hold_frozen_linears_in_bf16(model: Any) -> int:
+    """Cast the frozen ``nn.Linear`` weights inside the decoder to bf16 (not the lm-head, which is
+    tied to the input embeddings); returns how many parameters changed. Under bf16 autocast every
+    matmul sees the same bf16 values as before, and the fp32 copies (plus autocast's bf16 copy of
+    each, kept for backward) are gone."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    n = 0
+    for mod in base.modules():
+        if type(mod) is not torch.nn.Linear or mod is head:
+            continue
+        w = mod.weight
+        if w.requires_grad or w.dtype != torch.float32:
+            continue
+        mod.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+        if mod.bias is not None and not mod.bias.requires_grad:
+            mod.bias = torch.nn.Parameter(mod.bias.detach().to(torch.bfloat16), requires_grad=False)
+        n += w.numel()
+    return n
 
 
 @dataclass
 class Loaded:
-    """The base model and its tokenizer, where they live and in which precision."""
+    """The base model and its tokenizer, and where they live."""
 
     tokenizer: Any
     base: Any
     device: torch.device
-    dtype: torch.dtype
-    autocast: bool          # bf16 autocast around forward passes
     load_s: float
 
 
 def load(settings: Settings, log: Any) -> Loaded:
-    """Load the tokenizer and the base model of ``model.path`` (ConfigProblem when it cannot)."""
+    """Load the tokenizer and the base model of ``model.path`` (ConfigProblem when it cannot).
+
+    The base is loaded in fp32 whatever the precision: a bf16 batch narrows only the frozen
+    Linear weights, after the adapter is attached (:func:`build_peft`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mp = Path(settings.model.path)
@@ -65,7 +165,6 @@ def load(settings: Settings, log: Any) -> Loaded:
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
     device = pick_device(settings)
-    dtype, autocast = pick_dtype(settings, device)
     t0 = time.monotonic()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(mp))
@@ -74,18 +173,19 @@ def load(settings: Settings, log: Any) -> Loaded:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        base = AutoModelForCausalLM.from_pretrained(str(mp), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(str(mp), dtype=torch.float32)
     except Exception as e:
         raise ConfigProblem(f"model.path: cannot load the model from {mp}: {e}") from e
-    loaded = Loaded(tokenizer, base, device, dtype, autocast, time.monotonic() - t0)
-    log.info("model_loaded", path=str(mp), dtype=str(dtype).removeprefix("torch."),
-             device=str(device), autocast_bf16=autocast, load_s=round(loaded.load_s, 2))
+    loaded = Loaded(tokenizer, base, device, time.monotonic() - t0)
+    log.info("model_loaded", path=str(mp), device=str(device), threads=torch.get_num_threads(),
+             load_s=round(loaded.load_s, 2))
     return loaded
 
 
-def build_peft(loaded: Loaded, settings: Settings, adapter_dir: Path | None, log: Any) -> Any:
+def build_peft(loaded: Loaded, settings: Settings, adapter_dir: Path | None, precision: Precision,
+               log: Any) -> Any:
     """The trainable LoRA model: continued from ``adapter_dir`` (an adapter or a checkpoint),
-    or new with the configured shape."""
+    or new with the configured shape; its frozen Linear weights in bf16 for a bf16 batch."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     lora = settings.lora
@@ -109,9 +209,38 @@ def build_peft(loaded: Loaded, settings: Settings, adapter_dir: Path | None, log
     if settings.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if precision.name == BFLOAT16:
+        narrowed = hold_frozen_linears_in_bf16(model)
+        log.info("base_linears_in_bf16", params=narrowed)
+    if settings.train.compile:
+        compile_layers(model, settings, log)
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if bad:  # the adapter, its gradients and AdamW state are fp32 in every precision
+        raise ConfigProblem(f"trainable parameters not in fp32: {bad[:3]}")
     model.to(loaded.device)
     model.train()
     return model
+
+
+def compile_layers(model: Any, settings: Settings, log: Any) -> int:
+    """``train.compile``: torch.compile every decoder layer in place (regional compilation: the
+    layers share one compiled graph, so it compiles once, at the first step, not 30 times).
+    Not with gradient checkpointing (its recompute wrapper sits inside the layer call). A layer
+    dynamo cannot compile runs eagerly (suppress_errors): slower, never wrong."""
+    if settings.train.gradient_checkpointing:
+        log.info("compile_skipped", reason="gradient checkpointing is on")
+        return 0
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in kinds]
+    for layer in layers:
+        layer.compile()
+    log.info("compile_enabled", layers=len(layers), kind=sorted(kinds), torch=torch.__version__,
+             note="compiles at the first step")
+    return len(layers)
 
 
 def make_optimizer(model: Any, settings: Settings, total_steps: int) -> tuple[Any, Any]:

@@ -3,7 +3,8 @@
 The loss of a micro-batch is its summed token loss divided by the label tokens of the whole
 step (``num_items_in_batch``), so the gradient of a step does not depend on how it is split
 into micro-batches: the memory back-off (half the micro-batch, twice the accumulation) keeps
-the optimizer step the same, up to float summation order.
+the optimizer step the same, up to float summation order. The loss itself is
+:func:`trainerd.worker.loss.token_loss` (no full-vocabulary logits), in the batch's precision.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from trainerd import faults
 from trainerd.contract import StopReason
 from trainerd.worker import checkpoint as ckpt
+from trainerd.worker.loss import IGNORE_INDEX, loss_path, token_loss
 from trainerd.worker.stopper import StopRequested
 
 __all__ = ["Stepper"]
@@ -24,9 +26,13 @@ __all__ = ["Stepper"]
 
 class Stepper:
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, loaded: Any, stopper: Any, progress: Any,
-                 log: Any, *, micro: int, max_grad_norm: float):
+                 log: Any, *, micro: int, max_grad_norm: float, precision: Any):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.device, self.autocast = loaded.device, loaded.autocast
+        self.device = loaded.device
+        self.autocast = precision.autocast  # torch.bfloat16 or None
+        self.loss_path = loss_path(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # what clipping walks
+        log.info("loss_path", path=self.loss_path.kind, reason=self.loss_path.reason)
         self.stopper, self.progress, self.log = stopper, progress, log
         self.micro = micro
         self.max_grad_norm = max_grad_norm
@@ -43,16 +49,20 @@ class Stepper:
         labels = torch.tensor([b[1] for b in blocks], dtype=torch.long)
         mask = torch.tensor([b[2] for b in blocks], dtype=torch.long)
         # HF shifts labels inside the loss: position 0 of each block predicts nothing.
-        n_items = int((labels[:, 1:] != -100).sum())
+        n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
         t0 = time.monotonic()
         while True:
             try:
                 loss_sum = self._accumulate(ids, labels, mask, max(n_items, 1))
                 break
             except torch.OutOfMemoryError:
-                self._back_off(number, len(blocks), step_rng)
+                pass
+            # Backed off outside the except block: inside it the exception's traceback still
+            # holds the failed forward's frames and their activations, which empty_cache()
+            # could then not give back, and the smaller micro-batch would run out too.
+            self._back_off(number, len(blocks), step_rng)
         if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -92,11 +102,8 @@ class Stepper:
                 raise torch.OutOfMemoryError(f"injected: micro-batch {self.micro} > {self._oom_above}")
             sl = slice(start, start + self.micro)
             x, y, m = ids[sl].to(self.device), labels[sl].to(self.device), mask[sl].to(self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.model(input_ids=x, attention_mask=m, labels=y, num_items_in_batch=n_items).loss
-            # Only the loss is kept: holding the model output would keep its logits (micro x seq x
-            # vocab floats, ~200 MB for SmolLM2 at 4 x 256) alive through backward(), where the
-            # peak is. Measured: +0.13 to +0.22 GiB peak RSS with the output held.
+            loss, _ = token_loss(self.model, x, m, y, divide_by=n_items, autocast_dtype=self.autocast,
+                                 path=self.loss_path)
             loss.backward()
             total += loss.item()  # a CPU-GPU sync point on CUDA, once per micro-batch
             del loss, x, y, m

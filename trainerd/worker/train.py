@@ -217,12 +217,14 @@ class Trainer:
         if state is not None:
             eff = state["effective_batch"]
         self.total_steps = max(1, -(-sc.blocks_per_epoch * t.epochs // eff))
-        self.model = mdl.build_peft(self.loaded, self.s, resume[0] if resume else self.init_adapter, self.log)
+        self.precision = self._precision(state)
+        self.model = mdl.build_peft(self.loaded, self.s, resume[0] if resume else self.init_adapter,
+                                    self.precision, self.log)
         self.optimizer, self.scheduler = mdl.make_optimizer(self.model, self.s, self.total_steps)
         self.eff = eff
         self.stepper = Stepper(self.model, self.optimizer, self.scheduler, self.loaded, self.stopper,
                                self.progress, self.log, micro=min(t.micro_batch_size, eff),
-                               max_grad_norm=t.max_grad_norm)
+                               max_grad_norm=t.max_grad_norm, precision=self.precision)
         cursor = Cursor()
         if state is not None:
             self._restore(resume[0], state)
@@ -230,14 +232,38 @@ class Trainer:
             cursor = Cursor(**state["cursor"])
         else:
             torch.manual_seed(t.seed)
-        self.result.update(total_steps=self.total_steps, effective_batch=eff)
+        self.result.update(total_steps=self.total_steps, effective_batch=eff, precision=self.precision.name)
         for key in ("micro_batch_size", "grad_accum_steps"):  # summary() reports the live split now
             self.result.pop(key, None)
         self.log.info("training_started", resumed_from=str(resume[0].name) if resume else None,
                       init_adapter=str(self.init_adapter) if (self.init_adapter and not resume) else None,
                       step=self.step, total_steps=self.total_steps, micro_batch_size=self.micro,
-                      effective_batch=eff, seq_len=t.seq_len, cursor=cursor.as_dict())
+                      effective_batch=eff, seq_len=t.seq_len, precision=self.precision.name,
+                      cursor=cursor.as_dict())
         return cursor
+
+    def _precision(self, state: dict[str, Any] | None) -> mdl.Precision:
+        """The batch's precision: its checkpoint's, else its precision.json's, else resolved now
+        from the settings and this machine, and then recorded in precision.json (before the
+        first step, so that even a batch stopped before its first checkpoint keeps it)."""
+        kept, kept_from = None, ""
+        if state is not None:
+            # Checkpoints from before precision was recorded: the old rule was bf16 on CUDA or
+            # when bfloat16 was forced, fp32 otherwise.
+            legacy = mdl.BFLOAT16 if (self.device.type == "cuda" or self.s.model.dtype == mdl.BFLOAT16) else mdl.FLOAT32
+            kept = state.get("precision") or legacy
+            kept_from = "checkpoint"
+        else:
+            try:
+                kept, kept_from = read_json(self.files.precision)["precision"], "batch"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        precision = mdl.resolve_precision(self.s, self.device, kept, kept_from, self.log)
+        if kept_from != "batch" and self.rank == 0:
+            atomic_write_json(self.files.precision, {
+                "precision": precision.name, "source": precision.source, "settings_dtype": self.s.model.dtype,
+                "device": str(self.device), "decided_at": time.time()})
+        return precision
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(ckpt.load_tensors(path, "optimizer.pt"))
@@ -297,9 +323,6 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _precision(self) -> str:
-        return str(self.loaded.dtype).removeprefix("torch.") + ("+autocast-bf16" if self.loaded.autocast else "")
-
     def _watch_new_set(self) -> bool:
         """Every eval.every_steps: the new set's loss, logged; True when it is the best so far."""
         if not self.early.due(self.step) or not self.split.new_set:
@@ -312,7 +335,7 @@ class Trainer:
         if not self._new_set:
             return False
         evaluator = ev.Evaluator(self.model, self.loaded, self.stopper, batch_size=self.s.eval.batch_size,
-                                 pad_id=self.loaded.tokenizer.pad_token_id)
+                                 pad_id=self.loaded.tokenizer.pad_token_id, autocast=self.precision.autocast)
         loss = ev.figures(self._new_set, evaluator.losses(self._new_set))["mean_loss"]
         best = self.early.observe(self.step, loss)
         self.log.info("eval_step", step=self.step, new_set_loss=loss, best_step=self.early.best_step,
@@ -335,7 +358,7 @@ class Trainer:
         result = ev.evaluate_candidate(self.model, self.loaded, self.stopper, self.files, self.s,
                                        new_set=self.split.new_set, champion=self.init_adapter,
                                        train_tokens=train_tokens, encoder=self.encoder,
-                                       precision=self._precision(), log=self.log)
+                                       precision=self.precision, log=self.log)
         result["early_stopping"] = self.early.state() if self.early.every else None
         atomic_write_json(self.files.eval_result, result)
         self.log.info("evaluation_done", seconds=result["seconds"], sets=[
@@ -356,7 +379,7 @@ class Trainer:
             return
         t0 = time.monotonic()
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
-                 "effective_batch": self.eff, "micro_batch_size": self.micro,
+                 "effective_batch": self.eff, "micro_batch_size": self.micro, "precision": self.precision.name,
                  "first_loss": self.first_loss, "last_loss": self.last_loss,
                  "early": self.early.state(), "training_done": self.training_done}
         root = self.files.checkpoints
@@ -392,7 +415,7 @@ class Trainer:
                 "init_adapter": str(self.init_adapter) if self.init_adapter else None,
                 "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
                 "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
-                "precision": self._precision(), "versions": _library_versions(),
+                "precision": self.precision.name, "versions": _library_versions(),
             })
             faults.die_at("crash_in_publish")
             publish_dir(tmp, dest, replace=True)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Fetch the wheels the GPU machine lacks for benchmarks/gpu_check.sh into .whl/ (Python 3.12
+# there), and keep .whl/ out of git through this checkout's info/exclude. Run once, here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+mkdir -p .whl
+# structlog: trainerd's logging (the worker imports it). Pure Python, no dependencies on 3.12.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 -d .whl "structlog==${STRUCTLOG_VERSION:-26.1.0}"
+ls -l .whl
