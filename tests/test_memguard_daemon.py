@@ -32,6 +32,8 @@ LINES = 1200  # ~25 blocks of 2048 tokens: a few optimizer steps
 # the guard sampling every 50 ms. The daemon is started inside the test's memory cgroup and
 # detects the limit itself.
 HUNGRY = {
+    # fp32 on every CPU: the figures above are fp32's (auto would pick bf16 on AMX / avx512_bf16)
+    "model": {"dtype": "float32"},
     "train": {"seq_len": 2048, "micro_batch_size": 8, "grad_accum_steps": 1, "checkpoint_every_steps": 1,
               "warmup_steps": 0},
     "data": {"chunk_lines": 64},

@@ -110,3 +110,17 @@ def test_plan_in_bf16_keeps_a_larger_micro_batch():
     fp32 = plan_micro_batch(SHAPE, train, None, **kw)
     bf16 = plan_micro_batch(SHAPE, train, None, precision="bfloat16", **kw)
     assert (fp32.micro_batch_size, bf16.micro_batch_size) == (2, 4)
+
+
+def test_plan_counts_every_rank_of_the_node():
+    """nproc_per_node ranks each hold a model and a working set under the same limit: with two ranks the plan
+    is the one-rank plan for half the budget (the estimate is doubled), and still on the ladder."""
+    train = TrainSettings(seq_len=SEQ, micro_batch_size=8, grad_accum_steps=2)
+    kw = dict(limit_bytes=6000 * MiB, baseline_bytes=0, available_bytes=1 << 50, soft=1.0)
+    one = plan_micro_batch(SHAPE, train, None, **kw)
+    two = plan_micro_batch(SHAPE, train, None, ranks=2, **kw)
+    half = plan_micro_batch(SHAPE, train, None, **{**kw, "limit_bytes": 3000 * MiB})
+    assert two.micro_batch_size < one.micro_batch_size
+    assert (two.micro_batch_size, two.grad_accum_steps) == (half.micro_batch_size, half.grad_accum_steps)
+    assert two.estimate_bytes == 2 * half.estimate_bytes
+    assert two.micro_batch_size * two.grad_accum_steps == 16

@@ -6,6 +6,9 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
   crash_in_checkpoint           worker: SIGKILL itself in the middle of writing a checkpoint
   crash_in_publish              worker: SIGKILL itself in the middle of writing the adapter
   crash_at_step:N               worker: SIGKILL itself right after optimizer step N
+  term_at_step:N                worker: SIGTERM itself right after optimizer step N
+  freeze_at_step:N              worker: SIGSTOP itself right after optimizer step N (a rank frozen
+                                between two collectives)
   oom_above_micro:K             worker: raise a CUDA out-of-memory error for micro-batches above K
   supervisor_crash_in_publish   supervisor: SIGKILL itself after adapters/<n> appears, before
                                 ``current`` moves
@@ -13,6 +16,9 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
                                 that lands in the middle of the evaluation, every time)
   stop_in_checkpoint            worker: SIGSTOP itself in the middle of writing a checkpoint, once
                                 per batch (a worker frozen there: a hung disk, a debugger)
+
+``TRAINERD_FAULT_RANK=<k>`` next to it limits the fault to the worker whose torchrun ``RANK``
+is k (one rank of a distributed attempt fails, the others are healthy).
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["ENV", "active", "die_at", "freeze_at", "number", "term_at"]
+__all__ = ["ENV", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "term_at"]
 
 ENV = "TRAINERD_FAULT"
+RANK_ENV = "TRAINERD_FAULT_RANK"
 
 
 def _spec() -> tuple[str, str | None]:
+    only = os.environ.get(RANK_ENV)
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return "", None
     point, sep, arg = os.environ.get(ENV, "").partition(":")
     return point, (arg if sep else None)
 
@@ -56,6 +66,16 @@ def term_at(point: str) -> None:
     """SIGTERM this process now if fault ``point`` is on: a graceful stop, delivered at that point."""
     if active(point):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def at_step(step: int) -> None:
+    """The step faults, right after optimizer step ``step``: crash_, term_ or freeze_at_step:N."""
+    if number("crash_at_step") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if number("term_at_step") == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if number("freeze_at_step") == step:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def freeze_at(point: str, once: "os.PathLike[str] | None" = None) -> None:

@@ -97,7 +97,7 @@ def _ladder(micro_batch_size: int, grad_accum_steps: int, gradient_checkpointing
 
 def plan_micro_batch(shape: dict[str, int], train: TrainSettings, lora: LoraSettings | None = None, *,
                      limit_bytes: int, baseline_bytes: int, available_bytes: int, soft: float,
-                     precision: str = "float32") -> Plan:
+                     precision: str = "float32", ranks: int = 1) -> Plan:
     """Start at the largest setting on the back-off ladder estimated to fit under the soft limit.
 
     ``precision`` is the batch's (its precision.json) or the one expected for it; float32, the
@@ -105,15 +105,17 @@ def plan_micro_batch(shape: dict[str, int], train: TrainSettings, lora: LoraSett
     what the cgroup already holds, + ``available_bytes``, MemAvailable) lowers it. The budget is
     soft x limit minus the baseline. Each rung halves the micro-batch and grows accumulation by
     the same factor (micro x accum stays exact); at micro-batch 1 gradient checkpointing goes
-    on. When nothing fits, the last rung, with ``fits=False``.
+    on. When nothing fits, the last rung, with ``fits=False``. ``ranks``: the processes of one
+    node that train at once (``train.nproc_per_node``), each with its own model and working set at
+    the same micro-batch, all under the same limit: the estimate is theirs together.
     """
     limit = min(limit_bytes, baseline_bytes + available_bytes)
     budget = int(limit * soft) - baseline_bytes
     options = _ladder(train.micro_batch_size, train.grad_accum_steps, train.gradient_checkpointing)
     fits = False
     for mb, accum, gc in options:
-        est = estimate_training_bytes(shape, mb, train.seq_len, gradient_checkpointing=gc, lora=lora,
-                                      precision=precision)
+        est = ranks * estimate_training_bytes(shape, mb, train.seq_len, gradient_checkpointing=gc, lora=lora,
+                                              precision=precision)
         if est <= budget:
             fits = True
             break

@@ -100,6 +100,7 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
                 "tokens_per_s": prog.get("tokens_per_s"), "eta_s": prog.get("eta_s"),
                 "rss_bytes": prog.get("rss_bytes"), "loss": prog.get("loss"),
                 "micro_batch_size": b.micro_batch_size, "grad_accum_steps": b.grad_accum_steps,
+                "ranks": prog.get("world_size") or 1,  # torchrun ranks (progress and memory: rank 0's)
                 # The ledger says running but no daemon holds the lock: it died mid-attempt.
                 "interrupted": interrupted,
                 "no_progress_s": _quiet_s(layout.batch(b.id), prog, now),
@@ -218,6 +219,8 @@ def _render_running(r: dict[str, Any] | None) -> str:
     line = (f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
             f"ETA {_fmt_s(r.get('eta_s'))}, memory {fmt_bytes(r.get('rss_bytes'))}, "
             f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")
+    if (r.get("ranks") or 1) > 1:
+        line += f", on {r['ranks']} ranks (memory: rank 0's)"
     if r.get("no_progress_s"):
         line += f" -- no progress for {_fmt_s(r['no_progress_s'])}"
     return line

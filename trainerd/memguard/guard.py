@@ -151,7 +151,7 @@ class MemoryGuard:
         shape = read_model_shape(model_dir)
         plan = plan_micro_batch(shape, train, lora, limit_bytes=self.limit_bytes,
                                 baseline_bytes=self.sampler.baseline_bytes(), available_bytes=mem_available(),
-                                soft=self.settings.soft)
+                                soft=self.settings.soft, ranks=train.nproc_per_node)
         mb0, acc0 = train.micro_batch_size, train.grad_accum_steps
         mb, gc = plan.micro_batch_size, plan.gradient_checkpointing
         fields = dict(micro_batch_size=mb, grad_accum_steps=plan.grad_accum_steps, gradient_checkpointing=gc,
@@ -159,7 +159,8 @@ class MemoryGuard:
                       limit_bytes=plan.limit_bytes,
                       source=self.source if plan.limit_bytes == self.limit_bytes else AVAILABLE_SOURCE,
                       configured_micro_batch_size=mb0, configured_grad_accum_steps=acc0, effective_batch=mb0 * acc0,
-                      seq_len=train.seq_len, params=shape["params"], fits=plan.fits)
+                      seq_len=train.seq_len, params=shape["params"], fits=plan.fits,
+                      ranks_on_this_node=train.nproc_per_node)
         if not plan.fits:
             (self.log.warning if hasattr(self.log, "warning") else self.log.info)("memory_plan_does_not_fit", **fields)
         elif (mb, gc) != (mb0, train.gradient_checkpointing):

@@ -24,12 +24,19 @@ from trainerd.worker import heartbeat, record_early_signals  # noqa: E402 (torch
 record_early_signals()
 
 
-def _logger():
+def _rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun set them; (0, 1) for a single worker."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _logger(rank: int, world: int):
     from trainerd import logs
 
-    # JSON lines on stdout whatever stdout is: the supervisor relays and re-tags them.
-    logs.configure(fmt="json", stream=sys.stdout)
-    return logs.get_logger(pid=os.getpid())
+    # JSON lines on stdout whatever stdout is: the supervisor relays and re-tags them. Under
+    # torchrun every rank's stdout is the launcher's: rank 0 tells the story, the others speak
+    # up only for warnings and errors, and every line says which rank it is from.
+    logs.configure(fmt="json", stream=sys.stdout, level="info" if rank == 0 else "warning")
+    return logs.get_logger(pid=os.getpid(), rank=rank) if world > 1 else logs.get_logger(pid=os.getpid())
 
 
 RESERVE_BYTES = 64 << 10
@@ -96,12 +103,14 @@ def _write_result(files, log, end: _Finish) -> int:
     body = {"status": end.status, "reason": end.reason, "exit_code": int(end.code), **end.extra}
     # Free the reserve first: on a full disk it is the room result.json is written into, so the
     # supervisor learns *why* (disk_full) and not just "75".
+    rank, _ = _rank()
     try:
-        os.unlink(files.reserve)
+        if rank == 0:
+            os.unlink(files.reserve)
     except OSError:
         pass
     try:
-        atomic_write_json(files.result, body)
+        atomic_write_json(files.rank_result(rank), body)  # rank 0: result.json
     except OSError as e:  # disk full: the exit code still tells the supervisor
         log.error("result_write_failed", error=str(e))
     log.info("worker_exit", status=end.status, reason=end.reason, exit_code=end.code)
@@ -144,7 +153,9 @@ def _train(files, settings, args, log) -> _Finish:
     from trainerd.worker.train import ConfigProblem, Trainer
 
     # released by _write_result() so that result.json can still be written when the disk fills
-    write_ballast(files.reserve, RESERVE_BYTES)
+    # (rank 0's: another rank's early end must not take it away)
+    if _rank()[0] == 0:
+        write_ballast(files.reserve, RESERVE_BYTES)
     trainer = Trainer(files.dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
     try:
         outcome = trainer.run()
@@ -175,25 +186,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publish", type=Path, default=None,
                    help="where to write the final adapter (atomically; must not exist)")
     args = p.parse_args(argv)
-    log = _logger()
+    rank, world = _rank()
+    log = _logger(rank, world)
 
     from trainerd.contract import BatchFiles, ExitCode, Outcome
 
     files = BatchFiles(args.batch_dir.resolve())
-    if files.dir.is_dir():
+    if files.dir.is_dir() and rank == 0:
+        # Rank 0's loops are the attempt's sign of life: every step waits for all ranks in a
+        # collective, so a frozen rank stops rank 0's heartbeat too.
         heartbeat.start(files.heartbeat)
         heartbeat.phase("split")
     try:
         settings = _settings(files, args.init_adapter, log)
-        _expand(files, settings, log)  # issue 14: *.jsonl.gz|zst -> data.jsonl
-        rejected = _first_split(files, settings, log)
+        if rank == 0:
+            _expand(files, settings, log)  # issue 14: *.jsonl.gz|zst -> data.jsonl, before the split
+        rejected = _first_split(files, settings, log) if rank == 0 else None  # the others wait for it
         if rejected is not None:
             log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="first_split")
             raise _Finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,
                           lines_bad=rejected.bad, errors=rejected.errors, step=0, total_steps=0)
         from trainerd.worker.curves import recording
 
-        with recording(files, settings, args.init_adapter, log):  # TensorBoard curves, fed by the log events
+        if rank == 0:
+            with recording(files, settings, args.init_adapter, log):  # TensorBoard curves, fed by the log events
+                end = _train(files, settings, args, log)
+        else:
             end = _train(files, settings, args, log)
     except _Finish as e:
         end = e

@@ -31,8 +31,10 @@ def current_rss_bytes() -> int:
 class Progress:
     """Training speed of this attempt (its own steps only: a resumed run's rate is its own)."""
 
-    def __init__(self, files: BatchFiles, log: Any):
+    def __init__(self, files: BatchFiles, log: Any, *, writes: bool = True, world_size: int = 1):
         self.files = files
+        self.writes = writes  # progress.json is rank 0's alone under torchrun
+        self.world_size = world_size
         self.log = log
         self.tokens = 0          # real (unpadded) tokens trained by this attempt
         self.seconds = 0.0       # time inside optimizer steps
@@ -72,7 +74,7 @@ class Progress:
             self.log.info("step", step=step, total_steps=total_steps, loss=None if loss is None else round(loss, 5),
                           lr=lr, tokens=tokens, tokens_per_s=round(tps, 1), eta_s=round(eta, 1),
                           rss_bytes=current_rss_bytes())
-        if log_step and now - self._written_at < 0.5:
+        if not self.writes or (log_step and now - self._written_at < 0.5):
             return
         self._written_at = now
         try:
@@ -81,7 +83,7 @@ class Progress:
                 "tokens_per_s": tps, "eta_s": eta, "rss_bytes": current_rss_bytes(),
                 "peak_rss_bytes": peak_rss_bytes(), "micro_batch_size": micro_batch_size,
                 "median_step_s": self.median_step_s, "checkpoint": self.checkpoint,
-                "pid": os.getpid(), "updated": time.time(),
+                "pid": os.getpid(), "updated": time.time(), "world_size": self.world_size,
             }, durable=False)
         except OSError as e:
             # A status hint only: a full disk must not end the run here; the next checkpoint

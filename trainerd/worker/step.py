@@ -5,6 +5,11 @@ step (``num_items_in_batch``), so the gradient of a step does not depend on how 
 into micro-batches: the memory back-off (half the micro-batch, twice the accumulation) keeps
 the optimizer step the same, up to float summation order. The loss itself is
 :func:`trainerd.worker.loss.token_loss` (no full-vocabulary logits), in the batch's precision.
+
+Under torchrun a rank trains its share of the step's blocks, still divided by the label tokens
+of the whole step, then sums gradients, loss and tokens with the others in one all-reduce that
+also carries its stop reason (dist.py): the back-off and the stop between micro-batches stay a
+rank's own business until that one collective.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from trainerd import faults
 from trainerd.contract import StopReason
 from trainerd.worker import checkpoint as ckpt
+from trainerd.worker import dist
 from trainerd.worker.loss import IGNORE_INDEX, loss_path, token_loss
 from trainerd.worker.stopper import StopRequested
 
@@ -26,7 +32,7 @@ __all__ = ["Stepper"]
 
 class Stepper:
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, loaded: Any, stopper: Any, progress: Any,
-                 log: Any, *, micro: int, max_grad_norm: float, precision: Any):
+                 log: Any, *, micro: int, max_grad_norm: float, precision: Any, ranks: dist.Ranks = dist.Ranks()):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device = loaded.device
         self.autocast = precision.autocast  # torch.bfloat16 or None
@@ -35,6 +41,7 @@ class Stepper:
         log.info("loss_path", path=self.loss_path.kind, reason=self.loss_path.reason)
         self.stopper, self.progress, self.log = stopper, progress, log
         self.micro = micro
+        self.ranks = ranks
         self.max_grad_norm = max_grad_norm
         self.last_tokens = 0  # real (unpadded) tokens of the last step
         self._oom_above = faults.number("oom_above_micro")
@@ -45,32 +52,48 @@ class Stepper:
         Raises StopRequested (gradients discarded, parameters untouched) when a stop arrives
         between micro-batches.
         """
+        # HF shifts labels inside the loss: position 0 of each block predicts nothing. Counted
+        # over the whole step (every rank's share), so summed gradients are the step's.
+        n_items = sum(sum(1 for y in b[1][1:] if y != IGNORE_INDEX) for b in blocks)
+        mine = self.ranks.share(blocks)
+        t0 = time.monotonic()
+        loss_sum, reason = 0.0, None
+        try:
+            if mine:
+                loss_sum = self._own_share(mine, max(n_items, 1), step_rng, number)
+        except StopRequested as stop:
+            if not self.ranks.on:
+                raise
+            reason = stop.reason  # told to the others in the collective, then raised on every rank
+        tokens = sum(sum(b[2]) for b in mine)
+        loss_sum, tokens, agreed = dist.reduce_step(self.params, loss_sum, tokens, reason, self.device)
+        if agreed is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StopRequested(agreed)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()  # cheap after gc.freeze(); keeps cyclic garbage from piling up per step
+        self.last_tokens = tokens
+        self.progress.add_step(self.last_tokens, time.monotonic() - t0)
+        return loss_sum
+
+    def _own_share(self, blocks: list, n_items: int, step_rng: dict[str, Any], number: int) -> float:
+        """This rank's blocks, micro-batch by micro-batch, backing off on a CUDA OOM."""
         ids = torch.tensor([b[0] for b in blocks], dtype=torch.long)
         labels = torch.tensor([b[1] for b in blocks], dtype=torch.long)
         mask = torch.tensor([b[2] for b in blocks], dtype=torch.long)
-        # HF shifts labels inside the loss: position 0 of each block predicts nothing.
-        n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        t0 = time.monotonic()
         while True:
             try:
-                loss_sum = self._accumulate(ids, labels, mask, max(n_items, 1))
-                break
+                return self._accumulate(ids, labels, mask, n_items)
             except torch.OutOfMemoryError:
                 pass
             # Backed off outside the except block: inside it the exception's traceback still
             # holds the failed forward's frames and their activations, which empty_cache()
             # could then not give back, and the smaller micro-batch would run out too.
             self._back_off(number, len(blocks), step_rng)
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        del ids, labels, mask
-        gc.collect()  # cheap after gc.freeze(); keeps cyclic garbage from piling up per step
-        self.last_tokens = sum(sum(b[2]) for b in blocks)
-        self.progress.add_step(self.last_tokens, time.monotonic() - t0)
-        return loss_sum
 
     def _back_off(self, number: int, n_blocks: int, step_rng: dict[str, Any]) -> None:
         """A CUDA out-of-memory error inside the step: free, halve the micro-batch, redo the step

@@ -3,11 +3,13 @@
 Signal handlers only set a flag (logging or raising in a handler is unsafe); the training
 loop asks :meth:`Stopper.check` between micro-batches and :meth:`Stopper.agree` between
 optimizer steps (an all-reduce when torch.distributed is initialised, so every rank stops at
-the same step).
+the same step, with the strongest reason any rank had: dist.py).
 
     batch/.stop          the memory guard (content: memory | recycle), or an operator
     root/.stop           the operator's pause
-    SIGTERM / SIGINT     shutdown (a second one kills at once: a cold stop)
+    SIGTERM / SIGINT     shutdown (a second one kills at once: a cold stop; under torchrun a
+                         second one within DEBOUNCE_S of the first is the same stop, sent
+                         again by the launcher's own shutdown, and is ignored)
     EOF on stdin         the supervisor died (parent_gone)
 """
 
@@ -17,15 +19,19 @@ import os
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trainerd.contract import StopReason
-from trainerd.worker import heartbeat
+from trainerd.worker import dist, heartbeat
 
-__all__ = ["Stopper", "StopRequested"]
+__all__ = ["DEBOUNCE_S", "Deferred", "Stopper", "StopRequested"]
+
+# Under torchrun a rank can get the same stop twice (the launcher forwards the supervisor's
+# SIGTERM, and signals its workers again when a peer exits first): within this many seconds a
+# second signal is not the operator's "now".
+DEBOUNCE_S = 2.0
 
 
 class StopRequested(Exception):
@@ -41,11 +47,14 @@ class Stopper:
     """Collects the reasons to stop. Signal handlers only set a flag (logging or raising in a
     handler is unsafe); the loop asks ``check()`` between micro-batches."""
 
-    def __init__(self, batch_stop: Path, global_stop: Path):
+    def __init__(self, batch_stop: Path, global_stop: Path, *, debounce_s: float = 0.0):
         self.batch_stop, self.global_stop = batch_stop, global_stop
+        self.debounce_s = debounce_s
+        self.device: Any = None  # the rank's device, for agree()'s collective (NCCL needs the GPU)
         self._signal_reason: StopReason | None = None
         self._lifeline_lost = threading.Event()
         self._signals = 0
+        self._first_signal_at = 0.0
 
     def install(self) -> None:
         from trainerd.worker import EARLY_SIGNALS
@@ -59,7 +68,12 @@ class Stopper:
             threading.Thread(target=self._watch_lifeline, name="lifeline", daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        now = time.monotonic()
+        if self._signals and now - self._first_signal_at < self.debounce_s:
+            return  # the same stop again (torchrun): not a cold stop
         self._signals += 1
+        if self._signals == 1:
+            self._first_signal_at = now
         if self._signals > 1:
             # Second signal: stop at once (cold stop). The last complete checkpoint stands.
             signal.signal(signum, signal.SIG_DFL)
@@ -92,15 +106,23 @@ class Stopper:
             return StopReason.PAUSED
         return None
 
-    def agree(self) -> StopReason | None:
-        """The stop decision every rank must share (a no-op on one process)."""
-        reason = self.check()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([1 if reason else 0])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and not reason:
-                reason = StopReason.PEER_STOPPED
-        return reason
+    def agree(self, *flags: bool) -> tuple[StopReason | None, list[bool]]:
+        """The stop decision every rank must share, and ``flags`` any rank raised (one all-reduce
+        between optimizer steps; no collective on one process)."""
+        return dist.agree(self.check(), *flags, device=self.device)
+
+    def deferred(self) -> "Deferred":
+        """This stopper as work that must not stop halfway sees it: signs of life, no stops."""
+        return Deferred()
+
+
+class Deferred:
+    """A stopper for work every rank must finish together (an evaluation during training, which
+    each rank runs on its own): it never says stop; the stop is agreed at the next step's end."""
+
+    def check(self) -> None:
+        heartbeat.beat()
+        return None
 
 
 def _stdin_is_pipe() -> bool:

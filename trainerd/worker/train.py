@@ -8,8 +8,11 @@ the partial gradient and checkpoints the state at the step's start (parameters, 
 scheduler are untouched until ``optimizer.step``; the RNG state and cursor are remembered), so
 a stop never waits for a long step, let alone an epoch.
 
-Distributed later: every stop decision goes through ``Stopper.agree`` (an all-reduce when
-torch.distributed is initialised) and only rank 0 writes checkpoints and the published adapter.
+Under torchrun (dist.py): rank 0 splits and scans the file while the others wait for its
+split.json and scan.json; then every rank reads the same stream and trains its share of each
+step; every stop and checkpoint decision goes through ``Stopper.agree`` (one all-reduce per
+step), and only rank 0 writes checkpoints (with every rank's RNG), progress, the evaluation and
+the adapter. The other ranks end when training ends (``rank_done``); rank 0 evaluates alone.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from trainerd.config import Settings
 from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
 from trainerd.fsutil import atomic_write_json, free_bytes, publish_dir, read_json
 from trainerd.worker import checkpoint as ckpt
+from trainerd.worker import dist
 from trainerd.worker import evaluate as ev
 from trainerd.worker import heartbeat
 from trainerd.worker import model as mdl
@@ -41,7 +45,7 @@ from trainerd.worker.model import ConfigProblem
 from trainerd.worker.progress import Progress, peak_rss_bytes
 from trainerd.worker.split import Split, load_split
 from trainerd.worker.step import Stepper
-from trainerd.worker.stopper import Stopper, StopRequested
+from trainerd.worker.stopper import DEBOUNCE_S, Stopper, StopRequested
 
 __all__ = ["ConfigProblem", "RunEnd", "Trainer"]
 
@@ -83,9 +87,10 @@ class Trainer:
         self.publish = publish
         self.log = log
         self.files = BatchFiles(batch_dir)
-        self.stopper = Stopper(self.files.stop, RootLayout(settings.root).stop)
-        self.progress = Progress(self.files, log)
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.ranks = dist.Ranks.from_env()
+        self.stopper = Stopper(self.files.stop, RootLayout(settings.root).stop,
+                               debounce_s=DEBOUNCE_S if self.ranks.on else 0.0)
+        self.progress = Progress(self.files, log, writes=self.ranks.lead, world_size=self.ranks.world)
         self.started = time.monotonic()
         self.result: dict[str, Any] = {
             "micro_batch_size": settings.train.micro_batch_size,
@@ -129,6 +134,8 @@ class Trainer:
                            checkpoint=self.result.get("checkpoint"),
                            action="stopping; resumes from the newest complete checkpoint once space is back")
             return RunEnd(Outcome.STOPPED, StopReason.DISK_FULL, ExitCode.TEMPFAIL, {"free_bytes": free})
+        finally:
+            dist.close()
 
     def _run(self) -> RunEnd:
         set_oom_score_adj(1000)
@@ -137,13 +144,17 @@ class Trainer:
             raise DataError(f"data file missing: {self.files.data}")
         heartbeat.phase("load")  # from_pretrained has no loop of ours: the watchdog allows it longer
         self.loaded = mdl.load(self.s, self.log)
+        self.stopper.device = self.device
         encoder = Encoder(self.loaded.tokenizer)
         heartbeat.phase("scan")
+        if not self.ranks.lead and not self._wait_for_lead():
+            return self._stopped_before_training()
         sc = self._first_pass(encoder)
         if sc is None:
             return self._stopped_before_training()
         self.encoder = encoder
         cursor = self._prepare(sc)
+        self._join_ranks()
         # Everything allocated so far lives for the whole run: move it out of the collector's
         # sight so the per-step gc.collect() is ~1 ms instead of ~270 ms (FACTS.md).
         gc.collect()
@@ -157,6 +168,11 @@ class Trainer:
         stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
         if stopped is not None:
             return stopped
+        if not self.ranks.lead:
+            # Its share of training is done and in rank 0's checkpoint: rank 0 evaluates and
+            # publishes alone (a stop from here on is rank 0's, the resume only evaluates).
+            self.log.info("rank_done", rank=self.ranks.rank, step=self.step)
+            return RunEnd(Outcome.DONE, "rank_done", ExitCode.OK)
         heartbeat.phase("evaluate")
         try:
             self._evaluate(sc.tokens * t.epochs)
@@ -166,6 +182,36 @@ class Trainer:
         written = self._write_final_adapter()
         self._report(self.last_loss, log_step=False)
         return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(written)})
+
+    def _wait_for_lead(self) -> bool:
+        """Not rank 0: wait (without a heartbeat: rank 0's is the attempt's) until rank 0 has split
+        and scanned the file; False when a stop came first. Rank 0 exiting (bad data, a crash)
+        makes torchrun stop this rank too."""
+        t0 = time.monotonic()
+        while not (self.files.split.is_file() and self._cached_scan() is not None):
+            if self.stopper.check() is not None:
+                return False
+            time.sleep(0.2)
+        self.log.debug("lead_scanned", waited_s=round(time.monotonic() - t0, 2))
+        return True
+
+    def _join_ranks(self) -> None:
+        """Under torchrun: the process group, rank 0's starting weights on every rank, and each
+        rank's own RNG stream (dropout differs between ranks as between micro-batches)."""
+        if not self.ranks.on:
+            return
+        t = self.s.train
+        try:
+            backend = dist.backend_for(t.dist_backend, self.device)
+        except ValueError as e:
+            raise ConfigProblem(str(e)) from None
+        t0 = time.monotonic()
+        dist.init(self.ranks, backend, t.dist_timeout_s, self.device)
+        dist.same_start(self.stepper.params)
+        self.log.info("ranks_joined", rank=self.ranks.rank, world_size=self.ranks.world, backend=backend,
+                      device=str(self.device), share_per_step=-(-self.eff // self.ranks.world),
+                      join_s=round(time.monotonic() - t0, 2))
+        self.result.update(world_size=self.ranks.world, dist_backend=backend)
 
     def _first_pass(self, encoder: Encoder) -> ScanReport | None:
         """Validate, count and tokenize the file once (reused on resume while it is unchanged);
@@ -224,14 +270,14 @@ class Trainer:
         self.eff = eff
         self.stepper = Stepper(self.model, self.optimizer, self.scheduler, self.loaded, self.stopper,
                                self.progress, self.log, micro=min(t.micro_batch_size, eff),
-                               max_grad_norm=t.max_grad_norm, precision=self.precision)
+                               max_grad_norm=t.max_grad_norm, precision=self.precision, ranks=self.ranks)
         cursor = Cursor()
         if state is not None:
             self._restore(resume[0], state)
             self._last_ckpt_step = self.step
             cursor = Cursor(**state["cursor"])
         else:
-            torch.manual_seed(t.seed)
+            torch.manual_seed(t.seed + self.ranks.rank)
         self.result.update(total_steps=self.total_steps, effective_batch=eff, precision=self.precision.name)
         for key in ("micro_batch_size", "grad_accum_steps"):  # summary() reports the live split now
             self.result.pop(key, None)
@@ -259,7 +305,7 @@ class Trainer:
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         precision = mdl.resolve_precision(self.s, self.device, kept, kept_from, self.log)
-        if kept_from != "batch" and self.rank == 0:
+        if kept_from != "batch" and self.ranks.lead:
             atomic_write_json(self.files.precision, {
                 "precision": precision.name, "source": precision.source, "settings_dtype": self.s.model.dtype,
                 "device": str(self.device), "decided_at": time.time()})
@@ -268,7 +314,7 @@ class Trainer:
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(ckpt.load_tensors(path, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(path, "scheduler.pt"))
-        ckpt.set_rng_state(ckpt.load_tensors(path, "rng.pt"))
+        self._restore_rng(ckpt.load_tensors(path, "rng.pt"), state["step"])
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.first_loss = state.get("first_loss")
@@ -278,6 +324,19 @@ class Trainer:
         if state.get("total_steps") != self.total_steps:
             self.log.warning("checkpoint_schedule_differs", checkpoint_total=state.get("total_steps"),
                              now_total=self.total_steps)
+
+    def _restore_rng(self, rng: dict[str, Any], step: int) -> None:
+        """This rank's RNG from the checkpoint: its own where the checkpoint has every rank's (the
+        same number of ranks), else rank 0's, and for other ranks a seed of their own."""
+        ranks = rng.get("ranks")
+        if self.ranks.on and ranks and len(ranks) == self.ranks.world:
+            ckpt.set_rng_state(ranks[self.ranks.rank])
+            return
+        ckpt.set_rng_state(rng)
+        if self.ranks.rank:
+            torch.manual_seed(self.s.train.seed + 7919 * step + self.ranks.rank)
+            self.log.warning("rng_reseeded", rank=self.ranks.rank, checkpoint_ranks=len(ranks or [None]),
+                             world_size=self.ranks.world, reason="the checkpoint has no RNG state for this rank")
 
     def _loop(self, stream: Iterator[Any], cursor: Cursor, total_blocks: int) -> RunEnd | None:
         """Train to the end (or to early stopping); a RunEnd when a stop came first."""
@@ -295,20 +354,24 @@ class Trainer:
                     return self._stopped(stop.reason)
                 self.step += 1
                 self.tokens += self.stepper.last_tokens
-                if faults.number("crash_at_step") == self.step:
-                    faults.die_at("crash_at_step")
+                faults.at_step(self.step)
                 self.last_loss = loss
                 if self.first_loss is None:
                     self.first_loss = loss
                 self._report(loss)
-                best = self._watch_new_set()
-                if best or self._checkpoint_due():
+                try:
+                    best = self._watch_new_set()
+                except StopRequested as stop:  # one process only: ranks defer it to agree()
+                    self._checkpoint(cursor, ckpt.rng_state())
+                    return self._stopped(stop.reason)
+                # One collective for both: every rank checkpoints, and stops, at the same step.
+                reason, (due,) = self.stopper.agree(best or self._checkpoint_due())
+                stop_now = reason is not None and self.step < self.total_steps and not self.early.stopped
+                if due or stop_now:
                     self._checkpoint(cursor, ckpt.rng_state())  # the best step's weights are kept
                 if self.early.stopped:
                     break
-                reason = self.stopper.agree()
-                if reason and self.step < self.total_steps:
-                    self._checkpoint(cursor, ckpt.rng_state())
+                if stop_now:
                     return self._stopped(reason)
         except StopIteration:
             raise DataError("data file changed while training: it ended before the counted blocks")
@@ -334,7 +397,8 @@ class Trainer:
             self._new_set = sets[0].chosen if sets else []
         if not self._new_set:
             return False
-        evaluator = ev.Evaluator(self.model, self.loaded, self.stopper, batch_size=self.s.eval.batch_size,
+        stopper = self.stopper.deferred() if self.ranks.on else self.stopper
+        evaluator = ev.Evaluator(self.model, self.loaded, stopper, batch_size=self.s.eval.batch_size,
                                  pad_id=self.loaded.tokenizer.pad_token_id, autocast=self.precision.autocast)
         loss = ev.figures(self._new_set, evaluator.losses(self._new_set))["mean_loss"]
         best = self.early.observe(self.step, loss)
@@ -375,8 +439,25 @@ class Trainer:
         return bool(secs) and time.monotonic() - self._last_ckpt_time >= secs
 
     def _checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
-        if self.rank != 0:
+        """Rank 0 writes (with every rank's RNG); under torchrun every rank calls this at the same
+        step and learns whether the write failed for want of space (then all stop: disk_full)."""
+        if self.ranks.on:
+            rngs = dist.gather_objects(rng)
+            full: DiskFull | None = None
+            if self.ranks.lead:
+                try:
+                    self._write_checkpoint(cursor, {**rng, "ranks": rngs})
+                except DiskFull as e:
+                    full = e
+            reason, _ = dist.agree(StopReason.DISK_FULL if full else None, device=self.device)
+            if full is not None:
+                raise full
+            if reason == StopReason.DISK_FULL:
+                raise DiskFull("rank 0 could not write the checkpoint")
             return
+        self._write_checkpoint(cursor, rng)
+
+    def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
         t0 = time.monotonic()
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
                  "effective_batch": self.eff, "micro_batch_size": self.micro, "precision": self.precision.name,
@@ -400,8 +481,6 @@ class Trainer:
 
     def _write_final_adapter(self) -> Path:
         """The batch's adapter, complete before it appears at ``--publish`` (or final_adapter/)."""
-        if self.rank != 0:
-            return Path()
         dest = self.publish or self.files.final_adapter
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         # Half adapters of earlier attempts that died mid-write (SIGKILL, power loss): never
@@ -449,6 +528,8 @@ class Trainer:
                    peak_rss_bytes=peak_rss_bytes(), elapsed_s=round(time.monotonic() - self.started, 2))
         if self.micro:  # the CUDA OOM back-off may have changed the split: tell the supervisor
             out.update(micro_batch_size=self.micro, grad_accum_steps=-(-self.eff // self.micro))
+        if self.ranks.on:
+            out.update(rank=self.ranks.rank, world_size=self.ranks.world)
         if self.device is not None and self.device.type == "cuda":
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out
