@@ -27,11 +27,13 @@ def main() -> int:
     loss, tokens, agreed = dist.reduce_step([a, b, c], 0.5 * (ranks.rank + 1), 100 + ranks.rank, reason,
                                            torch.device("cpu"))
     flag_reason, flags = dist.agree(reason, ranks.rank == 1, False)
-    print(json.dumps({"rank": ranks.rank, "loss": loss, "tokens": tokens,
+    # One write per line (print() writes the newline separately: the ranks share torchrun's stdout).
+    sys.stdout.write(json.dumps({"rank": ranks.rank, "loss": loss, "tokens": tokens,
                       "agreed": None if agreed is None else str(agreed),
                       "a": a.grad.tolist(), "b": b.grad.tolist(), "c": None if c.grad is None else c.grad.tolist(),
                       "agree_reason": None if flag_reason is None else str(flag_reason), "flags": flags,
-                      "gathered": dist.gather_objects({"r": ranks.rank})}), flush=True)
+                      "gathered": dist.gather_objects({"r": ranks.rank})}) + "\n")
+    sys.stdout.flush()
     dist.close()
     return 0
 

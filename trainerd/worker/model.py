@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from trainerd.config import Settings
+from trainerd.fsutil import atomic_write_json, read_json
 
-__all__ = ["BFLOAT16", "FLOAT32", "ConfigProblem", "Loaded", "Precision", "auto_precision", "build_peft",
+__all__ = ["BFLOAT16", "FLOAT32", "ConfigProblem", "Loaded", "Precision", "auto_precision", "batch_precision", "build_peft",
            "cpu_features", "load", "make_optimizer", "pick_device", "resolve_precision"]
 
 
@@ -119,6 +120,32 @@ def resolve_precision(settings: Settings, device: torch.device, kept: str | None
     log.info("precision_resolved", precision=name, source="auto", device=str(device), **found)
     return Precision(name, "auto")
 
+
+
+def batch_precision(files: Any, settings: Settings, device: torch.device, state: dict[str, Any] | None, *,
+                    record: bool, log: Any) -> Precision:
+    """The batch's precision: its checkpoint's (``state``), else its precision.json's, else resolved
+    now from the settings and this machine, and then (``record``: rank 0) recorded in
+    precision.json before the first step, so that even a batch stopped before its first
+    checkpoint keeps it."""
+    kept, kept_from = None, ""
+    if state is not None:
+        # Checkpoints from before precision was recorded: the old rule was bf16 on CUDA or
+        # when bfloat16 was forced, fp32 otherwise.
+        legacy = BFLOAT16 if (device.type == "cuda" or settings.model.dtype == BFLOAT16) else FLOAT32
+        kept = state.get("precision") or legacy
+        kept_from = "checkpoint"
+    else:
+        try:
+            kept, kept_from = read_json(files.precision)["precision"], "batch"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    precision = resolve_precision(settings, device, kept, kept_from, log)
+    if kept_from != "batch" and record:
+        atomic_write_json(files.precision, {
+            "precision": precision.name, "source": precision.source, "settings_dtype": settings.model.dtype,
+            "device": str(device), "decided_at": time.time()})
+    return precision
 
 def hold_frozen_linears_in_bf16(model: Any) -> int:
     """Cast the frozen ``nn.Linear`` weights inside the decoder to bf16 (not the lm-head, which is

@@ -18,8 +18,6 @@ the adapter. The other ranks end when training ends (``rank_done``); rank 0 eval
 from __future__ import annotations
 
 import gc
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch
 from trainerd import faults
 from trainerd.config import Settings
 from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
-from trainerd.fsutil import atomic_write_json, free_bytes, publish_dir, read_json
+from trainerd.fsutil import atomic_write_json, free_bytes
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import dist
 from trainerd.worker import evaluate as ev
@@ -39,11 +37,11 @@ from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
 from trainerd.worker.evaluate import EarlyStopping
 from trainerd.lines import ScanReport
-from trainerd.replay import Store
-from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder, Interrupted, TrainSource, scan
+from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker.progress import Progress, peak_rss_bytes
-from trainerd.worker.split import Split, load_split
+from trainerd.worker.firstpass import first_pass, wait_for_lead
+from trainerd.worker.publish import write_adapter
 from trainerd.worker.step import Stepper
 from trainerd.worker.stopper import DEBOUNCE_S, Stopper, StopRequested
 
@@ -57,13 +55,6 @@ def set_oom_score_adj(value: int = 1000) -> None:
             f.write(str(value))
     except OSError:
         pass
-
-
-def _library_versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 @dataclass
@@ -147,9 +138,9 @@ class Trainer:
         self.stopper.device = self.device
         encoder = Encoder(self.loaded.tokenizer)
         heartbeat.phase("scan")
-        if not self.ranks.lead and not self._wait_for_lead():
+        if not self.ranks.lead and not wait_for_lead(self.files, self.s.train.seq_len, self.stopper, self.log):
             return self._stopped_before_training()
-        sc = self._first_pass(encoder)
+        self.split, self.source, sc = first_pass(self.files, self.s, encoder, self.stopper, self.log)
         if sc is None:
             return self._stopped_before_training()
         self.encoder = encoder
@@ -183,18 +174,6 @@ class Trainer:
         self._report(self.last_loss, log_step=False)
         return RunEnd(Outcome.DONE, "finished", ExitCode.OK, {"adapter": str(written)})
 
-    def _wait_for_lead(self) -> bool:
-        """Not rank 0: wait (without a heartbeat: rank 0's is the attempt's) until rank 0 has split
-        and scanned the file; False when a stop came first. Rank 0 exiting (bad data, a crash)
-        makes torchrun stop this rank too."""
-        t0 = time.monotonic()
-        while not (self.files.split.is_file() and self._cached_scan() is not None):
-            if self.stopper.check() is not None:
-                return False
-            time.sleep(0.2)
-        self.log.debug("lead_scanned", waited_s=round(time.monotonic() - t0, 2))
-        return True
-
     def _join_ranks(self) -> None:
         """Under torchrun: the process group, rank 0's starting weights on every rank, and each
         rank's own RNG stream (dropout differs between ranks as between micro-batches)."""
@@ -213,49 +192,12 @@ class Trainer:
                       join_s=round(time.monotonic() - t0, 2))
         self.result.update(world_size=self.ranks.world, dist_backend=backend)
 
-    def _first_pass(self, encoder: Encoder) -> ScanReport | None:
-        """Validate, count and tokenize the file once (reused on resume while it is unchanged);
-        None when a stop came first."""
-        self.split = split = load_split(self.files) or Split(own_lines=0)
-        replay = self.files.replay if split.replay_lines else None
-        self.source = TrainSource(self.files.data, max_line_bytes=self.s.data.max_line_bytes, skip=split.skip(),
-                                  replay=replay, own_total=split.own_lines, replay_total=split.replay_lines)
-        sc = self._cached_scan()
-        if sc is None:
-            d, t0 = self.s.data, time.monotonic()
-            try:
-                sc = scan(self.source, encoder, seq_len=self.s.train.seq_len,
-                          chunk_lines=d.chunk_lines, max_bad_fraction=d.max_bad_fraction,
-                          contrib=self.files.replay_contrib,
-                          contrib_threshold=Store.open(RootLayout(self.s.root).replay).threshold,
-                          errors_path=self.files.errors, max_errors=d.max_errors_reported,
-                          should_stop=lambda: self.stopper.check() is not None)
-            except Interrupted:
-                return None
-            atomic_write_json(self.files.scan, sc.as_cache())
-            self.log.info("data_scanned", lines=sc.lines, good=sc.good, bad=sc.bad, blank=sc.blank,
-                          tokens=sc.tokens, blocks_per_epoch=sc.blocks_per_epoch,
-                          scan_s=round(time.monotonic() - t0, 2))
+    def _prepare(self, sc: ScanReport) -> Cursor:
+        """Model, optimizer and cursor: from the newest complete checkpoint, or fresh."""
+        split = self.split
         self.result.update(lines_good=sc.good, lines_bad=sc.bad, errors=sc.errors,
                            replay={"lines": split.replay_lines, "tokens": sc.replay_tokens,
                                    "from_batches": (split.replay or {}).get("sources", {})})
-        return sc
-
-    def _cached_scan(self) -> ScanReport | None:
-        try:
-            d = read_json(self.files.scan)
-        except (OSError, ValueError):
-            return None
-        st = os.stat(self.files.data)
-        if d.get("size") != st.st_size or d.get("mtime_ns") != st.st_mtime_ns or d.get("seq_len") != self.s.train.seq_len:
-            if ckpt.complete(self.files.checkpoints):
-                raise DataError("data file changed since it was scanned: size or mtime differ; "
-                                "its checkpoints no longer match it")
-            return None
-        return ScanReport.from_cache(str(self.files.data), d)
-
-    def _prepare(self, sc: ScanReport) -> Cursor:
-        """Model, optimizer and cursor: from the newest complete checkpoint, or fresh."""
         t = self.s.train
         eff = t.micro_batch_size * t.grad_accum_steps
         resume = ckpt.complete(self.files.checkpoints)
@@ -263,7 +205,8 @@ class Trainer:
         if state is not None:
             eff = state["effective_batch"]
         self.total_steps = max(1, -(-sc.blocks_per_epoch * t.epochs // eff))
-        self.precision = self._precision(state)
+        self.precision = mdl.batch_precision(self.files, self.s, self.device, state, record=self.ranks.lead,
+                                             log=self.log)
         self.model = mdl.build_peft(self.loaded, self.s, resume[0] if resume else self.init_adapter,
                                     self.precision, self.log)
         self.optimizer, self.scheduler = mdl.make_optimizer(self.model, self.s, self.total_steps)
@@ -287,29 +230,6 @@ class Trainer:
                       effective_batch=eff, seq_len=t.seq_len, precision=self.precision.name,
                       cursor=cursor.as_dict())
         return cursor
-
-    def _precision(self, state: dict[str, Any] | None) -> mdl.Precision:
-        """The batch's precision: its checkpoint's, else its precision.json's, else resolved now
-        from the settings and this machine, and then recorded in precision.json (before the
-        first step, so that even a batch stopped before its first checkpoint keeps it)."""
-        kept, kept_from = None, ""
-        if state is not None:
-            # Checkpoints from before precision was recorded: the old rule was bf16 on CUDA or
-            # when bfloat16 was forced, fp32 otherwise.
-            legacy = mdl.BFLOAT16 if (self.device.type == "cuda" or self.s.model.dtype == mdl.BFLOAT16) else mdl.FLOAT32
-            kept = state.get("precision") or legacy
-            kept_from = "checkpoint"
-        else:
-            try:
-                kept, kept_from = read_json(self.files.precision)["precision"], "batch"
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-        precision = mdl.resolve_precision(self.s, self.device, kept, kept_from, self.log)
-        if kept_from != "batch" and self.ranks.lead:
-            atomic_write_json(self.files.precision, {
-                "precision": precision.name, "source": precision.source, "settings_dtype": self.s.model.dtype,
-                "device": str(self.device), "decided_at": time.time()})
-        return precision
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(ckpt.load_tensors(path, "optimizer.pt"))
@@ -480,31 +400,13 @@ class Trainer:
                       save_s=round(time.monotonic() - t0, 3), cursor=cursor.as_dict())
 
     def _write_final_adapter(self) -> Path:
-        """The batch's adapter, complete before it appears at ``--publish`` (or final_adapter/)."""
-        dest = self.publish or self.files.final_adapter
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        # Half adapters of earlier attempts that died mid-write (SIGKILL, power loss): never
-        # visible (they were never renamed), but they hold space; only this worker writes here.
-        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            self.model.save_pretrained(str(tmp), safe_serialization=True)
-            atomic_write_json(tmp / "trainerd.json", {
-                "base_model": self.s.model.path,
-                "init_adapter": str(self.init_adapter) if self.init_adapter else None,
-                "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
-                "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
-                "precision": self.precision.name, "versions": _library_versions(),
-            })
-            faults.die_at("crash_in_publish")
-            publish_dir(tmp, dest, replace=True)
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter holding the space
-            if ckpt.disk_full(e, dest.parent, ckpt.newest_bytes(self.files.checkpoints) // 2):
-                raise DiskFull(f"cannot write the adapter to {dest}: {e}") from e
-            raise
-        self.log.info("adapter_written", path=str(dest), steps=self.step)
-        return dest
+        """The batch's adapter at ``--publish`` (or final_adapter/), complete before it appears."""
+        return write_adapter(self.model, self.publish or self.files.final_adapter, {
+            "base_model": self.s.model.path,
+            "init_adapter": str(self.init_adapter) if self.init_adapter else None,
+            "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
+            "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
+            "precision": self.precision.name}, self.files.checkpoints, self.log)
 
     def _report(self, loss: float | None, log_step: bool = True) -> None:
         self.progress.report(step=self.step, total_steps=self.total_steps, loss=loss,
