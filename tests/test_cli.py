@@ -58,7 +58,7 @@ def test_submit_places_atomically_and_never_clobbers(tmp_path, capsys):
     bad.write_text("nope\n")
     assert main(["submit", "--root", str(layout.root), str(good)]) == 0
     assert (layout.inbox / "a.jsonl").read_text() == GOOD
-    assert sorted(p.name for p in layout.inbox.iterdir()) == ["a.jsonl"]
+    assert sorted(p.name for p in layout.inbox.iterdir() if not p.is_dir()) == ["a.jsonl"]
     good.write_text(GOOD + GOOD)
     assert main(["submit", "--root", str(layout.root), str(good)]) == 1
     assert (layout.inbox / "a.jsonl").read_text() == GOOD
@@ -107,7 +107,7 @@ def test_status_json_and_table(tmp_path):
     assert [q["file"] for q in st["queue"]] == ["c.jsonl"]
     assert st["kernel_oom_kills"] == 1
     assert st["batches"][0] == {"id": 1, "file": "a.jsonl", "state": "done", "attempts": 1,
-                                "adapter_version": 1, "reason": "done"}
+                                "adapter_version": 1, "reason": "done", "lane": "normal"}
     assert st["running"]["interrupted"] is True  # RUNNING in the ledger, but no daemon
     table = trainerd("status", cwd=tmp_path).stdout  # root found from the working directory
     assert "not running" in table and "interrupted at step 7/40" in table and "adapters/1" in table

@@ -182,7 +182,7 @@ def _installed(tmp_path: Path, *extra: str) -> Path:
 @needs_analyze
 def test_installed_unit_verifies_with_empty_stderr(tmp_path):
     """systemd-analyze verify on the installed unit and both drop-ins prints nothing at all."""
-    prefix = _installed(tmp_path, "--gpu", "--multinode")
+    prefix = _installed(tmp_path, "--gpu", "--multinode", "--serving-hook")
     unit = prefix / "etc/systemd/system/trainerd.service"
     assert (unit.parent / "trainerd.service.d" / "gpu.conf").exists()
     r = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60)
@@ -215,7 +215,7 @@ def test_security_exposure_is_at_most_2():
 
 
 @needs_analyze
-@pytest.mark.parametrize("dropin", ["gpu.conf", "multinode.conf", "ranks.conf"])
+@pytest.mark.parametrize("dropin", ["gpu.conf", "multinode.conf", "ranks.conf", "serving-hook.conf"])
 def test_security_exposure_with_each_dropin_stays_at_most_2(tmp_path, dropin):
     """Opening GPUs or the network through a drop-in still keeps the exposure at 2.0 or less."""
     d = tmp_path / "trainerd.service.d"

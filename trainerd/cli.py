@@ -1,4 +1,5 @@
-"""``trainerd``: run | submit | status | pause | resume | validate.
+"""``trainerd``: run | submit | status | pause | resume | validate (cli_chain.py: history, promote,
+rollback, rebase, fsck; cli_ops.py: cancel, gc).
 
 Only ``run`` imports the supervisor (psutil, watchdog); ``status`` reads the ledger
 read-only and a few small files, so it answers in tens of milliseconds and never imports
@@ -23,7 +24,8 @@ from typing import Any
 from trainerd.cli_ask import add_commands as add_ask_commands
 from trainerd.cli_chain import add_commands as add_chain_commands
 from trainerd.cli_logs import add_commands as add_logs_commands
-from trainerd.contract import ExitCode, RootLayout
+from trainerd.cli_ops import add_commands as add_ops_commands
+from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
 
 DEFAULT_ROOT = "/var/lib/trainerd"
@@ -130,7 +132,7 @@ def _scan(path: str, settings: Any) -> Any:
 
     return scan_file(path, max_line_bytes=settings.data.max_line_bytes,
                      max_bad_fraction=settings.data.max_bad_fraction,
-                     max_errors=settings.data.max_errors_reported)
+                     max_errors=settings.data.max_errors_reported, max_file_bytes=settings.data.max_file_bytes)
 
 
 def _print_report(rep: Any) -> None:
@@ -195,9 +197,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         settings = _load_settings(_config_path(args))
     except ConfigError as e:
         return _print_config_error(e)
-    inbox = RootLayout(_root(args)).inbox
+    inbox = RootLayout(_root(args)).lane(LANES[args.priority])
     if not inbox.is_dir():
-        print(f"trainerd submit: no inbox at {inbox} (is the root right? use --root or --config)",
+        print(f"trainerd submit: no inbox at {inbox} (is the root right? use --root or --config; "
+              "the priority lanes inbox/high and inbox/low are made by the daemon at its start)",
               file=sys.stderr)
         return ExitCode.FAIL
     if args.eval and len(args.files) != 1:
@@ -207,8 +210,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for f in args.files:
         src = Path(f)
         if not is_candidate_name(src.name):
-            print(f"{f}: not submitted: the name must end in .jsonl (not .eval.jsonl, kept for eval files) "
-                  "and not start with a dot", file=sys.stderr)
+            print(f"{f}: not submitted: the name must end in .jsonl, .jsonl.gz or .jsonl.zst (not .eval.jsonl, "
+                  "kept for eval files) and not start with a dot", file=sys.stderr)
             rc = rc or ExitCode.FAIL
             continue
         reports = [_scan(f, settings)] + ([_scan(args.eval, settings)] if args.eval else [])
@@ -292,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", parents=[common], help="validate files, then place them in the inbox atomically")
     s.add_argument("files", nargs="+")
     s.add_argument("--eval", metavar="EVAL.jsonl", help="an evaluation set for this batch (replaces its held-out slice)")
+    s.add_argument("--priority", choices=list(LANES), default="normal",
+                   help="its lane: a queued file of a higher lane starts before lower ones (inbox/high/, inbox/low/)")
     s.set_defaults(fn=cmd_submit)
     s = sub.add_parser("status", parents=[common], help="what the daemon is doing")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -299,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pause", parents=[common], help="create root/.stop").set_defaults(fn=cmd_pause)
     sub.add_parser("resume", parents=[common], help="remove root/.stop").set_defaults(fn=cmd_resume)
     add_chain_commands(sub, common)
+    add_ops_commands(sub, common)  # trainerd cancel, gc (trainerd/cli_ops.py)
     add_logs_commands(sub, common)  # trainerd logs (trainerd/cli_logs.py)
     add_ask_commands(sub, common)  # trainerd ask (trainerd/cli_ask.py, trainerd/worker/ask.py)
     s = sub.add_parser("validate", parents=[common], help="line-level report; exit 65 if it would be rejected")

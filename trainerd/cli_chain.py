@@ -121,7 +121,8 @@ def _change(args: argparse.Namespace, op: str, arg: int) -> int:
         fd = None
     if fd is not None:
         try:
-            return _apply_directly(layout, op, arg, _configured_base(args) if op == "rebase" else None)
+            return _apply_directly(layout, op, arg, _configured_base(args) if op == "rebase" else None,
+                                   settings=_configured_settings(args, layout))
         finally:
             os.close(fd)
     req = submit(layout, op, arg)
@@ -130,8 +131,24 @@ def _change(args: argparse.Namespace, op: str, arg: int) -> int:
         print(f"trainerd {op}: the daemon has not answered yet; the request stays in {req} and is "
               "carried out when it gets to it", file=sys.stderr)
         return ExitCode.TEMPFAIL
-    print(f"{op}: {ans['state']}: {ans['message']}")
+    _print_answer(op, ans)
     return {"done": ExitCode.OK, "refused": ExitCode.FAIL}.get(ans["state"], ExitCode.TEMPFAIL)
+
+
+def _print_answer(op: str, ans: dict[str, Any]) -> None:
+    from trainerd.cli_ops import print_answer
+
+    print_answer(op, ans)
+
+
+def _configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
+    """The config's settings (gc applies its retention keys) or the defaults, for this root."""
+    from trainerd.cli import _config_path, _load_settings
+    from trainerd.config import Settings
+
+    settings = _load_settings(_config_path(args)) if _config_path(args) else Settings()
+    settings.root = str(layout.root)
+    return settings
 
 
 def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -144,24 +161,29 @@ def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
     return Watched(_load_settings(_config_path(args)).model.path).get()
 
 
-def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None) -> int:
+def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None, *,
+                    settings: Any = None) -> int:
     from trainerd import logs
     from trainerd.config import Settings
     from trainerd.ledger import Ledger
     from trainerd.supervisor.attempts import Attempts
     from trainerd.supervisor.chain import Chain, Refused, Waiting
+    from trainerd.supervisor.desk import Desk
     from trainerd.supervisor.filing import Filing
     from trainerd.supervisor.requests import submit
+    from trainerd.supervisor.retention import Retention
 
     logs.configure(fmt="json", stream=sys.stderr, file=layout.log_file)
     log = logs.get_logger(command=op)
+    settings = settings or Settings(root=str(layout.root))
     led = Ledger(layout.db)
     try:
         filing = Filing(layout, led, log)
-        attempts = Attempts(layout, led, filing, log, settings=Settings(root=str(layout.root)), guard=None,
-                            worker_cmd=[], env=None)
+        attempts = Attempts(layout, led, filing, log, settings=settings, guard=None, worker_cmd=[], env=None)
         try:
-            out = Chain(layout, led, attempts, log).apply(op, arg, time.time(), base=base)
+            desk = Desk(layout, led, attempts, Chain(layout, led, attempts, log), log,
+                        retention=Retention(layout, led, log, settings=settings, direct=True))
+            out = desk.apply(op, arg, time.time(), base=base)
         except Refused as e:
             print(f"{op}: refused: {e}", file=sys.stderr)
             return ExitCode.FAIL
@@ -171,7 +193,7 @@ def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] 
             return ExitCode.TEMPFAIL
     finally:
         led.close()
-    print(f"{op}: done: {out['message']}")
+    _print_answer(op, {"state": "done", **out})
     return ExitCode.OK
 
 

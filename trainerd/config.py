@@ -130,6 +130,9 @@ class DataSettings:
     max_bad_fraction: float = field(default=0.01, metadata=_check("float", min=0.0, max=1.0))
     max_line_bytes: int = field(default=1 << 20, metadata=_check("size", min=16))
     max_errors_reported: int = field(default=20, metadata=_check("int", min=1))
+    # A compressed file (*.jsonl.gz, *.jsonl.zst) may decompress to at most this much; more is a
+    # decompression bomb (or a mistake) and fails the batch (exit 65) before it can fill the disk.
+    max_file_bytes: int = field(default=16 << 30, metadata=_check("size", min=1))
 
 
 @dataclass
@@ -224,6 +227,25 @@ class GateSettings:
 
 
 @dataclass
+class PublishSettings:
+    # An executable run after every publish (promote and rollback too) and every rejection, as an
+    # argv list (no shell); [] = none. TRAINERD_* variables say what happened (README).
+    hook: list = field(default_factory=list, metadata=_check("strlist"))
+    hook_timeout_s: float = field(default=60.0, metadata=_check("float", min=1.0))
+
+
+@dataclass
+class RetentionSettings:
+    # All off (0) by default: keeping every original byte is the promise; deleting is the
+    # operator's explicit choice. Never deleted: current, adapters a batch in progress or a
+    # pending request needs, evalsets/, replay/.
+    done_days: float = field(default=0.0, metadata=_check("float", min=0.0))      # originals in done/
+    failed_days: float = field(default=0.0, metadata=_check("float", min=0.0))    # originals in failed/
+    keep_adapters: int = field(default=0, metadata=_check("int", min=0))          # newest published versions
+    keep_batch_dirs: int = field(default=0, metadata=_check("int", min=0))        # newest finished batch folders
+
+
+@dataclass
 class MetricsSettings:
     # Prometheus textfile (node_exporter's textfile collector); relative to root; "" = off.
     textfile: str = field(default="metrics/trainerd.prom", metadata=_check("str"))
@@ -254,6 +276,8 @@ class Settings:
     eval: EvalSettings = field(default_factory=EvalSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
+    publish: PublishSettings = field(default_factory=PublishSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
@@ -350,6 +374,8 @@ _SECTIONS = {
     "eval": EvalSettings,
     "gate": GateSettings,
     "replay": ReplaySettings,
+    "publish": PublishSettings,
+    "retention": RetentionSettings,
     "metrics": MetricsSettings,
 }
 
@@ -380,6 +406,9 @@ def from_dict(data: Any, *, source: str | None = None, base_dir: Path | None = N
     if base_dir is not None:
         settings.root = str((base_dir / os.path.expanduser(settings.root)).resolve())
         settings.model.path = str((base_dir / os.path.expanduser(settings.model.path)).resolve())
+        hook = settings.publish.hook
+        if hook and "/" in hook[0] and not os.path.isabs(os.path.expanduser(hook[0])):
+            hook[0] = str((base_dir / hook[0]).resolve())  # a relative script path: next to the config
     return settings
 
 

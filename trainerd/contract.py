@@ -12,7 +12,29 @@ import os
 from enum import Enum, IntEnum
 from pathlib import Path
 
-__all__ = ["BatchFiles", "ExitCode", "Outcome", "RootLayout", "StopReason"]
+__all__ = ["BatchFiles", "COMPRESSED_SUFFIXES", "DATA_SUFFIXES", "ExitCode", "LANES", "Outcome", "RootLayout",
+           "StopReason", "data_suffix", "lane_name"]
+
+# What the inbox takes: plain JSONL, and the same compressed (the worker decompresses it into the
+# batch's data.jsonl before its first pass; the supervisor never reads the content).
+COMPRESSED_SUFFIXES = (".jsonl.gz", ".jsonl.zst")
+DATA_SUFFIXES = (".jsonl", *COMPRESSED_SUFFIXES)
+
+
+def data_suffix(name: str) -> str | None:
+    """``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` as ``name`` ends, else None."""
+    return next((s for s in (*COMPRESSED_SUFFIXES, ".jsonl") if name.endswith(s)), None)
+
+
+# Priority lanes: inbox/high/, inbox/ (normal) and inbox/low/; the ledger stores the number.
+LANES = {"high": 1, "normal": 0, "low": -1}
+
+
+_LANE_NAMES = {v: k for k, v in LANES.items()}
+
+
+def lane_name(priority: int | None) -> str:
+    return _LANE_NAMES.get(priority or 0, "normal")
 
 
 class ExitCode(IntEnum):
@@ -39,6 +61,7 @@ class StopReason(str, Enum):
     KERNEL_OOM_KILL = "kernel_oom_kill"  # supervisor only: SIGKILLed by the kernel's OOM killer
     SUPERVISOR_RESTART = "supervisor_restart"  # supervisor only: the attempt was lost with its supervisor
     STALLED = "stalled"                # supervisor only: no progress for supervisor.stall_timeout_s
+    CANCELLED = "cancelled"            # `trainerd cancel`: checkpoint, exit 75; the batch is withdrawn
 
     def __str__(self) -> str:
         return self.value
@@ -54,7 +77,8 @@ class StopReason(str, Enum):
 
 
 # What a batch's .stop may say (the guard writes memory/recycle; an operator may write the rest).
-STOP_FILE_REASONS = (StopReason.MEMORY, StopReason.RECYCLE, StopReason.PAUSED, StopReason.SHUTDOWN)
+STOP_FILE_REASONS = (StopReason.MEMORY, StopReason.RECYCLE, StopReason.PAUSED, StopReason.SHUTDOWN,
+                     StopReason.CANCELLED)
 
 
 class Outcome(str, Enum):
@@ -100,6 +124,17 @@ class BatchFiles:
         self.replay_contrib = d / "replay-contrib.jsonl"  # this batch's training lines, for the store once published
         self.eval_result = d / "eval.json"        # candidate and champion figures on every set
 
+    def claimed(self, name: str) -> Path:
+        """Where the claimed original of a file called ``name`` lies: ``data.jsonl``, or
+        ``data.jsonl.gz`` / ``data.jsonl.zst`` for a compressed one (whose decompressed copy, made
+        by the worker, is ``data.jsonl``)."""
+        suffix = data_suffix(name)
+        return self.data if suffix in (None, ".jsonl") else self.dir / f"data{suffix}"
+
+    def compressed(self) -> Path | None:
+        """The compressed original in this folder, if the batch came compressed."""
+        return next((p for p in (self.dir / f"data{s}" for s in COMPRESSED_SUFFIXES) if os.path.lexists(p)), None)
+
     def rank_result(self, rank: int) -> Path:
         """A distributed attempt's other ranks' last words (exit code and reason)."""
         return self.result if rank == 0 else self.dir / f"result.rank{rank}.json"
@@ -132,6 +167,11 @@ class RootLayout:
         self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
         self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/replay.py)
         self.chain = r / "chain.json"            # a rebase: the base model the chain continues on, and since when
+        # Issue 14 (operations): priority lanes, publish hooks, the disk-use cache.
+        self.inbox_high = self.inbox / "high"    # claimed before the normal inbox ...
+        self.inbox_low = self.inbox / "low"      # ... and this one after it
+        self.hooks = r / "hooks"                 # pending publish-hook runs (supervisor/hooks.py)
+        self.disk_usage = r / "disk-usage.json"  # sizes by kind, measured by a child (supervisor/retention.py)
         self.tensorboard = r / "tensorboard"     # TensorBoard event files, a run per batch (worker/curves.py)
 
     @staticmethod
@@ -151,6 +191,11 @@ class RootLayout:
     def rejected_dir(self, batch_id: int) -> Path:
         return self.rejected / self.batch_name(batch_id)
 
+    def lane(self, priority: int | None) -> Path:
+        """The inbox folder of a priority lane (LANES)."""
+        p = priority or 0
+        return self.inbox_high if p > 0 else self.inbox_low if p < 0 else self.inbox
+
     def looks_like_root(self) -> bool:
         return self.db.exists() or self.inbox.is_dir()
 
@@ -162,7 +207,7 @@ class RootLayout:
         # group. Set explicitly: mkdir's mode is filtered by the daemon's umask 027. Nothing else
         # is group-writable. Under the hardened unit (RestrictSUIDSGID=yes) setting setgid fails
         # with EPERM; there scripts/install-service creates both 2770 beforehand, as root.
-        for shared in (self.inbox, self.requests):
+        for shared in (self.inbox, self.inbox_high, self.inbox_low, self.requests):
             if not shared.is_dir():
                 shared.mkdir(mode=0o750, parents=True, exist_ok=True)
                 try:

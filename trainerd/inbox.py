@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from trainerd.contract import data_suffix
+
 __all__ = ["EVAL_SUFFIX", "Inbox", "Rejected", "eval_partner", "is_candidate_name", "is_inbox_name",
            "open_for_writing"]
 
@@ -32,18 +34,26 @@ LONE_EVAL_REPORT_S = 60.0
 
 
 def is_inbox_name(name: str) -> bool:
-    """A name the inbox looks at: ``*.jsonl``, not a dot-file (``*.part`` never matches)."""
-    return name.endswith(".jsonl") and not name.startswith(".") and len(name) > len(".jsonl")
+    """A name the inbox looks at: ``*.jsonl`` (or ``*.jsonl.gz``, ``*.jsonl.zst``), not a dot-file
+    (``*.part`` never matches)."""
+    suffix = data_suffix(name)
+    return suffix is not None and not name.startswith(".") and len(name) > len(suffix)
+
+
+def _stem(name: str) -> str:
+    return name[: -len(data_suffix(name) or "")]
 
 
 def is_candidate_name(name: str) -> bool:
-    """A data file to claim: an inbox name that is not an eval file (``name.eval.jsonl``)."""
-    return is_inbox_name(name) and not name.endswith(EVAL_SUFFIX)
+    """A data file to claim: an inbox name that is not an eval file (``name.eval.jsonl``; eval
+    files are plain JSONL only, a compressed one is never claimed)."""
+    return is_inbox_name(name) and not _stem(name).endswith(".eval")
 
 
 def eval_partner(name: str) -> str:
-    """``name.jsonl`` -> ``name.eval.jsonl``: the eval file that comes with a data file."""
-    return name[: -len(".jsonl")] + EVAL_SUFFIX
+    """``name.jsonl`` (or ``name.jsonl.gz|zst``) -> ``name.eval.jsonl``: the eval file that comes
+    with a data file."""
+    return _stem(name) + EVAL_SUFFIX
 
 
 def _kind(mode: int) -> str:
@@ -104,6 +114,7 @@ class Rejected:
     name: str
     kind: str
     reason: str
+    folder: Path | None = None  # the inbox lane it lies in (None: the inbox itself)
 
 
 @dataclass
@@ -192,7 +203,7 @@ class Inbox:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 kind = _kind(st.st_mode)
-                rejected.append(Rejected(name, kind, f"not a regular file ({kind}); never read"))
+                rejected.append(Rejected(name, kind, f"not a regular file ({kind}); never read", self.dir))
                 continue
             present.add(name)
             key = (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -236,12 +247,20 @@ class Inbox:
 
     def _report_lone_evals(self, present: set[str], now: float) -> None:
         for name in present:
+            if not is_candidate_name(name) and not name.endswith(EVAL_SUFFIX):
+                # name.eval.jsonl.gz: eval files are small and read by several rooms; plain only.
+                key = (name, self._seen[name].key[2])
+                if key not in self._lone_reported:
+                    self._lone_reported.add(key)
+                    self.log.warning("eval_file_compressed", file=name, folder=str(self.dir),
+                                     hint="eval files are taken as plain .eval.jsonl only; decompress it")
+                continue
             if not name.endswith(EVAL_SUFFIX):
                 continue
             data = name[: -len(EVAL_SUFFIX)] + ".jsonl"
             seen = self._seen[name]
             key = (name, seen.key[2])
-            if data not in present and now - seen.since >= LONE_EVAL_REPORT_S and key not in self._lone_reported:
+            if not any(data + z in present for z in ("", ".gz", ".zst")) and now - seen.since >= LONE_EVAL_REPORT_S and key not in self._lone_reported:
                 self._lone_reported.add(key)
                 self.log.warning("eval_file_alone", file=name, waiting_for=data,
                                  hint=f"an eval file is claimed with {data}; alone it is never trained")

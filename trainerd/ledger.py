@@ -26,7 +26,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from trainerd import schema
-from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, decided_end
+from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, BatchSummary, decided_end
 from trainerd.schema import LedgerTooNew
 from trainerd.states import FINAL_STATES, BatchState, check_transition
 
@@ -150,9 +150,18 @@ class Ledger:
             sql += f" LIMIT {int(limit)}"
         return [Batch.from_row(r) for r in self.db.execute(sql, args)]
 
+    def summaries(self) -> list[BatchSummary]:
+        """Every batch, oldest first, as the light tuples ``trainerd status`` reads."""
+        make, states = BatchSummary._make, {s.value: s for s in BatchState}
+        return [make((r[0], r[1], states[r[2]], *r[3:])) for r in self.db.execute(
+            f"SELECT {BatchSummary.columns()} FROM batches ORDER BY id")]
+
     def next_queued(self) -> Batch | None:
-        """The head of the FIFO queue (lowest id), whether or not its back-off has expired."""
-        r = self.db.execute("SELECT * FROM batches WHERE state=? AND finished_at IS NULL ORDER BY id LIMIT 1",
+        """The head of the queue, whether or not its back-off has expired: a batch that has
+        started (any attempt) first — its checkpoints continue a given adapter, so it is never
+        overtaken — then the highest priority lane, arrival order (id) within a lane."""
+        r = self.db.execute("SELECT * FROM batches WHERE state=? AND finished_at IS NULL"
+                            " ORDER BY attempts > 0 DESC, priority DESC, id LIMIT 1",
                             (BatchState.QUEUED.value,)).fetchone()
         return Batch.from_row(r) if r else None
 
@@ -193,12 +202,13 @@ class Ledger:
                        "ON CONFLICT(name) DO UPDATE SET value=value+excluded.value", (name, by))
             return int(db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()[0])
 
-    def begin_claim(self, name: str, size_bytes: int, now: float) -> Batch:
-        """Insert a CLAIMING row; committed before the file is touched, so a crash leaves a trace."""
+    def begin_claim(self, name: str, size_bytes: int, now: float, priority: int = 0) -> Batch:
+        """Insert a CLAIMING row; committed before the file is touched, so a crash leaves a trace.
+        ``priority``: the lane it was dropped in (contract.LANES), which also says where it lies."""
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT INTO batches(name, size_bytes, state, created_at, updated_at) VALUES (?,?,?,?,?)",
-                (name, size_bytes, BatchState.CLAIMING.value, now, now))
+                "INSERT INTO batches(name, size_bytes, state, created_at, updated_at, priority) VALUES (?,?,?,?,?,?)",
+                (name, size_bytes, BatchState.CLAIMING.value, now, now, priority))
             return self._get(db, int(cur.lastrowid))
 
     def forget_claim(self, batch_id: int) -> None:
@@ -337,8 +347,9 @@ class Ledger:
 
     def restore_version(self, v: AdapterVersion) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO adapter_versions(n, batch_id, path, created_at, parent, kind, source)"
-                       " VALUES (?,?,?,?,?,?,?)", (v.n, v.batch_id, v.path, v.created_at, v.parent, v.kind, v.source))
+            db.execute("INSERT OR REPLACE INTO adapter_versions(n, batch_id, path, created_at, parent, kind, source,"
+                       " removed_at) VALUES (?,?,?,?,?,?,?,?)",
+                       (v.n, v.batch_id, v.path, v.created_at, v.parent, v.kind, v.source, v.removed_at))
 
     def quick_check(self) -> str:
         return "; ".join(str(r[0]) for r in self.db.execute("PRAGMA quick_check").fetchall())
@@ -354,6 +365,23 @@ class Ledger:
         with self.transaction() as db:
             return self._decide(db, batch_id, BatchState.CLAIMING, now, sha256=sha256, duplicate_of=duplicate_of,
                                 last_reason=f"same content as batch {duplicate_of}")
+
+    def decide_cancelled(self, batch_id: int, from_state: BatchState, reason: str, now: float, *,
+                         attempt: AttemptRecord | None = None) -> Batch:
+        """A QUEUED or RUNNING batch an operator withdraws (`trainerd cancel`): filed as cancelled."""
+        with self.transaction() as db:
+            self._end_attempt(db, batch_id, attempt, now)
+            return self._decide(db, batch_id, from_state, now, last_reason=reason, decision="cancelled",
+                                next_attempt_at=0)
+
+    def mark_removed(self, versions: list[int], now: float) -> None:
+        """Retention is about to delete these versions' folders (recorded first: fsck and history
+        then know the folder is gone on purpose; a crash before the delete repeats it)."""
+        if not versions:
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE adapter_versions SET removed_at=? WHERE n=? AND removed_at IS NULL",
+                           [(now, n) for n in versions])
 
     def decide_failed(self, batch_id: int, from_state: BatchState, reason: str, now: float, *,
                       attempt: AttemptRecord | None = None, **fields: Any) -> Batch:
@@ -377,5 +405,5 @@ class Ledger:
         if batch.finished_at is None:
             raise LedgerConflict(f"batch {batch.id}: finish() before an end was decided")
         with self.transaction() as db:
-            # CLAIMING | QUEUED | RUNNING -> DONE | SKIPPED | FAILED
+            # CLAIMING | QUEUED | RUNNING -> DONE | SKIPPED | FAILED | CANCELLED
             return self._transition(db, batch.id, batch.state, decided_end(batch), now)

@@ -267,13 +267,17 @@ def judge(report: ScanReport, max_bad_fraction: float) -> None:
 
 
 def scan_file(path: str | os.PathLike[str], *, max_line_bytes: int, max_bad_fraction: float,
-              max_errors: int = 20, errors_out: BinaryIO | None = None) -> ScanReport:
+              max_errors: int = 20, errors_out: BinaryIO | None = None,
+              max_file_bytes: int | None = None) -> ScanReport:
     """Validate every line of a file (streamed; memory does not grow with the file).
 
     ``errors_out``: a binary file that gets every bad line as a JSON line, as it is found (a
     file of millions of bad lines must not grow this process); ``report.errors`` keeps the first
-    ``max_errors``.
+    ``max_errors``. A ``*.jsonl.gz``/``*.jsonl.zst`` file is read decompressed (trainerd/compressed.py):
+    a corrupt or truncated archive, or one past ``max_file_bytes`` decompressed, is rejected.
     """
+    from trainerd.compressed import ArchiveError, is_compressed, open_decompressed
+
     report = ScanReport(path=os.fspath(path))
     try:
         f = open_regular(path)
@@ -282,19 +286,31 @@ def scan_file(path: str | os.PathLike[str], *, max_line_bytes: int, max_bad_frac
         report.reason = f"cannot read: {e.strerror or e}"
         return report
     with f:
-        for raw in iter_lines(f, max_line_bytes):
-            report.lines += 1
-            ex, err = parse_line(raw)
-            if err is not None:
-                report.bad += 1
-                error = LineError(raw.number, raw.offset, err).as_dict()
-                if errors_out is not None:
-                    errors_out.write(json.dumps(error).encode() + b"\n")
-                if len(report.errors) < max_errors:
-                    report.errors.append(error)
-            elif ex is None:
-                report.blank += 1
-            else:
-                report.good += 1
+        try:
+            stream = open_decompressed(f, os.path.basename(path), limit=max_file_bytes) \
+                if is_compressed(os.fspath(path)) else f
+            _scan_lines(report, stream, max_line_bytes, max_errors, errors_out)
+        except ArchiveError as e:
+            report.rejected = True
+            report.reason = str(e)
+            return report
     judge(report, max_bad_fraction)
     return report
+
+
+def _scan_lines(report: ScanReport, f: BinaryIO, max_line_bytes: int, max_errors: int,
+                errors_out: BinaryIO | None) -> None:
+    for raw in iter_lines(f, max_line_bytes):
+        report.lines += 1
+        ex, err = parse_line(raw)
+        if err is not None:
+            report.bad += 1
+            error = LineError(raw.number, raw.offset, err).as_dict()
+            if errors_out is not None:
+                errors_out.write(json.dumps(error).encode() + b"\n")
+            if len(report.errors) < max_errors:
+                report.errors.append(error)
+        elif ex is None:
+            report.blank += 1
+        else:
+            report.good += 1

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The schema as this release writes it (a new root gets this, then user_version = SCHEMA_VERSION).
 _SCHEMA = """
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS batches (
     parent_version         INTEGER,                -- the champion / init adapter, fixed at the first start
     decision               TEXT,                   -- blessed | rejected | forced (the gate, or an operator)
     gate_json              TEXT,                   -- the gate's figures and rule
+    priority               INTEGER NOT NULL DEFAULT 0,  -- its lane: 1 high, 0 normal, -1 low (contract.LANES)
     created_at             REAL NOT NULL,
     updated_at             REAL NOT NULL,
     finished_at            REAL
@@ -71,7 +72,8 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     created_at  REAL NOT NULL,
     parent      INTEGER,                -- the version its weights were trained from (NULL: the base model)
     kind        TEXT NOT NULL DEFAULT 'blessed',  -- blessed | forced | rollback
-    source      INTEGER                 -- rollback: the version it is a copy of
+    source      INTEGER,                -- rollback: the version it is a copy of
+    removed_at  REAL                    -- its folder was deleted by retention (retention.keep_adapters)
 );
 CREATE TABLE IF NOT EXISTS counters (
     name   TEXT PRIMARY KEY,
@@ -94,7 +96,13 @@ def _to_2(db: sqlite3.Connection) -> None:
     db.execute("UPDATE batches SET decision = 'blessed' WHERE state = 'done'")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2}
+def _to_3(db: sqlite3.Connection) -> None:
+    """Operations (issue 14): a batch's priority lane; a version whose folder retention removed."""
+    db.execute("ALTER TABLE batches ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE adapter_versions ADD COLUMN removed_at REAL")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3}
 
 
 

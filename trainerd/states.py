@@ -11,6 +11,7 @@ A batch is one file claimed from the inbox. Its life, as the ledger records it::
                                                                            | crash with retries left
                                                                            +--exit 65/78, too many
                                                                               crashes--> FAILED
+    QUEUED | RUNNING --`trainerd cancel` (a running one checkpoints first)--> CANCELLED
 
 A stopped worker (exit 75) is not a state of its own: the batch goes back to QUEUED with the
 stop reason in ``last_reason``, exactly as a deliberately stopped rq job is not FAILED.
@@ -40,24 +41,28 @@ class BatchState(str, Enum):
     FAILED = "failed"      # original in failed/ with <name>.error.json
     SKIPPED = "skipped"    # same content already trained (or in the queue); original in done/
     REJECTED = "rejected"  # trained, but the gate refused the candidate; kept in adapters/rejected/
+    CANCELLED = "cancelled"  # withdrawn by `trainerd cancel`; original in done/ with <name>.cancelled.json
 
     def __str__(self) -> str:
         return self.value
 
 
 # Final: nothing happens to the batch any more (a rejected one only by an operator's promote).
-FINAL_STATES = (BatchState.DONE, BatchState.FAILED, BatchState.SKIPPED, BatchState.REJECTED)
+FINAL_STATES = (BatchState.DONE, BatchState.FAILED, BatchState.SKIPPED, BatchState.REJECTED,
+                BatchState.CANCELLED)
 # States whose content counts as "already trained or about to be" for duplicate detection.
 ACTIVE_STATES = (BatchState.QUEUED, BatchState.RUNNING, BatchState.DONE, BatchState.REJECTED)
 
 TRANSITIONS: dict[BatchState, tuple[BatchState, ...]] = {
     BatchState.CLAIMING: (BatchState.QUEUED, BatchState.SKIPPED, BatchState.FAILED),
-    BatchState.QUEUED: (BatchState.RUNNING, BatchState.FAILED),
-    BatchState.RUNNING: (BatchState.QUEUED, BatchState.DONE, BatchState.FAILED, BatchState.REJECTED),
+    BatchState.QUEUED: (BatchState.RUNNING, BatchState.FAILED, BatchState.CANCELLED),
+    BatchState.RUNNING: (BatchState.QUEUED, BatchState.DONE, BatchState.FAILED, BatchState.REJECTED,
+                         BatchState.CANCELLED),
     BatchState.REJECTED: (BatchState.DONE,),
     BatchState.DONE: (),
     BatchState.FAILED: (),
     BatchState.SKIPPED: (),
+    BatchState.CANCELLED: (),
 }
 
 

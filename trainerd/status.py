@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import fmt_bytes, read_json_or_none
+from trainerd.contract import LANES, RootLayout, lane_name
+from trainerd.fsutil import fmt_bytes, free_bytes, read_json_or_none
 from trainerd.ledger import Ledger
 from trainerd.states import FINAL_STATES, BatchState
 
@@ -63,6 +63,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
         "running": None, "queue": [], "recent": [], "batches": [], "counts": {}, "kernel_oom_kills": 0,
         "last_decision": None, "rejected": [],
     }
+    out["disk"] = _disk(layout)
     if not layout.db.exists():
         return out
     try:
@@ -72,7 +73,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
         return out
     try:
         try:
-            rows = led.batches()
+            rows = led.summaries()  # tuples: 10 000 batches in ~30 ms (Batch rows cost ~0.4 s)
             out["counts"] = led.counts()
             out["kernel_oom_kills"] = led.counter("kernel_oom_kills")
         except sqlite3.Error as e:  # the daemon is creating the ledger right now
@@ -89,7 +90,8 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     now = time.time()
     for b in rows:
         out["batches"].append({"id": b.id, "file": b.name, "state": b.state.value, "attempts": b.attempts,
-                               "adapter_version": b.adapter_version, "reason": b.last_reason})
+                               "adapter_version": b.adapter_version, "reason": b.last_reason,
+                               "lane": lane_name(b.priority)})
         if b.state is BatchState.RUNNING:
             prog = read_json_or_none(layout.batch(b.id).progress) or {}
             out["running"] = {
@@ -106,18 +108,46 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
         elif b.state in (BatchState.QUEUED, BatchState.CLAIMING):
             wait = b.next_attempt_at - now
             out["queue"].append({"id": b.id, "file": b.name, "state": b.state.value,
-                                 "attempts": b.attempts, "reason": b.last_reason,
+                                 "attempts": b.attempts, "reason": b.last_reason, "lane": lane_name(b.priority),
                                  "retry_in_s": round(wait, 1) if wait > 0 else None})
+    # The queue in the order it will start (ledger.next_queued): started first, then lane, then id.
+    out["queue"].sort(key=lambda q: (-(q["attempts"] > 0), -LANES[q["lane"]], q["id"]))
     finished = sorted((b for b in rows if b.state in FINAL_STATES), key=lambda b: b.finished_at or 0, reverse=True)
     out["recent"] = [{"id": b.id, "file": b.name, "state": b.state.value, "adapter_version": b.adapter_version,
                       "reason": b.last_reason, "finished_at": b.finished_at} for b in finished[:recent]]
-    judged = [b for b in finished if b.decision]
+    judged = [b for b in finished if b.decision in ("blessed", "rejected", "forced")]  # the gate's, not a cancel
     if judged:
         b = judged[0]
         out["last_decision"] = {"id": b.id, "file": b.name, "decision": b.decision,
                                 "adapter_version": b.adapter_version, "reason": b.last_reason}
     out["rejected"] = [{"id": b.id, "file": b.name, "reason": b.last_reason}
-                       for b in rows if b.state is BatchState.REJECTED]
+                       for b in rows if b.state is BatchState.REJECTED
+                       and layout.rejected_dir(b.id).is_dir()]  # retention may have removed the candidate
+
+
+def _disk(layout: RootLayout) -> dict[str, Any]:
+    """Free space now (one statvfs) and the use by kind as last measured by the daemon's child
+    (root/disk-usage.json, re-measured every 10 minutes and after each retention run): status never
+    walks the tree, so it stays fast on a root of any size."""
+    usage = read_json_or_none(layout.disk_usage) or {}
+    return {"free_bytes": free_bytes(layout.root), "min_free_bytes": usage.get("min_free_bytes"),
+            "kinds": usage.get("kinds"), "total_bytes": usage.get("total"), "measured_at": usage.get("measured_at")}
+
+
+def _render_disk(d: dict[str, Any] | None) -> str | None:
+    if not d:
+        return None
+    free, low = d.get("free_bytes"), d.get("min_free_bytes")
+    line = f"disk      free {fmt_bytes(free)}" + (f" (min {fmt_bytes(low)})" if low else "")
+    if free is not None and low and free < low:
+        line += " LOW: no batch starts"
+    kinds = d.get("kinds")
+    if kinds:
+        line += " - " + ", ".join(f"{k} {fmt_bytes(v) if v else '0 B'}" for k, v in kinds.items())
+        line += f" (measured {_fmt_s(time.time() - d['measured_at'])} ago)" if d.get("measured_at") else ""
+    else:
+        line += " - use by kind not measured yet (the daemon measures it)"
+    return line
 
 
 def _quiet_s(files: Any, prog: dict[str, Any], now: float) -> float | None:
@@ -151,7 +181,8 @@ def render_status(st: dict[str, Any]) -> str:
     for q in st["queue"][:10]:
         extra = f", retry in {_fmt_s(q['retry_in_s'])}" if q["retry_in_s"] else ""
         why = f" (last: {q['reason']})" if q["reason"] else ""
-        lines.append(f"  #{q['id']:<5} {q['file']}  attempts {q['attempts']}{extra}{why}")
+        lane = f" [{q['lane']}]" if q.get("lane", "normal") != "normal" else ""
+        lines.append(f"  #{q['id']:<5} {q['file']}{lane}  attempts {q['attempts']}{extra}{why}")
     if len(st["queue"]) > 10:
         lines.append(f"  ... {len(st['queue']) - 10} more")
     lines.append("recent")
@@ -166,11 +197,14 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"decision  #{d['id']} {d['file']}: {d['decision']} ({what})")
     for r in st.get("rejected", [])[:5]:
         lines.append(f"rejected  #{r['id']} {r['file']}: `trainerd promote {r['id']}` publishes it anyway")
+    disk = _render_disk(st.get("disk"))
+    if disk:
+        lines.append(disk)
     if st.get("ledger_error"):
         lines.append(f"ledger    unreadable right now: {st['ledger_error']}")
     c = st["counts"]
     lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in
-                                           ("done", "rejected", "failed", "skipped", "queued", "running")))
+                                           ("done", "rejected", "failed", "skipped", "cancelled", "queued", "running")))
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from the first line of BATCH_DIR/data.jsonl, ``{"plan": ["crash", "done"], ...}`
 runs ``plan[min(k - 1, len(plan) - 1)]``. Actions:
 
   done          publish an adapter folder to --publish, write result.json, exit 0
+  done:nan      the same with a NaN training loss (the gate rejects the candidate)
   stop:REASON   write result.json (stopped, REASON), exit 75
   bad_data      result.json with line errors, exit 65
   bad_config    exit 78
@@ -68,14 +69,14 @@ def main() -> int:
         log("worker_exit", status=status, reason=reason, exit_code=code)
         return code
 
-    def done():
+    def done(**extra):
         pub = opts["--publish"]
         tmp = pub + ".tmp"
         os.makedirs(tmp)
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump({"init_adapter": opts.get("--init-adapter"), "batch_dir": batch_dir}, f)
         os.rename(tmp, pub)
-        return result("done", "done", 0, adapter=pub)
+        return result("done", "done", 0, adapter=pub, **extra)
 
     log("fake_worker_started", action=action, attempt=attempt, batch="not-mine")
     try:
@@ -88,7 +89,7 @@ def main() -> int:
 
     name, _, arg = action.partition(":")
     if name == "done":
-        return done()
+        return done(last_loss=float("nan")) if arg == "nan" else done()
     if name == "stop":
         return result("stopped", arg, 75)
     if name == "bad_data":

@@ -24,14 +24,15 @@ from trainerd import config as config_mod
 from trainerd.basemodel import Watched
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
-from trainerd.contract import BatchFiles, ExitCode, RootLayout
+from trainerd.contract import BatchFiles, ExitCode, RootLayout, lane_name
 from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
 from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.states import ACTIVE_STATES, BatchState
-from trainerd.supervisor import forensics, policy
+from trainerd.supervisor import forensics, hooks, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
+from trainerd.supervisor.intake import guarded
 from trainerd.supervisor.launch import distributed, launch_argv, launch_env
 from trainerd.supervisor.lineage import chain_base, freeze_inputs
 from trainerd.supervisor.stall import StallWatch
@@ -81,9 +82,10 @@ class Attempts:
 
     # --- claim -----------------------------------------------------------------------
 
-    def claim(self, name: str, now: float) -> Batch | None:
-        """Take a finished inbox file: ledger row first, then the rename, then the hash."""
-        src = self.layout.inbox / name
+    def claim(self, name: str, now: float, priority: int = 0) -> Batch | None:
+        """Take a finished inbox file (of the lane ``priority``): ledger row first, then the
+        rename, then the hash."""
+        src = self.layout.lane(priority) / name
         try:
             st = os.lstat(src)
         except FileNotFoundError:
@@ -93,29 +95,31 @@ class Attempts:
         if st.st_nlink > 1:
             self.log.warning("inbox_file_hard_linked", file=name, links=st.st_nlink,
                              hint="another name can still change these bytes while they train")
-        batch = self.ledger.begin_claim(name, st.st_size, now)
+        batch = self.ledger.begin_claim(name, st.st_size, now, priority=priority)
         return self.complete_claim(batch, now)
 
     def complete_claim(self, batch: Batch, now: float) -> Batch | None:
         """CLAIMING -> QUEUED or SKIPPED (or FAILED). Idempotent: reconcile calls it after a crash."""
         log = self.log.bind(batch=batch.id)
         files = self.layout.batch(batch.id)
-        if not os.path.lexists(files.data):
+        original = files.claimed(batch.name)  # data.jsonl, or data.jsonl.gz|zst (the worker expands it)
+        inbox = self.layout.lane(batch.priority)
+        if not os.path.lexists(original):
             files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._claim_eval_partner(batch, files, log)
             try:
                 # The claim itself: atomic, same file system, the bytes never copied. If the
                 # entry was swapped for a symlink since lstat, rename moves the link, unread.
-                os.rename(self.layout.inbox / batch.name, files.data)
+                os.rename(inbox / batch.name, original)
             except FileNotFoundError:
                 self.ledger.forget_claim(batch.id)
                 shutil.rmtree(files.dir, ignore_errors=True)
                 log.warning("claim_vanished", file=batch.name, reason="the file left the inbox before it was claimed")
                 return None
-            fsync_dir(self.layout.inbox)
+            fsync_dir(inbox)
             fsync_dir(files.dir)
         try:
-            sha, size = _sha256(files.data)
+            sha, size = _sha256(original)
         except OSError as e:
             return self._fail(batch, BatchState.CLAIMING, f"cannot read the claimed file: {e.strerror or e}", now, log)
         dup = self.ledger.find_by_sha(sha, ACTIVE_STATES, batch.id)
@@ -127,13 +131,13 @@ class Attempts:
                         reason="this content was already trained or is queued; not training it twice")
             return batch
         batch = self.ledger.finish_claim(batch.id, sha, size, now)  # CLAIMING -> QUEUED
-        log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size)
+        log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size, lane=lane_name(batch.priority))
         return batch
 
     def _claim_eval_partner(self, batch: Batch, files: BatchFiles, log: Any) -> None:
         """``name.eval.jsonl`` in the inbox goes with ``name.jsonl``, renamed first (so a crash
         between the two renames leaves the data, still in the inbox, to claim it again)."""
-        partner = self.layout.inbox / eval_partner(batch.name)
+        partner = self.layout.lane(batch.priority) / eval_partner(batch.name)
         try:
             st = os.lstat(partner)
         except FileNotFoundError:
@@ -148,8 +152,8 @@ class Attempts:
         """QUEUED -> RUNNING: write the attempt's settings and start the worker."""
         log = self.log.bind(batch=batch.id)
         files = self.layout.batch(batch.id)
-        if not files.data.is_file():
-            self._fail(batch, BatchState.QUEUED, f"the claimed data is missing: {files.data}", now, log)
+        if not files.claimed(batch.name).is_file():
+            self._fail(batch, BatchState.QUEUED, f"the claimed data is missing: {files.claimed(batch.name)}", now, log)
             return None
         if not batch.planned:
             # The guard logs the plan with its numbers (memory_plan_kept / _reduced / _does_not_fit).
@@ -275,6 +279,8 @@ class Attempts:
             return self.end(batch, now)  # RUNNING -> REJECTED
         if v.action is policy.Action.FAIL:
             return self._fail(batch, BatchState.RUNNING, v.batch_reason, now, log, attempt=record, **v.updates)
+        if v.action is policy.Action.CANCEL:
+            return self.cancel(batch, BatchState.RUNNING, v.batch_reason, now, attempt=record)  # RUNNING -> CANCELLED
         return self.ledger.requeue(batch.id, now, reason=v.batch_reason, attempt=record,  # RUNNING -> QUEUED
                                    next_attempt_at=v.next_attempt_at, **v.updates)
 
@@ -285,10 +291,19 @@ class Attempts:
         log.error("batch_failed", file=batch.name, reason=reason, moved_to=str(dest) if dest else None)
         return batch
 
+    def cancel(self, batch: Batch, from_state: BatchState, reason: str, now: float, *,
+               attempt: AttemptRecord | None = None) -> Batch:
+        """QUEUED | RUNNING -> CANCELLED (`trainerd cancel`): decided, filed (the original to done/
+        with <name>.cancelled.json; its folder and checkpoints stay), finished."""
+        batch = self.ledger.decide_cancelled(batch.id, from_state, reason, now, attempt=attempt)
+        return self.end(batch, now)
+
     def end(self, batch: Batch, now: float) -> Batch:
         """File a decided batch (done/, failed/, adapters/, current), then finish its state: a
         final state in the ledger means its files are in place. Idempotent (reconcile repeats it)."""
         self.end_filing(batch)
+        # A publish or a rejection: its hook is recorded before the state is final (supervisor/hooks.py).
+        guarded(self.log, "hook_record_failed", lambda: hooks.record_end(self.layout, batch), batch=batch.id)
         return self.ledger.finish(batch, now)
 
     def end_filing(self, batch: Batch) -> None:
@@ -300,6 +315,8 @@ class Attempts:
             self.filing.finish_rejected(batch)
         elif final is BatchState.SKIPPED:
             self.filing.finish_skipped(batch)
+        elif final is BatchState.CANCELLED:
+            self.filing.finish_cancelled(batch)
         else:
             self.filing.finish_failed(batch)
 
@@ -335,6 +352,9 @@ class Attempts:
                 log.warning(event, file=batch.name, rule=end.gate.rule, champion_version=batch.parent_version,
                             candidate=str(self.layout.rejected_dir(batch.id)), **_gate_fields(end.gate),
                             hint=f"current does not move; `trainerd promote {batch.id}` publishes it anyway")
+            elif event == "batch_cancelled":
+                log.warning(event, file=batch.name, exit=end.status.describe(), step=result.get("step"),
+                            checkpoint=result.get("checkpoint"), moved_to=str(self.layout.done))
             elif event == "worker_crashed":
                 log.error(event, reason=v.reason, crashes=v.updates["crashes"],
                           max_attempts=self.settings.retry.max_attempts,

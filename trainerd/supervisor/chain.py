@@ -25,6 +25,7 @@ from trainerd.ledger import AdapterVersion, Ledger
 from trainerd.replay import Store
 from trainerd.states import BatchState
 from trainerd.fsutil import read_json_or_none
+from trainerd.supervisor import hooks
 from trainerd.supervisor.lineage import chain_base, write_lineage, write_rebase
 
 __all__ = ["Chain", "Refused", "Waiting"]
@@ -125,6 +126,8 @@ class Chain:
         """Copy the source version into place as ``v`` (idempotent: reconcile repeats it)."""
         dest = self.layout.adapter_dir(v.n)
         if not dest.exists():
+            # Its publish hook is recorded first: a crash after the rename still runs it.
+            hooks.record_version(self.layout, v.n, v.batch_id, _file_of(self.ledger, v.batch_id), "rollback")
             src = self.layout.adapter_dir(v.source)
             tmp = self.layout.adapters / f".{v.n}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -137,3 +140,10 @@ class Chain:
             os.rename(tmp, dest)
             fsync_dir(self.layout.adapters)
         self.attempts.filing.switch_current()
+
+
+def _file_of(ledger: Ledger, batch_id: int) -> str | None:
+    try:
+        return ledger.batch(batch_id).name
+    except KeyError:
+        return None

@@ -38,6 +38,9 @@ from trainerd.metrics import Metrics
 from trainerd.sdnotify import Notifier
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
+from trainerd.supervisor.desk import Desk
+from trainerd.supervisor.hooks import Hooks
+from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
@@ -107,6 +110,9 @@ class Supervisor:
         self.report = StateReport(self.layout, self.notifier, self.log)
         self.requests = Requests(self.layout, self.log)
         self.chain: Chain | None = None
+        self.desk: Desk | None = None
+        self.hooks: Hooks | None = None
+        self.retention: Retention | None = None
         self.maintenance = Maintenance(self.layout, self.log, env)
         self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
         self.backups: recovery.Backups | None = None
@@ -139,12 +145,21 @@ class Supervisor:
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
         self.attempts.base = self.base_hold.base
         self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
+        # Issue 14: publish hooks (children the loop polls), retention and disk use (a child between
+        # workers), and the desk that serves cancel and gc requests besides the chain's.
+        self.hooks = Hooks(self.layout, self.log, settings_of=lambda: self.settings, bump=self.ledger.bump,
+                           env=self.env)
+        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env)
+        self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
 
     def close(self) -> None:
+        for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
+            if side is not None:
+                side.close()
         self.inbox.stop_watching()
         if self.ledger is not None:
             self.ledger.close()
@@ -220,7 +235,9 @@ class Supervisor:
         if self.intake.due(now):
             self._scan(now)
         # promote / rollback asked through root/requests/ (a listdir when there are none)
-        self.requests.serve(self.chain, self.running, now, base=self.base_hold.base.get())
+        self.requests.serve(self.desk, self.running, now, base=self.base_hold.base.get())
+        self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
+        self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
@@ -238,6 +255,8 @@ class Supervisor:
             times.append(self.report.next_ping)
         if self.maintenance.child is not None:
             times.append(now + 1.0)  # SIGCHLD wakes us when it ends; this is only a backstop
+        if self.hooks is not None and self.retention is not None:
+            times += self.hooks.wake_times(now) + self.retention.wake_times(now)
         r = self.running
         if r is not None:
             times.append(r.next_guard_poll)
@@ -361,7 +380,8 @@ class Supervisor:
             return
         if not self.disk.may_start(self.settings.disk.min_free_bytes, head.id):
             return
-        if self.maintenance.busy(now, self.settings) or self.base_hold.holds(head, self.ledger.latest_version()):
+        if self.maintenance.busy(now, self.settings) or self.retention.busy() or \
+                self.base_hold.holds(head, self.ledger.latest_version()):
             return
         if self._guard_stale:
             self._guard_stale = False

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from trainerd import faults
-from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none
+from trainerd.contract import RootLayout, data_suffix
+from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none, unlink_quietly
 from trainerd.inbox import Rejected, eval_partner
 from trainerd.ledger import Batch, Ledger
 from trainerd.replay import Entry, Store
@@ -38,7 +38,8 @@ def free_name(folder: Path, name: str, tag: str) -> str:
     still fit; the full original name is in the ledger and in the error file.
     """
     if len(name.encode()) > 200:
-        name = name.encode()[:180].decode(errors="ignore") + "~.jsonl"
+        suffix = data_suffix(name) or ".jsonl"
+        name = name.encode()[:180].decode(errors="ignore") + "~" + suffix
         return f"{tag}-{name}"
     if not any(os.path.lexists(folder / n) for n in (name, f"{name}.error.json", eval_partner(name))):
         return name
@@ -74,13 +75,17 @@ class Filing:
         """Rename the batch's data file (and the eval file that came with it, as
         ``<stem>.eval.jsonl``) into ``folder`` under a free name; None if it is gone."""
         files = self.layout.batch(batch.id)
-        if not os.path.lexists(files.data):
+        original = files.claimed(batch.name)
+        if not os.path.lexists(original):
             return None
         name = name or free_name(folder, batch.name, self.layout.batch_name(batch.id))
         if os.path.lexists(files.eval_file):
             os.rename(files.eval_file, folder / eval_partner(name))
-        os.rename(files.data, folder / name)
+        os.rename(original, folder / name)
         fsync_dir(folder)
+        if original != files.data:
+            # A compressed original is what is kept; the worker's decompressed copy is derived.
+            unlink_quietly(files.data)
         return name
 
     def _mark_result(self, batch: Batch) -> None:
@@ -134,7 +139,7 @@ class Filing:
             os.rename(files.published, dest)
             fsync_dir(dest.parent)
         self._mark_result(batch)
-        if not os.path.lexists(files.data):
+        if not os.path.lexists(files.claimed(batch.name)):
             return
         name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
         atomic_write_json(self.layout.done / f"{name}.rejected.json", {
@@ -170,7 +175,7 @@ class Filing:
         """Quarantine: original to failed/ with ``<name>.error.json`` beside it. Returns where it went."""
         files = self.layout.batch(batch.id)
         failed = self.layout.failed
-        gone = not os.path.lexists(files.data)
+        gone = not os.path.lexists(files.claimed(batch.name))
         if gone:
             # The data vanished (deleted by hand while queued or training): nothing to move,
             # but the reason still goes where the operator looks. Once only (reconcile repeats).
@@ -196,7 +201,7 @@ class Filing:
     # --- skipped ---------------------------------------------------------------------
 
     def finish_skipped(self, batch: Batch) -> None:
-        data = self.layout.batch(batch.id).data
+        data = self.layout.batch(batch.id).claimed(batch.name)
         if not os.path.lexists(data):
             return
         name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
@@ -205,12 +210,31 @@ class Filing:
             "duplicate_of": batch.duplicate_of, "reason": batch.last_reason})
         self._move_original(batch, self.layout.done, name)
 
+    # --- cancelled -------------------------------------------------------------------
+
+    def finish_cancelled(self, batch: Batch) -> None:
+        """Withdrawn by `trainerd cancel`: the original to done/ with ``<name>.cancelled.json``;
+        the batch folder (checkpoints, logs) stays for retention to handle."""
+        files = self.layout.batch(batch.id)
+        if not os.path.lexists(files.claimed(batch.name)):
+            return
+        result = read_json_or_none(files.result) or {}
+        name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
+        atomic_write_json(self.layout.done / f"{name}.cancelled.json", {
+            "file": batch.name, "batch": batch.id, "sha256": batch.sha256, "reason": batch.last_reason,
+            "attempts": batch.attempts, "step": result.get("step") if batch.attempts else None,
+            "total_steps": result.get("total_steps") if batch.attempts else None,
+            "checkpoint": result.get("checkpoint") if batch.attempts else None,
+            "batch_dir": str(files.dir), "cancelled_at": batch.finished_at,
+            "resubmit": "trainerd submit FILE (the same content is trained again: a cancelled batch is no duplicate)"})
+        self._move_original(batch, self.layout.done, name)
+
     # --- the inbox -------------------------------------------------------------------
 
     def reject_entry(self, rej: Rejected, now: float) -> None:
         """Move a non-regular ``*.jsonl`` inbox entry to failed/ without ever opening it."""
         dest_name = free_name(self.layout.failed, rej.name, f"rejected-{int(now)}")
-        src = self.layout.inbox / rej.name
+        src = (rej.folder or self.layout.inbox) / rej.name
         try:
             os.rename(src, self.layout.failed / dest_name)  # rename never follows a symlink
         except OSError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from typing import Any, Callable
 
+from trainerd.contract import LANES, RootLayout
 from trainerd.inbox import Inbox
 from trainerd.states import BatchState
 
@@ -38,6 +39,13 @@ class Intake:
         self._scan_due = 0.0          # next periodic rescan
         self._last_scan = -1e18
         self._recheck: float | None = None  # a settling file is due for another look
+        layout = RootLayout(inbox.dir.parent)
+        # The priority lanes (inbox/high/, inbox/low/): the same rules, claimed high first. The
+        # normal lane is ``inbox`` itself (the daemon updates its settle_s on reload).
+        self.lanes: dict[int, Inbox] = {
+            p: inbox if p == LANES["normal"] else Inbox(layout.lane(p), settle_s=inbox.settle_s, log=log,
+                                                          writer_check=inbox.writer_check)
+            for p in sorted(LANES.values(), reverse=True)}
 
     def look_soon(self, now: float) -> None:
         """Scan at the next tick (after a pause ends, say)."""
@@ -61,12 +69,19 @@ class Intake:
         self._scan_due = now + self.rescan_s
         for b in ledger.batches(BatchState.CLAIMING):
             guarded(self.log, "claim_failed", lambda b=b: attempts.complete_claim(b, now), file=b.name)
-        ready, rejected, self._recheck = self.inbox.scan(now)
-        for rej in rejected:
-            guarded(self.log, "inbox_entry_unmovable", lambda rej=rej: filing.reject_entry(rej, now), file=rej.name)
-        for name in ready:
-            self.inbox.forget(name)
-            guarded(self.log, "claim_failed", lambda name=name: attempts.claim(name, now), file=name)
+        self._recheck = None
+        for priority, lane in self.lanes.items():
+            lane.settle_s = self.inbox.settle_s
+            ready, rejected, recheck = lane.scan(now)
+            if recheck is not None:
+                self._recheck = recheck if self._recheck is None else min(self._recheck, recheck)
+            for rej in rejected:
+                guarded(self.log, "inbox_entry_unmovable", lambda rej=rej: filing.reject_entry(rej, now),
+                        file=rej.name)
+            for name in ready:
+                lane.forget(name)
+                guarded(self.log, "claim_failed", lambda name=name, p=priority: attempts.claim(name, now, priority=p),
+                        file=name)
 
     def start_watching(self, stop_file: Any, requests: Any) -> None:
         """inotify hints for the inbox, ``root/.stop`` (created or removed by the operator) and
@@ -75,6 +90,9 @@ class Intake:
             self.inbox.start_watching(self.wakeup.hint)
             self.inbox.watch_also(stop_file.parent, {stop_file.name}, self.wakeup.hint)
             self.inbox.watch_also(requests, None, self.wakeup.hint)
+            for lane in self.lanes.values():
+                if lane is not self.inbox and lane.dir.is_dir():
+                    self.inbox.watch_also(lane.dir, None, self.wakeup.hint)
         except OSError as e:
             # inotify unavailable (NFS, fs.inotify.max_user_watches exhausted): the periodic
             # rescan alone still finds every file, only later.

@@ -6,6 +6,7 @@ fatal signal, the kernel's OOM evidence) with the batch row and the settings, an
 :class:`Verdict`. :mod:`trainerd.supervisor.attempts` carries it out. Table-tested in
 tests/test_policy.py; the process-level tests prove the pieces fit.
 
+    cancelled by the operator      -> cancel (whatever the exit: withdrawn, never published)
     stopped by the stall watchdog  -> crash (whatever the exit)
     exit 0 + adapter staged        -> publish, or reject when the gate did not bless it
     exit 0, no adapter             -> crash
@@ -48,6 +49,7 @@ class Action(str, Enum):
     REJECT = "reject"     # RUNNING -> REJECTED, the gate refused the candidate; current does not move
     REQUEUE = "requeue"   # RUNNING -> QUEUED (with ``updates``, not before ``next_attempt_at``)
     FAIL = "fail"         # RUNNING -> FAILED, original to failed/
+    CANCEL = "cancel"     # RUNNING -> CANCELLED, `trainerd cancel`: original to done/ with .cancelled.json
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class Verdict:
 def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Verdict:
     """The verdict on one ended attempt of ``batch`` (the row as it was while running)."""
     st = end.status
+    if end.cause is StopReason.CANCELLED:
+        # The operator withdrew the batch: whatever the worker managed on its way out (a
+        # checkpoint and exit 75, our SIGKILL after the grace, even exit 0 in the same instant),
+        # it is not trained further and nothing of it is published.
+        return _cancelled(f"cancelled while running ({st.describe()})")
     if end.stalled is not None and st.code != ExitCode.OK:
         # Stopped for making no progress: a crash, whatever it managed on the way out (exit 75
         # with a checkpoint is the best case: the retry resumes from it).
@@ -141,6 +148,10 @@ def _stopped(batch: Batch, attempt_reason: str, stop: str, end: AttemptEnd, sett
     except ValueError:  # a reason this release does not know (an operator's .stop text): requeue
         return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=stop,
                        events=("batch_requeued",))
+    if reason is StopReason.CANCELLED:
+        # result.json says cancelled but nobody here asked (the supervisor restarted while the
+        # worker obeyed its .stop): the operator's request still stands.
+        return _cancelled(f"cancelled while running ({end.status.describe()})")
     if reason is StopReason.MEMORY:
         return _memory_stop(batch, attempt_reason, end, settings)
     if reason is StopReason.DISK_FULL:
@@ -152,6 +163,11 @@ def _stopped(batch: Batch, attempt_reason: str, stop: str, end: AttemptEnd, sett
     event = "batch_paused" if reason is StopReason.PAUSED else "batch_requeued"
     return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=reason.value,
                    events=(event,), stop=reason)
+
+
+def _cancelled(reason: str) -> Verdict:
+    return Verdict(Outcome.STOPPED, StopReason.CANCELLED.value, Action.CANCEL, batch_reason=reason,
+                   events=("batch_cancelled",), stop=StopReason.CANCELLED)
 
 
 def _memory_stop(batch: Batch, attempt_reason: str, end: AttemptEnd, settings: Settings) -> Verdict:

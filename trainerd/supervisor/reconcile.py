@@ -68,11 +68,13 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
     # Roots written before ends were decided first (schema 1, until this release) may hold a
     # final batch whose files were never filed: the filing steps are idempotent, so repeat them.
     filing = attempts.filing
+    removed = {v.n for v in ledger.adapter_versions() if v.removed_at is not None}  # retention's, on purpose
     for b in ledger.batches(BatchState.DONE):
-        if os.path.lexists(layout.batch(b.id).data) or not layout.adapter_dir(b.adapter_version).exists():
+        if os.path.lexists(layout.batch(b.id).claimed(b.name)) or (
+                b.adapter_version not in removed and not layout.adapter_dir(b.adapter_version).exists()):
             filing.finish_done(b)
-    for b in ledger.batches(BatchState.FAILED, BatchState.SKIPPED):
-        if os.path.lexists(layout.batch(b.id).data):
+    for b in ledger.batches(BatchState.FAILED, BatchState.SKIPPED, BatchState.CANCELLED):
+        if os.path.lexists(layout.batch(b.id).claimed(b.name)):
             attempts.end_filing(b)
     for v in ledger.adapter_versions():
         if v.kind == "rollback" and not layout.adapter_dir(v.n).exists():

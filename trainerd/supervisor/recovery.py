@@ -190,8 +190,7 @@ def compare(layout: RootLayout, ledger: Ledger) -> list[dict[str, Any]]:
             out.append({"batch": bid, "finding": f"ledger says {row.state.value}, the newer manifest {m['state']}",
                         "fix": "adopt_manifest", "manifest": m})
     for bid, row in rows.items():
-        if not layout.batch_dir(bid).is_dir() and row.state not in (BatchState.DONE, BatchState.FAILED,
-                                                                    BatchState.SKIPPED, BatchState.REJECTED):
+        if not layout.batch_dir(bid).is_dir() and row.state not in FINAL_STATES:
             out.append({"batch": bid, "finding": f"ledger says {row.state.value} but the folder is gone",
                         "fix": None})
     known = {v.n for v in ledger.adapter_versions()}
@@ -200,7 +199,7 @@ def compare(layout: RootLayout, ledger: Ledger) -> list[dict[str, Any]]:
             out.append({"version": int(p.name), "finding": "adapter folder unknown to the ledger",
                         "fix": "adopt_version"})
     for v in ledger.adapter_versions():
-        if not layout.adapter_dir(v.n).is_dir():
+        if not layout.adapter_dir(v.n).is_dir() and v.removed_at is None:  # retention's removals are no finding
             out.append({"version": v.n, "finding": "version in the ledger without its folder", "fix": None})
     return out
 

@@ -1,6 +1,6 @@
 """Requests to the running daemon: ``root/requests/``, a group-writable folder like the inbox.
 
-A client (``trainerd promote``/``rollback``) writes ``<id>.json`` atomically (a dot-file, then a
+A client (``trainerd promote``/``rollback``/``rebase``/``cancel``/``gc``) writes ``<id>.json`` atomically (a dot-file, then a
 rename); the daemon carries it out in its loop and answers in ``<id>.answer.json``
 (``{"state": "done" | "refused" | "waiting", "message": ..., ...}``), removing the request once
 it is done or refused. A waiting request stays until it can be done (see chain.py). Answers are
@@ -98,7 +98,7 @@ class Requests:
                 self._answer(req, "refused", str(r))
                 self.log.warning("request_refused", request=req.name, op=op, arg=arg, reason=str(r))
             else:
-                self._answer(req, "done", out["message"], version=out.get("version"))
+                self._answer(req, "done", out["message"], **{k: v for k, v in out.items() if k != "message"})
                 self.log.info("request_done", request=req.name, op=op, arg=arg, message=out["message"])
             self._told.pop(req.name, None)
             unlink_quietly(req)

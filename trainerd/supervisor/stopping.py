@@ -126,6 +126,19 @@ class Escalation:
         self.child.send(signal.SIGCONT, group=True)
         self.terminate(StopReason.STALLED, Sender.SUPERVISOR, now, grace_s=grace_s)
 
+    def cancel(self, now: float, grace_s: float) -> bool:
+        """`trainerd cancel`: .stop says cancelled (the worker checkpoints at its next micro-batch
+        and exits 75, its result.json saying why), SIGKILL to the group once ``grace_s`` has passed.
+        No SIGTERM in between: the worker reads both at the same boundaries, and the .stop keeps
+        the reason. Once only; False when already asked."""
+        if self.cause is StopReason.CANCELLED:
+            return False
+        self._set_cause(StopReason.CANCELLED, force=True)
+        self.write_stop(StopReason.CANCELLED)
+        self.grace_s = grace_s
+        self.kill_at = now + grace_s if self.kill_at is None else min(self.kill_at, now + grace_s)
+        return True
+
     def shutdown(self, now: float, grace_s: float, *, at_once: bool) -> None:
         """The daemon is stopping: SIGTERM with a grace, or (a second request) SIGKILL now."""
         if at_once:
@@ -137,7 +150,10 @@ class Escalation:
 
     def _set_cause(self, cause: StopReason, *, force: bool = False) -> None:
         # A supervisor's own request (shutdown, stall) replaces the cause; a memory request
-        # replaces any (it must back off); a recycle only fills an empty one.
+        # replaces any (it must back off); a recycle only fills an empty one. An operator's
+        # cancel is never replaced: whatever follows, the batch is withdrawn.
+        if self.cause is StopReason.CANCELLED:
+            return
         if force or self.cause is None or cause is StopReason.MEMORY:
             self.cause = cause
 

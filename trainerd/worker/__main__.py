@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from trainerd.worker import record_early_signals  # noqa: E402 (torch-free; first thing we do)
+from trainerd.worker import heartbeat, record_early_signals  # noqa: E402 (torch-free; first thing we do)
 
 record_early_signals()
 
@@ -64,6 +64,28 @@ def _first_split(files, settings, log):
     if not rep.rejected or (rep.reason or "").startswith("cannot read"):
         return None
     return rep
+
+
+def _expand(files, settings, log) -> None:
+    """A compressed batch (data.jsonl.gz|zst, claimed as it came) is decompressed into data.jsonl
+    before anything reads it: streamed, bounded by data.max_file_bytes and disk.min_free_bytes.
+    Here, in the worker, not in the supervisor: it can take minutes, its memory and disk are this
+    attempt's (the guard watches them), and a bad archive is this batch's bad data (exit 65).
+    Done once; an attempt killed half-way leaves only a temporary that the next one replaces."""
+    from trainerd.compressed import ArchiveError, expand
+    from trainerd.contract import ExitCode, Outcome
+
+    src = files.compressed()
+    if src is None or files.data.exists():
+        return
+    try:
+        got = expand(src, files.data, name=src.name, max_bytes=settings.data.max_file_bytes,
+                     min_free_bytes=settings.disk.min_free_bytes, beat=heartbeat.beat)
+    except ArchiveError as e:
+        log.error("bad_data", reason=str(e), during="decompress")
+        raise _Finish(Outcome.BAD_DATA, str(e), ExitCode.DATAERR, lines_good=0, lines_bad=0, errors=[], step=0,
+                      total_steps=0)
+    log.info("data_decompressed", file=src.name, **got)
 
 
 class _Finish(Exception):
@@ -170,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     from trainerd.contract import BatchFiles, ExitCode, Outcome
 
     files = BatchFiles(args.batch_dir.resolve())
-    from trainerd.worker import heartbeat
-
     if files.dir.is_dir() and rank == 0:
         # Rank 0's loops are the attempt's sign of life: every step waits for all ranks in a
         # collective, so a frozen rank stops rank 0's heartbeat too.
@@ -179,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat.phase("split")
     try:
         settings = _settings(files, args.init_adapter, log)
+        if rank == 0:
+            _expand(files, settings, log)  # issue 14: *.jsonl.gz|zst -> data.jsonl, before the split
         rejected = _first_split(files, settings, log) if rank == 0 else None  # the others wait for it
         if rejected is not None:
             log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="first_split")
