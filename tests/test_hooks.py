@@ -155,6 +155,49 @@ def test_a_hook_interrupted_by_a_killed_daemon_runs_again(daemon_factory, tmp_pa
     assert d.terminate() == 0
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
+    return False
+
+
+def test_a_hook_helper_that_ignores_sigterm_ends_with_the_daemon(daemon_factory, tmp_path):
+    """The daemon stops while a hook runs whose helper ignores SIGTERM: the hook's whole group ends with
+    it (SIGKILL after the leader's exit), so no part of the hook outlives the record of it."""
+    d, record = hook_daemon(daemon_factory, tmp_path, mode="helper:60")
+    d.start()
+    d.drop("a.jsonl", [plan_line(["done"], "a")])
+    d.wait_for(lambda: len(calls(record)) == 1)
+    hook, helper = calls(record)[0]["pid"], calls(record)[0]["helper"]
+    d.wait_for(lambda: _ignores_sigterm(helper), 10)
+    assert d.terminate() == 0
+    assert d.events("hook_interrupted")
+    d.wait_for(lambda: gone(hook) and gone(helper), 10)
+
+
+def test_a_killed_daemons_hook_group_is_stopped_even_when_its_leader_died(daemon_factory, tmp_path):
+    """SIGKILL the daemon, then the hook's leader: its helper still holds the group. The next start
+    stops that group before it runs the event again — never two runs of one event at once."""
+    d, record = hook_daemon(daemon_factory, tmp_path, mode="helper:60")
+    d.start()
+    d.drop("a.jsonl", [plan_line(["done"], "a")])
+    d.wait_for(lambda: len(calls(record)) == 1)
+    hook, helper = calls(record)[0]["pid"], calls(record)[0]["helper"]
+    d.wait_for(lambda: _ignores_sigterm(helper), 10)
+    d.kill()
+    os.kill(hook, signal.SIGKILL)
+    d.wait_for(lambda: gone(hook), 10)
+    assert not gone(helper)
+    d.config_data["publish"]["hook"][-1] = "ok"
+    d.config.write_text(json.dumps(d.config_data))
+    d.start()
+    d.wait_for(lambda: len(calls(record)) == 2)
+    assert d.events("leftover_hook_stopped")
+    assert gone(helper), "the rerun started while the first run's helper was alive"
+    assert d.terminate() == 0
+
+
 # --- examples/hooks/vllm-load-lora against a stub of vLLM's endpoints -----------------------------
 
 

@@ -33,7 +33,6 @@ is killed by the next one (its pid is in ``hooks/running.json``) before the even
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -113,12 +112,28 @@ def pending_refs(layout: RootLayout) -> tuple[set[int], set[int]]:
     return versions, batches
 
 
-def _alive(pid: int, create_time: float | None) -> bool:
+def _group_lives(pid: int, create_time: float | None) -> bool:
+    """Whether the hook's process group still has a member: its leader (the same process, by
+    start time), or — the leader gone — any process still in group ``pid``. While a member
+    lives the kernel reuses ``pid`` neither as a process nor as a group id, so those are the
+    hook's; a live process with that pid but another start time is a stranger, and so is its group."""
     try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and (create_time is None or abs(p.create_time() - create_time) < 0.01)
+        leader = psutil.Process(pid)
+        if create_time is not None and abs(leader.create_time() - create_time) >= 0.01:
+            return False
+        if leader.status() != psutil.STATUS_ZOMBIE:
+            return True
+    except psutil.NoSuchProcess:
+        pass
     except psutil.Error:
         return False
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pid:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 class _Run:
@@ -167,8 +182,15 @@ class Hooks:
         try:
             r.proc.wait(2.0)
         except subprocess.TimeoutExpired:
-            self._signal(r, signal.SIGKILL)
+            pass
+        # The whole group, also when its leader ended on SIGTERM: a helper of the hook that
+        # ignores SIGTERM would otherwise outlive running.json and race the event's rerun. (A
+        # group id is not reused while any member lives, so this reaches no stranger.)
+        self._signal(r, signal.SIGKILL)
+        try:
             r.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
         self.log.warning("hook_interrupted", **_fields(r.event),
                          hint="the daemon is stopping; the hook runs again at its next start")
         unlink_quietly(self.layout.hooks / "running.json")
@@ -275,7 +297,7 @@ class Hooks:
         if not info or not isinstance(info.get("pid"), int):
             return
         pid = info["pid"]
-        if _alive(pid, info.get("create_time")):
+        if _group_lives(pid, info.get("create_time")):
             self.log.warning("leftover_hook_stopped", pid=pid, event_file=info.get("event_file"))
             for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
                 try:
@@ -283,7 +305,7 @@ class Hooks:
                 except (ProcessLookupError, PermissionError):
                     break
                 deadline = time.monotonic() + wait_s
-                while _alive(pid, info.get("create_time")) and time.monotonic() < deadline:
+                while _group_lives(pid, info.get("create_time")) and time.monotonic() < deadline:
                     time.sleep(0.05)  # start-up, before the loop exists
         unlink_quietly(self.layout.hooks / "running.json")
 
