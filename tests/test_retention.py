@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import pytest
 
@@ -16,7 +15,6 @@ from test_cancel import FAKE_ENV, plan_line, trainerd
 from test_supervisor import FAKE, FAKE_WORKER_CONFIG, drive, make_settings
 from trainerd.config import RetentionSettings
 from trainerd.ledger import Ledger
-from trainerd.states import BatchState
 from trainerd.status import collect_status, render_status
 from trainerd.supervisor import Supervisor, hooks, retention
 from trainerd.supervisor.requests import submit
@@ -146,3 +144,56 @@ def test_the_daemon_applies_retention_after_a_worker_and_serves_gc(daemon_factor
     assert "disk      free" in st.stdout and "adapters" in st.stdout and "originals" in st.stdout
     assert trainerd(d.root, "fsck").returncode == 0
     assert d.terminate() == 0
+
+
+def test_a_rollback_version_retention_removed_stays_removed_after_a_restart(history, tmp_path):
+    """rollback 1 makes version 5 (a copy of 1); a later batch makes 6; gc keeps 1 version. The next
+    daemon opens (no copy of a removed source attempted) and does not bring version 5 back."""
+    layout = history
+    sup = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
+    sup.open()
+    try:
+        assert sup.chain.rollback(1, time.time())["version"] == 5
+        layout.stop.unlink()  # g (queued, paused) trains: version 6
+        drive(sup, lambda: any(b.name == "g.jsonl" and b.state == "done" for b in sup.ledger.batches()))
+        drive(sup, lambda: sup.hooks.run is None and not hooks.pending(sup.layout) and sup.retention.child is None)
+    finally:
+        sup.retention.close()
+        sup.close()
+    cfg = tmp_path / "gc.yaml"
+    cfg.write_text(json.dumps({"root": str(layout.root), "retention": {"keep_adapters": 1}}))
+    r = trainerd(layout.root, "gc", "--config", str(cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in layout.adapters.iterdir() if p.name.isdigit()) == ["6"]
+    sup = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
+    sup.open()
+    try:
+        assert sorted(p.name for p in layout.adapters.iterdir() if p.name.isdigit()) == ["6"]
+        assert os.readlink(layout.adapters / "current") == "6"
+        assert not [e for e in hooks.pending(layout) if json.loads(e.read_text()).get("version") == 5]
+    finally:
+        sup.close()
+    assert trainerd(layout.root, "fsck").returncode == 0
+
+
+def test_a_promote_asked_while_retention_deletes_waits_for_it(history, tmp_path):
+    """`trainerd gc` starts the deleting child; a promote of the rejected batch whose folder it removes,
+    asked meanwhile, waits (never published from a folder being deleted), then is refused: its
+    candidate is gone."""
+    from trainerd.supervisor.chain import Refused, Waiting
+
+    sup = Supervisor(make_settings(tmp_path, retention={"keep_batch_dirs": 1}), worker_cmd=[sys.executable, str(FAKE)])
+    sup.open()
+    try:
+        with pytest.raises(Waiting, match="removing"):
+            sup.desk.apply("gc", 0, time.time(), running=None)
+        with pytest.raises(Waiting, match="retention is deleting"):
+            sup.desk.apply("promote", 3, time.time(), running=None)
+        drive(sup, lambda: sup.retention.child is None)
+        assert not history.batch_dir(3).exists()
+        with pytest.raises(Refused):
+            sup.desk.apply("promote", 3, time.time(), running=None)
+        assert os.readlink(history.adapters / "current") == "4"
+    finally:
+        sup.retention.close()
+        sup.close()

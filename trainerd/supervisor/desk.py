@@ -43,6 +43,10 @@ class Desk:
             return self.retention.request(dry_run=bool(arg), now=now, running=running)
         if op not in ("promote", "rollback", "rebase"):
             raise Refused(f"unknown request {op!r} (promote, rollback, rebase, cancel, gc)")
+        if self.retention is not None and self.retention.busy():
+            # Its plan protected the requests waiting when it was made, not one that came since:
+            # a promote or rollback now could publish from a folder the child is deleting.
+            raise Waiting("retention is deleting what its plan removes (seconds); the request is served after it")
         return self.chain.apply(op, arg, now, running=running, base=base)
 
     def cancel(self, batch_id: int, now: float, *, running: Any = None) -> dict[str, Any]:

@@ -77,7 +77,8 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
         if os.path.lexists(layout.batch(b.id).claimed(b.name)):
             attempts.end_filing(b)
     for v in ledger.adapter_versions():
-        if v.kind == "rollback" and not layout.adapter_dir(v.n).exists():
+        # (a rollback version retention removed is gone on purpose: never copied back)
+        if v.kind == "rollback" and v.removed_at is None and not layout.adapter_dir(v.n).exists():
             log.warning("rollback_resumed", version=v.n, rollback_of=v.source)
             chain.publish_rollback(v)
     filing.switch_current()
