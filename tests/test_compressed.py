@@ -8,11 +8,9 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import zstandard

@@ -6,26 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-import pytest
-
-from test_supervisor import FAKE, drive, make_settings
+import test_supervisor
+from test_supervisor import drive
 from trainerd.cli import main
 from trainerd.status import collect_status, render_status
 from trainerd.supervisor import Supervisor
 
-
-@pytest.fixture
-def sup(tmp_path):
-    s = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
-    s.open()
-    yield s
-    if s.running is not None:
-        s.running.child.kill_group()
-        s.running.child.wait(5)
-    s.close()
+sup = test_supervisor.sup  # the supervisor fixture with fake workers, shared
 
 
 def drop(sup: Supervisor, lane: str, name: str, plan: list[str]) -> Path:

@@ -32,7 +32,7 @@ from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, read_json_or_none
 from trainerd.ledger import Ledger, LedgerTooNew
 from trainerd.rows import AdapterVersion, Batch
-from trainerd.states import FINAL_STATES, BatchState
+from trainerd.states import FINAL_STATES
 
 __all__ = ["Backups", "LedgerUnrecoverable", "backup", "compare", "open_ledger", "repair", "write_manifest"]
 
