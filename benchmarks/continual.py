@@ -171,6 +171,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tokens", type=int, default=52_000, help="training tokens of the cost batch")
     p.add_argument("--repeats", type=int, default=6, help="copies of each training question")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of each fact's batch")
     p.add_argument("--out", type=Path, default=REPO / "bench-out" / "continual.json")
     a = p.parse_args()
     model = a.model
@@ -178,8 +179,11 @@ def main() -> int:
         from trainerd.worker.testing import build_tiny_model
 
         model = build_tiny_model(Path(tempfile.mkdtemp(prefix="tiny-")) / "model")
-    train = {"seq_len": 128, "micro_batch_size": 4, "grad_accum_steps": 2, "learning_rate": 1e-3, "epochs": 3,
-             "warmup_steps": 2}
+    # Enough optimizer steps to learn a fact: ~20-token lines pack ~3 to a 64-token block, so 8
+    # questions x 6 copies are ~16 blocks, 8 steps an epoch, 40 steps in all (at 128 tokens,
+    # micro 4 x 2 it was 1 step an epoch: the answer's loss barely moved and nothing could be forgotten).
+    train = {"seq_len": 64, "micro_batch_size": 2, "grad_accum_steps": 1, "learning_rate": 1e-3,
+             "epochs": a.epochs, "warmup_steps": 2}
     out: dict[str, Any] = {"cpu": cpu_name(), "model": str(model), "threads": a.threads, "quick": a.quick}
     if a.only in (None, "cost"):
         out["eval_cost"] = c = eval_cost(model, a.threads, a.tokens, a.quick)
