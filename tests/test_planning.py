@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from trainerd import planning
 from trainerd.config import TrainSettings
 from trainerd.planning import back_off, estimate_training_bytes, plan_micro_batch
 
@@ -124,3 +125,27 @@ def test_plan_counts_every_rank_of_the_node():
     assert (two.micro_batch_size, two.grad_accum_steps) == (half.micro_batch_size, half.grad_accum_steps)
     assert two.estimate_bytes == 2 * half.estimate_bytes
     assert two.micro_batch_size * two.grad_accum_steps == 16
+
+
+def test_expected_precision_follows_the_workers_rule(tmp_path):
+    """The batch's recorded precision wins, then an explicit dtype; auto is bf16 exactly when the CPU
+    flags have avx512_bf16 or amx_bf16, and float32 where an NVIDIA GPU may take the step."""
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n")
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    old = tmp_path / "old"
+    old.write_text("flags\t\t: fpu avx2 avx512f\n")
+    no_gpu, gpus = tmp_path / "no-driver", tmp_path / "gpus"
+    (gpus / "0000:17:00.0").mkdir(parents=True)
+    expect = planning.expected_precision
+    assert expect("auto", "auto", cpuinfo=amx, gpus=no_gpu) == "bfloat16"
+    assert expect("auto", "cpu", cpuinfo=zen4, gpus=gpus) == "bfloat16"  # device cpu: the GPU is not used
+    assert expect("auto", "auto", cpuinfo=old, gpus=no_gpu) == "float32"
+    assert expect("auto", "auto", cpuinfo=amx, gpus=gpus) == "float32"
+    assert expect("auto", "auto", cpuinfo=tmp_path / "unreadable", gpus=no_gpu) == "float32"
+    assert expect("float32", "cpu", cpuinfo=amx, gpus=no_gpu) == "float32"
+    assert expect("bfloat16", "cpu", cpuinfo=old, gpus=no_gpu) == "bfloat16"
+    assert expect("auto", "cpu", "float32", cpuinfo=amx, gpus=no_gpu) == "float32"  # recorded wins
+    assert expect("float32", "cpu", "bfloat16", cpuinfo=old, gpus=no_gpu) == "bfloat16"
+    assert planning.cpu_flags(amx) >= {"amx_bf16", "avx512f"}

@@ -333,8 +333,8 @@ class ScriptedGuard:
     def kernel_oom_kills(self):
         return 0
 
-    def plan_micro_batch(self, model_dir, train, lora=None):
-        return self.real.plan_micro_batch(model_dir, train, lora)
+    def plan_micro_batch(self, model_dir, train, lora=None, *, precision="float32"):
+        return self.real.plan_micro_batch(model_dir, train, lora, precision=precision)
 
 
 @pytest.mark.parametrize("action", ["term", "kill"])

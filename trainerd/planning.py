@@ -5,7 +5,8 @@ Stdlib only (the supervisor and the worker may both use it). Two questions, both
 - :func:`back_off`, the one rule for "the next smaller memory setting": after a memory stop
   (the supervisor) and while planning the first attempt (:func:`plan_micro_batch`);
 - :func:`plan_micro_batch`: the first setting on that ladder whose estimate
-  (:func:`estimate_training_bytes`) fits under the soft limit.
+  (:func:`estimate_training_bytes`) fits under the soft limit, in the precision the batch will
+  compute in (:func:`expected_precision`: the worker's own rule, read from /proc/cpuinfo).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ __all__ = [
     "RUNTIME_BYTES",
     "Plan",
     "back_off",
+    "cpu_flags",
     "estimate_training_bytes",
+    "expected_precision",
     "plan_micro_batch",
     "read_model_shape",
 ]
@@ -52,6 +55,43 @@ FUSED_LOSS_BYTES = 384 << 20
 # Calibrated against SmolLM2-135M (bf16 micro 4: 2.24 GiB) and the tiny model.
 BF16_ACTIVATION_FACTOR = 0.8
 PRECISIONS = ("float32", "bfloat16")
+# /proc/cpuinfo flags that mean native bf16 arithmetic: AVX512-BF16 dot products (Zen 4,
+# Cooper Lake and later Xeons) or AMX tiles (Sapphire Rapids and later). oneDNN uses either.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo; empty if unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def expected_precision(dtype: str, device: str, recorded: str | None = None, *,
+                       cpuinfo: str | Path = "/proc/cpuinfo", gpus: str | Path = "/proc/driver/nvidia/gpus") -> str:
+    """The precision a batch's worker will compute in, decided without torch, for its memory plan.
+
+    The batch's recorded one (precision.json) wins, as it does in the worker; then an explicit
+    ``model.dtype``; for ``auto`` the worker's CPU rule (bf16 when the CPU has one of
+    :data:`CPU_BF16_FLAGS`). Where the worker may pick a GPU (``device`` not ``cpu`` and an NVIDIA
+    driver lists one), float32: host memory is not where that step's tensors live, and float32
+    is the larger estimate."""
+    if recorded in PRECISIONS:
+        return recorded
+    if dtype in PRECISIONS:
+        return dtype
+    if device != "cpu":
+        try:
+            if any(Path(gpus).iterdir()):
+                return "float32"
+        except OSError:
+            pass
+    return "bfloat16" if cpu_flags(cpuinfo) & set(CPU_BF16_FLAGS) else "float32"
 
 
 @dataclass(frozen=True)

@@ -143,15 +143,16 @@ class MemoryGuard:
 
     # --- planning ----------------------------------------------------------------------
 
-    def plan_micro_batch(self, model_dir: Path, train: TrainSettings, lora: LoraSettings | None = None) -> Plan:
-        """Start at the largest micro-batch estimated to fit under the soft limit (see
-        :func:`trainerd.planning.plan_micro_batch`), logged as memory_plan_kept / _reduced /
+    def plan_micro_batch(self, model_dir: Path, train: TrainSettings, lora: LoraSettings | None = None, *,
+                         precision: str = "float32") -> Plan:
+        """Start at the largest micro-batch estimated to fit under the soft limit in ``precision``
+        (see :func:`trainerd.planning.plan_micro_batch`), logged as memory_plan_kept / _reduced /
         _does_not_fit with the numbers behind it."""
         self.sampler.refresh_limit(force=True)
         shape = read_model_shape(model_dir)
         plan = plan_micro_batch(shape, train, lora, limit_bytes=self.limit_bytes,
                                 baseline_bytes=self.sampler.baseline_bytes(), available_bytes=mem_available(),
-                                soft=self.settings.soft, ranks=train.nproc_per_node)
+                                soft=self.settings.soft, precision=precision, ranks=train.nproc_per_node)
         mb0, acc0 = train.micro_batch_size, train.grad_accum_steps
         mb, gc = plan.micro_batch_size, plan.gradient_checkpointing
         fields = dict(micro_batch_size=mb, grad_accum_steps=plan.grad_accum_steps, gradient_checkpointing=gc,
@@ -159,7 +160,7 @@ class MemoryGuard:
                       limit_bytes=plan.limit_bytes,
                       source=self.source if plan.limit_bytes == self.limit_bytes else AVAILABLE_SOURCE,
                       configured_micro_batch_size=mb0, configured_grad_accum_steps=acc0, effective_batch=mb0 * acc0,
-                      seq_len=train.seq_len, params=shape["params"], fits=plan.fits,
+                      seq_len=train.seq_len, params=shape["params"], fits=plan.fits, precision=precision,
                       ranks_on_this_node=train.nproc_per_node)
         if not plan.fits:
             (self.log.warning if hasattr(self.log, "warning") else self.log.info)("memory_plan_does_not_fit", **fields)

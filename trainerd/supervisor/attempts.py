@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
+from trainerd import planning
 from trainerd.basemodel import Watched
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
@@ -157,7 +158,10 @@ class Attempts:
             return None
         if not batch.planned:
             # The guard logs the plan with its numbers (memory_plan_kept / _reduced / _does_not_fit).
-            plan = self.guard.plan_micro_batch(Path(self.settings.model.path), self.settings.train, self.settings.lora)
+            recorded = (read_json_or_none(files.precision) or {}).get("precision")
+            precision = planning.expected_precision(self.settings.model.dtype, self.settings.model.device, recorded)
+            plan = self.guard.plan_micro_batch(Path(self.settings.model.path), self.settings.train, self.settings.lora,
+                                               precision=precision)
             batch = self.ledger.set_plan(batch.id, plan.micro_batch_size, plan.grad_accum_steps,
                                          plan.gradient_checkpointing, now)
         settings = copy.deepcopy(self.settings)

@@ -19,6 +19,7 @@ import torch
 
 from trainerd.config import Settings
 from trainerd.fsutil import atomic_write_json, read_json
+from trainerd.planning import CPU_BF16_FLAGS, PRECISIONS, cpu_flags
 
 __all__ = ["BFLOAT16", "FLOAT32", "ConfigProblem", "Loaded", "Precision", "auto_precision", "batch_precision", "build_peft",
            "cpu_features", "load", "make_optimizer", "pick_device", "resolve_precision"]
@@ -40,24 +41,12 @@ def pick_device(settings: Settings) -> torch.device:
 
 # --- precision ------------------------------------------------------------------------
 
-FLOAT32, BFLOAT16 = "float32", "bfloat16"
-PRECISIONS = (FLOAT32, BFLOAT16)
-# /proc/cpuinfo flags that mean native bf16 arithmetic: AVX512-BF16 dot products (Zen 4,
-# Cooper Lake and later Xeons) or AMX tiles (Sapphire Rapids and later). oneDNN uses either.
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+FLOAT32, BFLOAT16 = PRECISIONS
 
 
 def cpu_features() -> dict[str, Any]:
     """What this CPU offers for bf16: its /proc/cpuinfo flags and torch's own capability query."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     found = {"cpuinfo_flags": sorted(flags & {*CPU_BF16_FLAGS, "amx_tile", "avx512f", "avx2"})}
     # Private but long-standing helpers (torch >= 2.2); guarded, so an older or newer torch that
     # lacks one only loses that line of evidence.
