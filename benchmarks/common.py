@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as benchmarks/x.py from anywhere, or on the GPU machine's copy
+    sys.path.insert(0, str(REPO))
+from trainerd.planning import CPU_BF16_FLAGS, cpu_flags  # noqa: E402 (stdlib only; the worker's rule)
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 
 # A fixed word list: the synthetic text is reproducible without any download.
@@ -220,24 +223,10 @@ def gib(n: float) -> str:
     return f"{n / (1 << 30):.3f} GiB"
 
 
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_bf16_features() -> dict[str, bool]:
     """What decides the precision targets: AMX tiles (Intel Sapphire Rapids+) and AVX512-BF16."""
     f = cpu_flags()
-    return {"amx_bf16": "amx_bf16" in f, "avx512_bf16": "avx512_bf16" in f, "native_bf16": bool(f & set(BF16_FLAGS))}
+    return {"amx_bf16": "amx_bf16" in f, "avx512_bf16": "avx512_bf16" in f, "native_bf16": bool(f & set(CPU_BF16_FLAGS))}
 
 
 def model_flops_per_token(shape: dict[str, int], seq_len: int) -> float:

@@ -158,19 +158,25 @@ def test_a_hook_interrupted_by_a_killed_daemon_runs_again(daemon_factory, tmp_pa
 def _ignores_sigterm(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):
-            return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
     return False
 
 
-def test_a_hook_helper_that_ignores_sigterm_ends_with_the_daemon(daemon_factory, tmp_path):
-    """The daemon stops while a hook runs whose helper ignores SIGTERM: the hook's whole group ends with
-    it (SIGKILL after the leader's exit), so no part of the hook outlives the record of it."""
+def _running_hook_with_helper(daemon_factory, tmp_path):
+    """A daemon whose publish hook is running, with a helper in its group that ignores SIGTERM."""
     d, record = hook_daemon(daemon_factory, tmp_path, mode="helper:60")
     d.start()
     d.drop("a.jsonl", [plan_line(["done"], "a")])
     d.wait_for(lambda: len(calls(record)) == 1)
     hook, helper = calls(record)[0]["pid"], calls(record)[0]["helper"]
     d.wait_for(lambda: _ignores_sigterm(helper), 10)
+    return d, record, hook, helper
+
+
+def test_a_hook_helper_that_ignores_sigterm_ends_with_the_daemon(daemon_factory, tmp_path):
+    """The daemon stops while a hook runs whose helper ignores SIGTERM: the hook's whole group ends with
+    it (SIGKILL after the leader's exit), so no part of the hook outlives the record of it."""
+    d, record, hook, helper = _running_hook_with_helper(daemon_factory, tmp_path)
     assert d.terminate() == 0
     assert d.events("hook_interrupted")
     d.wait_for(lambda: gone(hook) and gone(helper), 10)
@@ -179,12 +185,7 @@ def test_a_hook_helper_that_ignores_sigterm_ends_with_the_daemon(daemon_factory,
 def test_a_killed_daemons_hook_group_is_stopped_even_when_its_leader_died(daemon_factory, tmp_path):
     """SIGKILL the daemon, then the hook's leader: its helper still holds the group. The next start
     stops that group before it runs the event again — never two runs of one event at once."""
-    d, record = hook_daemon(daemon_factory, tmp_path, mode="helper:60")
-    d.start()
-    d.drop("a.jsonl", [plan_line(["done"], "a")])
-    d.wait_for(lambda: len(calls(record)) == 1)
-    hook, helper = calls(record)[0]["pid"], calls(record)[0]["helper"]
-    d.wait_for(lambda: _ignores_sigterm(helper), 10)
+    d, record, hook, helper = _running_hook_with_helper(daemon_factory, tmp_path)
     d.kill()
     os.kill(hook, signal.SIGKILL)
     d.wait_for(lambda: gone(hook), 10)
