@@ -403,11 +403,13 @@ def test_fast_balloon_stops_gracefully_before_the_limit(memcg, tmp_path):
 
 @pytest.mark.cgroup
 def test_balloon_ignoring_stop_and_term_is_killed_by_the_guard(memcg, tmp_path):
-    """Ignoring .stop and SIGTERM, a 200 MiB/s balloon gets stop, term, then kill from the guard; kernel OOM kills 0."""
+    """Ignoring .stop and SIGTERM, a 100 MiB/s balloon gets stop, term, then kill from the guard; kernel OOM kills 0.
+    (Between hard, 570 MiB, and the kill margin, 585 MiB, lie 150 ms of its growth: a poll can come 100 ms late
+    and still send the term; at 200 MiB/s a loaded machine's late poll rightly went straight to kill.)"""
     cg = memcg(600 * MiB)
     log = ListLog()
     g = MemoryGuard(settings(interval_ms=50, kill_grace_s=5.0), log=log, cgroup=cg.path)
-    cmd = [sys.executable, BALLOON, "--rate-mib-s", "200", "--ignore-term"]
+    cmd = [sys.executable, BALLOON, "--rate-mib-s", "100", "--ignore-term"]
     child, esc = start_worker(cmd, tmp_path, log, cg=cg)
     run = supervise(g, child, esc, tmp_path)
     assert run.status.signal == signal.SIGKILL

@@ -4,7 +4,7 @@ worker, the tiny model made memory-hungry by a long seq_len.
 Measured on this machine (cgroup usage peak, page cache included, daemon included), the tiny
 model at seq_len 2048 in fp32 peaks at ~800 MiB with micro-batch 8, ~560 MiB with 4 and ~440 MiB
 with 2. The first test's limit is chosen from those numbers; the second measures the peak of its
-own first step and sizes the neighbour from it, so neither the CPU nor the kernel's page cache
+own first three steps and sizes the neighbour from it, so neither the CPU nor the kernel's page cache
 decides whether the scenario it means to test happens.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
 BALLOON = str(REPO / "tests" / "bin" / "balloon.py")
 LINES = 1200  # ~25 blocks of 2048 tokens: a few optimizer steps
-LINES_LONG = 2400  # ~50 blocks: one step measured, one stopped, and enough left to resume
+LINES_LONG = 3200  # ~67 blocks, ~9 steps: three measured, one stopped, and enough left to resume
 
 
 # The tiny model made memory-hungry (numbers above), a checkpoint after every optimizer step, and
@@ -77,22 +78,27 @@ def test_plan_starts_small_enough_when_configured_micro_batch_cannot_fit(memcg, 
 
 def _working_set_peak_until(cg: cgroups.TestCgroup, d: Daemon, cond, timeout: float) -> int:
     """The cgroup's highest working set (usage - inactive_file, what the guard watches), sampled
-    every few ms until ``cond()`` holds."""
-    peak, deadline, next_check = 0, time.monotonic() + timeout, 0.0
-    while True:
-        usage, inactive = cg.cgroup.usage()
-        peak = max(peak, usage - inactive)
-        now = time.monotonic()
-        if now >= next_check:
-            if cond():
-                return peak
-            assert now < deadline, f"timed out; log tail:\n{d._tail()}"
-            next_check = now + 0.2
-        time.sleep(0.005)
+    every 2 ms by a thread until ``cond()`` holds."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            usage, inactive = cg.cgroup.usage()
+            peak[0] = max(peak[0], usage - inactive)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        d.wait_for(cond, timeout)
+    finally:
+        done.set()
+        t.join()
+    return peak[0]
 
 
 def test_micro_batch_that_stops_fitting_is_stopped_backed_off_and_resumed(memcg, daemon_factory):
-    """Under 900 MiB micro-batch 8 fits at plan time; its first step is measured, then a neighbour joins the cgroup
+    """Under 900 MiB micro-batch 8 fits at plan time; its first three steps are measured, then a neighbour joins the cgroup
     sized so that micro-batch 8 peaks half-way between soft and hard: it no longer fits. The guard writes .stop
     before the limit, the worker checkpoints and exits 75, the daemon halves the micro-batch, resumes from the
     checkpoint and finishes; no kill is decided, the cgroup's kernel OOM kills are 0 and the adapter is published."""
@@ -104,10 +110,12 @@ def test_micro_batch_that_stops_fitting_is_stopped_backed_off_and_resumed(memcg,
         d.drop("a.jsonl", sample_lines(LINES_LONG))
         d.wait_for(lambda: d.events("worker_started"), 60)
         assert d.events("memory_plan_kept")[0]["micro_batch_size"] == 8
-        peak8 = _working_set_peak_until(cg, d, lambda: d.events("checkpoint_saved"), 300)
+        # Three steps, not one: the first step's peak was measured up to ~80 MiB below the later ones'.
+        peak8 = _working_set_peak_until(cg, d, lambda: len(d.events("checkpoint_saved")) >= 3, 300)
         # Memory the plan could not know about (another process of the service, say): from now on
-        # micro-batch 8 peaks between soft (85 %) and hard (95 %); micro-batch 4 (~240 MiB less) under soft.
-        extra = int(limit * 0.90) - peak8
+        # micro-batch 8 peaks between soft (85 %) and hard (95 %); micro-batch 4 (~100-240 MiB less)
+        # under soft. The neighbour's own interpreter holds ~10 MiB besides what it allocates.
+        extra = int(limit * 0.90) - peak8 - 10 * MiB
         assert 32 * MiB <= extra <= 400 * MiB, f"micro-batch 8 peaked at {peak8 / MiB:.0f} MiB: outside this test's premise"
         neighbour = subprocess.Popen([sys.executable, BALLOON, "--rate-mib-s", "0", "--start-mib", str(extra // MiB),
                                       "--max-s", "600"], preexec_fn=cg.enter)
