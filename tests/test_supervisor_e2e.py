@@ -50,10 +50,6 @@ def test_pipeline_cp_rename_half_written_and_duplicate(daemon_factory, tmp_path)
     assert trained_b["init_adapter"] == str(d.root / "adapters" / "1")  # the worker used it
     assert (d.root / "adapters" / "1" / "adapter_config.json").is_file()
     assert (d.root / "adapters" / "2" / "adapter_config.json").is_file()
-    # The memory plan was made in the precision the worker then chose (model.dtype auto: by the CPU).
-    plans = [e for e in d.logs() if str(e.get("event")).startswith("memory_plan_")]
-    resolved = d.events("precision_resolved")
-    assert plans and resolved and [p["precision"] for p in plans] == [r["precision"] for r in resolved[:len(plans)]]
 
     half.write("\n".join(a_lines[10:]) + "\n")  # now the same bytes as a.jsonl
     half.close()
