@@ -220,3 +220,13 @@ def test_tab_completion_through_argcomplete(tmp_path):
         r = subprocess.run([sys.executable, "-m", "trainerd"], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert want in out.read_text().replace("\x0b", " ").split(), out.read_text()
+
+
+def test_the_distribution_declares_its_license():
+    """pyproject's license (Apache-2.0, as transformers and peft) reaches the installed metadata, and
+    LICENSE is the Apache License 2.0 text."""
+    from importlib.metadata import metadata
+
+    assert metadata("trainerd")["License-Expression"] == "Apache-2.0"
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
