@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import subprocess_env
-from support.config import config_dict
 from trainerd.basemodel import Watched, identity, short
 from trainerd.config import load
 from trainerd.modelref import is_hub_id, local_dir, resolve_setting

@@ -14,7 +14,6 @@ import argparse
 import json
 import re
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,19 +71,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     except (OSError, sqlite3.Error) as e:
         return _unknown(f"{layout.root}: the ledger cannot be read: {e}")
     conditions = assess(facts, t)
+    if state_file is not None:
+        # Before the verdict is printed: a check that cannot remember itself says UNKNOWN alone.
+        try:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(state_file, {"root": str(layout.root), "checked_at": now})
+        except OSError as e:
+            return _unknown(f"cannot write the state file {state_file}: {e.strerror or e}")
     if args.json:
         print(json.dumps({"state": worst(conditions).name, "line": line(conditions, facts, t),
                           "conditions": [{"name": c.name, "state": c.severity.name, "text": c.text}
                                          for c in conditions]}, indent=2))
     else:
         print(line(conditions, facts, t))
-    if state_file is not None:
-        try:
-            state_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(state_file, {"root": str(layout.root), "checked_at": now})
-        except OSError as e:
-            print(f"trainerd check: cannot remember this check in {state_file}: {e}", file=sys.stderr)
-            return _unknown(f"cannot write the state file {state_file}: {e.strerror or e}")
     return worst(conditions)
 
 
