@@ -26,6 +26,7 @@ from typing import Any
 from trainerd.cli_ask import add_commands as add_ask_commands
 from trainerd.cli_chain import add_commands as add_chain_commands
 from trainerd.cli_check import add_commands as add_check_commands
+from trainerd.cli_check import is_check_command
 from trainerd.cli_logs import add_commands as add_logs_commands
 from trainerd.cli_ops import add_commands as add_ops_commands
 from trainerd.cli_root import (
@@ -35,6 +36,8 @@ from trainerd.cli_root import (
     config_path,
     find_root,
     load_settings,
+    VersionAction,
+    enable_completion,
     require_root,
     subcommand,
 )
@@ -116,9 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _model_ready(value: str, cfg: str) -> int:
-    """OK when ``model.path`` can be loaded offline; a hub id not cached yet is fetched now, in a
-    child (huggingface_hub is the worker's). 78: no such folder; 69: the hub cannot give it now."""
-    from trainerd.modelref import hub_cache, is_hub_id, local_dir
+    """OK when ``model.path`` can be loaded offline (a hub id not cached yet is fetched now);
+    78: no such folder; 69: the hub cannot give it now."""
+    from trainerd.modelref import fetch, is_hub_id
 
     if not is_hub_id(value):
         if (Path(value) / "config.json").is_file():
@@ -127,16 +130,11 @@ def _model_ready(value: str, cfg: str) -> int:
               "(run scripts/fetch-model, or point it at a transformers causal-LM folder or a hub id org/name)",
               file=sys.stderr)
         return ExitCode.CONFIG
-    if local_dir(value) is not None:
+    why = fetch(value)
+    if why is None:
         return ExitCode.OK
-    print(f"trainerd run: fetching {value} from the Hugging Face hub into {hub_cache()}", file=sys.stderr)
-    import subprocess
-
-    p = subprocess.run([sys.executable, "-m", "trainerd.worker.fetch", value], stdout=subprocess.DEVNULL, check=False)
-    if p.returncode == ExitCode.OK and local_dir(value) is not None:
-        return ExitCode.OK
-    print(f"trainerd run: model.path {value} is not in the Hugging Face cache and cannot be fetched now (see above); "
-          "fetch it where the hub is reachable, or use scripts/fetch-model and a folder", file=sys.stderr)
+    print(f"trainerd run: model.path {value} {why}; fetch it where the hub is reachable, or use "
+          "scripts/fetch-model and a folder", file=sys.stderr)
     return ExitCode.UNAVAILABLE
 
 
@@ -312,20 +310,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --- entry ---------------------------------------------------------------------------------
 
 
-class _Version(argparse.Action):
-    """``--version``: the installed package's version, looked up only when asked (status stays fast)."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: Any):
-        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print trainerd's version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        from trainerd import package_version
-
-        print(f"trainerd {package_version()}")  # stdout, as argparse's own version action
-        parser.exit()
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", metavar="FILE",
@@ -336,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trainerd", description="Fault-tolerant LoRA fine-tuning daemon: drop JSONL files into its inbox, "
         "it fine-tunes a LoRA adapter on each one and publishes numbered versions.",
         epilog="`trainerd COMMAND --help` describes a command with an example; exit codes: docs/cli.md")
-    p.add_argument("--version", action=_Version)
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subcommand(sub, "run", [common], cmd_run, root=False, help="run the daemon in the foreground",
                description="Run the daemon in the foreground (systemd keeps it alive): watch the inbox, train one "
@@ -382,33 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _enable_completion(parser: argparse.ArgumentParser) -> None:
-    """Tab completion through argcomplete, when it is installed and the shell asks for it
-    (``eval "$(register-python-argcomplete trainerd)"``): argparse has none of its own, and it is
-    not worth a dependency. Costs nothing otherwise: the shell's request is an environment variable."""
-    if "_ARGCOMPLETE" not in os.environ:
-        return
-    try:
-        import argcomplete
-    except ImportError:
-        return
-    argcomplete.autocomplete(parser)
-
-
-def _is_check(argv: list[str]) -> bool:
-    """Whether this command line asks for ``trainerd check`` (whose usage errors are UNKNOWN, 3)."""
-    return next((a for a in argv if not a.startswith("-")), None) == "check"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    _enable_completion(parser)
+    enable_completion(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         # A Nagios plugin answers a usage error with UNKNOWN, not 2 (which would read as CRITICAL).
-        if e.code == ExitCode.USAGE and _is_check(argv):
+        if e.code == ExitCode.USAGE and is_check_command(argv):
             return 3
         raise
     try:

@@ -21,7 +21,7 @@ from typing import Any
 from trainerd.cli_root import NotARoot, config_path, load_settings, require_root, subcommand
 from trainerd.fsutil import atomic_write_json, read_json_or_none
 
-__all__ = ["add_commands", "duration_s"]
+__all__ = ["add_commands", "duration_s", "is_check_command"]
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -32,6 +32,12 @@ def duration_s(text: str) -> float:
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 90, 90s, 15m, 2h or 1d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def is_check_command(argv: list[str]) -> bool:
+    """Whether a command line asks for ``trainerd check``, whose usage errors are UNKNOWN (3): a
+    Nagios plugin must not answer them with argparse's 2, which reads as CRITICAL."""
+    return next((a for a in argv if not a.startswith("-")), None) == "check"
 
 
 def _unknown(why: str) -> int:

@@ -1,4 +1,5 @@
-"""What every subcommand shares: where its root is, the check that it is one, and how it is declared.
+"""What every subcommand shares: where its root is, the check that it is one, how it is declared
+(help, description, examples), ``--version`` and tab completion.
 
 A typo in ``--root`` must not look like a healthy, idle daemon (a monitoring script could not
 tell "down" from "fine"), and ``trainerd pause --root /tmp/any`` must not write a ``.stop``
@@ -26,8 +27,8 @@ from typing import Any
 
 from trainerd.contract import RootLayout
 
-__all__ = ["DEFAULT_ROOT", "ROOT_ORDER", "NotARoot", "config_path", "find_root", "load_settings", "require_root",
-           "subcommand"]
+__all__ = ["DEFAULT_ROOT", "ROOT_ORDER", "NotARoot", "VersionAction", "config_path", "enable_completion", "find_root",
+           "load_settings", "require_root", "subcommand"]
 
 DEFAULT_ROOT = "/var/lib/trainerd"
 ROOT_ORDER = ("--root, else $TRAINERD_ROOT, else the config's root (--config or $TRAINERD_CONFIG), "
@@ -89,3 +90,30 @@ def subcommand(sub: Any, name: str, parents: Sequence[argparse.ArgumentParser], 
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(fn=fn, needs_root=root)
     return p
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked (status stays fast)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: Any):
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print trainerd's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from trainerd import package_version
+
+        print(f"trainerd {package_version()}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
+def enable_completion(parser: argparse.ArgumentParser) -> None:
+    """Tab completion through argcomplete, when it is installed and the shell asks for it
+    (``eval "$(register-python-argcomplete trainerd)"``): argparse has none of its own, and it is
+    not worth a dependency. Costs nothing otherwise: the shell's request is an environment variable."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)

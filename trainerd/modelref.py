@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-__all__ = ["hub_cache", "is_hub_id", "local_dir", "resolve_setting", "revision"]
+__all__ = ["fetch", "hub_cache", "is_hub_id", "local_dir", "resolve_setting", "revision"]
 
 # ``org/name`` (a bare ``name`` is read as a folder: the hub's legacy unprefixed ids all have an
 # ``org/`` name now, e.g. openai-community/gpt2).
@@ -74,3 +76,17 @@ def local_dir(value: str) -> Path | None:
     rev = revision(value)
     snap = _repo(value) / "snapshots" / rev if rev else None
     return snap if snap is not None and (snap / "config.json").is_file() else None
+
+
+def fetch(model_id: str) -> str | None:
+    """Make sure a hub model is in the cache: None when it is (now), else why not. The download runs
+    in a child, ``python -m trainerd.worker.fetch`` (huggingface_hub is the worker's side's); its
+    progress and errors go to our stderr."""
+    if local_dir(model_id) is not None:
+        return None
+    print(f"trainerd: fetching {model_id} from the Hugging Face hub into {hub_cache()}", file=sys.stderr)
+    p = subprocess.run([sys.executable, "-m", "trainerd.worker.fetch", model_id], stdout=subprocess.DEVNULL,
+                       check=False)
+    if p.returncode == 0 and local_dir(model_id) is not None:
+        return None
+    return "is not in the Hugging Face cache and cannot be fetched now (see above)"
