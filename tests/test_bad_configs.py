@@ -188,10 +188,11 @@ def test_root_that_cannot_be_created_is_a_config_error(tmp_path, tiny_model_dir)
 
 
 def test_missing_config_flag_is_refused(tmp_path):
-    """`trainerd run` with neither --config nor $TRAINERD_CONFIG refuses to guess: exit 78."""
+    """`trainerd run` with neither --config nor $TRAINERD_CONFIG refuses to guess: exit 2, a usage
+    error (no config was read, so none is bad; docs/cli.md)."""
     env = subprocess_env()
     env.pop("TRAINERD_CONFIG", None)
     r = subprocess.run([sys.executable, "-m", "trainerd", "run"], env=env, capture_output=True, text=True,
                        timeout=30, cwd=tmp_path)
-    assert r.returncode == EX_CONFIG and "--config FILE is required" in r.stderr
+    assert r.returncode == 2 and "--config FILE is required" in r.stderr
     assert os.listdir(tmp_path) == []

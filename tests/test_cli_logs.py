@@ -83,9 +83,19 @@ def test_colours_on_a_terminal(root):
 
 
 def test_missing_log_is_a_clear_error(tmp_path):
-    """No log file (and no -f): exit 1 naming the path."""
+    """A root with no log file yet (and no -f): exit 66 (no input) naming the path."""
+    (tmp_path / "inbox").mkdir()
     out = logs(tmp_path)
-    assert out.returncode == 1 and "no log at" in out.stderr
+    assert out.returncode == 66 and f"no log at {tmp_path}/logs/trainerd.jsonl" in out.stderr
+
+
+def test_level_warn_is_accepted_as_warning(root):
+    """`--level warn` (and WARN) is the same filter as `--level warning`, as the log's own aliases are."""
+    want = logs(root, "--json", "--level", "warning")
+    assert want.returncode == 0 and want.stdout
+    for alias in ("warn", "WARN"):
+        out = logs(root, "--json", "--level", alias)
+        assert out.returncode == 0 and out.stdout == want.stdout
 
 
 class Follower:
@@ -165,6 +175,7 @@ def test_follow_survives_append_rotation_and_truncation(root):
 def test_follow_waits_for_a_log_that_does_not_exist_yet(tmp_path):
     """-f on a root whose log is not there yet waits for it, then prints its lines."""
     (tmp_path / "logs").mkdir()
+    (tmp_path / "inbox").mkdir()
     f = Follower(tmp_path, "--json")
     try:
         assert f.quiet(0.5) == []

@@ -6,7 +6,7 @@ import sys
 
 from conftest import subprocess_env
 
-HEAVY = ("torch", "transformers", "peft", "datasets", "accelerate")
+HEAVY = ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface_hub")
 
 
 def _heavy_modules(code: str) -> list[str]:
@@ -17,8 +17,10 @@ def _heavy_modules(code: str) -> list[str]:
 
 
 def test_supervisor_and_cli_import_no_torch():
-    """Importing trainerd.supervisor and trainerd.cli loads none of the worker's libraries."""
-    assert _heavy_modules("import trainerd.supervisor, trainerd.cli, trainerd.memguard") == []
+    """Importing trainerd.supervisor and trainerd.cli (check, health, the model reference) loads none
+    of the worker's libraries, huggingface_hub included."""
+    assert _heavy_modules("import trainerd.supervisor, trainerd.cli, trainerd.memguard, trainerd.health, "
+                          "trainerd.modelref, trainerd.metrics") == []
 
 
 def test_status_command_imports_no_torch(tmp_path):
@@ -27,5 +29,15 @@ def test_status_command_imports_no_torch(tmp_path):
 
     Ledger(tmp_path / "state.db").close()
     code = (f"import sys\nsys.argv = ['trainerd', 'status', '--root', {str(tmp_path)!r}]\n"
+            "from trainerd.cli import main\nmain()")
+    assert _heavy_modules(code) == []
+
+
+def test_check_command_imports_no_torch(tmp_path):
+    """A full `trainerd check` run (a ledger to read) loads none of the worker's libraries."""
+    from trainerd.ledger import Ledger
+
+    Ledger(tmp_path / "state.db").close()
+    code = (f"import sys\nsys.argv = ['trainerd', 'check', '--root', {str(tmp_path)!r}]\n"
             "from trainerd.cli import main\nmain()")
     assert _heavy_modules(code) == []

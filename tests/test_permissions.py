@@ -1,6 +1,7 @@
 """File permissions: nothing the daemon or its workers create is readable by other users, even
 when started with a wide-open umask, and the daemon does its whole job as an unprivileged user
-(nobody, no capabilities) — see ``unprivileged_prefix`` in tests/support/daemon.py for how."""
+(nobody, no capabilities) — see ``unprivileged_prefix`` in tests/support/daemon.py for how; what
+it publishes (adapters, checkpoints) is readable by its group, whatever library wrote it."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from support.daemon import NOBODY, Daemon, unprivileged_prefix
-from workerutil import sample_lines
+from workerutil import make_batch, run_worker, sample_lines
 
 pytestmark = pytest.mark.slow
 
@@ -79,4 +81,62 @@ def test_nothing_created_is_world_readable_and_root_is_not_needed(tiny_model_dir
         assert ckpts and {os.lstat(p).st_uid for p in ckpts} == {NOBODY}
     finally:
         d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# A reader that is not the owner but is in the owner's group (and one that is in neither): real
+# uid/gid switches in a child, as root. The gids need no /etc/group entry: the kernel compares numbers.
+_OWNER_UID, _GROUP_GID, _MEMBER_UID, _STRANGER_GID = NOBODY, 41234, 41235, 41236
+_READ_ALL = r"""
+import os, sys
+gid, uid = int(sys.argv[1]), int(sys.argv[2])
+os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+refused = []
+for top in sys.argv[3:]:
+    for dirpath, _, files in os.walk(top, onerror=lambda e: refused.append(e.filename)):
+        for name in files:
+            try:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    f.read()
+            except PermissionError:
+                refused.append(os.path.join(dirpath, name))
+print("\n".join(refused))
+"""
+
+
+def _read_as(gid: int, uid: int, *paths: Path) -> list[str]:
+    """The files under ``paths`` a process with this uid and only this group cannot read."""
+    p = subprocess.run([sys.executable, "-c", _READ_ALL, str(gid), str(uid), *map(str, paths)],
+                       capture_output=True, text=True, timeout=60, check=True)
+    return [ln for ln in p.stdout.splitlines() if ln]
+
+
+def test_a_published_adapter_and_its_checkpoint_are_readable_by_the_group(tiny_model_dir):
+    """What a worker publishes (the adapter, safetensors' 0600 file included, and a checkpoint) is
+    0640/0750: a group member who is not the owner reads every file; a stranger reads none of the weights."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch uid/gid")
+    base = Path(tempfile.mkdtemp(prefix="trainerd-group-", dir="/tmp"))
+    os.chmod(base, 0o755)  # pytest's own tmp folders are 0700 to everyone but root
+    old = os.umask(0o027)  # the daemon's umask, inherited by its workers
+    try:
+        batch = make_batch(base, tiny_model_dir, sample_lines(12))
+        rc, _, _ = run_worker(batch, "--publish", str(batch / "published"))
+        assert rc == 0
+    finally:
+        os.umask(old)
+    try:
+        ckpts = sorted((batch / "checkpoints").glob("step-*"))
+        published = batch / "published"
+        assert ckpts and (published / "adapter_model.safetensors").is_file()
+        assert (ckpts[-1] / "adapter_model.safetensors").is_file()
+        for tree in (published, ckpts[-1]):
+            modes = {p.name: stat.S_IMODE(os.lstat(p).st_mode) for p in tree.iterdir()}
+            assert set(modes.values()) == {0o640}, modes
+            assert stat.S_IMODE(os.lstat(tree).st_mode) == 0o750
+        subprocess.run(["chown", "-R", f"{_OWNER_UID}:{_GROUP_GID}", str(batch)], check=True)
+        assert _read_as(_GROUP_GID, _MEMBER_UID, published, ckpts[-1]) == []
+        stranger = _read_as(_STRANGER_GID, _MEMBER_UID, published, ckpts[-1])
+        assert str(published / "adapter_model.safetensors") in stranger or str(published) in stranger
+    finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -198,6 +198,22 @@ def test_repo_unit_verifies_except_for_the_placeholder_path(tmp_path):
     assert all("/opt/trainerd/venv/bin/trainerd is not executable" in l for l in lines), r.stderr
 
 
+@needs_analyze
+def test_the_check_units_verify(tmp_path):
+    """trainerd-check.service and .timer (docs/cli.md) verify with no problem but the not-yet-installed
+    ExecStart binary; an instance of trainerd-alert@.service, its OnFailure= target, with none at all."""
+    for name in ("trainerd-check.service", "trainerd-check.timer"):
+        shutil.copy(REPO / "systemd" / name, tmp_path / name)
+    shutil.copy(REPO / "systemd" / "trainerd-alert@.service", tmp_path / "trainerd-alert@trainerd-check.service.service")
+    r = subprocess.run([ANALYZE, "verify", str(tmp_path / "trainerd-check.service"), str(tmp_path / "trainerd-check.timer")],
+                       capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and all("/opt/trainerd/venv/bin/trainerd is not executable" in ln for ln in lines), r.stderr
+    r = subprocess.run([ANALYZE, "verify", str(tmp_path / "trainerd-alert@trainerd-check.service.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stderr == "" and r.returncode == 0, r.stderr
+
+
 def _exposure(unit: Path) -> float:
     r = subprocess.run([ANALYZE, "security", "--offline=true", str(unit)], capture_output=True,
                        text=True, timeout=60)

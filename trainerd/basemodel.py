@@ -5,6 +5,9 @@ next steps would happily publish. The identity is the sha256 of: the model's con
 for every weight file (``*.safetensors``, ``*.bin``, ``*.gguf``, ``*.pt``) its name, its size
 and a sample of its content (64 KiB at its start, middle and end). Reading ~200 KiB per file
 tells a different model, or different weights under the same config, in milliseconds.
+
+A hub id (``model.path: org/name``) is identified by the files of its cached snapshot, the same
+way: the same files in a folder are the same base; a new revision on the hub is another base.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from trainerd.modelref import is_hub_id, local_dir
 
 __all__ = ["Watched", "identity", "short"]
 
@@ -50,34 +55,43 @@ def identity(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def short(ident: dict[str, Any] | None) -> str:
-    """``<path> (<first 12 hex>)`` for a log line or a status."""
+    """``<path> (<first 12 hex>)`` (``<org/name>@<revision> (...)`` for a hub model) for a log line or a status."""
     if not ident:
         return "unknown"
-    return f"{ident.get('path')} ({str(ident.get('id'))[:12]})"
+    where = f"{ident['hub_id']}@{str(ident.get('revision'))[:12]}" if ident.get("hub_id") else ident.get("path")
+    return f"{where} ({str(ident.get('id'))[:12]})"
 
 
 class Watched:
-    """The identity of the configured base model, recomputed only when its files change (a stat
+    """The identity of the configured base model (``model.path``: a folder, or a hub id whose
+    cached snapshot is read: trainerd/modelref.py), recomputed only when its files change (a stat
     of each per call), or None while it cannot be read."""
 
-    def __init__(self, model_dir: str | os.PathLike[str]):
-        self.path = Path(model_dir)
+    def __init__(self, model_path: str | os.PathLike[str]):
+        self.value = os.fspath(model_path)
         self._key: tuple | None = None
         self._ident: dict[str, Any] | None = None
 
-    def _stat_key(self) -> tuple:
-        out = []
+    @staticmethod
+    def _stat_key(d: Path) -> tuple:
+        out: list[Any] = [str(d)]  # a hub model's new revision is another snapshot folder
         for pattern in ("config.json", *_WEIGHTS):
-            for p in sorted(self.path.glob(pattern)):
+            for p in sorted(d.glob(pattern)):
                 st = p.stat()
                 out.append((p.name, st.st_size, st.st_mtime_ns, st.st_ino))
         return tuple(out)
 
     def get(self) -> dict[str, Any] | None:
+        d = local_dir(self.value)
         try:
-            key = self._stat_key()
+            if d is None:
+                raise OSError(f"{self.value}: not in the Hugging Face cache")
+            key = self._stat_key(d)
             if key != self._key or self._ident is None:
-                self._ident, self._key = identity(self.path), key
+                ident = identity(d)
+                if is_hub_id(self.value):
+                    ident.update(hub_id=self.value, revision=d.name)
+                self._ident, self._key = ident, key
         except OSError:
             self._ident = self._key = None
         return self._ident

@@ -1,14 +1,16 @@
-"""``trainerd``: run | submit | status | pause | resume | validate (cli_chain.py: history, promote,
-rollback, rebase, fsck; cli_ops.py: cancel, gc).
+"""``trainerd``: run | submit | status | check | pause | resume | validate (cli_chain.py: history,
+promote, rollback, rebase, fsck; cli_ops.py: cancel, gc; cli_logs.py: logs; cli_ask.py: ask;
+cli_check.py: check).
 
 Only ``run`` imports the supervisor (psutil, watchdog); ``status`` reads the ledger
 read-only and a few small files, so it answers in tens of milliseconds and never imports
-torch. Where the root is: ``--root``, else ``$TRAINERD_ROOT``, else the ``root`` of the
-config (``--config`` or ``$TRAINERD_CONFIG``), else the current directory when it looks like
-a trainerd root (systemd runs the daemon there, so an operator in it just types the command),
-else the default ``/var/lib/trainerd``.
+torch. Where the root is, and the check that it is one, for every command: trainerd/cli_root.py.
 
-Exit codes: 0 ok, 1 failure, 65 a file would be rejected, 75 already running, 78 bad config.
+Exit codes (sysexits; docs/cli.md has the table, tests/test_cli_conventions.py holds the code
+to it): 0 ok, 1 failure (refused, not found, problems found), 2 usage, 65 a file would be
+rejected, 66 a named file or the root does not exist, 69 something needed cannot be had now,
+75 temporary (a daemon already runs, the daemon has not answered yet), 78 bad config.
+``trainerd check`` alone answers in Nagios plugin codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
 """
 
 from __future__ import annotations
@@ -23,42 +25,34 @@ from typing import Any
 
 from trainerd.cli_ask import add_commands as add_ask_commands
 from trainerd.cli_chain import add_commands as add_chain_commands
+from trainerd.cli_check import add_commands as add_check_commands
+from trainerd.cli_check import is_check_command
 from trainerd.cli_logs import add_commands as add_logs_commands
 from trainerd.cli_ops import add_commands as add_ops_commands
+from trainerd.cli_root import (
+    DEFAULT_ROOT,
+    ROOT_ORDER,
+    NotARoot,
+    config_path,
+    find_root,
+    load_settings,
+    VersionAction,
+    enable_completion,
+    require_root,
+    subcommand,
+)
 from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
 
-DEFAULT_ROOT = "/var/lib/trainerd"
+__all__ = ["DEFAULT_ROOT", "build_parser", "main"]
 
-
-# --- config and root ---------------------------------------------------------------------
-
-
-def _load_settings(path: str | None) -> Any:
-    """Settings from the config file, or the defaults when there is none. ConfigError propagates."""
-    from trainerd import config
-
-    if path:
-        return config.load(path)
-    return config.Settings()
-
-
-def _config_path(args: argparse.Namespace) -> str | None:
-    return getattr(args, "config", None) or os.environ.get("TRAINERD_CONFIG") or None
+# The names the other cli_*.py modules (and older callers) use.
+_config_path = config_path
+_load_settings = load_settings
 
 
 def _root(args: argparse.Namespace) -> Path:
-    if getattr(args, "root", None):
-        return Path(args.root).resolve()
-    if os.environ.get("TRAINERD_ROOT"):
-        return Path(os.environ["TRAINERD_ROOT"]).resolve()
-    cfg = _config_path(args)
-    if cfg:
-        return Path(_load_settings(cfg).root)
-    cwd = Path.cwd()
-    if RootLayout(cwd).looks_like_root():
-        return cwd
-    return Path(DEFAULT_ROOT)
+    return find_root(args)[0]
 
 
 def _print_config_error(e: Exception) -> int:
@@ -74,21 +68,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config_path(args)
     if not cfg:
+        # A missing argument, not a bad config: exit 2 like argparse's own usage errors.
         print("trainerd run: --config FILE is required (or set TRAINERD_CONFIG)", file=sys.stderr)
-        return ExitCode.CONFIG
+        return ExitCode.USAGE
     try:
         settings = _load_settings(cfg)
     except ConfigError as e:
         return _print_config_error(e)
     from trainerd.child import WORKER_CMD_ENV
 
-    model = Path(settings.model.path)
-    if not os.environ.get(WORKER_CMD_ENV) and not (model / "config.json").is_file():
-        # Refuse to start: otherwise every file dropped in would fail its worker with exit 78
-        # and be quarantined in failed/ for a mistake in this file, not in the data.
-        print(f"trainerd: invalid configuration in {cfg}:\n  model.path: no model folder at {model} "
-              "(run scripts/fetch-model, or point it at a transformers causal-LM folder)", file=sys.stderr)
-        return ExitCode.CONFIG
+    if not os.environ.get(WORKER_CMD_ENV):
+        # Refuse to start without the model: otherwise every file dropped in would fail its
+        # worker with exit 78 and be quarantined in failed/ for a mistake in this file, not in the data.
+        rc = _model_ready(settings.model.path, cfg)
+        if rc != ExitCode.OK:
+            return rc
     from trainerd import logs
     from trainerd.schema import LedgerTooNew
     from trainerd.supervisor import AlreadyRunning, Supervisor
@@ -124,6 +118,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return ExitCode.CONFIG
 
 
+def _model_ready(value: str, cfg: str) -> int:
+    """OK when ``model.path`` can be loaded offline (a hub id not cached yet is fetched now);
+    78: no such folder; 69: the hub cannot give it now."""
+    from trainerd.modelref import fetch, is_hub_id
+
+    if not is_hub_id(value):
+        if (Path(value) / "config.json").is_file():
+            return ExitCode.OK
+        print(f"trainerd: invalid configuration in {cfg}:\n  model.path: no model folder at {value} "
+              "(run scripts/fetch-model, or point it at a transformers causal-LM folder or a hub id org/name)",
+              file=sys.stderr)
+        return ExitCode.CONFIG
+    why = fetch(value)
+    if why is None:
+        return ExitCode.OK
+    print(f"trainerd run: model.path {value} {why}; fetch it where the hub is reachable, or use "
+          "scripts/fetch-model and a folder", file=sys.stderr)
+    return ExitCode.UNAVAILABLE
+
+
 # --- submit / validate ---------------------------------------------------------------------
 
 
@@ -147,6 +161,16 @@ def _print_report(rep: Any) -> None:
         print(f"  reason: {rep.reason}")
 
 
+def _unreadable(path: str) -> str | None:
+    """Why a named input file cannot be read at all (exit 66), or None. A file that opens but
+    would be rejected is the scan's to report (exit 65)."""
+    if not os.path.lexists(path):
+        return "no such file"
+    if not os.access(path, os.R_OK):
+        return "not readable by this user"
+    return None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from trainerd.config import ConfigError
 
@@ -154,12 +178,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         settings = _load_settings(_config_path(args))
     except ConfigError as e:
         return _print_config_error(e)
-    reports = [_scan(f, settings) for f in args.files]
+    missing = {f: why for f in args.files if (why := _unreadable(f))}
+    for f, why in missing.items():
+        print(f"{f}: {why}", file=sys.stderr)
+    reports = [_scan(f, settings) for f in args.files if f not in missing]
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
     else:
         for r in reports:
             _print_report(r)
+    if missing:
+        return ExitCode.NOINPUT
     return ExitCode.DATAERR if any(r.rejected for r in reports) else ExitCode.OK
 
 
@@ -193,22 +222,26 @@ def _place(src: Path, inbox: Path, name: str | None = None) -> Path:
 def cmd_submit(args: argparse.Namespace) -> int:
     from trainerd.config import ConfigError
 
+    if args.eval and len(args.files) != 1:
+        print("trainerd submit: --eval goes with exactly one data file", file=sys.stderr)
+        return ExitCode.USAGE
     try:
         settings = _load_settings(_config_path(args))
     except ConfigError as e:
         return _print_config_error(e)
-    inbox = RootLayout(_root(args)).lane(LANES[args.priority])
+    inbox = args.layout.lane(LANES[args.priority])
     if not inbox.is_dir():
-        print(f"trainerd submit: no inbox at {inbox} (is the root right? use --root or --config; "
-              "the priority lanes inbox/high and inbox/low are made by the daemon at its start)",
-              file=sys.stderr)
-        return ExitCode.FAIL
-    if args.eval and len(args.files) != 1:
-        print("trainerd submit: --eval goes with exactly one data file", file=sys.stderr)
-        return ExitCode.FAIL
+        print(f"trainerd submit: no inbox at {inbox} (the priority lanes inbox/high and inbox/low are made by "
+              "the daemon at its start)", file=sys.stderr)
+        return ExitCode.NOINPUT
     rc = ExitCode.OK
     for f in args.files:
         src = Path(f)
+        unreadable = next(((g, why) for g in (f, args.eval) if g and (why := _unreadable(g))), None)
+        if unreadable:
+            print(f"{f}: not submitted: {unreadable[0]}: {unreadable[1]}", file=sys.stderr)
+            rc = ExitCode.NOINPUT
+            continue
         if not is_candidate_name(src.name):
             print(f"{f}: not submitted: the name must end in .jsonl, .jsonl.gz or .jsonl.zst (not .eval.jsonl, "
                   "kept for eval files) and not start with a dot", file=sys.stderr)
@@ -243,10 +276,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    stop = RootLayout(_root(args)).stop
-    if not stop.parent.is_dir():
-        print(f"trainerd pause: no root at {stop.parent}", file=sys.stderr)
-        return ExitCode.FAIL
+    stop = args.layout.stop
     fd = os.open(stop, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
     os.write(fd, f"paused by `trainerd pause` at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
     os.close(fd)
@@ -255,9 +285,8 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    stop = RootLayout(_root(args)).stop
     try:
-        os.unlink(stop)
+        os.unlink(args.layout.stop)
         print("resumed")
     except FileNotFoundError:
         print("not paused")
@@ -268,13 +297,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        root = _root(args)
-    except ValueError as e:  # config.ConfigError; not imported here: yaml costs 20 ms
-        return _print_config_error(e)
     from trainerd.status import collect_status, render_status
 
-    st = collect_status(root)
+    st = collect_status(args.layout.root)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:
@@ -287,37 +312,84 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", help="YAML config file (default: $TRAINERD_CONFIG)")
-    common.add_argument("--root", help="trainerd root folder (default: from the config, or the current folder)")
-    p = argparse.ArgumentParser(prog="trainerd", description="Fault-tolerant LoRA fine-tuning daemon.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground").set_defaults(fn=cmd_run)
-    s = sub.add_parser("submit", parents=[common], help="validate files, then place them in the inbox atomically")
-    s.add_argument("files", nargs="+")
+    common.add_argument("--config", "-c", metavar="FILE",
+                        help="YAML config file (default: $TRAINERD_CONFIG); its root is used when neither --root "
+                             "nor $TRAINERD_ROOT is given")
+    common.add_argument("--root", metavar="DIR", help=f"the trainerd root folder; search order: {ROOT_ORDER}")
+    p = argparse.ArgumentParser(
+        prog="trainerd", description="Fault-tolerant LoRA fine-tuning daemon: drop JSONL files into its inbox, "
+        "it fine-tunes a LoRA adapter on each one and publishes numbered versions.",
+        epilog="`trainerd COMMAND --help` describes a command with an example; exit codes: docs/cli.md")
+    p.add_argument("--version", action=VersionAction)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommand(sub, "run", [common], cmd_run, root=False, help="run the daemon in the foreground",
+               description="Run the daemon in the foreground (systemd keeps it alive): watch the inbox, train one "
+               "batch at a time, publish adapter versions. Creates the root at its first start; the only command "
+               "that does. --config (or $TRAINERD_CONFIG) is required.",
+               examples=["trainerd run --config /etc/trainerd/trainerd.yaml"])
+    s = subcommand(sub, "submit", [common], cmd_submit, help="validate files, then place them in the inbox atomically",
+                   description="Validate data files the way the daemon will, then place each in the inbox "
+                   "atomically (copied under a dot-name, fsynced, linked to its name): the daemon sees the whole "
+                   "file or nothing, and a file of the same name is never overwritten.",
+                   examples=["trainerd submit data.jsonl", "trainerd submit --priority high --eval held-out.jsonl "
+                             "data.jsonl"])
+    s.add_argument("files", nargs="+", metavar="FILE", help="data files: *.jsonl, *.jsonl.gz or *.jsonl.zst")
     s.add_argument("--eval", metavar="EVAL.jsonl", help="an evaluation set for this batch (replaces its held-out slice)")
     s.add_argument("--priority", choices=list(LANES), default="normal",
                    help="its lane: a queued file of a higher lane starts before lower ones (inbox/high/, inbox/low/)")
-    s.set_defaults(fn=cmd_submit)
-    s = sub.add_parser("status", parents=[common], help="what the daemon is doing")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.set_defaults(fn=cmd_status)
-    sub.add_parser("pause", parents=[common], help="create root/.stop").set_defaults(fn=cmd_pause)
-    sub.add_parser("resume", parents=[common], help="remove root/.stop").set_defaults(fn=cmd_resume)
+    s = subcommand(sub, "status", [common], cmd_status, help="what the daemon is doing",
+                   description="What the daemon is doing: running or not, paused, the current adapter, the running "
+                   "batch (step, speed, ETA, memory), the queue with retry countdowns, recent results, disk. "
+                   "Read-only; never blocks the daemon. Exit 0 whatever the daemon's state: `trainerd check` is "
+                   "the one whose exit code says whether all is well.",
+                   examples=["trainerd status", "trainerd status --json | jq .queue"])
+    s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    add_check_commands(sub, common)  # trainerd check (trainerd/cli_check.py, trainerd/health.py)
+    subcommand(sub, "pause", [common], cmd_pause, help="create root/.stop",
+               description="Pause: create root/.stop. The running batch checkpoints and stops; nothing new starts "
+               "until `trainerd resume` (or rm root/.stop).", examples=["trainerd pause --root /var/lib/trainerd"])
+    subcommand(sub, "resume", [common], cmd_resume, help="remove root/.stop",
+               description="Resume: remove root/.stop; the queue goes on where it stopped.",
+               examples=["trainerd resume"])
     add_chain_commands(sub, common)
     add_ops_commands(sub, common)  # trainerd cancel, gc (trainerd/cli_ops.py)
     add_logs_commands(sub, common)  # trainerd logs (trainerd/cli_logs.py)
     add_ask_commands(sub, common)  # trainerd ask (trainerd/cli_ask.py, trainerd/worker/ask.py)
-    s = sub.add_parser("validate", parents=[common], help="line-level report; exit 65 if it would be rejected")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_validate)
+    s = subcommand(sub, "validate", [common], cmd_validate, root=False,
+                   help="line-level report; exit 65 if it would be rejected",
+                   description="Check data files line by line as the daemon will, without a root: every bad line "
+                   "with its number, byte offset and reason. Exit 65 when a file would be rejected, 66 when one "
+                   "cannot be read.", examples=["trainerd validate data.jsonl", "trainerd validate --json a.jsonl "
+                                                "b.jsonl.gz"])
+    s.add_argument("files", nargs="+", metavar="FILE", help="data files: *.jsonl, *.jsonl.gz or *.jsonl.zst")
+    s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    enable_completion(parser)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # A Nagios plugin answers a usage error with UNKNOWN, not 2 (which would read as CRITICAL).
+        if e.code == ExitCode.USAGE and is_check_command(argv):
+            return 3
+        raise
+    try:
+        if getattr(args, "needs_root", False):
+            # The one root check: before the command reads or writes anything.
+            args.layout = require_root(args)
         return args.fn(args)
+    except NotARoot as e:
+        print(f"trainerd {args.command}: {e}", file=sys.stderr)
+        return ExitCode.NOINPUT
+    except ValueError as e:
+        config = sys.modules.get("trainerd.config")  # loaded only if a config was read
+        if config is not None and isinstance(e, config.ConfigError):
+            return _print_config_error(e)
+        raise
     except BrokenPipeError:  # `trainerd status | head`
         return ExitCode.OK
 

@@ -6,8 +6,8 @@ its parent from ``adapters/<n>/lineage.json`` and the base model) and starts
 never inside the daemon and its memory budget. It stays torch-free itself; the request goes to
 the child as JSON on stdin, the answers come back as JSON lines on stdout.
 
-Exit codes: 0 answered; 1 no such version (or no root, or the child failed); 78 the model or an
-adapter cannot be loaded (bad config).
+Exit codes: 0 answered; 1 no such version; 66 not a root; 69 the model process could not answer
+(its libraries missing, killed); 78 the model or an adapter cannot be loaded (bad config).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
+from trainerd.cli_root import config_path, load_settings, subcommand
 from trainerd.contract import ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none
+from trainerd.modelref import local_dir
 
 __all__ = ["add_commands", "plan"]
 
@@ -81,20 +82,15 @@ def plan(layout: RootLayout, version: str | None, compare: bool) -> tuple[list[d
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from trainerd.cli import _config_path, _load_settings, _root
-
-    try:
-        settings = _load_settings(_config_path(args))
-        layout = RootLayout(_root(args))
-    except ValueError as e:  # config.ConfigError
-        print(f"trainerd ask: {e}", file=sys.stderr)
-        return ExitCode.CONFIG
+    settings = load_settings(config_path(args))
+    layout = args.layout
     try:
         answers, trained_on = plan(layout, args.version, args.compare)
     except NoSuchVersion as e:
         print(f"trainerd ask: {e}", file=sys.stderr)
         return ExitCode.FAIL
-    model_path = args.model or (trained_on if trained_on and Path(trained_on).is_dir() else settings.model.path)
+    # The base the version was trained on, where it is still to be had (a folder, or a cached hub model).
+    model_path = args.model or (trained_on if trained_on and local_dir(trained_on) else settings.model.path)
     req = {"model": {"path": str(model_path), "dtype": settings.model.dtype, "device": settings.model.device},
            "question": args.question, "system": args.system, "max_new_tokens": args.max_new_tokens,
            "answers": [{"label": a["label"], "adapter": a["adapter"]} for a in answers]}
@@ -103,7 +99,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if p.returncode != 0:
         tail = "\n".join(ln for ln in p.stderr.splitlines() if not ln.startswith("{"))[-2000:]
         print(tail or f"trainerd ask: the model process exited {p.returncode}", file=sys.stderr)
-        return ExitCode.CONFIG if p.returncode == ExitCode.CONFIG else ExitCode.FAIL
+        # 78: the model or an adapter cannot be loaded; anything else: the model process could
+        # not answer (its libraries missing, killed for memory): unavailable.
+        return ExitCode.CONFIG if p.returncode == ExitCode.CONFIG else ExitCode.UNAVAILABLE
     got = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
     for a, g in zip(answers, got):
         g["version"] = a["version"]
@@ -118,12 +116,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("ask", parents=[common], help="answer a question with current (or version N), greedy")
-    s.add_argument("question")
+    s = subcommand(sub, "ask", [common], cmd_ask, help="answer a question with current (or version N), greedy",
+                   description="Answer a question with an adapter version (greedy decoding), in a child process "
+                   "of this command: never inside the daemon or its memory budget. --compare also asks the "
+                   "version's parent and the base model, to see what the training changed.",
+                   examples=['trainerd ask "What is the capital of France?"',
+                             'trainerd ask --version 3 --compare --max-new-tokens 64 "Summarise our refund policy"'])
+    s.add_argument("question", help="the user message (quote it)")
     s.add_argument("--version", help="an adapter version, or 'base' (default: current)")
     s.add_argument("--compare", action="store_true", help="also the parent version's and the base model's answers")
-    s.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-    s.add_argument("--system", help="a system message before the question")
-    s.add_argument("--model", help="the base model folder (default: the version's lineage, else model.path)")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.set_defaults(fn=cmd_ask)
+    s.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="longest answer in tokens (default 128)")
+    s.add_argument("--system", metavar="TEXT", help="a system message before the question")
+    s.add_argument("--model", metavar="DIR",
+                   help="the base model (a folder or hub id; default: the version's lineage, else model.path)")
+    s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from trainerd.cli_root import config_path, load_settings, subcommand
 from trainerd.contract import ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none
 
@@ -94,10 +95,8 @@ def _render(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from trainerd.cli import _root
-
     try:
-        rows = collect_history(_root(args))
+        rows = collect_history(args.layout.root)
     except sqlite3.Error as e:
         print(f"trainerd history: the ledger cannot be read: {e}", file=sys.stderr)
         return ExitCode.FAIL
@@ -107,16 +106,16 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def _change(args: argparse.Namespace, op: str, arg: int) -> int:
     """Apply directly under the root's lock when no daemon runs, else ask the daemon."""
-    from trainerd.cli import _root
     from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
     from trainerd.supervisor.requests import submit, wait_answer
 
-    layout = RootLayout(_root(args))
+    layout = args.layout
     if not layout.db.exists():
-        print(f"trainerd {op}: no trainerd root at {layout.root}", file=sys.stderr)
-        return ExitCode.FAIL
+        print(f"trainerd {op}: no ledger at {layout.db} yet (no daemon has started on this root)", file=sys.stderr)
+        return ExitCode.NOINPUT
     try:
-        fd = take_root_lock(layout)
+        # Only the flock: a refused change leaves trainerd.pid (and everything else) as it was.
+        fd = take_root_lock(layout, write_pid=False)
     except AlreadyRunning:
         fd = None
     if fd is not None:
@@ -143,10 +142,9 @@ def _print_answer(op: str, ans: dict[str, Any]) -> None:
 
 def _configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
     """The config's settings (gc applies its retention keys) or the defaults, for this root."""
-    from trainerd.cli import _config_path, _load_settings
     from trainerd.config import Settings
 
-    settings = _load_settings(_config_path(args)) if _config_path(args) else Settings()
+    settings = load_settings(config_path(args)) if config_path(args) else Settings()
     settings.root = str(layout.root)
     return settings
 
@@ -154,11 +152,10 @@ def _configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
 def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
     """The base model of the config (``--config`` / $TRAINERD_CONFIG), for a rebase with no daemon."""
     from trainerd.basemodel import Watched
-    from trainerd.cli import _config_path, _load_settings
 
-    if not _config_path(args):
+    if not config_path(args):
         return None
-    return Watched(_load_settings(_config_path(args)).model.path).get()
+    return Watched(load_settings(config_path(args)).model.path).get()
 
 
 def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None, *,
@@ -212,12 +209,11 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Report where the ledger and the root's folders disagree; --repair fixes what it can."""
     from trainerd import logs
-    from trainerd.cli import _root
     from trainerd.ledger import Ledger
     from trainerd.supervisor import recovery
     from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
 
-    layout = RootLayout(_root(args))
+    layout = args.layout
     if not args.repair:
         check = recovery._check(layout.db) if layout.db.exists() else "no ledger"
         print(f"ledger    {layout.db}: {check}")
@@ -232,7 +228,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(recovery.dumps(findings) if args.json else recovery.describe(findings))
         return ExitCode.OK if not findings else ExitCode.FAIL
     try:
-        fd = take_root_lock(layout)
+        fd = take_root_lock(layout, write_pid=False)
     except AlreadyRunning as e:
         print(f"trainerd fsck --repair: {e}; stop it first (it repairs what it can at every start)", file=sys.stderr)
         return ExitCode.TEMPFAIL
@@ -253,22 +249,41 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("fsck", parents=[common], help="check the ledger against the root's folders")
+    wait = {"type": float, "default": 60.0, "metavar": "SECONDS",
+            "help": "seconds to wait for the daemon's answer (default 60); with no daemon it applies at once"}
+    s = subcommand(sub, "fsck", [common], cmd_fsck, help="check the ledger against the root's folders",
+                   description="Check the ledger against the root's folders (batches, adapters, done/, failed/) and "
+                   "report where they disagree; exit 1 when they do. --repair fixes what can be fixed, with no "
+                   "daemon running (the daemon repairs the same at every start).",
+                   examples=["trainerd fsck", "trainerd fsck --repair --json"])
     s.add_argument("--repair", action="store_true", help="fix what can be fixed (no daemon may run)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_fsck)
-    s = sub.add_parser("history", parents=[common], help="the adapter chain: versions, parents, figures, decisions")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_history)
-    s = sub.add_parser("promote", parents=[common], help="publish a rejected candidate anyway, as the next version")
-    s.add_argument("batch", type=int, help="the rejected batch's id")
-    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's answer (default 60)")
-    s.set_defaults(fn=cmd_promote)
-    s = sub.add_parser("rollback", parents=[common], help="publish a copy of an earlier version as the next version")
-    s.add_argument("version", type=int)
-    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's answer (default 60)")
-    s.set_defaults(fn=cmd_rollback)
-    s = sub.add_parser("rebase", parents=[common],
-                       help="start a new adapter chain on the configured base model (after changing model.path)")
-    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's answer (default 60)")
-    s.set_defaults(fn=cmd_rebase)
+    s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    s = subcommand(sub, "history", [common], cmd_history,
+                   help="the adapter chain: versions, parents, figures, decisions",
+                   description="The adapter chain, oldest first: every published version (blessed by the gate, "
+                   "forced by promote, or a rollback copy) with its parent, batch, steps, tokens and gate figures, "
+                   "and every candidate the gate rejected with the reason. Read-only.",
+                   examples=["trainerd history", "trainerd history --json | jq '.[-1]'"])
+    s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    s = subcommand(sub, "promote", [common], cmd_promote,
+                   help="publish a rejected candidate anyway, as the next version",
+                   description="Publish a candidate the evaluation gate rejected anyway, as the next version "
+                   "(recorded as forced). Asks the running daemon, or applies it under the root's lock when none "
+                   "runs; exit 1 when refused, 75 when the daemon has not answered in time.",
+                   examples=["trainerd promote 12"])
+    s.add_argument("batch", type=int, help="the rejected batch's id (trainerd status / history)")
+    s.add_argument("--wait", **wait)
+    s = subcommand(sub, "rollback", [common], cmd_rollback,
+                   help="publish a copy of an earlier version as the next version",
+                   description="Go back to an earlier adapter version: a copy of it is published as the next "
+                   "version (history is never rewritten), and the chain continues from it.",
+                   examples=["trainerd rollback 3"])
+    s.add_argument("version", type=int, help="the adapter version to go back to (trainerd history)")
+    s.add_argument("--wait", **wait)
+    s = subcommand(sub, "rebase", [common], cmd_rebase,
+                   help="start a new adapter chain on the configured base model (after changing model.path)",
+                   description="Start a new adapter chain on the configured base model, after model.path was "
+                   "pointed at another model (the queue is held until then): the next version has no parent "
+                   "adapter, and a batch begun on the old base starts again.",
+                   examples=["trainerd rebase --config /etc/trainerd/trainerd.yaml"])
+    s.add_argument("--wait", **wait)

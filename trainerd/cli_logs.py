@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from trainerd.contract import ExitCode, RootLayout
+from trainerd.cli_root import subcommand
+from trainerd.contract import ExitCode
 
 __all__ = ["add_commands", "follow", "wanted"]
 
@@ -128,17 +129,11 @@ def _decoded(f: IO[bytes]) -> Iterator[str]:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from trainerd.cli import _root
-
-    try:
-        path = RootLayout(_root(args)).log_file
-    except ValueError as e:  # config.ConfigError
-        print(f"trainerd logs: {e}", file=sys.stderr)
-        return ExitCode.CONFIG
+    path = args.layout.log_file
     p = _Printer(args, sys.stdout)
     if not path.exists() and not args.follow:
-        print(f"trainerd logs: no log at {path} (is the root right? use --root or --config)", file=sys.stderr)
-        return ExitCode.FAIL
+        print(f"trainerd logs: no log at {path} yet (log.file off, or the daemon has not started)", file=sys.stderr)
+        return ExitCode.NOINPUT
     try:
         f = open(path, "rb") if path.exists() else None  # noqa: SIM115 - follow() takes it over
         backlog = args.lines if args.lines is not None else (10 if args.follow else None)
@@ -160,12 +155,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("logs", parents=[common], help="the log for a terminal (structlog console); -f follows")
+    s = subcommand(sub, "logs", [common], cmd_logs, help="the log for a terminal (structlog console); -f follows",
+                   description="The daemon's JSON log (root/logs/trainerd.jsonl, its workers' lines included) "
+                   "rendered for a terminal, in colour when it is one. Filter by batch and level; -f follows like "
+                   "tail -F, across logrotate.",
+                   examples=["trainerd logs -f", "trainerd logs --batch 7 --level warning",
+                             "trainerd logs --json -n 100 | jq .event"])
     s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (survives logrotate)")
-    s.add_argument("--batch", type=int, help="only this batch's lines")
-    s.add_argument("--level", default="debug", choices=sorted(set(LEVELS) - {"warn", "exception"}),
-                   help="only lines at this level or above")
+    s.add_argument("--batch", type=int, metavar="N", help="only this batch's lines")
+    # "warn" and "exception" are accepted (the log's own aliases) without cluttering the list.
+    s.add_argument("--level", default="debug", choices=list(LEVELS), metavar="LEVEL", type=str.lower,
+                   help="only lines at this level or above: debug, info, warning (warn), error, critical "
+                        "(default debug)")
     s.add_argument("--json", action="store_true", help="print the JSON lines unchanged")
-    s.add_argument("-n", "--lines", type=int, default=None,
+    s.add_argument("-n", "--lines", type=int, default=None, metavar="N",
                    help="only the last N matching lines (with -f: default 10, then new ones)")
-    s.set_defaults(fn=cmd_logs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from trainerd.cli_root import subcommand
 from trainerd.fsutil import fmt_bytes
 
 __all__ = ["add_commands", "print_answer"]
@@ -45,13 +46,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("cancel", parents=[common],
-                       help="withdraw a queued batch, or stop a running one with a checkpoint and withdraw it")
+    wait = "seconds to wait for the daemon's answer (default 60); with no daemon it applies at once"
+    s = subcommand(sub, "cancel", [common], cmd_cancel,
+                   help="withdraw a queued batch, or stop a running one with a checkpoint and withdraw it",
+                   description="Withdraw a batch: a queued one at once, a running one after it checkpoints. Its "
+                   "original file goes to done/ (never deleted). Asks the running daemon, or applies it under the "
+                   "root's lock when none runs; exit 1 when refused (nothing to cancel), 75 when the daemon has "
+                   "not answered in time (the request stays and is carried out).",
+                   examples=["trainerd cancel 7", "trainerd cancel 7 --wait 300"])
     s.add_argument("batch", type=int, help="the batch's id (trainerd status)")
-    s.add_argument("--wait", type=float, default=60.0,
-                   help="seconds to wait for the daemon's answer (a running batch first checkpoints; default 60)")
-    s.set_defaults(fn=cmd_cancel)
-    s = sub.add_parser("gc", parents=[common], help="apply retention now (retention.* in the config)")
+    s.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help=wait.replace("(default 60)", "(a running batch first checkpoints; default 60)"))
+    s = subcommand(sub, "gc", [common], cmd_gc, help="apply retention now (retention.* in the config)",
+                   description="Apply the retention rules (retention.* in the config) now instead of at the "
+                   "daemon's next pass: old adapter versions, rejected candidates, finished batch folders. "
+                   "--dry-run lists what would go and what it frees, and removes nothing.",
+                   examples=["trainerd gc --dry-run", "trainerd gc --config /etc/trainerd/trainerd.yaml"])
     s.add_argument("--dry-run", action="store_true", help="show what would be removed and what it frees")
-    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's answer (default 60)")
-    s.set_defaults(fn=cmd_gc)
+    s.add_argument("--wait", type=float, default=60.0, metavar="SECONDS", help=wait)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from trainerd.modelref import resolve_setting
+
 __all__ = [
     "ConfigError",
     "Settings",
@@ -255,6 +257,14 @@ class MetricsSettings:
 
 
 @dataclass
+class CheckSettings:
+    # `trainerd check` and the metrics' trainerd_health (trainerd/health.py, docs/cli.md).
+    paused_warning_s: float = field(default=3600.0, metadata=_check("float", min=0.0))  # paused longer: WARNING
+    # A quarantined batch or a kernel OOM kill is reported this long after it happened.
+    window_s: float = field(default=3600.0, metadata=_check("float", min=1.0))
+
+
+@dataclass
 class LogSettings:
     level: str = field(default="info", metadata=_check("choice", choices=("debug", "info", "warning", "error")))
     file: bool = field(default=True, metadata=_check("bool"))
@@ -279,6 +289,7 @@ class Settings:
     publish: PublishSettings = field(default_factory=PublishSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)
 
 
 def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: list[str]) -> Any:
@@ -377,6 +388,7 @@ _SECTIONS = {
     "publish": PublishSettings,
     "retention": RetentionSettings,
     "metrics": MetricsSettings,
+    "check": CheckSettings,
 }
 
 
@@ -405,7 +417,7 @@ def from_dict(data: Any, *, source: str | None = None, base_dir: Path | None = N
         raise ConfigError(problems, source)
     if base_dir is not None:
         settings.root = str((base_dir / os.path.expanduser(settings.root)).resolve())
-        settings.model.path = str((base_dir / os.path.expanduser(settings.model.path)).resolve())
+        settings.model.path = resolve_setting(settings.model.path, base_dir)  # a folder, or a hub id
         hook = settings.publish.hook
         if hook and "/" in hook[0] and not os.path.isabs(os.path.expanduser(hook[0])):
             hook[0] = str((base_dir / hook[0]).resolve())  # a relative script path: next to the config

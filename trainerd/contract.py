@@ -41,8 +41,11 @@ class ExitCode(IntEnum):
     """Process exit codes (sysexits.h). An IntEnum: ``sys.exit`` of a str-Enum would exit 1."""
 
     OK = os.EX_OK                # worker: done; CLI: success
-    FAIL = 1                     # CLI: a general failure
+    FAIL = 1                     # CLI: a general failure (refused, not found, problems found)
+    USAGE = 2                    # CLI: bad arguments (argparse's own code)
     DATAERR = os.EX_DATAERR      # 65: the data is unusable (a file would be rejected)
+    NOINPUT = os.EX_NOINPUT      # 66: CLI: a named file, or the root, does not exist (or is not a root)
+    UNAVAILABLE = os.EX_UNAVAILABLE  # 69: CLI: something it needs cannot be had now (the model, its libraries)
     SOFTWARE = os.EX_SOFTWARE    # 70: the worker crashed with a Python exception
     TEMPFAIL = os.EX_TEMPFAIL    # 75: stopped, resumable (CLI: a daemon already runs)
     CONFIG = os.EX_CONFIG        # 78: the settings are unusable
@@ -197,7 +200,17 @@ class RootLayout:
         return self.inbox_high if p > 0 else self.inbox_low if p < 0 else self.inbox
 
     def looks_like_root(self) -> bool:
-        return self.db.exists() or self.inbox.is_dir()
+        return self.missing() is None
+
+    def missing(self) -> str | None:
+        """Why this folder is not a trainerd root, or None when it is one. A root holds the ledger
+        (``state.db``) or at least the inbox (a root made ready by scripts/install-service before
+        the daemon's first start); only ``trainerd run`` makes one."""
+        if not self.root.is_dir():
+            return "no such folder" if not self.root.exists() else "not a folder"
+        if self.db.exists() or self.inbox.is_dir():
+            return None
+        return "no ledger (state.db) and no inbox/ in it"
 
     def make(self) -> None:
         for d in (self.root, self.batches, self.adapters, self.done, self.failed, self.logs):

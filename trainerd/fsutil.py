@@ -23,6 +23,7 @@ __all__ = [
     "free_bytes",
     "fsync_dir",
     "fsync_tree",
+    "group_readable",
     "open_regular",
     "publish_dir",
     "read_json",
@@ -139,15 +140,35 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(dirpath)
 
 
+def group_readable(path: Path) -> None:
+    """Modes 0640 for every file and 0750 for every folder under ``path`` (and ``path`` itself):
+    what the daemon publishes is readable by its group (operators, a serving process) and by
+    nobody else, whatever library wrote it. safetensors' ``save_pretrained`` creates
+    ``adapter_model.safetensors`` 0600 whatever the umask; without this an operator in the group
+    reads trainerd.json but not the weights, and a vLLM server in the group cannot load them.
+    Symlinks are left alone (chmod would follow them)."""
+    os.chmod(path, 0o750)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            mode = os.lstat(p).st_mode
+            if stat.S_ISDIR(mode):
+                os.chmod(p, 0o750)
+            elif stat.S_ISREG(mode):
+                os.chmod(p, 0o640)
+
+
 def publish_dir(src_tmp: Path, dest: Path, *, replace: bool = False) -> None:
     """Make a fully written temporary directory visible as ``dest`` in one step.
 
-    Every file in it is fsynced, then it is renamed, then the parent is fsynced: a reader (or a
-    restart after a power cut) sees no ``dest`` or the whole of it, never half. ``replace``
-    removes an existing ``dest`` first (re-saving the same checkpoint step); without it an
-    existing ``dest`` fails the rename (versions are immutable; the caller raced itself).
+    Its modes are set (:func:`group_readable`), every file in it is fsynced, then it is renamed,
+    then the parent is fsynced: a reader (or a restart after a power cut) sees no ``dest`` or the
+    whole of it, never half. ``replace`` removes an existing ``dest`` first (re-saving the same
+    checkpoint step); without it an existing ``dest`` fails the rename (versions are immutable;
+    the caller raced itself).
     """
     src_tmp, dest = Path(src_tmp), Path(dest)
+    group_readable(src_tmp)
     fsync_tree(src_tmp)
     if replace and dest.exists():
         shutil.rmtree(dest)

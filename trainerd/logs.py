@@ -108,7 +108,9 @@ def configure(*, level: str = "info", fmt: str = "auto", file: str | os.PathLike
     logger.addHandler(out)
     if file is not None:
         Path(file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        # delay: the file is opened (created) at the first line, so a command that ends up
+        # logging nothing (a refused `trainerd cancel`) leaves the root as it found it.
+        fh = logging.handlers.WatchedFileHandler(file, encoding="utf-8", delay=True)
         fh.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _order, _json_renderer()],
             foreign_pre_chain=pre_chain))

@@ -21,6 +21,9 @@ Counters survive a restart because they are derived from the ledger, not counted
 - ``trainerd_guard_actions_total{action}``: the guard's stop / recycle / term / kill decisions on
   a running worker, counted by the daemon as it carries them out (the ledger's counters table,
   ``guard_actions:<action>``).
+- ``trainerd_health`` / ``trainerd_health_condition{condition}``: ``trainerd check``'s conditions
+  (trainerd/health.py) as the daemon sees them: 0 OK, 1 warning, 2 critical. ``daemon_down`` is
+  always 0 here (a down daemon writes nothing): alert on the file's age for that.
 
 No timestamps on samples (the textfile convention); the time figures are gauges holding Unix
 seconds. Never fatal: a failure to gather or write is logged once per kind and retried at the
@@ -39,8 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainerd import package_version
 from trainerd.contract import RootLayout, StopReason
 from trainerd.fsutil import read_json_or_none
+from trainerd.health import HealthWatch
 from trainerd.inbox import is_candidate_name
 from trainerd.states import BatchState
 
@@ -55,15 +60,6 @@ def textfile_path(settings: Any) -> Path | None:
     """Where the metrics go (``metrics.textfile`` relative to the root), or None when off."""
     name = settings.metrics.textfile
     return None if not name else Path(settings.root) / name
-
-
-def _build_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("trainerd")
-    except Exception:  # noqa: BLE001 - not installed (run from a checkout), or broken metadata
-        return "unknown"
 
 
 @dataclass
@@ -90,6 +86,7 @@ class Snapshot:
     adapter_version: int | None = None
     base_model: str = ""
     eval_losses: list[tuple[str, str, str, float]] = field(default_factory=list)  # set, kind, model, loss
+    health: list[tuple[str, int]] = field(default_factory=list)  # trainerd check's conditions: name, severity
 
 
 def restart_reason(outcome: str, reason: str | None) -> str:
@@ -107,7 +104,7 @@ class _Collector:
 
     def __init__(self) -> None:
         self.snap = Snapshot()
-        self.build = {"version": _build_version(), "python": platform.python_version()}
+        self.build = {"version": package_version(), "python": platform.python_version()}
 
     def collect(self) -> Any:
         from prometheus_client.core import (
@@ -169,6 +166,14 @@ class _Collector:
             info = InfoMetricFamily("trainerd_adapter", "The current adapter version and its base model")
             info.add_metric([], {"version": str(s.adapter_version), "base_model": s.base_model})
             yield info
+        yield GaugeMetricFamily("trainerd_health", "trainerd check's verdict from inside the daemon: 0 OK, "
+                                "1 warning, 2 critical (a stale file means the daemon is down)",
+                                value=max((v for _, v in s.health), default=0))
+        g = GaugeMetricFamily("trainerd_health_condition", "Each condition of trainerd check: 0 OK, 1 warning, "
+                              "2 critical", labels=["condition"])
+        for name, v in s.health:
+            g.add_metric([name], v)
+        yield g
         g = GaugeMetricFamily("trainerd_current_eval_loss", "The current version's gate figures: mean loss "
                               "per token on each set, of the candidate it was and the champion it beat",
                               labels=["set", "kind", "model"])
@@ -196,6 +201,7 @@ class Metrics:
         self._lineage: dict[str, Any] = {}
         self._last_attempt: tuple[Any, Path] | None = None  # the attempt seen running last, its progress.json
         self._checkpoint: tuple[float | None, float | None] | None = None  # (seconds, at); None: not looked
+        self._health = HealthWatch()
 
     # --- the daemon's one call ---------------------------------------------------------------
 
@@ -214,7 +220,7 @@ class Metrics:
         interval = daemon.settings.metrics.interval_s
         self.next_write = now + interval
         try:
-            self.collector.snap = self.gather(daemon)
+            self.collector.snap = self.gather(daemon, now)
             self._write(path, daemon.settings.metrics.group)
             self.writes += 1
         except (OSError, sqlite3.Error, ValueError) as e:
@@ -224,7 +230,7 @@ class Metrics:
 
     # --- gathering -----------------------------------------------------------------------------
 
-    def gather(self, daemon: Any) -> Snapshot:
+    def gather(self, daemon: Any, now: float | None = None) -> Snapshot:
         led, layout = daemon.ledger, daemon.layout
         s = Snapshot(batches=led.counts(), paused=daemon.paused, worker_running=daemon.running is not None,
                      kernel_oom_kills=led.counter("kernel_oom_kills"),
@@ -265,6 +271,8 @@ class Metrics:
         if latest is not None:
             s.publish_at = latest.created_at
         self._gather_current(layout, daemon.settings, s)
+        s.health = [(c.name, int(c.severity)) for c in
+                    self._health.conditions(daemon, time.time() if now is None else now)]
         return s
 
     def _note_checkpoint(self, progress: dict[str, Any]) -> None:

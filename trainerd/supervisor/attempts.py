@@ -29,6 +29,7 @@ from trainerd.contract import BatchFiles, ExitCode, RootLayout, lane_name
 from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
 from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
+from trainerd.modelref import local_dir
 from trainerd.states import ACTIVE_STATES, BatchState
 from trainerd.supervisor import forensics, hooks, policy
 from trainerd.supervisor import gate as gate_mod
@@ -160,7 +161,8 @@ class Attempts:
             # The guard logs the plan with its numbers (memory_plan_kept / _reduced / _does_not_fit).
             recorded = (read_json_or_none(files.precision) or {}).get("precision")
             precision = planning.expected_precision(self.settings.model.dtype, self.settings.model.device, recorded)
-            plan = self.guard.plan_micro_batch(Path(self.settings.model.path), self.settings.train, self.settings.lora,
+            model_dir = local_dir(self.settings.model.path) or Path(self.settings.model.path)  # a hub id: its snapshot
+            plan = self.guard.plan_micro_batch(model_dir, self.settings.train, self.settings.lora,
                                                precision=precision)
             batch = self.ledger.set_plan(batch.id, plan.micro_batch_size, plan.grad_accum_steps,
                                          plan.gradient_checkpointing, now)

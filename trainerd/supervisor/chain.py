@@ -20,7 +20,7 @@ import shutil
 from typing import Any
 
 from trainerd.contract import RootLayout
-from trainerd.fsutil import fsync_dir, fsync_tree
+from trainerd.fsutil import publish_dir
 from trainerd.ledger import AdapterVersion, Ledger
 from trainerd.replay import Store
 from trainerd.states import BatchState
@@ -136,9 +136,7 @@ class Chain:
                        "batch": v.batch_id, "created_at": v.created_at,
                        "source_lineage": str(src / "lineage.json")}
             write_lineage(tmp, lineage)
-            fsync_tree(tmp)
-            os.rename(tmp, dest)
-            fsync_dir(self.layout.adapters)
+            publish_dir(tmp, dest)  # group-readable even when the source predates that rule
         self.attempts.filing.switch_current()
 
 

@@ -19,6 +19,7 @@ import torch
 
 from trainerd.config import Settings
 from trainerd.fsutil import atomic_write_json, read_json
+from trainerd.modelref import hub_cache, is_hub_id, local_dir
 from trainerd.planning import CPU_BF16_FLAGS, PRECISIONS, cpu_flags
 
 __all__ = ["BFLOAT16", "FLOAT32", "ConfigProblem", "Loaded", "Precision", "auto_precision", "batch_precision", "build_peft",
@@ -175,9 +176,12 @@ def load(settings: Settings, log: Any) -> Loaded:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mp = Path(settings.model.path)
-    if not (mp / "config.json").is_file():
-        raise ConfigProblem(f"model.path: no model folder at {mp} (run scripts/fetch-model?)")
+    mp = local_dir(settings.model.path)
+    if is_hub_id(settings.model.path) and mp is None:  # not fetched by `trainerd run`: a worker never downloads
+        raise ConfigProblem(f"model.path: {settings.model.path} is not in the Hugging Face cache at {hub_cache()} "
+                            "(`trainerd run` fetches it at its start)")
+    if mp is None or not (mp / "config.json").is_file():
+        raise ConfigProblem(f"model.path: no model folder at {settings.model.path} (run scripts/fetch-model?)")
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
     device = pick_device(settings)
