@@ -178,7 +178,7 @@ def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] 
     settings = settings or Settings(root=str(layout.root))
     led = Ledger(layout.db)
     try:
-        filing = Filing(layout, led, log)
+        filing = Filing(layout, led, log, settings_of=lambda: settings)
         attempts = Attempts(layout, led, filing, log, settings=settings, guard=None, worker_cmd=[], env=None)
         try:
             desk = Desk(layout, led, attempts, Chain(layout, led, attempts, log), log,

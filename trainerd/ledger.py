@@ -290,7 +290,7 @@ class Ledger:
         with self.transaction() as db:
             self._end_attempt(db, batch_id, attempt, now)
             b = self._get(db, batch_id)
-            version = self._reserve(db, batch_id, b.parent_version, "blessed", path_for, now)
+            version = self._reserve(db, batch_id, b.parent_version, decision, path_for, now)
             return self._decide(db, batch_id, BatchState.RUNNING, now, adapter_version=version,
                                 last_reason="done", next_attempt_at=0, decision=decision, gate_json=gate_json)
 
@@ -336,8 +336,10 @@ class Ledger:
 
     def restore_batch(self, row: dict[str, Any]) -> Batch:
         """Insert or replace a batch row from its manifest (the same columns as :class:`Batch`)."""
-        cols = [f.name for f in dataclasses.fields(Batch)]
-        vals = [row.get(c) for c in cols]
+        fields = dataclasses.fields(Batch)
+        cols = [f.name for f in fields]
+        # A manifest written before a column existed: that column's default (NOT NULL ones too).
+        vals = [row.get(f.name, None if f.default is dataclasses.MISSING else f.default) for f in fields]
         vals[cols.index("state")] = BatchState(row["state"]).value
         if row.get("gradient_checkpointing") is not None:
             vals[cols.index("gradient_checkpointing")] = int(bool(row["gradient_checkpointing"]))
