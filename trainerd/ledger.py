@@ -282,7 +282,7 @@ class Ledger:
 
     def decide_done(self, batch_id: int, path_for: Callable[[int], Path], now: float, *,
                     attempt: AttemptRecord | None = None, decision: str = "blessed",
-                    gate_json: str | None = None) -> Batch:
+                    gate_json: str | None = None, reason: str = "done") -> Batch:
         """Reserve the next adapter version for a RUNNING batch (its ``adapter_version``).
 
         ``path_for(version)`` gives the folder the version will live in.
@@ -292,7 +292,7 @@ class Ledger:
             b = self._get(db, batch_id)
             version = self._reserve(db, batch_id, b.parent_version, decision, path_for, now)
             return self._decide(db, batch_id, BatchState.RUNNING, now, adapter_version=version,
-                                last_reason="done", next_attempt_at=0, decision=decision, gate_json=gate_json)
+                                last_reason=reason, next_attempt_at=0, decision=decision, gate_json=gate_json)
 
     def decide_rejected(self, batch_id: int, reason: str, gate_json: str, now: float, *,
                         attempt: AttemptRecord | None = None) -> Batch:

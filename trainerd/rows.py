@@ -84,6 +84,7 @@ class BatchSummary(NamedTuple):
     grad_accum_steps: int | None
     finished_at: float | None
     decision: str | None
+    heals: int
 
     @classmethod
     def columns(cls) -> str:

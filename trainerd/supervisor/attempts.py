@@ -275,16 +275,18 @@ class Attempts:
         if end.gate is not None and (v.action is policy.Action.HEAL or batch.heals):
             heal.record_try(files, batch.heals, end.gate, end.result)  # before the ledger moves on
         if v.action is policy.Action.PUBLISH:
-            decision = "ungated" if end.gate is not None and not end.gate.gated else "blessed"
+            ungated = end.gate is not None and not end.gate.gated
             batch = self.ledger.decide_done(batch.id, self.layout.adapter_dir, now, attempt=record,
-                                            decision=decision, gate_json=gate_json)
+                                            decision="ungated" if ungated else "blessed", gate_json=gate_json,
+                                            reason=end.gate.note if ungated and end.gate.note else "done")
             batch = self.end(batch, now)  # RUNNING -> DONE
             log.info("adapter_published", version=batch.adapter_version,
                      path=str(self.layout.adapter_dir(batch.adapter_version)), file=batch.name,
                      parent_version=batch.parent_version, **(end.gate.log_fields() if end.gate else {}))
             return batch
         if v.action is policy.Action.REJECT:
-            reason = heal.rejection_reason(files, v.batch_reason, batch.heals)
+            reason = heal.rejection_reason(files, v.batch_reason, batch.heals,
+                                           end.gate.targets if end.gate is not None else ())
             batch = self.ledger.decide_rejected(batch.id, reason, gate_json, now, attempt=record)
             return self.end(batch, now)  # RUNNING -> REJECTED
         if v.action is policy.Action.FAIL:

@@ -70,7 +70,7 @@ class GateDecision:
     verdict: str = "blessed"              # blessed | ungated | refused
     new: dict[str, Any] | None = None     # the new set's check (evidence.Bound + name, kind)
     history: dict[str, Any] | None = None  # pooled check, groups, regressed groups, worst group
-    targets: tuple[int, ...] = ()         # batches a healing try rehearses (refused on history only)
+    targets: tuple[int, ...] = ()         # the batches history regressed on (worst first): what a healing try rehearses
     healable: bool = False
 
     @property
@@ -243,4 +243,4 @@ def judge(eval_result: dict[str, Any] | None, gate: GateSettings, *, last_loss: 
     return GateDecision(blessed=would or not gate.enabled, rule=rule, sets=tuple(_summaries(sets, gate, failed_sets)),
                         enabled=gate.enabled, would_bless=would, note=note, thresholds=thresholds,
                         verdict=verdict if gate.enabled else "ungated", new=new_dict, history=history,
-                        targets=targets if healable else (), healable=healable)
+                        targets=targets, healable=healable)

@@ -67,15 +67,14 @@ def prepare(files: BatchFiles, batch: Batch, fraction: float, log: Any) -> bool:
     return True
 
 
-def rejection_reason(files: BatchFiles, reason: str, heals: int) -> str:
-    """The final rejection after healing tries: what failed last, and which batch it conflicts
-    with (the one its tries kept regressing on) when the last try failed on something else."""
+def rejection_reason(files: BatchFiles, reason: str, heals: int, last_targets: tuple[int, ...] = ()) -> str:
+    """The final rejection after healing tries: what failed last, and the batch it conflicts with
+    (the last try's worst regression; else the one its tries rehearsed most) unless named already."""
     if heals <= 0:
         return reason
-    named = [t for tr in tries(files) for t in (tr.get("targets") or [])]
     out = f"{reason} (after {heals} healing tr{'y' if heals == 1 else 'ies'})"
-    if named:
-        top = max(set(named), key=named.count)
-        if f"batch {top:06d}" not in reason:
-            out += f"; it conflicts with batch {top:06d}: rehearsing that batch's lines did not keep both"
+    named = [t for tr in tries(files) for t in (tr.get("targets") or [])]
+    top = last_targets[0] if last_targets else (max(sorted(set(named)), key=named.count) if named else None)
+    if top is not None and f"batch {top:06d}" not in reason:
+        out += f"; it conflicts with batch {top:06d}: rehearsing that batch's lines did not keep both"
     return out
