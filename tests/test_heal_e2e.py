@@ -48,12 +48,15 @@ def trainerd(root: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_a_contradiction_ends_rejected_and_forgetting_is_healed(daemon_factory):
-    """Batch 2 contradicts batch 1 (the same questions, another answer): healed twice, still
-    refused, rejected naming batch 1. Batch 3 (another topic, no replay) forgets batch 1: refused,
+def test_a_conflict_ends_rejected_and_forgetting_is_healed(daemon_factory):
+    """Batch 2 answers batch 1's questions otherwise, with a healing budget too small to keep both
+    (gate.heal_replay 0.02): refused, healed twice, still refused, rejected naming batch 1. After a
+    reload to the default budget, batch 3 (another topic, no replay) forgets batch 1: refused,
     trained again from the same champion with batch 1's lines replayed, published; its lineage,
-    history and status show the two tries."""
-    d = daemon_factory(**TRAIN).start()
+    history and status show the two tries. (The tiny model learns answers as token frequencies,
+    not facts: whether a real contradiction can be healed is measured on SmolLM2 in
+    benchmarks/continual.py.)"""
+    d = daemon_factory(**TRAIN, gate={"heal_replay": 0.02}).start()
     d.drop("a.jsonl", sky("red"))
     assert finished(d, "a.jsonl") == "done"
     d.drop("b.jsonl", sky("blue"))
@@ -61,11 +64,16 @@ def test_a_contradiction_ends_rejected_and_forgetting_is_healed(daemon_factory):
     b = d.batch("b.jsonl")
     assert "batch 000001" in b["reason"] and "after 2 healing tries" in b["reason"], b["reason"]
     assert len([e for e in d.events("batch_healing") if e["file"] == "b.jsonl"]) == 2
-    assert [t["verdict"] for t in json.loads((d.root / "batches" / "000002" / "tries.json").read_text())["tries"]] \
-        == ["refused"] * 3
+    tries = json.loads((d.root / "batches" / "000002" / "tries.json").read_text())["tries"]
+    assert [t["verdict"] for t in tries] == ["refused"] * 3 and all(t["targets"] == [1] for t in tries)
     last = d.status()["last_decision"]
     assert last["decision"] == "rejected" and last["heals"] == 2
+    assert "2 healing tries did not heal it" in trainerd(d.root, "history").stdout
 
+    d.config_data["gate"]["heal_replay"] = 0.25
+    d.config.write_text(json.dumps(d.config_data))
+    d.send(signal.SIGHUP)
+    d.wait_for(lambda: d.events("config_reloaded"))
     d.drop("c.jsonl", fruit("sweet"))
     assert finished(d, "c.jsonl") == "done"
     healing = [e for e in d.events("batch_healing") if e["file"] == "c.jsonl"]

@@ -74,7 +74,9 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
         new, worst = _gate_summary(json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None)
         gate = json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None
         heals = b.heals if b and v.kind != "rollback" else 0
-        rows.append({"version": v.n, "kind": v.kind, "parent": v.parent, "rollback_of": v.source,
+        # An ungated publish is a version of kind blessed in the ledger: the table says ungated.
+        kind = "ungated" if v.kind == "blessed" and b is not None and b.decision == "ungated" else v.kind
+        rows.append({"version": v.n, "kind": kind, "parent": v.parent, "rollback_of": v.source,
                      "batch": v.batch_id, "file": b.name if b else None, "steps": lin.get("steps"),
                      "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
                      "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),

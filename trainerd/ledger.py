@@ -153,8 +153,12 @@ class Ledger:
     def summaries(self) -> list[BatchSummary]:
         """Every batch, oldest first, as the light tuples ``trainerd status`` reads."""
         make, states = BatchSummary._make, {s.value: s for s in BatchState}
+        # A reader newer than the daemon writing the ledger (upgraded, not yet restarted): a column
+        # the older schema lacks reads as its default.
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
+        cols = ", ".join(c if c in have else f"0 AS {c}" for c in BatchSummary._fields)
         return [make((r[0], r[1], states[r[2]], *r[3:])) for r in self.db.execute(
-            f"SELECT {BatchSummary.columns()} FROM batches ORDER BY id")]
+            f"SELECT {cols} FROM batches ORDER BY id")]
 
     def next_queued(self) -> Batch | None:
         """The head of the queue, whether or not its back-off has expired: a batch that has
@@ -290,7 +294,7 @@ class Ledger:
         with self.transaction() as db:
             self._end_attempt(db, batch_id, attempt, now)
             b = self._get(db, batch_id)
-            version = self._reserve(db, batch_id, b.parent_version, decision, path_for, now)
+            version = self._reserve(db, batch_id, b.parent_version, "blessed", path_for, now)
             return self._decide(db, batch_id, BatchState.RUNNING, now, adapter_version=version,
                                 last_reason=reason, next_attempt_at=0, decision=decision, gate_json=gate_json)
 

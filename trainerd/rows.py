@@ -123,7 +123,7 @@ class AdapterVersion:
     path: str
     created_at: float
     parent: int | None = None   # the version its weights were trained from; None: the base model
-    kind: str = "blessed"       # blessed | ungated | forced | rollback
+    kind: str = "blessed"       # blessed (the gate's publish, blessed or ungated: see its batch) | forced | rollback
     source: int | None = None   # rollback: the version it copies
     removed_at: float | None = None  # retention deleted its folder (the row stays: history, numbering)
 

@@ -117,7 +117,7 @@ class Chain:
         self.publish_rollback(v)
         # The versions after ``source`` made the adapter worse: their lines are not replayed again.
         abandoned = [av.batch_id for av in self.ledger.adapter_versions()
-                     if source < av.n < v.n and av.kind in ("blessed", "ungated", "forced")]
+                     if source < av.n < v.n and av.kind in ("blessed", "forced")]
         Store.open(self.layout.replay).abandon(abandoned)
         abandon_sets(self.layout, abandoned, self.attempts.filing.eval_settings, self.log)
         self.log.warning("adapter_rolled_back", version=v.n, rollback_of=source, previous_version=latest.n)

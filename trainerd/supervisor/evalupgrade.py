@@ -41,7 +41,7 @@ def rolled_back(ledger: Ledger) -> set[int]:
     for v in versions:
         if v.kind == "rollback" and v.source is not None:
             out |= {av.batch_id for av in versions
-                    if v.source < av.n < v.n and av.kind in ("blessed", "ungated", "forced")}
+                    if v.source < av.n < v.n and av.kind in ("blessed", "forced")}
     return out
 
 

@@ -80,15 +80,16 @@ class Evaluator:
                           autocast_dtype=self.autocast, path=self.path)
 
 
-def figures(examples: list[Example], losses: list[tuple[float, int]], *, reused: str | None = None) -> dict[str, Any]:
-    """A set's figures for one model: token-weighted mean loss, and per example."""
+def figures(examples: list[Example], losses: list[tuple[float, int]], *, paired: bool = False) -> dict[str, Any]:
+    """A set's figures for one model: token-weighted mean loss, and per example. ``paired``: the
+    champion's, in the candidate's order (what identifies each example is said once, there)."""
     total = sum(s for s, _ in losses)
     tokens = sum(c for _, c in losses)
     mean = total / tokens if tokens else float("nan")
-    return {"mean_loss": mean, "tokens": tokens, "examples": len(losses), "reused_from": reused,
-            "per_example": [{"hash": e.hash, "loss_sum": s, "tokens": c, "len": e.tokens,
-                             **({"batch": e.batch} if e.batch is not None else {})}
-                            for e, (s, c) in zip(examples, losses)]}
+    per = ([{"loss_sum": s, "tokens": c} for s, c in losses] if paired else
+           [{"hash": e.hash, "loss_sum": s, "tokens": c, "len": e.tokens, **({"batch": e.batch} if e.batch is not None else {})}
+            for e, (s, c) in zip(examples, losses)])
+    return {"mean_loss": mean, "tokens": tokens, "examples": len(losses), "per_example": per}
 
 
 def _measured(lineage: dict[str, Any] | None, seq_len: int, precision: str) -> dict[str, tuple[float, int]]:
@@ -134,7 +135,7 @@ def dumps(obj: Any) -> str:
 def _result(s: EvalSet, cand: list[tuple[float, int]], champ: list[tuple[float, int]], reused: int) -> dict[str, Any]:
     out = {"name": s.ref.name, "kind": s.ref.kind, "batch": s.ref.batch, "path": s.ref.path,
            "sha256": s.sha256, "distinct": len(s.examples), "used": len(s.chosen),
-           "candidate": figures(s.chosen, cand), "champion": figures(s.chosen, champ),
+           "candidate": figures(s.chosen, cand), "champion": figures(s.chosen, champ, paired=True),
            "champion_reused": reused}
     if s.memory is not None:
         out["memory"] = {k: s.memory.get(k) for k in ("version", "sha256", "examples", "batches", "tokens")}
@@ -153,6 +154,7 @@ def evaluate_candidate(model: Any, loaded: Any, stopper: Any, files: BatchFiles,
     sets = load_sets(files, settings, split, encoder, log)
     budget = int(min(ev.max_tokens, ev.max_fraction * train_tokens))
     allocate(sets, budget // 2)
+    prepare_s = time.monotonic() - t0
     chosen = [s for s in sets if s.chosen]
     memory = next((s for s in chosen if s.ref.kind == "memory"), None)
     log.info("evaluation_started", sets=len(chosen), examples=sum(len(s.chosen) for s in chosen),
@@ -160,7 +162,7 @@ def evaluate_candidate(model: Any, loaded: Any, stopper: Any, files: BatchFiles,
              memory_version=memory.memory["version"] if memory else None,
              subsampled_sets=sum(1 for s in chosen if len(s.chosen) < len(s.examples)),
              skipped_sets=sum(1 for s in sets if not s.chosen), budget_tokens=budget,
-             champion=str(champion) if champion else "base")
+             champion=str(champion) if champion else "base", prepare_s=round(prepare_s, 3))
     if not chosen:
         log.info("evaluation_has_no_set", reason="no new set, no memory, no suite: the gate can only check for NaN/inf")
     evaluator = Evaluator(model, loaded, stopper, batch_size=ev.batch_size, pad_id=loaded.tokenizer.pad_token_id,
@@ -178,7 +180,8 @@ def evaluate_candidate(model: Any, loaded: Any, stopper: Any, files: BatchFiles,
     out = {"version": EVAL_VERSION, "champion": {"path": str(champion) if champion else None,
                                                  "reused_examples": len(reused), "measured_examples": len(missing)},
            "budget_tokens": budget, "train_tokens": train_tokens, "batch_size": ev.batch_size,
-           "seconds": round(time.monotonic() - t0, 3), "skipped_sets": sum(1 for s in sets if not s.chosen),
+           "seconds": round(time.monotonic() - t0, 3), "prepare_s": round(prepare_s, 3),
+           "skipped_sets": sum(1 for s in sets if not s.chosen),
            "sets": results, "written_at": time.time()}
     out["measurements"] = measurements(chosen, results, seq_len, precision.name)
     out["precision"] = precision.name

@@ -28,6 +28,7 @@ import heapq
 import json
 import math
 import os
+import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,7 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
     """Validate, split and freeze (see the module docstring). Returns the line report; when it
     is ``rejected`` nothing is frozen and errors.jsonl names the bad lines."""
     d, ev = settings.data, settings.eval
+    t0 = time.monotonic()
     local = _frozen_set_hashes(files, d.max_line_bytes, log)
     report = ScanReport(path=str(files.data))
     tmp_errors = files.dir / ".errors.jsonl.first-pass"
@@ -327,7 +329,7 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
     atomic_write_json(files.split, split)
     log.info("data_split", lines=report.lines, good=report.good, bad=report.bad, distinct=n_distinct,
              heldout=len(heldout), heldout_lines=heldout_lines, excluded_lines=excluded_lines, own_lines=own,
-             new_set=new_set, new_set_kind=kind,
+             new_set=new_set, new_set_kind=kind, split_s=round(time.monotonic() - t0, 3),
              **({"note": "one distinct content: nothing to hold out; judged on its own lines (seen)"} if seen else {}))
     return report
 
