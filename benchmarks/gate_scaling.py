@@ -118,6 +118,17 @@ class Timed:
             self.seconds.append(time.perf_counter() - t0)
 
 
+def _eval_side() -> tuple[Timed, Timed]:
+    """The evaluation's own share of the start and of the publish: freezing the inputs, and the
+    memory's next version (module functions, wrapped where the supervisor calls them)."""
+    from trainerd.supervisor import attempts, filing
+
+    return Timed(attempts, "freeze_inputs"), Timed(filing, "store_new_set")
+
+
+EVAL_SIDE = _eval_side()
+
+
 class Chain:
     """One root with its supervisor open in this process."""
 
@@ -131,6 +142,7 @@ class Chain:
         self.open_s = time.perf_counter() - t0
         self.start = Timed(self.sup.attempts, "start")
         self.publish = Timed(self.sup.filing, "finish_done")
+        self.freeze, self.store = EVAL_SIDE  # shared by both chains: their batches run one at a time
         self.rows: list[dict[str, Any]] = []
 
     def one_batch(self, k: int) -> dict[str, Any]:
@@ -138,7 +150,7 @@ class Chain:
         tmp = inbox / f".new{k}.part"
         tmp.write_text("".join(LINE.format(i=i, b=f"new{k}", w="maybe") + "\n" for i in range(120)))
         os.rename(tmp, inbox / f"new{k}.jsonl")
-        starts, pubs = len(self.start.seconds), len(self.publish.seconds)
+        starts, pubs, freezes, stores = (len(t.seconds) for t in (self.start, self.publish, self.freeze, self.store))
         deadline = time.monotonic() + 600
         while len(self.publish.seconds) == pubs or self.sup.running is not None:
             assert time.monotonic() < deadline, "the batch did not finish in 10 minutes"
@@ -155,6 +167,7 @@ class Chain:
                        if e.get("batch") == batch.id and e.get("root") == self.layout.root.name)
         sizes = {p.name: p.stat().st_size for p in files.dir.iterdir() if p.is_file()}
         row = {"batch": batch.id, "start_s": self.start.seconds[starts], "publish_s": self.publish.seconds[pubs],
+               "freeze_s": self.freeze.seconds[freezes], "memory_update_s": self.store.seconds[stores],
                "split_s": split_s, "prepare_s": ev["prepare_s"], "eval_s": ev["seconds"],
                "memory_examples": next((s["used"] for s in ev["sets"] if s["kind"] == "memory"), 0),
                "bytes": {k: sizes.get(k) for k in ("split.json", "evalsets.json", "eval.json")},
@@ -203,17 +216,20 @@ def main() -> int:
         for k in range(a.rounds):
             for n, c in chains.items():
                 r = c.one_batch(k)
-                print(f"  N = {n:>6} batch {r['batch']}: start {r['start_s'] * 1e3:.0f} ms, split {r['split_s'] * 1e3:.0f} ms, "
+                print(f"  N = {n:>6} batch {r['batch']}: start {r['start_s'] * 1e3:.0f} ms (freezing the inputs "
+                      f"{r['freeze_s'] * 1e3:.0f} ms), split {r['split_s'] * 1e3:.0f} ms, "
                       f"eval prepare {r['prepare_s'] * 1e3:.0f} ms (memory {r['memory_examples']} examples), "
-                      f"publish {r['publish_s'] * 1e3:.0f} ms, folder {r['folder_bytes']} B {r['bytes']}", flush=True)
+                      f"publish {r['publish_s'] * 1e3:.0f} ms (the memory's next version {r['memory_update_s'] * 1e3:.0f} ms), "
+                      f"folder {r['folder_bytes']} B {r['bytes']}", flush=True)
         for c in chains.values():
             c.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         LOG.unlink(missing_ok=True)
     small, large = a.n
-    med = {n: {k: statistics.median(r[k] for r in c.rows) for k in ("start_s", "split_s", "prepare_s", "publish_s",
-                                                                       "eval_s", "folder_bytes")}
+    med = {n: {k: statistics.median(r[k] for r in c.rows)
+               for k in ("start_s", "freeze_s", "split_s", "prepare_s", "eval_s", "publish_s", "memory_update_s",
+                         "folder_bytes")}
            for n, c in chains.items()}
     ratios = {k: med[large][k] / med[small][k] for k in med[small] if med[small][k]}
     out = {"cpu": cpu_name(), "n": a.n, "rounds": a.rounds, "set_lines": a.set_lines,

@@ -16,7 +16,7 @@ from trainerd.contract import BatchFiles
 from trainerd.evalmemory import EvalMemory
 from trainerd.lines import RawLine, content_hash, iter_lines, parse_line
 from trainerd.worker.data import BlockStream, Encoder, TrainSource
-from trainerd.worker.split import first_split, holdout_count, load_split
+from trainerd.worker.split import choose_holdout, first_split, holdout_count, load_split
 
 from support.log import ListLog
 
@@ -69,6 +69,35 @@ def test_a_few_distinct_contents_still_hold_one_out(tmp_path):
     split = load_split(files)
     assert split.distinct == 6 and len(split.heldout) == 1 and split.heldout_lines == 40
     assert split.own_lines == 200 and split.new_set == "holdout.jsonl" and split.new_set_kind == "new"
+
+
+def test_a_fact_among_general_text_still_has_a_question_held_out(tmp_path):
+    """Eight questions of a fact written four times each among sixteen lines of text written once:
+    the holdout takes from both kinds (a question and a line of text), not from the text alone."""
+    text = [json.dumps({"text": f"general line {i} about nothing"}) for i in range(16)]
+    files = _batch(tmp_path, [_line(i) for i in range(8)] * 4 + text)
+    first_split(files, _settings(), ListLog())
+    split = load_split(files)
+    questions = {_hash(_line(i)) for i in range(8)}
+    assert len(split.heldout) == 2 and len(set(split.heldout) & questions) == 1
+    assert split.heldout_lines == 4 + 1 and split.own_lines == 48 - 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(repeated=st.integers(min_value=0, max_value=60), once=st.integers(min_value=0, max_value=60))
+def test_the_holdout_takes_from_repeated_and_single_contents_alike(repeated, once):
+    """Whatever the mix: the overall floor and bound hold, something repeated is held out once there
+    are two repeated contents, and the held-out ones are the smallest hashes of their kind."""
+    counts = {f"{i:064x}": [i, 3] for i in range(1, repeated + 1)}
+    counts.update({f"{i:064x}": [i, 1] for i in range(1000, 1000 + once)})
+    ev = EvalSettings()
+    held = choose_holdout(counts, ev)
+    n = repeated + once
+    assert len(held) == len(set(held)) <= max(0, n - 1) and len(held) <= ev.holdout_max
+    assert (len(held) >= 1) == (n >= 2)
+    rep = [h for h in held if counts[h][1] >= 2]
+    assert (len(rep) >= 1) == (repeated >= 2)
+    assert rep == sorted(h for h in counts if counts[h][1] >= 2)[:len(rep)]
 
 
 def test_one_distinct_content_is_judged_on_its_own_lines_as_seen(tmp_path):

@@ -154,7 +154,7 @@ class Supervisor:
         self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
-        upgrade_root(self.layout, self.ledger, self.settings, self.log)  # issue 17: the evaluation memory
+        upgrade_root(self.layout, self.ledger, self.settings, self.log, self.notifier)  # issue 17: the memory
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
 

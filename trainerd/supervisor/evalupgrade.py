@@ -45,8 +45,9 @@ def rolled_back(ledger: Ledger) -> set[int]:
     return out
 
 
-def upgrade_root(layout: RootLayout, ledger: Ledger, settings: Settings, log: Any) -> None:
-    """Build the evaluation memory from the kept sets, once (module docstring)."""
+def upgrade_root(layout: RootLayout, ledger: Ledger, settings: Settings, log: Any, notifier: Any = None) -> None:
+    """Build the evaluation memory from the kept sets, once (module docstring). Before READY: a
+    root with 10,000 sets takes a minute or more, so systemd is asked for the time as it goes."""
     with EvalMemory.open(layout.evalsets) as mem:
         if mem.migrated():
             return
@@ -54,7 +55,11 @@ def upgrade_root(layout: RootLayout, ledger: Ledger, settings: Settings, log: An
             if (layout.evalsets / "batches").is_dir() else []
         examples = 0
         with mem.bulk():
-            for b, path in kept:
+            for i, (b, path) in enumerate(kept):
+                if i % 500 == 0 and i:
+                    if notifier is not None:
+                        notifier.extend_timeout(120)
+                    log.info("eval_memory_migrating", sets_done=i, sets=len(kept))
                 files = layout.batch(b)
                 seen = (read_json_or_none(files.split) or {}).get("new_set_kind") == "seen"
                 examples += mem.add_batch(b, seen=seen, tokens=measured_tokens(files), now=os.stat(path).st_mtime)

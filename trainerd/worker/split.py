@@ -5,12 +5,14 @@ One streamed read of ``data.jsonl`` (bounded memory whatever its size):
 - every line is validated (the same rules and verdict as ``trainerd validate``); a file that
   must be rejected is rejected here, in a fraction of a second instead of after the imports;
 - the batch's *distinct* good contents are split by a hash of their content
-  (:func:`trainerd.lines.content_hash`): the ``k`` smallest hashes are held out for evaluation
+  (:func:`trainerd.lines.content_hash`): ``k`` of them are held out for evaluation
   (:func:`holdout_count`: ``eval.holdout_fraction`` of them, at least ``eval.holdout_min`` once
-  there are two, at most ``eval.holdout_max``, never all). So the split depends neither on the
-  order of the lines nor on the file's name, and every copy of a line goes the same way. A file
-  with one distinct content holds nothing out: it is judged on that content, trained, as its
-  *seen* set, and every decision says so;
+  there are two, at most ``eval.holdout_max``, never all), the smallest hashes, taken alike from
+  the contents written more than once and from those written once (:func:`choose_holdout`: a
+  fact taught through a few questions repeated many times, among general text, still has a
+  question held out). So the split depends neither on the order of the lines nor on the file's
+  name, and every copy of a line goes the same way. A file with one distinct content holds
+  nothing out: it is judged on that content, trained, as its *seen* set, and every decision says so;
 - a content that any published batch held out (the shared index, trainerd/evalmemory.py), or
   that a standing suite or this batch's own eval file holds, is excluded from training: what
   trainerd evaluates on, it never trains on. A lookup, not a copy: the folder records only the
@@ -92,12 +94,26 @@ def holdout_count(n_distinct: int, ev: EvalSettings) -> int:
     return max(0, min(k, ev.holdout_max, n_distinct - 1))
 
 
-def _exact_up_to(ev: EvalSettings) -> int:
-    """Beyond this many distinct contents the holdout is holdout_max whatever the exact number,
-    so the distinct set need not be kept: memory stays bounded."""
-    if ev.holdout_fraction <= 0:
-        return max(2, ev.holdout_min + 1)
-    return max(2, ev.holdout_min + 1, math.ceil(ev.holdout_max / ev.holdout_fraction)) + 1
+# Up to this many distinct contents each is counted (first offset, copies: ~250 bytes each) and
+# the holdout is taken from the repeated and the single ones alike; beyond it, the smallest
+# hashes of all (a uniform sample; a file that large holds holdout_max out anyway).
+EXACT_DISTINCT = 20_000
+
+
+def choose_holdout(counts: dict[str, list[int]], ev: EvalSettings) -> list[str]:
+    """The held-out contents of a file whose distinct contents are all counted (``counts``: hash ->
+    [first offset, copies]): ``holdout_count`` of them, of which ``holdout_count`` of the repeated
+    ones and the rest from the ones written once (all but one of them at most); one written once
+    where that leaves none. The smallest hashes of each kind."""
+    by_hash = lambda hs: sorted(hs, key=lambda h: int(h, 16))  # noqa: E731
+    repeated = by_hash(h for h, (_, n) in counts.items() if n >= 2)
+    once = by_hash(h for h, (_, n) in counts.items() if n < 2)
+    k = holdout_count(len(counts), ev)
+    k_rep = min(holdout_count(len(repeated), ev), k)
+    k_once = min(k - k_rep, max(len(once) - 1, 0))
+    if k and not k_rep and not k_once and once:
+        k_once = 1  # one repeated content and one written once: the repeated one is the lesson
+    return repeated[:k_rep] + once[:k_once]
 
 
 def read_evalsets(files: BatchFiles) -> list[EvalSetRef]:
@@ -275,9 +291,8 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
                 local |= _scan_eval_file(files, settings, report, errf)
             excluder = _Excluder(local, index)
             smallest = _Smallest(0 if has_eval_file else max(ev.holdout_max, 1))
-            distinct: set[str] | None = set()
+            counts: dict[str, list[int]] | None = {}  # hash -> [first offset, copies], while bounded
             prefixes = array("Q")  # 8 bytes a line: "never the batch's own lines twice" in the draw
-            exact_up_to = _exact_up_to(ev)
             excluded_lines = 0
             with open_regular(files.data) as f:
                 for raw, h, excluded in _chunked(_good_lines(f, report, errf, d.max_line_bytes,
@@ -287,10 +302,11 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
                         continue
                     smallest.add(h, raw.offset)
                     prefixes.append(int(h[:16], 16))
-                    if distinct is not None:
-                        distinct.add(h)
-                        if len(distinct) > exact_up_to:
-                            distinct = None  # enough to know the holdout size; stop holding them
+                    if counts is not None:
+                        seen_h = counts.setdefault(h, [raw.offset, 0])
+                        seen_h[1] += 1
+                        if len(counts) > EXACT_DISTINCT:
+                            counts = None  # a large file: the smallest hashes of all (bounded memory)
     finally:
         if index is not None:
             index.close()
@@ -303,10 +319,15 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
             os.unlink(tmp_errors)
         return report
     os.unlink(tmp_errors)
-    n_distinct = len(distinct) if distinct is not None else None
-    k = 0 if has_eval_file else holdout_count(n_distinct if n_distinct is not None else exact_up_to, ev)
-    heldout = smallest.smallest(k)
-    heldout_lines = sum(smallest.kept[h][1] for h in heldout)
+    n_distinct = len(counts) if counts is not None else None
+    kept = counts if counts is not None else smallest.kept  # hash -> [first offset, copies]
+    if has_eval_file:
+        heldout = []
+    elif counts is not None:
+        heldout = choose_holdout(counts, ev)
+    else:
+        heldout = smallest.smallest(holdout_count(EXACT_DISTINCT + 1, ev))
+    heldout_lines = sum(kept[h][1] for h in heldout)
     own = report.good - excluded_lines - heldout_lines
     if own <= 0:
         report.rejected = True
@@ -316,8 +337,7 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
         return report
     seen = not has_eval_file and not heldout and n_distinct == 1
     if heldout or seen:
-        kept = heldout or smallest.smallest(1)
-        _write_holdout(files, [smallest.kept[h][0] for h in kept], d.max_line_bytes)
+        _write_holdout(files, [kept[h][0] for h in (heldout or list(kept))], d.max_line_bytes)
     skip = local | excluder.found | set(heldout)  # the draw skips suites' contents too, not only this batch's
     replay = draw_replay(files, settings, skip, array("Q", sorted(prefixes)), own, log)
     new_set, kind = ((files.eval_file.name, "new") if has_eval_file else (files.holdout.name, "new") if heldout
