@@ -18,13 +18,12 @@ Writes ``bench-out/gate_rates.json``. Pure Python: no model, no CPU dependence b
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO  # noqa: E402
+from common import REPO, write_json  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_gate import benign_chain  # noqa: E402  (the one generator, shared with the test)
@@ -60,8 +59,7 @@ def main() -> int:
             rows.append(row)
             print(f"N {n:>6}  {kind:<7} {scale:<5} false refusals {row['false_refusals']:6.1%}  found "
                   + "  ".join(f"+{c}: {v:5.0%}" for c, v in found.items()), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"gate": vars(gate), "chains": a.chains, "rows": rows}, indent=2))
+    write_json(a.out, {"gate": vars(gate), "chains": a.chains, "rows": rows})
     print(f"wrote {a.out}")
     return 0
 

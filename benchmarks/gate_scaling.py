@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO  # noqa: E402
+from common import REPO, write_json  # noqa: E402
+from continual import cpu_name  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
 from trainerd import logs  # noqa: E402
@@ -47,13 +48,6 @@ from trainerd.contract import RootLayout  # noqa: E402
 from trainerd.ledger import Ledger  # noqa: E402
 
 LINE = '{{"prompt": "Q: what is fact {i} of batch {b}? A:", "completion": " answer {b} {i} is {w}."}}'
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def settings_for(root: Path, model: Path) -> Any:
@@ -239,8 +233,7 @@ def main() -> int:
     for k, v in ratios.items():
         print(f"  {k:<13} {med[small][k]:.4g} -> {med[large][k]:.4g}  x{v:.2f}")
     print(f"cpu: {out['cpu']}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2))
+    write_json(a.out, out)
     print(f"wrote {a.out}")
     return 0
 

@@ -101,7 +101,7 @@ def test_contradiction_rejected_then_promote_rollback_and_restart(daemon_factory
 
 def test_diverging_batch_is_rejected(daemon_factory):
     """A learning rate that blows the adapter up: refused for NaN/inf or for its regression."""
-    d = daemon_factory(**TRAIN).start()
+    d = daemon_factory(**TRAIN, gate={"heal_attempts": 0}).start()
     d.drop("a.jsonl", facts("red"))
     assert finished(d, "a.jsonl") == "done"
     d.config_data["train"]["learning_rate"] = 1.0
@@ -111,7 +111,7 @@ def test_diverging_batch_is_rejected(daemon_factory):
     d.drop("b.jsonl", facts("green", start=40))
     assert finished(d, "b.jsonl") == "rejected"
     rule = d.events("adapter_rejected")[0]["rule"]
-    assert "not finite" in rule or "worse on" in rule, rule
+    assert "not finite" in rule or "worse on" in rule or "forgot batch 000001" in rule, rule
     assert os.readlink(d.root / "adapters" / "current") == "1"
     assert d.terminate() == 0
 

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+from urllib.parse import quote
 
 from trainerd.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, open_regular, read_json_or_none
 from trainerd.lines import content_hash, iter_lines, parse_line
@@ -125,7 +126,7 @@ class EvalMemory:
         path = evalsets / "memory.db"
         if not path.is_file():
             return None
-        return cls(evalsets, sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0))
+        return cls(evalsets, sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=30.0))
 
     def close(self) -> None:
         self.db.close()

@@ -38,6 +38,7 @@ __all__ = ["GateDecision", "SetJudgement", "judge"]
 HISTORY_KINDS = ("memory", "earlier", "suite")  # "earlier": a whole set, from eval.json version 1
 NEW_KINDS = ("new", "seen")
 MAX_LISTED = 16  # regressed groups listed in a decision (and healed at once); the count is always given
+SEEN_NOTE = "its new set is its own trained lines (the file has one distinct content: nothing to hold out)"
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def _summaries(sets: list[dict[str, Any]], gate: GateSettings, failed: set[str])
     return out
 
 
-def _thin_note(new: Bound | None, history: dict[str, Any], seen: bool) -> str:
+def _thin_note(new: Bound | None, history: dict[str, Any]) -> str:
     parts = []
     if new is None or new.status == "none":
         parts.append("no new set")
@@ -193,8 +194,6 @@ def _thin_note(new: Bound | None, history: dict[str, Any], seen: bool) -> str:
     elif history["status"] == "thin":
         parts.append(f"history: {p['examples']} example(s), change {p['change']:+.4f}, upper bound "
                      f"{p['upper']:+.4f} > allowed {p['allowed']}")
-    if seen:
-        parts.append("the new set is the batch's own (trained) lines: the file has one distinct content")
     return "; ".join(parts)
 
 
@@ -231,10 +230,12 @@ def judge(eval_result: dict[str, Any] | None, gate: GateSettings, *, last_loss: 
     elif (new is not None and new.status == "pass") or history["status"] == "pass":
         verdict = "blessed"
         if (new is None or new.status != "pass") or history["status"] not in ("pass",):
-            note = "judged in part: " + _thin_note(new, history, seen)
+            note = "judged in part: " + _thin_note(new, history)
     else:
         verdict = "ungated"
-        note = "too little held-out data to judge: published ungated (" + _thin_note(new, history, seen) + ")"
+        note = "too little held-out data to judge: published ungated (" + _thin_note(new, history) + ")"
+    if seen:
+        note = (note + "; " if note else "") + SEEN_NOTE
     would = rule is None
     if not gate.enabled:
         note = "gate.enabled is false: published ungated" + (f"; the gate would have refused: {rule}" if rule else
