@@ -171,8 +171,9 @@ class EvalMemory:
         still estimated). Returns the examples indexed."""
         tokens = tokens or {}
         if tokens:
-            self.db.executemany("UPDATE examples SET tokens=? WHERE h64=? AND hash=? AND tokens IS NULL",
-                                [(int(t), h64(h), h) for h, t in tokens.items()])
+            with self.bulk():  # one commit (one fsync), not one per example
+                self.db.executemany("UPDATE examples SET tokens=? WHERE h64=? AND hash=? AND tokens IS NULL",
+                                    [(int(t), h64(h), h) for h, t in tokens.items()])
         if self.has(batch):
             return 0
         rows: dict[str, tuple] = {}
@@ -212,7 +213,8 @@ class EvalMemory:
 
     def abandon(self, batches: Iterable[int]) -> None:
         """A rollback: these batches leave the memory (they stay in the exclusion index)."""
-        self.db.executemany("UPDATE batches SET abandoned=1 WHERE batch=?", [(b,) for b in batches])
+        with self.bulk():
+            self.db.executemany("UPDATE batches SET abandoned=1 WHERE batch=?", [(b,) for b in batches])
 
     def select(self, max_examples: int, max_tokens: int) -> list[tuple[int, str, int, int]]:
         """The reservoir now: (batch, hash, tokens, offset) in priority order (module docstring)."""
