@@ -1,6 +1,7 @@
-"""Continual learning through the real daemon: what evaluation costs, and what a new batch erases.
+"""Continual learning through the real daemon: what evaluation costs, what a new batch erases,
+and what the gate does over a chain of batches.
 
-Two measurements, each through ``trainerd run`` on its own root, the real worker and model:
+Three measurements, each through ``trainerd run`` on its own root, the real worker and model:
 
 1. **Evaluation cost**: one batch of >= 50k training tokens (synthetic text) with the default
    ``eval`` settings; evaluation seconds (eval.json) as a fraction of training seconds
@@ -10,9 +11,16 @@ Two measurements, each through ``trainerd run`` on its own root, the real worker
    batch 1 and after batch 2 (the increase is the forgetting), the loss on batch 2's questions,
    and the training time, for each ``replay.fraction`` given. The gate is off so that batch 2 is
    published whatever it does; what the gate would have decided is printed too.
+3. **A chain** (``--only chain``, benchmarks/chain.py): ``--batches`` files without eval files,
+   each a made-up fact taught through repeated lines mixed with general text, one of them
+   contradicting an earlier fact; run twice, with healing (``gate.heal_attempts`` 2) and without
+   (0), side by side. Per version: facts answered on unseen paraphrases, backward transfer,
+   decisions, healing tries, evaluation seconds as a share of training (target <= 10 %).
 
-    .venv/bin/python benchmarks/continual.py                      # both, SmolLM2, replay 0 0.1 0.2
+    .venv/bin/python benchmarks/continual.py                      # cost and forgetting, SmolLM2
     .venv/bin/python benchmarks/continual.py --only forgetting --replay 0 0.1
+    .venv/bin/python benchmarks/continual.py --only chain --batches 24   # the full chain (hours on 2 cores)
+    .venv/bin/python benchmarks/continual.py --only chain --batches 8 --epochs 3  # a reduced one
     .venv/bin/python benchmarks/continual.py --quick              # the tiny model: a smoke run only
 
 Writes ``bench-out/continual.json``. Say which CPU: the figures are ratios and losses, but the
@@ -166,14 +174,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--quick", action="store_true", help="the tiny model: proves the harness, not the figures")
-    p.add_argument("--only", choices=("cost", "forgetting"))
+    p.add_argument("--only", choices=("cost", "forgetting", "chain"))
+    p.add_argument("--batches", type=int, default=24, help="the chain's length (--only chain)")
+    p.add_argument("--contradict", type=int, default=None,
+                   help="the batch that contradicts batch 2's fact (default: two thirds of the chain)")
+    p.add_argument("--heal", type=int, nargs="+", default=[2, 0], help="gate.heal_attempts of each chain run")
     p.add_argument("--replay", type=float, nargs="+", default=[0.0, 0.1, 0.2])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tokens", type=int, default=52_000, help="training tokens of the cost batch")
     p.add_argument("--repeats", type=int, default=6, help="copies of each training question")
     p.add_argument("--epochs", type=int, default=5, help="epochs of each fact's batch")
-    p.add_argument("--out", type=Path, default=REPO / "bench-out" / "continual.json")
+    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
+    a.out = a.out or REPO / "bench-out" / ("continual-chain.json" if a.only == "chain" else "continual.json")
     model = a.model
     if a.quick:
         from trainerd.worker.testing import build_tiny_model
@@ -185,6 +198,11 @@ def main() -> int:
     train = {"seq_len": 64, "micro_batch_size": 2, "grad_accum_steps": 1, "learning_rate": 1e-3,
              "epochs": a.epochs, "warmup_steps": 2}
     out: dict[str, Any] = {"cpu": cpu_name(), "model": str(model), "threads": a.threads, "quick": a.quick}
+    if a.only == "chain":
+        from chain import run_chains
+
+        out["chain"] = run_chains(model, a.threads, train, batches=a.batches, heal=a.heal,
+                                  contradict=a.contradict, quick=a.quick, repeats=a.repeats)
     if a.only in (None, "cost"):
         out["eval_cost"] = c = eval_cost(model, a.threads, a.tokens, a.quick)
         print(f"evaluation cost: {c['eval_s']:.1f} s of evaluation for {c['train_s']:.1f} s of training on "

@@ -76,7 +76,8 @@ def test_hook_contract_publish_reject_promote_rollback(daemon_factory, tmp_path)
     real = lambda p: os.path.realpath(d.root / p)  # noqa: E731
     assert envs[0] == {"TRAINERD_EVENT": "published", "TRAINERD_ADAPTER_DIR": real("adapters/1"),
                        "TRAINERD_VERSION": "1", "TRAINERD_PREVIOUS_VERSION": "", "TRAINERD_CURRENT_VERSION": "1",
-                       "TRAINERD_BATCH": "1", "TRAINERD_FILE": "a.jsonl", "TRAINERD_DECISION": "blessed",
+                       "TRAINERD_BATCH": "1", "TRAINERD_FILE": "a.jsonl",
+                       "TRAINERD_DECISION": "ungated",  # the fake worker evaluates on nothing
                        "TRAINERD_ROOT": str(d.root)}
     assert (envs[1]["TRAINERD_EVENT"], envs[1]["TRAINERD_ADAPTER_DIR"], envs[1]["TRAINERD_VERSION"],
             envs[1]["TRAINERD_DECISION"], envs[1]["TRAINERD_FILE"], envs[1]["TRAINERD_CURRENT_VERSION"]) == (

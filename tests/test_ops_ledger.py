@@ -124,9 +124,9 @@ def test_a_release_2_root_opens_migrated_with_a_backup(tmp_path):
     conn.close()
     led = Ledger(db)
     try:
-        assert led.schema_version() == schema.SCHEMA_VERSION == 3
-        assert [(b.name, b.state.value, b.priority) for b in led.batches()] == [
-            ("a.jsonl", "done", 0), ("b.jsonl", "rejected", 0), ("c.jsonl", "queued", 0)]
+        assert led.schema_version() == schema.SCHEMA_VERSION
+        assert [(b.name, b.state.value, b.priority, b.heals) for b in led.batches()] == [
+            ("a.jsonl", "done", 0, 0), ("b.jsonl", "rejected", 0, 0), ("c.jsonl", "queued", 0, 0)]
         assert [(v.n, v.removed_at) for v in led.adapter_versions()] == [(1, None)]
         assert led.next_queued().name == "c.jsonl"
         led.begin_claim("d.jsonl", 1, 4.0, priority=LANES["high"])  # the new column is writable

@@ -209,3 +209,71 @@ def test_the_daemon_compacts_an_oversized_store_before_the_next_worker(tmp_path)
         assert Store.open(root / "replay").bytes <= 1 << 20
     finally:
         s.close()
+
+
+# --- incremental compaction ---------------------------------------------------------------------
+
+
+def _kept(root: Path) -> dict[int, list[str]]:
+    store = Store.open(root / "replay")
+    return {b: _hashes(store.path(b)) for b in store.files}
+
+
+def test_compaction_in_slices_ends_where_one_pass_does_and_is_consistent_between_slices(tmp_path):
+    """Slices of (almost) no time each visit one file and stop: between two slices every indexed file
+    matches its sha256 and a draw never takes a line above the threshold; when no file is left the
+    store holds exactly what one uninterrupted compaction keeps."""
+    lines = {b: [json.dumps({"text": f"b{b} l{i} " + "z" * 200}) for i in range(400)] for b in range(1, 9)}
+    for r in ("sliced", "whole"):
+        for b, ls in lines.items():
+            put(tmp_path / r, b, ls)
+    assert compact(tmp_path / "whole", 300_000, ListLog())
+    slices = 0
+    while not compact(tmp_path / "sliced", 300_000, ListLog(), slice_s=0.0):
+        slices += 1
+        store = Store.open(tmp_path / "sliced" / "replay")
+        for b, e in store.files.items():
+            assert hashlib.sha256(store.path(b).read_bytes()).hexdigest() == e.sha256
+        files = _batch(tmp_path / "sliced", f"{900 + slices:06d}", [_line(i, "blue") for i in range(50, 100)])
+        first_split(files, _settings(tmp_path / "sliced"), ListLog())
+        assert all(content_fraction(h) < store.threshold for h in _hashes(files.replay))
+    assert slices >= 6
+    assert _kept(tmp_path / "sliced") == _kept(tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "sliced" / "replay").glob("*.jsonl")) == \
+        sorted(Store.open(tmp_path / "sliced" / "replay").path(b).name for b in lines)
+
+
+def test_a_crashed_slice_leaves_whole_files_and_its_orphan_is_swept(tmp_path):
+    """A thinned file written but never indexed (the slice died before its save) is removed by the
+    next slice; the indexed file it would have replaced is still whole and still drawn from."""
+    root = tmp_path / "root"
+    put(root, 1, [json.dumps({"text": f"l{i} " + "q" * 300}) for i in range(300)])
+    orphan = root / "replay" / "000001-r1.jsonl"
+    orphan.write_bytes(b'{"text": "half written"}\n')
+    store = Store.open(root / "replay")
+    assert hashlib.sha256(store.path(1).read_bytes()).hexdigest() == store.files[1].sha256
+    compact(root, 1 << 30, ListLog())
+    assert not orphan.exists() and store.path(1).exists()
+
+
+def test_the_supervisors_add_during_a_slice_is_kept(tmp_path):
+    """The index is changed under its lock from what is on disk: an entry the supervisor adds
+    while a slice works survives the slice's save."""
+    root = tmp_path / "root"
+    for b in (1, 2):
+        put(root, b, [json.dumps({"text": f"b{b} l{i} " + "w" * 300}) for i in range(300)])
+    from trainerd import replay
+
+    real = replay._thin
+
+    def thin_and_meanwhile_publish(*args, **kw):
+        if 3 not in Store.open(root / "replay").files:
+            put(root, 3, [_line(i, "late") for i in range(10)])
+        return real(*args, **kw)
+
+    replay._thin = thin_and_meanwhile_publish
+    try:
+        compact(root, 100_000, ListLog())
+    finally:
+        replay._thin = real
+    assert set(Store.open(root / "replay").files) == {1, 2, 3}

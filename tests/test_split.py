@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from trainerd.config import EvalSettings, from_dict
 from trainerd.contract import BatchFiles
-from trainerd.lines import content_hash, iter_lines, parse_line
+from trainerd.evalmemory import EvalMemory
+from trainerd.lines import RawLine, content_hash, iter_lines, parse_line
 from trainerd.worker.data import BlockStream, Encoder, TrainSource
-from trainerd.worker.split import first_split, holdout_count, load_split
+from trainerd.worker.split import choose_holdout, first_split, holdout_count, load_split
 
 from support.log import ListLog
 
@@ -27,6 +28,10 @@ def _batch(tmp: Path, lines: list[str], name: str = "b") -> BatchFiles:
     return files
 
 
+def _hash(text: str) -> str:
+    return content_hash(parse_line(RawLine(1, 0, len(text), text.encode()))[0])
+
+
 def _settings(**ev):
     return from_dict({"root": "/r", "eval": ev})
 
@@ -35,11 +40,94 @@ def _line(i: int, word: str = "red") -> str:
     return json.dumps({"prompt": f"Q: what color is item {i}?", "completion": f" {word}"})
 
 
-@pytest.mark.parametrize("n,expected", [(0, 0), (1, 0), (9, 0), (10, 1), (19, 1), (20, 2), (100, 10),
-                                        (640, 64), (10_000, 64)])
+@pytest.mark.parametrize("n,expected", [(0, 0), (1, 0), (2, 1), (6, 1), (9, 1), (10, 1), (19, 1), (20, 2),
+                                        (100, 10), (640, 64), (10_000, 64)])
 def test_holdout_size(n, expected):
-    """10% of the distinct contents, at least 1 from 10 on, at most 64, never all of them."""
+    """10% of the distinct contents, at least 1 once there are 2, at most 64, never all of them."""
     assert holdout_count(n, EvalSettings()) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(min_value=0, max_value=5000), fraction=st.floats(min_value=0, max_value=0.5),
+       lo=st.integers(min_value=0, max_value=8), extra=st.integers(min_value=0, max_value=100))
+def test_holdout_floor_properties(n, fraction, lo, extra):
+    """The floor holds for every setting: something is held out once there are two distinct contents
+    (when holdout_min >= 1), never all of them, never more than holdout_max, and never less for more."""
+    ev = EvalSettings(holdout_fraction=fraction, holdout_min=lo, holdout_max=lo + extra)
+    k = holdout_count(n, ev)
+    assert 0 <= k <= max(0, n - 1) and k <= ev.holdout_max
+    if n >= 2:
+        assert k >= min(lo, n - 1)
+    assert holdout_count(n + 1, ev) >= k
+
+
+def test_a_few_distinct_contents_still_hold_one_out(tmp_path):
+    """Six questions written forty times each (how people write fact files): one content is held
+    out, every copy of it, and the batch is judged on it."""
+    files = _batch(tmp_path, [_line(i) for i in range(6)] * 40)
+    first_split(files, _settings(), ListLog())
+    split = load_split(files)
+    assert split.distinct == 6 and len(split.heldout) == 1 and split.heldout_lines == 40
+    assert split.own_lines == 200 and split.new_set == "holdout.jsonl" and split.new_set_kind == "new"
+
+
+def test_a_fact_among_general_text_still_has_a_question_held_out(tmp_path):
+    """Eight questions of a fact written four times each among sixteen lines of text written once:
+    the holdout takes from both kinds (a question and a line of text), not from the text alone."""
+    text = [json.dumps({"text": f"general line {i} about nothing"}) for i in range(16)]
+    files = _batch(tmp_path, [_line(i) for i in range(8)] * 4 + text)
+    first_split(files, _settings(), ListLog())
+    split = load_split(files)
+    questions = {_hash(_line(i)) for i in range(8)}
+    assert len(split.heldout) == 2 and len(set(split.heldout) & questions) == 1
+    assert split.heldout_lines == 4 + 1 and split.own_lines == 48 - 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(repeated=st.integers(min_value=0, max_value=60), once=st.integers(min_value=0, max_value=60))
+def test_the_holdout_takes_from_repeated_and_single_contents_alike(repeated, once):
+    """Whatever the mix: the overall floor and bound hold, something repeated is held out once there
+    are two repeated contents, and the held-out ones are the smallest hashes of their kind."""
+    counts = {f"{i:064x}": [i, 3] for i in range(1, repeated + 1)}
+    counts.update({f"{i:064x}": [i, 1] for i in range(1000, 1000 + once)})
+    ev = EvalSettings()
+    held = choose_holdout(counts, ev)
+    n = repeated + once
+    assert len(held) == len(set(held)) <= max(0, n - 1) and len(held) <= ev.holdout_max
+    assert (len(held) >= 1) == (n >= 2)
+    rep = [h for h in held if counts[h][1] >= 2]
+    assert (len(rep) >= 1) == (repeated >= 2)
+    assert rep == sorted(h for h in counts if counts[h][1] >= 2)[:len(rep)]
+
+
+def test_one_distinct_content_is_judged_on_its_own_lines_as_seen(tmp_path):
+    """A file that repeats a single content holds nothing out: all of it trains, and its set is
+    that content, marked seen, and the log says why."""
+    files = _batch(tmp_path, [_line(1)] * 240)
+    log = ListLog()
+    first_split(files, _settings(), log)
+    split = load_split(files)
+    assert split.heldout == () and split.own_lines == 240
+    assert (split.new_set, split.new_set_kind) == ("holdout.jsonl", "seen")
+    assert files.holdout.read_text().splitlines() == [_line(1)]
+    assert "seen" in log.find("data_split")[0]["note"]
+
+
+def test_history_is_excluded_by_lookup_and_only_this_batchs_hashes_are_recorded(tmp_path):
+    """Contents a published batch held out (the shared index) never train again; split.json records
+    only this batch's own excluded contents, however many the index holds."""
+    root = tmp_path / "root"
+    sets = root / "evalsets" / "batches"
+    sets.mkdir(parents=True)
+    with EvalMemory.open(root / "evalsets") as mem:
+        for b in range(1, 41):
+            (sets / f"{b:06d}.jsonl").write_text("".join(_line(1000 * b + i, "x") + "\n" for i in range(8)))
+            mem.add_batch(b, seen=False)
+    files = _batch(tmp_path, [_line(i) for i in range(30)] + [_line(5003, "x"), _line(7001, "x")] * 3)
+    first_split(files, from_dict({"root": str(root)}), ListLog())
+    split = load_split(files)
+    assert set(split.excluded) == {_hash(_line(5003, "x")), _hash(_line(7001, "x"))} and split.excluded_lines == 6
+    assert json.loads(files.split.read_text())["excluded"] == sorted(split.excluded)
 
 
 def test_copies_go_together_and_the_split_is_by_content(tmp_path):

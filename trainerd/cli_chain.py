@@ -30,15 +30,30 @@ def _fmt_loss(pair: Any) -> str:
 
 
 def _gate_summary(gate: dict[str, Any] | None) -> tuple[Any, Any]:
-    """(new set [champion, candidate], worst earlier {set, change}) from a gate decision."""
+    """(new set [champion, candidate], worst history group {set, change, allowed}) from a gate decision."""
     if not gate:
         return None, None
     sets = gate.get("sets") or []
-    new = next((s for s in sets if s["kind"] == "new"), None)
-    older = [s for s in sets if s["kind"] != "new"]
-    worst = max(older, key=lambda s: s["change"]) if older else None
+    new = next((s for s in sets if s["kind"] in ("new", "seen")), None)
+    worst = (gate.get("history") or {}).get("worst")
+    if worst is None and "history" not in gate:  # a decision from before the evaluation memory
+        older = [s for s in sets if s["kind"] not in ("new", "seen")]
+        worst = max(older, key=lambda s: s["change"]) if older else None
+        worst = {"set": worst["name"], "change": worst["change"], "allowed": worst["allowed"]} if worst else None
     return ([new["champion"], new["candidate"]] if new else None,
-            {"set": worst["name"], "change": worst["change"], "allowed": worst["allowed"]} if worst else None)
+            {"set": worst["set"], "change": worst["change"], "allowed": worst["allowed"]} if worst else None)
+
+
+def _gate_words(gate: dict[str, Any] | None, heals: int, batch: int, *, published: bool = True) -> str | None:
+    """What the decision cannot show in its columns: not gated and why; the healing tries."""
+    parts = []
+    if gate and gate.get("verdict") == "ungated":
+        parts.append(f"not gated: {gate.get('note')}")
+    if heals:
+        tries = f"{heals} healing tr{'y' if heals == 1 else 'ies'}"
+        parts.append(f"{'healed after ' + tries if published else tries + ' did not heal it'} "
+                     f"(batches/{batch:06d}/tries.json)")
+    return "; ".join(parts) or None
 
 
 def collect_history(root: Any) -> list[dict[str, Any]]:
@@ -58,18 +73,24 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
         lin = read_json_or_none(layout.adapter_dir(v.n) / "lineage.json") or {}
         b = batches.get(v.batch_id)
         new, worst = _gate_summary(json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None)
-        rows.append({"version": v.n, "kind": v.kind, "parent": v.parent, "rollback_of": v.source,
+        gate = json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None
+        heals = b.heals if b and v.kind != "rollback" else 0
+        # An ungated publish is a version of kind blessed in the ledger: the table says ungated.
+        kind = "ungated" if v.kind == "blessed" and b is not None and b.decision == "ungated" else v.kind
+        rows.append({"version": v.n, "kind": kind, "parent": v.parent, "rollback_of": v.source,
                      "batch": v.batch_id, "file": b.name if b else None, "steps": lin.get("steps"),
                      "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
                      "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),
-                     "at": v.created_at})
+                     "gated": None if gate is None else gate.get("verdict", "blessed") != "ungated",
+                     "heals": heals, "note": _gate_words(gate, heals, v.batch_id), "at": v.created_at})
     for b in batches.values():
         if b.state.value == "rejected":
             new, worst = _gate_summary(json.loads(b.gate_json) if b.gate_json else None)
             res = read_json_or_none(layout.batch(b.id).result) or {}
             rows.append({"version": None, "kind": "rejected", "parent": b.parent_version, "rollback_of": None,
                          "batch": b.id, "file": b.name, "steps": res.get("step"), "tokens": res.get("tokens"),
-                         "new_set_loss": new, "worst_earlier": worst, "decision": "rejected",
+                         "new_set_loss": new, "worst_earlier": worst, "decision": "rejected", "gated": True,
+                         "heals": b.heals, "note": _gate_words(None, b.heals, b.id, published=False),
                          "reason": b.last_reason, "at": b.finished_at})
     rows.sort(key=lambda r: r["at"] or 0)
     return rows
@@ -89,8 +110,9 @@ def _render(rows: list[dict[str, Any]]) -> str:
                    f"{r['batch'] or '-':>6} {r['steps'] if r['steps'] is not None else '-':>6} "
                    f"{r['tokens'] if r['tokens'] is not None else '-':>8} {_fmt_loss(r['new_set_loss']):<13} "
                    f"{w:<22} {when:<16} {r['file'] or ''}")
-        if r.get("reason"):
-            out.append(f"{'':>8}{r['reason']}")
+        for line in (r.get("reason"), r.get("note")):
+            if line:
+                out.append(f"{'':>8}{line}")
     return "\n".join(out)
 
 
@@ -175,7 +197,7 @@ def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] 
     settings = settings or Settings(root=str(layout.root))
     led = Ledger(layout.db)
     try:
-        filing = Filing(layout, led, log)
+        filing = Filing(layout, led, log, settings_of=lambda: settings)
         attempts = Attempts(layout, led, filing, log, settings=settings, guard=None, worker_cmd=[], env=None)
         try:
             desk = Desk(layout, led, attempts, Chain(layout, led, attempts, log), log,

@@ -195,12 +195,17 @@ class DiskSettings:
 class EvalSettings:
     # The automatic held-out slice of every batch: distinct good lines chosen by content hash.
     holdout_fraction: float = field(default=0.1, metadata=_check("float", min=0.0, max=0.5))
-    # At least this many distinct lines (only where the batch has >= 10 distinct good lines).
+    # At least this many distinct lines once the batch has two or more (one is always trained).
     holdout_min: int = field(default=1, metadata=_check("int", min=0))
     holdout_max: int = field(default=64, metadata=_check("int", min=0))
-    # Budget of the evaluation after training, candidate and champion passes together.
+    # Budget of the new set and the standing suites after training, both passes together.
     max_tokens: int = field(default=32768, metadata=_check("int", min=0))
     max_fraction: float = field(default=0.1, metadata=_check("float", min=0.0, max=10.0))
+    # The evaluation memory (trainerd/evalmemory.py): a stratified sample of every published
+    # batch's held-out contents that every candidate is judged on, whole; its bound is the
+    # evaluation's cost, whatever the length of the chain.
+    memory_examples: int = field(default=512, metadata=_check("int", min=0))
+    memory_tokens: int = field(default=16384, metadata=_check("int", min=0))
     batch_size: int = field(default=4, metadata=_check("int", min=1))
     # During training: the new set's loss every N optimizer steps (0 = off), and early stopping
     # after this many evaluations without improvement (0 = off; needs every_steps).
@@ -223,9 +228,21 @@ class GateSettings:
     enabled: bool = field(default=True, metadata=_check("bool"))
     # nats/token the candidate may be worse than the champion on the batch's own set
     new_tolerance: float = field(default=0.02, metadata=_check("float", min=0.0))
-    # nats/token it may be worse on every earlier set and standing suite (or 2 standard errors
-    # of the paired per-example differences, whichever is larger)
+    # nats/token it may be worse on earlier batches (each, and all together) and standing suites
     max_regression: float = field(default=0.05, metadata=_check("float", min=0.0))
+    # How sure a refusal must be (supervisor/gate.py): the history tests together refuse a candidate
+    # that harmed no batch with probability at most 1 - confidence, whatever the chain's length.
+    confidence: float = field(default=0.95, metadata=_check("float", min=0.5, max=0.9999))
+    # A group this large is judged on its own spread; a smaller one borrows the memory's.
+    min_examples: int = field(default=8, metadata=_check("int", min=2))
+    # The smallest per-example spread (nats/token) the tests assume, and the one they assume where
+    # too few examples measure it: 2 held-out examples cannot bless or refuse a small change.
+    noise_floor: float = field(default=0.05, metadata=_check("float", min=0.0, exclusive_min=True))
+    # A candidate refused for forgetting is trained again from the same champion with its
+    # regressed batches' lines replayed (heal_replay x its own lines, x the try's number), at
+    # most heal_attempts times, before it is rejected (0 = reject at once).
+    heal_attempts: int = field(default=2, metadata=_check("int", min=0))
+    heal_replay: float = field(default=0.25, metadata=_check("float", min=0.0, max=1.0))
 
 
 @dataclass

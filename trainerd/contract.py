@@ -121,11 +121,13 @@ class BatchFiles:
         self.eval_file = d / "eval.jsonl"         # an eval file claimed with the data (replaces the holdout)
         self.holdout = d / "holdout.jsonl"        # the held-out slice of data.jsonl (distinct lines, once each)
         self.parent = d / "parent.json"           # the champion / init adapter, fixed at the first attempt
-        self.evalsets = d / "evalsets.json"       # earlier sets and standing suites, fixed at the first attempt
-        self.split = d / "split.json"             # the worker's first split: counts, held-out and excluded hashes
+        self.evalsets = d / "evalsets.json"       # the evaluation memory's version and the suites, fixed at the first attempt
+        self.split = d / "split.json"             # the worker's first split: counts, this batch's held-out and excluded hashes
         self.replay = d / "replay.jsonl"          # earlier batches' lines drawn into this batch, fixed at the first pass
         self.replay_contrib = d / "replay-contrib.jsonl"  # this batch's training lines, for the store once published
         self.eval_result = d / "eval.json"        # candidate and champion figures on every set
+        self.heal = d / "heal.json"               # a healing try the supervisor asked for: try, batches to rehearse
+        self.tries = d / "tries.json"             # each refused try's gate figures (the lineage's "heals")
 
     def claimed(self, name: str) -> Path:
         """Where the claimed original of a file called ``name`` lies: ``data.jsonl``, or
@@ -165,7 +167,7 @@ class RootLayout:
         self.daemon = r / "daemon.json"         # what the supervisor is doing now (for status)
         self.disk_reserve = r / ".disk-reserve"  # ballast the supervisor frees so the ledger can commit
         self.suites = r / "evals"                # standing evaluation suites (the operator's *.jsonl)
-        self.evalsets = r / "evalsets"           # every set ever judged on, kept by content (the gate's memory)
+        self.evalsets = r / "evalsets"           # every set ever judged on, and the evaluation memory (trainerd/evalmemory.py)
         self.rejected = self.adapters / "rejected"  # candidates the gate refused, by batch id
         self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
         self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/replay.py)

@@ -153,8 +153,12 @@ class Ledger:
     def summaries(self) -> list[BatchSummary]:
         """Every batch, oldest first, as the light tuples ``trainerd status`` reads."""
         make, states = BatchSummary._make, {s.value: s for s in BatchState}
+        # A reader newer than the daemon writing the ledger (upgraded, not yet restarted): a column
+        # the older schema lacks reads as its default.
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
+        cols = ", ".join(c if c in have else f"0 AS {c}" for c in BatchSummary._fields)
         return [make((r[0], r[1], states[r[2]], *r[3:])) for r in self.db.execute(
-            f"SELECT {BatchSummary.columns()} FROM batches ORDER BY id")]
+            f"SELECT {cols} FROM batches ORDER BY id")]
 
     def next_queued(self) -> Batch | None:
         """The head of the queue, whether or not its back-off has expired: a batch that has
@@ -282,7 +286,7 @@ class Ledger:
 
     def decide_done(self, batch_id: int, path_for: Callable[[int], Path], now: float, *,
                     attempt: AttemptRecord | None = None, decision: str = "blessed",
-                    gate_json: str | None = None) -> Batch:
+                    gate_json: str | None = None, reason: str = "done") -> Batch:
         """Reserve the next adapter version for a RUNNING batch (its ``adapter_version``).
 
         ``path_for(version)`` gives the folder the version will live in.
@@ -292,7 +296,7 @@ class Ledger:
             b = self._get(db, batch_id)
             version = self._reserve(db, batch_id, b.parent_version, "blessed", path_for, now)
             return self._decide(db, batch_id, BatchState.RUNNING, now, adapter_version=version,
-                                last_reason="done", next_attempt_at=0, decision=decision, gate_json=gate_json)
+                                last_reason=reason, next_attempt_at=0, decision=decision, gate_json=gate_json)
 
     def decide_rejected(self, batch_id: int, reason: str, gate_json: str, now: float, *,
                         attempt: AttemptRecord | None = None) -> Batch:
@@ -336,8 +340,10 @@ class Ledger:
 
     def restore_batch(self, row: dict[str, Any]) -> Batch:
         """Insert or replace a batch row from its manifest (the same columns as :class:`Batch`)."""
-        cols = [f.name for f in dataclasses.fields(Batch)]
-        vals = [row.get(c) for c in cols]
+        fields = dataclasses.fields(Batch)
+        cols = [f.name for f in fields]
+        # A manifest written before a column existed: that column's default (NOT NULL ones too).
+        vals = [row.get(f.name, None if f.default is dataclasses.MISSING else f.default) for f in fields]
         vals[cols.index("state")] = BatchState(row["state"]).value
         if row.get("gradient_checkpointing") is not None:
             vals[cols.index("gradient_checkpointing")] = int(bool(row["gradient_checkpointing"]))

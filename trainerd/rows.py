@@ -54,9 +54,10 @@ class Batch:
     duplicate_of: int | None = None
     finished_at: float | None = None
     parent_version: int | None = None
-    decision: str | None = None       # blessed | rejected | forced | cancelled
+    decision: str | None = None       # blessed | ungated | rejected | forced | cancelled
     gate_json: str | None = None
     priority: int = 0                 # its lane: 1 high, 0 normal, -1 low (contract.LANES)
+    heals: int = 0                    # healing tries so far (refused for forgetting, trained again)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":
@@ -83,6 +84,7 @@ class BatchSummary(NamedTuple):
     grad_accum_steps: int | None
     finished_at: float | None
     decision: str | None
+    heals: int
 
     @classmethod
     def columns(cls) -> str:
@@ -121,7 +123,7 @@ class AdapterVersion:
     path: str
     created_at: float
     parent: int | None = None   # the version its weights were trained from; None: the base model
-    kind: str = "blessed"       # blessed | forced | rollback
+    kind: str = "blessed"       # blessed (the gate's publish, blessed or ungated: see its batch) | forced | rollback
     source: int | None = None   # rollback: the version it copies
     removed_at: float | None = None  # retention deleted its folder (the row stays: history, numbering)
 

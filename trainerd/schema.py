@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The schema as this release writes it (a new root gets this, then user_version = SCHEMA_VERSION).
 _SCHEMA = """
@@ -40,9 +40,10 @@ CREATE TABLE IF NOT EXISTS batches (
     adapter_version        INTEGER,                -- the version this batch published
     duplicate_of           INTEGER,
     parent_version         INTEGER,                -- the champion / init adapter, fixed at the first start
-    decision               TEXT,                   -- blessed | rejected | forced (the gate, or an operator)
+    decision               TEXT,                   -- blessed | ungated | rejected | forced | cancelled
     gate_json              TEXT,                   -- the gate's figures and rule
     priority               INTEGER NOT NULL DEFAULT 0,  -- its lane: 1 high, 0 normal, -1 low (contract.LANES)
+    heals                  INTEGER NOT NULL DEFAULT 0,  -- healing tries (refused for forgetting, trained again)
     created_at             REAL NOT NULL,
     updated_at             REAL NOT NULL,
     finished_at            REAL
@@ -102,7 +103,13 @@ def _to_3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE adapter_versions ADD COLUMN removed_at REAL")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3}
+def _to_4(db: sqlite3.Connection) -> None:
+    """The gate over thousands of batches (issue 17): a batch's healing tries. The root's files
+    (the evaluation memory built from evalsets/batches/) follow at the daemon's start."""
+    db.execute("ALTER TABLE batches ADD COLUMN heals INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3, 4: _to_4}
 
 
 

@@ -95,7 +95,7 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
         if b.state is BatchState.RUNNING:
             prog = read_json_or_none(layout.batch(b.id).progress) or {}
             out["running"] = {
-                "id": b.id, "file": b.name, "attempt": b.attempts,
+                "id": b.id, "file": b.name, "attempt": b.attempts, "healing_try": b.heals or None,
                 "step": prog.get("step"), "total_steps": prog.get("total_steps"),
                 "tokens_per_s": prog.get("tokens_per_s"), "eta_s": prog.get("eta_s"),
                 "rss_bytes": prog.get("rss_bytes"), "loss": prog.get("loss"),
@@ -115,11 +115,11 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     finished = sorted((b for b in rows if b.state in FINAL_STATES), key=lambda b: b.finished_at or 0, reverse=True)
     out["recent"] = [{"id": b.id, "file": b.name, "state": b.state.value, "adapter_version": b.adapter_version,
                       "reason": b.last_reason, "finished_at": b.finished_at} for b in finished[:recent]]
-    judged = [b for b in finished if b.decision in ("blessed", "rejected", "forced")]  # the gate's, not a cancel
+    judged = [b for b in finished if b.decision in ("blessed", "ungated", "rejected", "forced")]  # not a cancel
     if judged:
         b = judged[0]
         out["last_decision"] = {"id": b.id, "file": b.name, "decision": b.decision,
-                                "adapter_version": b.adapter_version, "reason": b.last_reason}
+                                "adapter_version": b.adapter_version, "reason": b.last_reason, "heals": b.heals}
     out["rejected"] = [{"id": b.id, "file": b.name, "reason": b.last_reason}
                        for b in rows if b.state is BatchState.REJECTED
                        and layout.rejected_dir(b.id).is_dir()]  # retention may have removed the candidate
@@ -194,6 +194,10 @@ def render_status(st: dict[str, Any]) -> str:
     d = st.get("last_decision")
     if d:
         what = f"adapter {d['adapter_version']}" if d["adapter_version"] else d["reason"]
+        if d["decision"] == "ungated":  # published, but nothing judged it: say why
+            what += f"; not gated: {d['reason']}"
+        if d.get("heals"):
+            what += f"; after {d['heals']} healing tr{'y' if d['heals'] == 1 else 'ies'}"
         lines.append(f"decision  #{d['id']} {d['file']}: {d['decision']} ({what})")
     for r in st.get("rejected", [])[:5]:
         lines.append(f"rejected  #{r['id']} {r['file']}: `trainerd promote {r['id']}` publishes it anyway")
@@ -221,6 +225,8 @@ def _render_running(r: dict[str, Any] | None) -> str:
             f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")
     if (r.get("ranks") or 1) > 1:
         line += f", on {r['ranks']} ranks (memory: rank 0's)"
+    if r.get("healing_try"):
+        line += f", healing try {r['healing_try']} (refused for forgetting; trained again with it rehearsed)"
     if r.get("no_progress_s"):
         line += f" -- no progress for {_fmt_s(r['no_progress_s'])}"
     return line

@@ -31,7 +31,7 @@ from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.modelref import local_dir
 from trainerd.states import ACTIVE_STATES, BatchState
-from trainerd.supervisor import forensics, hooks, policy
+from trainerd.supervisor import forensics, heal, hooks, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import guarded
@@ -175,6 +175,7 @@ class Attempts:
         unlink_quietly(files.result)
         unlink_quietly(files.stop)
         shutil.rmtree(files.published, ignore_errors=True)
+        heal.prepare(files, batch, self.settings.gate.heal_replay, log)  # a healing try starts from the champion
         batch, init_adapter = self._parent(batch, now)
         batch = self.ledger.start_attempt(batch.id, now, str(init_adapter) if init_adapter else None)  # QUEUED -> RUNNING
         alog = log.bind(attempt=batch.attempts)
@@ -272,21 +273,29 @@ class Attempts:
         record = AttemptRecord(n, v.outcome, v.reason, exit_code=st.code, signal=st.signal,
                                signal_sent_by=end.sender, result=end.result)
         gate_json = json.dumps(end.gate.as_dict()) if end.gate is not None else None
+        files = self.layout.batch(batch.id)
+        if end.gate is not None and (v.action is policy.Action.HEAL or batch.heals):
+            heal.record_try(files, batch.heals, end.gate, end.result)  # before the ledger moves on
         if v.action is policy.Action.PUBLISH:
+            ungated = end.gate is not None and not end.gate.gated
             batch = self.ledger.decide_done(batch.id, self.layout.adapter_dir, now, attempt=record,
-                                            decision="blessed", gate_json=gate_json)
+                                            decision="ungated" if ungated else "blessed", gate_json=gate_json,
+                                            reason=end.gate.note if ungated and end.gate.note else "done")
             batch = self.end(batch, now)  # RUNNING -> DONE
             log.info("adapter_published", version=batch.adapter_version,
                      path=str(self.layout.adapter_dir(batch.adapter_version)), file=batch.name,
-                     parent_version=batch.parent_version, **_gate_fields(end.gate))
+                     parent_version=batch.parent_version, **(end.gate.log_fields() if end.gate else {}))
             return batch
         if v.action is policy.Action.REJECT:
-            batch = self.ledger.decide_rejected(batch.id, v.batch_reason, gate_json, now, attempt=record)
+            reason = heal.rejection_reason(files, v.batch_reason, batch.heals,
+                                           end.gate.targets if end.gate is not None else ())
+            batch = self.ledger.decide_rejected(batch.id, reason, gate_json, now, attempt=record)
             return self.end(batch, now)  # RUNNING -> REJECTED
         if v.action is policy.Action.FAIL:
             return self._fail(batch, BatchState.RUNNING, v.batch_reason, now, log, attempt=record, **v.updates)
         if v.action is policy.Action.CANCEL:
             return self.cancel(batch, BatchState.RUNNING, v.batch_reason, now, attempt=record)  # RUNNING -> CANCELLED
+        # REQUEUE, or HEAL (a healing try: ``heals`` + 1; supervisor/heal.py prepares it at its start)
         return self.ledger.requeue(batch.id, now, reason=v.batch_reason, attempt=record,  # RUNNING -> QUEUED
                                    next_attempt_at=v.next_attempt_at, **v.updates)
 
@@ -354,9 +363,13 @@ class Attempts:
             elif event == "batch_requeued":
                 log.info(event, reason=v.batch_reason, step=result.get("step"),
                          resume="at the next start" if stopping else "at once")
+            elif event == "batch_healing":
+                log.warning(event, file=batch.name, rule=end.gate.rule, heal_try=v.updates["heals"],
+                            heal_attempts=self.settings.gate.heal_attempts, targets=list(end.gate.targets),
+                            action="trained again from the same champion with the regressed batches' lines replayed")
             elif event == "adapter_rejected":
                 log.warning(event, file=batch.name, rule=end.gate.rule, champion_version=batch.parent_version,
-                            candidate=str(self.layout.rejected_dir(batch.id)), **_gate_fields(end.gate),
+                            candidate=str(self.layout.rejected_dir(batch.id)), **end.gate.log_fields(),
                             hint=f"current does not move; `trainerd promote {batch.id}` publishes it anyway")
             elif event == "batch_cancelled":
                 log.warning(event, file=batch.name, exit=end.status.describe(), step=result.get("step"),
@@ -373,17 +386,6 @@ def _safe(fn: Any) -> Any:
         return fn()
     except Exception:  # a diagnostic only; never let it break the exit handling
         return None
-
-
-def _gate_fields(g: Any) -> dict[str, Any]:
-    """The gate's figures for a log line: the new set's change and the worst earlier one."""
-    if g is None:
-        return {}
-    new, worst = g.new_set, g.worst_earlier
-    return {"gate_enabled": g.enabled, "would_bless": g.would_bless, "gate_note": g.note,
-            "new_set_loss": None if new is None else [new.champion, new.candidate],
-            "worst_regression": None if worst is None else {"set": worst.name, "change": worst.change,
-                                                             "allowed": worst.allowed}}
 
 
 def ranks_status(files: BatchFiles, st: ExitStatus, world: int) -> ExitStatus:

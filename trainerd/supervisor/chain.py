@@ -26,7 +26,7 @@ from trainerd.replay import Store
 from trainerd.states import BatchState
 from trainerd.fsutil import read_json_or_none
 from trainerd.supervisor import hooks
-from trainerd.supervisor.lineage import chain_base, write_lineage, write_rebase
+from trainerd.supervisor.lineage import abandon_sets, chain_base, write_lineage, write_rebase
 
 __all__ = ["Chain", "Refused", "Waiting"]
 
@@ -119,6 +119,7 @@ class Chain:
         abandoned = [av.batch_id for av in self.ledger.adapter_versions()
                      if source < av.n < v.n and av.kind in ("blessed", "forced")]
         Store.open(self.layout.replay).abandon(abandoned)
+        abandon_sets(self.layout, abandoned, self.attempts.filing.eval_settings, self.log)
         self.log.warning("adapter_rolled_back", version=v.n, rollback_of=source, previous_version=latest.n)
         return {"version": v.n, "message": f"version {v.n} published as a copy of version {source} (rollback)"}
 

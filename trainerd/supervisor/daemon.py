@@ -42,6 +42,7 @@ from trainerd.supervisor.desk import Desk
 from trainerd.supervisor.hooks import Hooks
 from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
+from trainerd.supervisor.evalupgrade import upgrade_root
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
 from trainerd.supervisor.reconcile import reconcile
@@ -144,7 +145,7 @@ class Supervisor:
         self.ledger = recovery.open_ledger(self.layout, self.log)
         self.backups = recovery.Backups(self.ledger, self.layout, self.log)
         self.ledger.on_change = self.backups.changed
-        self.filing = Filing(self.layout, self.ledger, self.log)
+        self.filing = Filing(self.layout, self.ledger, self.log, settings_of=lambda: self.settings)
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
         self.attempts.base = self.base_hold.base
@@ -157,6 +158,7 @@ class Supervisor:
         self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
+        upgrade_root(self.layout, self.ledger, self.settings, self.log, self.notifier)  # issue 17: the memory
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd import faults
+from trainerd.config import EvalSettings
 from trainerd.contract import RootLayout, data_suffix
 from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none, unlink_quietly
 from trainerd.inbox import Rejected, eval_partner
@@ -65,10 +66,11 @@ def _read_errors(path: Path, limit: int = 100) -> list[dict[str, Any]]:
 class Filing:
     """Moves batches' files to where the ledger says they belong."""
 
-    def __init__(self, layout: RootLayout, ledger: Ledger, log: Any):
+    def __init__(self, layout: RootLayout, ledger: Ledger, log: Any, *, settings_of: Any = None):
         self.layout = layout
         self.ledger = ledger
         self.log = log
+        self.settings_of = settings_of  # the daemon's current settings (the memory's bounds)
         self._unmovable: set[tuple[str, Any]] = set()  # rejected inbox entries we could not move
 
     def _move_original(self, batch: Batch, folder: Path, name: str | None = None) -> str | None:
@@ -116,10 +118,14 @@ class Filing:
         if not dest.exists():
             self.log.error("adapter_missing", batch=batch.id, version=batch.adapter_version, path=str(dest))
         self.switch_current()
-        store_new_set(self.layout, batch)
+        store_new_set(self.layout, batch, self.eval_settings, self.log)
         self._replay_add(batch)
         self._mark_result(batch)
         self._move_original(batch, self.layout.done)
+
+    @property
+    def eval_settings(self) -> EvalSettings:
+        return self.settings_of().eval if self.settings_of is not None else EvalSettings()
 
     def _replay_add(self, batch: Batch) -> None:
         """A published batch's training lines join the replay store (a rename and the index)."""

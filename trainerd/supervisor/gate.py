@@ -1,17 +1,27 @@
-"""The gate, pure: a candidate's evaluation figures and the ``gate`` settings -> blessed or not.
+"""The gate, pure: a candidate's evaluation figures and the ``gate`` settings -> a verdict.
 
-Blessed when all hold:
+Every figure is a paired per-example change, candidate minus champion (nats/token; the worker's
+eval.json). Two questions, each answered *pass*, *fail* or *thin* (the evidence cannot tell) by
+:mod:`.evidence`, at ``gate.confidence`` (0.95; α = 0.05):
 
-- no loss is NaN or infinite (candidate or champion, on any set);
-- on the batch's new set the candidate is not worse than the champion by more than
-  ``gate.new_tolerance`` nats/token;
-- on every earlier set and standing suite the increase is at most
-  max(``gate.max_regression``, 2 standard errors of the paired per-example differences).
+- **Did it learn its own batch?** On the new set (the batch's held-out slice or its eval file;
+  "seen" when the file had one distinct content and is judged on its own lines): refused when
+  the change is beyond ``gate.new_tolerance`` at the confidence (one-sided, α).
+- **Did it forget history?** On the evaluation memory (a bounded, stratified sample of every
+  published batch's held-out contents) and the standing suites, two tests sharing α (α/2 each,
+  so together they refuse a candidate that harmed no batch with probability at most α, whatever
+  the chain's length):
+  1. *pooled*: the mean change over every history example, refused when its lower bound is above
+     ``gate.max_regression`` (broad forgetting, a little everywhere);
+  2. *per batch*: each earlier batch (and each suite) on its own, Holm–Bonferroni over all of
+     them (one contradicted fact among thousands of unharmed batches).
 
-With no set at all only the NaN/inf rule applies (and the decision says so). With
-``gate.enabled: false`` every candidate is blessed; the figures and what the gate would have
-said are still recorded. A reload of the thresholds applies to the next decision: nothing here
-is remembered between calls. Table-tested in tests/test_gate.py.
+The verdict: *refused* when a question fails (or a loss is NaN/inf); *blessed* when none fails and
+at least one passes; *ungated* when neither can tell — "too little held-out data to judge" is
+published, and says so, never a plain "blessed" on noise. A refusal on history alone is
+*healable* (supervisor/heal.py): the batches to rehearse are named. With ``gate.enabled: false``
+every candidate is published ungated, with what the gate would have said. Nothing is remembered
+between calls: a reload applies to the next decision. Table-tested in tests/test_gate.py.
 """
 
 from __future__ import annotations
@@ -21,98 +31,217 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainerd.config import GateSettings
+from trainerd.supervisor.evidence import Bound, bound_check, group_pvalue, holm, robust_scale
 
 __all__ = ["GateDecision", "SetJudgement", "judge"]
+
+HISTORY_KINDS = ("memory", "earlier", "suite")  # "earlier": a whole set, from eval.json version 1
+NEW_KINDS = ("new", "seen")
+MAX_LISTED = 16  # regressed groups listed in a decision (and healed at once); the count is always given
+SEEN_NOTE = "its new set is its own trained lines (the file has one distinct content: nothing to hold out)"
 
 
 @dataclass(frozen=True)
 class SetJudgement:
+    """One evaluated set's summary (the memory is one set here; its batches are in ``history``)."""
+
     name: str
-    kind: str                  # new | earlier | suite
+    kind: str                  # new | seen | memory | earlier | suite
     champion: float
     candidate: float
     change: float              # candidate - champion (nats/token; positive = worse)
-    allowed: float             # the largest change this set allows
-    stderr: float | None       # of the paired per-example differences
+    allowed: float
     examples: int
     ok: bool
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "champion": self.champion, "candidate": self.candidate,
-                "change": self.change, "allowed": self.allowed, "stderr": self.stderr,
-                "examples": self.examples, "ok": self.ok}
+                "change": self.change, "allowed": self.allowed, "examples": self.examples, "ok": self.ok}
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    blessed: bool
-    rule: str | None                      # the first rule that failed, in words; None when blessed
+    blessed: bool                         # published (blessed or ungated)
+    rule: str | None                      # why refused, in words; None when not refused
     sets: tuple[SetJudgement, ...] = ()
     enabled: bool = True
     would_bless: bool = True              # the verdict with the gate on (differs when it is off)
-    note: str | None = None               # e.g. "no evaluation set: only NaN/inf was checked"
+    note: str | None = None               # what could not be judged, and why
     thresholds: dict[str, float] = field(default_factory=dict)
+    verdict: str = "blessed"              # blessed | ungated | refused
+    new: dict[str, Any] | None = None     # the new set's check (evidence.Bound + name, kind)
+    history: dict[str, Any] | None = None  # pooled check, groups, regressed groups, worst group
+    targets: tuple[int, ...] = ()         # the batches history regressed on (worst first): what a healing try rehearses
+    healable: bool = False
 
     @property
     def new_set(self) -> SetJudgement | None:
-        return next((s for s in self.sets if s.kind == "new"), None)
+        return next((s for s in self.sets if s.kind in NEW_KINDS), None)
 
     @property
-    def worst_earlier(self) -> SetJudgement | None:
-        older = [s for s in self.sets if s.kind != "new"]
-        return max(older, key=lambda s: s.change) if older else None
+    def worst_earlier(self) -> dict[str, Any] | None:
+        """The history group with the largest change: {set, change, allowed, examples}."""
+        return (self.history or {}).get("worst")
+
+    @property
+    def gated(self) -> bool:
+        return self.verdict != "ungated"
+
+    def log_fields(self) -> dict[str, Any]:
+        """The decision for a log line: the verdict, the new set's losses, the worst history group."""
+        new, worst = self.new_set, self.worst_earlier
+        return {"gate_enabled": self.enabled, "verdict": self.verdict, "would_bless": self.would_bless,
+                "gate_note": self.note, "new_set_loss": None if new is None else [new.champion, new.candidate],
+                "worst_regression": None if worst is None else {k: worst[k] for k in ("set", "change", "allowed")}}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"blessed": self.blessed, "rule": self.rule, "enabled": self.enabled, "would_bless": self.would_bless,
-                "note": self.note, "thresholds": self.thresholds, "sets": [s.as_dict() for s in self.sets]}
-
-
-def _paired_stderr(cand: list[dict[str, Any]], champ: list[dict[str, Any]]) -> float | None:
-    """Standard error of the mean of per-example (candidate - champion) mean losses."""
-    diffs = []
-    for a, b in zip(cand, champ):
-        if a["tokens"] and b["tokens"]:
-            diffs.append(a["loss_sum"] / a["tokens"] - b["loss_sum"] / b["tokens"])
-    n = len(diffs)
-    if n < 2:
-        return None
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return math.sqrt(var / n)
+        return {"blessed": self.blessed, "verdict": self.verdict, "rule": self.rule, "enabled": self.enabled,
+                "would_bless": self.would_bless, "note": self.note, "thresholds": self.thresholds,
+                "new": self.new, "history": self.history, "healable": self.healable, "targets": list(self.targets),
+                "sets": [s.as_dict() for s in self.sets]}
 
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _changes(s: dict[str, Any]) -> list[tuple[float, Any]]:
+    """(per-example change, its batch) of one set, candidate and champion paired by position."""
+    out = []
+    for a, b in zip((s.get("candidate") or {}).get("per_example") or [], (s.get("champion") or {}).get("per_example") or []):
+        if a.get("tokens") and b.get("tokens"):
+            d = a["loss_sum"] / a["tokens"] - b["loss_sum"] / b["tokens"]
+            if _finite(d):
+                out.append((d, a.get("batch")))
+    return out
+
+
+def _groups(sets: list[dict[str, Any]]) -> dict[str, tuple[int | None, list[float]]]:
+    """History groups: each earlier batch of the memory, each whole earlier set, each suite."""
+    groups: dict[str, tuple[int | None, list[float]]] = {}
+    for s in sets:
+        if s["kind"] == "memory":
+            for d, b in _changes(s):
+                groups.setdefault(f"batch {int(b):06d}" if b is not None else "memory", (b, []))[1].append(d)
+        elif s["kind"] in ("earlier", "suite"):
+            groups[s["name"]] = (s.get("batch"), [d for d, _ in _changes(s)])
+    return groups
+
+
+def _history(sets: list[dict[str, Any]], gate: GateSettings) -> tuple[dict[str, Any], str | None, tuple[int, ...]]:
+    """(the history check, the rule that failed or None, batches to heal from)."""
+    alpha = 1.0 - gate.confidence
+    groups = _groups(sets)
+    everything = [d for _, ds in groups.values() for d in ds]
+    pooled = bound_check(everything, gate.max_regression, 1.0 - alpha / 2, min_examples=gate.min_examples,
+                         noise_floor=gate.noise_floor)
+    mad = robust_scale(everything) if len(everything) >= gate.min_examples else None
+    names = list(groups)
+    means = {g: sum(ds) / len(ds) for g, (_, ds) in groups.items() if ds}
+    p = [group_pvalue(groups[g][1], gate.max_regression, min_examples=gate.min_examples, pooled_mad=mad,
+                      noise_floor=gate.noise_floor) for g in names]
+    rejected = [names[i] for i in holm(p, alpha / 2)]
+    pv = dict(zip(names, p))
+    worst = max(means, key=means.__getitem__) if means else None
+    check: dict[str, Any] = {
+        "pooled": pooled.as_dict(), "groups": len(means), "alpha": alpha,
+        "regressed": [{"set": g, "batch": groups[g][0], "change": means[g], "examples": len(groups[g][1]),
+                       "p": pv[g]} for g in rejected[:MAX_LISTED]],
+        "regressed_count": len(rejected),
+        "worst": None if worst is None else {"set": worst, "change": means[worst], "examples": len(groups[worst][1]),
+                                             "allowed": gate.max_regression, "p": pv[worst]},
+    }
+    rule = None
+    if rejected:
+        g = rejected[0]
+        more = f"; {len(rejected) - 1} more batch(es) regressed too" if len(rejected) > 1 else ""
+        rule = (f"forgot {g}: worse by {means[g]:+.4f} nats/token over {len(groups[g][1])} example(s) "
+                f"(allowed {gate.max_regression}; p = {pv[g]:.1e}, Holm over {len(names)} at {alpha / 2:.3g}){more}")
+        targets = [groups[g][0] for g in rejected if groups[g][0] is not None]
+    elif pooled.status == "fail":
+        rule = (f"worse on history by {pooled.mean:+.4f} nats/token on average over {pooled.n} examples "
+                f"({100 * (1 - alpha / 2):.1f}% lower bound {pooled.lower:+.4f} > allowed {gate.max_regression})")
+        targets = [groups[g][0] for g in sorted(means, key=means.__getitem__, reverse=True)
+                   if means[g] > gate.max_regression and groups[g][0] is not None]
+    else:
+        targets = []
+    status = "fail" if rule else pooled.status
+    check["status"] = status
+    return check, rule, tuple(int(t) for t in targets[:MAX_LISTED])
+
+
+def _summaries(sets: list[dict[str, Any]], gate: GateSettings, failed: set[str]) -> list[SetJudgement]:
+    out = []
+    for s in sets:
+        c, h = (s.get("candidate") or {}).get("mean_loss"), (s.get("champion") or {}).get("mean_loss")
+        allowed = gate.new_tolerance if s["kind"] in NEW_KINDS else gate.max_regression
+        change = c - h if _finite(c) and _finite(h) else float("nan")
+        out.append(SetJudgement(s["name"], s["kind"], h, c, change, allowed, s.get("used", 0),
+                                _finite(change) and s["name"] not in failed))
+    return out
+
+
+def _thin_note(new: Bound | None, history: dict[str, Any]) -> str:
+    parts = []
+    if new is None or new.status == "none":
+        parts.append("no new set")
+    elif new.status == "thin":
+        parts.append(f"new set: {new.n} example(s), change {new.mean:+.4f}, bounds [{new.lower:+.4f}, "
+                     f"{new.upper:+.4f}] around the allowance {new.allowed}")
+    p = history["pooled"]
+    if history["status"] == "none":
+        parts.append("no history yet")
+    elif history["status"] == "thin":
+        parts.append(f"history: {p['examples']} example(s), change {p['change']:+.4f}, upper bound "
+                     f"{p['upper']:+.4f} > allowed {p['allowed']}")
+    return "; ".join(parts)
+
+
 def judge(eval_result: dict[str, Any] | None, gate: GateSettings, *, last_loss: float | None = None) -> GateDecision:
     """The gate's verdict on one candidate (``eval_result`` is the worker's eval.json)."""
-    thresholds = {"new_tolerance": gate.new_tolerance, "max_regression": gate.max_regression}
+    thresholds = {"new_tolerance": gate.new_tolerance, "max_regression": gate.max_regression,
+                  "confidence": gate.confidence, "min_examples": gate.min_examples, "noise_floor": gate.noise_floor}
     sets = (eval_result or {}).get("sets") or []
-    judged: list[SetJudgement] = []
-    failed: str | None = None
+    failed_sets: set[str] = set()
+    rule: str | None = None
     if last_loss is not None and not _finite(last_loss):
-        failed = f"training loss is {last_loss}"
+        rule = f"training loss is {last_loss}"
     for s in sets:
-        cand, champ = s["candidate"], s["champion"]
-        c, h = cand.get("mean_loss"), champ.get("mean_loss")
+        c, h = (s.get("candidate") or {}).get("mean_loss"), (s.get("champion") or {}).get("mean_loss")
         if not (_finite(c) and _finite(h)):
-            judged.append(SetJudgement(s["name"], s["kind"], h, c, float("nan"), 0.0, None, s.get("used", 0), False))
-            failed = failed or f"{s['name']}: loss is not finite (candidate {c}, champion {h})"
-            continue
-        change = c - h
-        if s["kind"] == "new":
-            allowed, se = gate.new_tolerance, None
-        else:
-            se = _paired_stderr(cand.get("per_example") or [], champ.get("per_example") or [])
-            allowed = max(gate.max_regression, 2 * se) if se is not None else gate.max_regression
-        ok = change <= allowed
-        judged.append(SetJudgement(s["name"], s["kind"], h, c, change, allowed, se, s.get("used", 0), ok))
-        if not ok and failed is None:
-            what = "its own new set" if s["kind"] == "new" else f"{s['kind']} set {s['name']}"
-            failed = (f"worse on {what} by {change:.4f} nats/token (allowed {allowed:.4f}): "
-                      f"champion {h:.4f} -> candidate {c:.4f}")
-    note = None if sets else "no evaluation set: only the NaN/inf rule was checked"
-    would = failed is None
-    return GateDecision(blessed=would or not gate.enabled, rule=failed, sets=tuple(judged), enabled=gate.enabled,
-                        would_bless=would, note=note, thresholds=thresholds)
+            failed_sets.add(s["name"])
+            rule = rule or f"{s['name']}: loss is not finite (candidate {c}, champion {h})"
+    new_set = next((s for s in sets if s["kind"] in NEW_KINDS), None)
+    new = None
+    if new_set is not None:
+        new = bound_check([d for d, _ in _changes(new_set)], gate.new_tolerance, gate.confidence,
+                          min_examples=gate.min_examples, noise_floor=gate.noise_floor)
+        if new.status == "fail":
+            failed_sets.add(new_set["name"])
+            rule = rule or (f"worse on its own new set by {new.mean:+.4f} nats/token over {new.n} example(s) "
+                            f"({100 * gate.confidence:.0f}% lower bound {new.lower:+.4f} > allowed {gate.new_tolerance})")
+    history, history_rule, targets = _history([s for s in sets if s["kind"] in HISTORY_KINDS], gate)
+    healable = rule is None and history_rule is not None
+    rule = rule or history_rule
+    seen = new_set is not None and new_set["kind"] == "seen"
+    note = None
+    if rule is not None:
+        verdict = "refused"
+    elif (new is not None and new.status == "pass") or history["status"] == "pass":
+        verdict = "blessed"
+        if (new is None or new.status != "pass") or history["status"] not in ("pass",):
+            note = "judged in part: " + _thin_note(new, history)
+    else:
+        verdict = "ungated"
+        note = "too little held-out data to judge: published ungated (" + _thin_note(new, history) + ")"
+    if seen:
+        note = (note + "; " if note else "") + SEEN_NOTE
+    would = rule is None
+    if not gate.enabled:
+        note = "gate.enabled is false: published ungated" + (f"; the gate would have refused: {rule}" if rule else
+                                                             f"; the gate would have said {verdict}")
+    new_dict = None if new is None else {**new.as_dict(), "name": new_set["name"], "kind": new_set["kind"]}
+    return GateDecision(blessed=would or not gate.enabled, rule=rule, sets=tuple(_summaries(sets, gate, failed_sets)),
+                        enabled=gate.enabled, would_bless=would, note=note, thresholds=thresholds,
+                        verdict=verdict if gate.enabled else "ungated", new=new_dict, history=history,
+                        targets=targets, healable=healable)

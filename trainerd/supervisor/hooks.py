@@ -23,7 +23,7 @@ gets the daemon's environment (less its own TRAINERD_* settings) plus::
     TRAINERD_PREVIOUS_VERSION the version that was current before it ("" for the first one or a rejection)
     TRAINERD_CURRENT_VERSION  the version current points at when the hook starts
     TRAINERD_BATCH, TRAINERD_FILE   the batch (for a rollback: the batch of the version copied) and its file
-    TRAINERD_DECISION       blessed | forced | rollback | rejected
+    TRAINERD_DECISION       blessed | ungated | forced | rollback | rejected
     TRAINERD_ROOT           the root
 
 Its stdout and stderr go to ``root/hooks/output.log`` (each run replaces it) and, when it ends, its

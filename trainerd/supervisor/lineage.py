@@ -1,11 +1,13 @@
 """The adapter chain's memory: what each batch is judged against, and where each version came from.
 
 - At a batch's first start its inputs are frozen in its folder: ``parent.json`` (the champion it
-  continues and is judged against) and ``evalsets.json`` (every earlier batch's set and every
-  standing suite, as they are now: a resume, a retry or a new suite cannot change the decision).
+  continues and is judged against) and ``evalsets.json`` (the evaluation memory's version and
+  sha256, and every standing suite, as they are now: a resume, a retry or a new suite cannot
+  change the decision). O(1) whatever the chain's length: one version, not N files.
 - The evaluation sets are kept by content under ``root/evalsets/``: ``batches/<id>.jsonl`` (the
-  new set of every published batch) and ``suites/<name>.<sha12>.jsonl`` (each version of each
-  standing suite an operator placed in ``root/evals/``).
+  new set of every published batch, indexed into the evaluation memory at its publish:
+  trainerd/evalmemory.py) and ``suites/<name>.<sha12>.jsonl`` (each version of each standing
+  suite an operator placed in ``root/evals/``).
 - Every published version carries ``lineage.json``: parent, batch, file and sha256, steps,
   tokens, seed and settings, library versions, the gate's figures and thresholds, the decision
   (blessed / forced / rollback). Following ``parent`` always leads back to the base model.
@@ -21,11 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd.config import EvalSettings
 from trainerd.contract import RootLayout
+from trainerd.evalmemory import EvalMemory
 from trainerd.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
 from trainerd.ledger import AdapterVersion, Batch
 
-__all__ = ["freeze_inputs", "lineage_of", "store_new_set", "write_lineage"]
+__all__ = ["abandon_sets", "freeze_inputs", "lineage_of", "store_new_set", "write_lineage"]
+
+EVALSETS_VERSION = 2
 
 LINEAGE = "lineage.json"
 
@@ -78,28 +84,45 @@ def freeze_inputs(layout: RootLayout, batch: Batch, parent_dir: Path | None, bas
                                          "path": str(parent_dir) if parent_dir else None})
     if files.evalsets.exists():
         return
-    sets = []
-    for p in sorted((layout.evalsets / "batches").glob("*.jsonl")):
-        if p.stem.isdigit() and int(p.stem) != batch.id:
-            sets.append({"name": f"batch {p.stem}", "kind": "earlier", "path": str(p), "sha256": _sha256(p),
-                         "batch": int(p.stem)})
-    sets += _snapshot_suites(layout, log)
-    atomic_write_json(files.evalsets, {"sets": sets, "frozen_at": time.time()})
+    mem = EvalMemory.open_readonly(layout.evalsets)
+    try:
+        ref = mem.current() if mem is not None else None
+    finally:
+        if mem is not None:
+            mem.close()
+    atomic_write_json(files.evalsets, {"version": EVALSETS_VERSION, "memory": ref.as_dict() if ref else None,
+                                       "sets": _snapshot_suites(layout, log), "frozen_at": time.time()})
 
 
-def store_new_set(layout: RootLayout, batch: Batch) -> None:
-    """Keep a published batch's new set (its held-out slice or its eval file) for every later
-    batch to be judged on too (idempotent)."""
+def measured_tokens(files: Any) -> dict[str, int]:
+    """Each example's token count as this batch's evaluation measured it (new set and memory)."""
+    ev = read_json_or_none(files.eval_result) or {}
+    return {p["hash"]: p["len"] for s in ev.get("sets", []) if s.get("kind") in ("new", "seen", "memory")
+            for p in (s.get("candidate") or {}).get("per_example", []) if p.get("len")}
+
+
+def store_new_set(layout: RootLayout, batch: Batch, ev: EvalSettings, log: Any) -> None:
+    """Keep a published batch's new set (its held-out slice, its eval file, or its one "seen"
+    content) for every later batch to be judged on too: copied to evalsets/batches/, indexed into
+    the evaluation memory, and the memory's next version made (idempotent: a repeat adds nothing)."""
     files = layout.batch(batch.id)
     split = read_json_or_none(files.split) or {}
     new = split.get("new_set")
-    if not new or not (files.dir / new).is_file():
-        return
     dest = layout.evalsets / "batches" / f"{layout.batch_name(batch.id)}.jsonl"
-    if dest.exists():
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _copy_atomic(files.dir / new, dest)
+    if new and (files.dir / new).is_file() and not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(files.dir / new, dest)
+    with EvalMemory.open(layout.evalsets) as mem:
+        if dest.exists():
+            mem.add_batch(batch.id, seen=split.get("new_set_kind") == "seen", tokens=measured_tokens(files))
+        mem.refresh(ev.memory_examples, ev.memory_tokens, log)
+
+
+def abandon_sets(layout: RootLayout, batch_ids: list[int], ev: EvalSettings, log: Any) -> None:
+    """A rollback: these batches' sets leave the memory (made again as it was before them)."""
+    with EvalMemory.open(layout.evalsets) as mem:
+        mem.abandon(batch_ids)
+        mem.refresh(ev.memory_examples, ev.memory_tokens, log)
 
 
 def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kind: str) -> dict[str, Any]:
@@ -112,6 +135,7 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
     result = read_json_or_none(files.result) or {}
     gate = json.loads(batch.gate_json) if batch.gate_json else None
     parent = read_json_or_none(files.parent) or {}
+    memory = next((s.get("memory") for s in ev.get("sets", []) if s.get("kind") == "memory"), None)
     return {
         "version": version.n, "kind": kind, "parent": version.parent, "decision": batch.decision,
         "batch": batch.id, "file": batch.name, "sha256": batch.sha256, "created_at": version.created_at,
@@ -124,6 +148,8 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
         "eval": [{"name": s["name"], "kind": s["kind"], "sha256": s["sha256"], "used": s["used"],
                   "champion": s["champion"]["mean_loss"], "candidate": s["candidate"]["mean_loss"]}
                  for s in ev.get("sets", [])],
+        "memory": memory,
+        "heals": read_json_or_none(files.tries),
         "replay": result.get("replay"),
         "eval_measurements": ev.get("measurements"),
         "champion": (ev.get("champion") or {}).get("path"),

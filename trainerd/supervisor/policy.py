@@ -8,7 +8,8 @@ tests/test_policy.py; the process-level tests prove the pieces fit.
 
     cancelled by the operator      -> cancel (whatever the exit: withdrawn, never published)
     stopped by the stall watchdog  -> crash (whatever the exit)
-    exit 0 + adapter staged        -> publish, or reject when the gate did not bless it
+    exit 0 + adapter staged        -> publish, or heal when the gate refused it for forgetting (and
+                                      healing tries are left), or reject
     exit 0, no adapter             -> crash
     exit 75                        -> stopped (reason from result.json; our guard's SIGTERM
                                       reads as memory/recycle, not shutdown)
@@ -47,6 +48,7 @@ __all__ = ["Action", "AttemptEnd", "Verdict", "crash", "crash_delay_s", "decide"
 class Action(str, Enum):
     PUBLISH = "publish"   # RUNNING -> DONE, the staged adapter becomes the next version
     REJECT = "reject"     # RUNNING -> REJECTED, the gate refused the candidate; current does not move
+    HEAL = "heal"         # RUNNING -> QUEUED, refused for forgetting: trained again (supervisor/heal.py)
     REQUEUE = "requeue"   # RUNNING -> QUEUED (with ``updates``, not before ``next_attempt_at``)
     FAIL = "fail"         # RUNNING -> FAILED, original to failed/
     CANCEL = "cancel"     # RUNNING -> CANCELLED, `trainerd cancel`: original to done/ with .cancelled.json
@@ -99,6 +101,11 @@ def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Ver
     if st.code == ExitCode.OK:
         if end.adapter_staged:
             if end.gate is not None and not end.gate.blessed:
+                if end.gate.healable and batch.heals < settings.gate.heal_attempts:
+                    n = batch.heals + 1
+                    return Verdict(Outcome.DONE, f"refused for forgetting; healing try {n}", Action.HEAL,
+                                   batch_reason=f"healing (try {n} of {settings.gate.heal_attempts}): {end.gate.rule}",
+                                   updates={"heals": n}, events=("batch_healing",))
                 return Verdict(Outcome.DONE, "done", Action.REJECT, batch_reason=f"rejected: {end.gate.rule}",
                                events=("adapter_rejected",))
             return Verdict(Outcome.DONE, "done", Action.PUBLISH)

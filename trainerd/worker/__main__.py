@@ -46,11 +46,15 @@ def _first_split(files, settings, log):
     """Split the batch (held-out slice, evaluation contents excluded) before importing torch
     (seconds of imports and a model load): returns the rejecting ScanReport, or None to go on.
     The same line rules and verdict as ``trainerd validate``; the tokenizing pass can only find
-    more bad lines, never fewer. Done once: split.json freezes it for every later attempt."""
+    more bad lines, never fewer. Done once: split.json freezes it for every later attempt; a
+    healing try only draws its replay again (once)."""
     from trainerd.fsutil import atomic_write_json, read_json_or_none
-    from trainerd.worker.split import first_split
+    from trainerd.worker.split import first_split, heal_split
 
-    if files.split.exists() or not files.data.is_file():
+    if files.split.exists():
+        heal_split(files, settings, log)
+        return None
+    if not files.data.is_file():
         return None  # a missing or unreadable file is reported by the trainer in its own words
     scanned = read_json_or_none(files.scan)
     if scanned is not None:

@@ -5,27 +5,32 @@ One streamed read of ``data.jsonl`` (bounded memory whatever its size):
 - every line is validated (the same rules and verdict as ``trainerd validate``); a file that
   must be rejected is rejected here, in a fraction of a second instead of after the imports;
 - the batch's *distinct* good contents are split by a hash of their content
-  (:func:`trainerd.lines.content_hash`): the ``k`` smallest hashes are held out for evaluation,
-  ``k`` = ``eval.holdout_fraction`` of the distinct contents, at least ``eval.holdout_min``
-  (where there are >= 10) and at most ``eval.holdout_max``. So the split depends neither on the
-  order of the lines nor on the file's name, and every copy of a line goes the same way;
-- contents of every evaluation set (earlier batches' sets, standing suites, this batch's own
-  eval file) are excluded from training: what trainerd evaluates on, it never trains on.
+  (:func:`trainerd.lines.content_hash`): ``k`` of them are held out for evaluation
+  (:func:`holdout_count`: ``eval.holdout_fraction`` of them, at least ``eval.holdout_min`` once
+  there are two, at most ``eval.holdout_max``, never all), the smallest hashes, taken alike from
+  the contents written more than once and from those written once (:func:`choose_holdout`: a
+  fact taught through a few questions repeated many times, among general text, still has a
+  question held out). So the split depends neither on the order of the lines nor on the file's
+  name, and every copy of a line goes the same way. A file with one distinct content holds
+  nothing out: it is judged on that content, trained, as its *seen* set, and every decision says so;
+- a content that any published batch held out (the shared index, trainerd/evalmemory.py), or
+  that a standing suite or this batch's own eval file holds, is excluded from training: what
+  trainerd evaluates on, it never trains on. A lookup, not a copy: the folder records only the
+  batch's own excluded contents.
 
-It writes ``holdout.jsonl`` (each held-out content once) and then ``split.json`` (the counts
-and the hashes the training pass skips). ``split.json`` existing means the split is frozen: a
-resume, a retry or a new suite cannot change what the batch trains on.
+It writes ``holdout.jsonl`` (each held-out content once) and then ``split.json`` (the counts,
+this batch's held-out and excluded hashes, its replay draw). ``split.json`` existing means the
+split is frozen: a resume, a retry or a new suite cannot change what the batch trains on; a
+healing try (supervisor/heal.py) redraws only its replay, once (:func:`heal_split`).
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import heapq
 import json
 import math
 import os
-import random
+import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +38,26 @@ from typing import Any, BinaryIO, Iterator
 
 from trainerd.config import EvalSettings, Settings
 from trainerd.contract import BatchFiles, RootLayout
-from trainerd.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none
+from trainerd.evalmemory import EvalMemory
+from trainerd.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none, unlink_quietly
 from trainerd.lines import LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
 from trainerd.worker import heartbeat
-from trainerd.replay import MAX_LINE, Store, content_fraction, line_bytes, read_checked
+from trainerd.worker.draw import draw_replay, own_prefixes
 
-__all__ = ["EvalSetRef", "Split", "first_split", "holdout_count", "load_split", "read_evalsets", "set_hashes"]
+__all__ = ["EvalSetRef", "Split", "first_split", "heal_split", "holdout_count", "load_split", "read_evalsets",
+           "set_hashes"]
 
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2
+LOOKUP_CHUNK = 512  # lines looked up in the shared index at a time
 
 
 @dataclass(frozen=True)
 class EvalSetRef:
-    """One evaluation set: the batch's new set, an earlier batch's set, or a standing suite."""
+    """One evaluation set: the batch's new set, a standing suite, or (roots from before the
+    evaluation memory) an earlier batch's whole set."""
 
     name: str
-    kind: str             # new | earlier | suite
+    kind: str             # new | seen | suite | earlier
     path: str
     sha256: str | None = None
     batch: int | None = None
@@ -64,35 +73,59 @@ class Split:
     own_lines: int                 # good, not held out, not excluded: the batch's training lines
     replay_lines: int = 0
     heldout: tuple[str, ...] = ()  # content hashes held out of this batch
-    excluded: tuple[str, ...] = ()  # content hashes of every evaluation set (never trained)
+    excluded: tuple[str, ...] = ()  # this batch's contents that are evaluation contents (never trained)
     new_set: str | None = None     # holdout.jsonl, eval.jsonl, or None (nothing to evaluate on)
+    new_set_kind: str | None = None  # new | seen
     distinct: int | None = None
     excluded_lines: int = 0
     heldout_lines: int = 0
-    replay: dict[str, Any] | None = None  # lines, sources (batch -> lines), eligible, threshold
+    replay: dict[str, Any] | None = None  # lines, sources (batch -> lines), eligible, threshold, heal
 
     def skip(self) -> frozenset[str]:
         return frozenset(self.heldout) | frozenset(self.excluded)
 
 
 def holdout_count(n_distinct: int, ev: EvalSettings) -> int:
-    """How many distinct contents to hold out of ``n_distinct``; never all of them."""
-    lo = ev.holdout_min if n_distinct >= 10 else 0
-    k = max(lo, min(ev.holdout_max, int(ev.holdout_fraction * n_distinct)))
+    """How many distinct contents to hold out of ``n_distinct``: ``holdout_fraction`` of them, at
+    least ``holdout_min`` once there are two, at most ``holdout_max``; never all of them."""
+    if n_distinct < 2:
+        return 0
+    k = max(ev.holdout_min, int(ev.holdout_fraction * n_distinct))
     return max(0, min(k, ev.holdout_max, n_distinct - 1))
 
 
-def _exact_up_to(ev: EvalSettings) -> int:
-    """Beyond this many distinct contents the holdout is holdout_max (or holdout_min) whatever the
-    exact number, so the distinct set need not be kept: memory stays bounded."""
-    if ev.holdout_fraction <= 0:
-        return 10
-    return max(10, math.ceil(ev.holdout_max / ev.holdout_fraction)) + 1
+# Up to this many distinct contents each is counted (first offset, copies: ~250 bytes each) and
+# the holdout is taken from the repeated and the single ones alike; beyond it, the smallest
+# hashes of all (a uniform sample; a file that large holds holdout_max out anyway).
+EXACT_DISTINCT = 20_000
+
+
+def choose_holdout(counts: dict[str, list[int]], ev: EvalSettings) -> list[str]:
+    """The held-out contents of a file whose distinct contents are all counted (``counts``: hash ->
+    [first offset, copies]): ``holdout_count`` of them, of which ``holdout_count`` of the repeated
+    ones and the rest from the ones written once (all but one of them at most); one written once
+    where that leaves none. The smallest hashes of each kind."""
+    by_hash = lambda hs: sorted(hs, key=lambda h: int(h, 16))  # noqa: E731
+    repeated = by_hash(h for h, (_, n) in counts.items() if n >= 2)
+    once = by_hash(h for h, (_, n) in counts.items() if n < 2)
+    k = holdout_count(len(counts), ev)
+    k_rep = min(holdout_count(len(repeated), ev), k)
+    k_once = min(k - k_rep, max(len(once) - 1, 0))
+    if k and not k_rep and not k_once and once:
+        k_once = 1  # one repeated content and one written once: the repeated one is the lesson
+    return repeated[:k_rep] + once[:k_once]
 
 
 def read_evalsets(files: BatchFiles) -> list[EvalSetRef]:
+    """The sets frozen in evalsets.json besides the memory: standing suites (and, in a batch
+    frozen before the evaluation memory existed, the earlier batches' sets)."""
     raw = read_json_or_none(files.evalsets) or {}
     return [EvalSetRef(**s) for s in raw.get("sets", [])]
+
+
+def frozen_memory(files: BatchFiles) -> dict[str, Any] | None:
+    """The evaluation memory's version this batch is judged on (evalsets.json), if any."""
+    return (read_json_or_none(files.evalsets) or {}).get("memory")
 
 
 def set_hashes(path: Path, max_line_bytes: int) -> list[str]:
@@ -110,8 +143,10 @@ def load_split(files: BatchFiles) -> Split | None:
     d = read_json_or_none(files.split)
     if d is None:
         return None
+    new_set = d.get("new_set")
     return Split(own_lines=d["own_lines"], replay_lines=d.get("replay_lines", 0), heldout=tuple(d.get("heldout", ())),
-                 excluded=tuple(d.get("excluded", ())), new_set=d.get("new_set"), distinct=d.get("distinct"),
+                 excluded=tuple(d.get("excluded", ())), new_set=new_set,
+                 new_set_kind=d.get("new_set_kind") or ("new" if new_set else None), distinct=d.get("distinct"),
                  excluded_lines=d.get("excluded_lines", 0), heldout_lines=d.get("heldout_lines", 0),
                  replay=d.get("replay"))
 
@@ -172,56 +207,110 @@ def _scan_eval_file(files: BatchFiles, settings: Settings, report: ScanReport, e
     return hashes
 
 
+def _frozen_set_hashes(files: BatchFiles, max_line_bytes: int, log: Any) -> set[str]:
+    """Contents of the suites (and legacy earlier sets) frozen in evalsets.json: bounded by what
+    an operator placed in root/evals/, never by the chain's length."""
+    out: set[str] = set()
+    for ref in read_evalsets(files):
+        try:
+            out.update(set_hashes(Path(ref.path), max_line_bytes))
+        except OSError as e:
+            log.warning("eval_set_unreadable", set=ref.name, path=ref.path, error=str(e))
+    return out
+
+
+class _Excluder:
+    """Is a content an evaluation content? Suites and the eval file from a set held here; every
+    published batch's held-out contents through the shared index, looked up in chunks."""
+
+    def __init__(self, local: set[str], index: EvalMemory | None):
+        self.local, self.index = local, index
+        self.found: set[str] = set()     # this batch's excluded contents (what split.json records)
+
+    def filter(self, hashes: list[str]) -> set[str]:
+        hit = {h for h in hashes if h in self.local}
+        if self.index is not None:
+            hit |= self.index.heldout([h for h in hashes if h not in hit])
+        self.found |= hit
+        return hit
+
+
+def _good_lines(f: BinaryIO, report: ScanReport, errf: BinaryIO, max_line_bytes: int, max_errors: int
+                ) -> Iterator[tuple[RawLine, str]]:
+    """(line, content hash) of every good line, counting and recording the others."""
+    for raw in iter_lines(f, max_line_bytes):
+        report.lines += 1
+        if report.lines % 4096 == 0:
+            heartbeat.beat()
+        ex, err = parse_line(raw)
+        if err is not None:
+            report.bad += 1
+            e = LineError(raw.number, raw.offset, err).as_dict()
+            errf.write(json.dumps(e).encode() + b"\n")
+            if len(report.errors) < max_errors:
+                report.errors.append(e)
+            continue
+        if ex is None:
+            report.blank += 1
+            continue
+        report.good += 1
+        yield raw, content_hash(ex)
+
+
+def _chunked(items: Iterator[tuple[RawLine, str]], excluder: _Excluder) -> Iterator[tuple[RawLine, str, bool]]:
+    """The lines with whether each is excluded, looked up ``LOOKUP_CHUNK`` at a time."""
+    buf: list[tuple[RawLine, str]] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= LOOKUP_CHUNK:
+            hit = excluder.filter([h for _, h in buf])
+            yield from ((r, h, h in hit) for r, h in buf)
+            buf = []
+    if buf:
+        hit = excluder.filter([h for _, h in buf])
+        yield from ((r, h, h in hit) for r, h in buf)
+
+
+def _index(settings: Settings) -> EvalMemory | None:
+    return EvalMemory.open_readonly(RootLayout(settings.root).evalsets)
+
+
 def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
     """Validate, split and freeze (see the module docstring). Returns the line report; when it
     is ``rejected`` nothing is frozen and errors.jsonl names the bad lines."""
     d, ev = settings.data, settings.eval
-    excluded: set[str] = set()
-    for ref in read_evalsets(files):
-        try:
-            excluded.update(set_hashes(Path(ref.path), d.max_line_bytes))
-        except OSError as e:
-            log.warning("eval_set_unreadable", set=ref.name, path=ref.path, error=str(e))
+    t0 = time.monotonic()
+    local = _frozen_set_hashes(files, d.max_line_bytes, log)
     report = ScanReport(path=str(files.data))
     tmp_errors = files.dir / ".errors.jsonl.first-pass"
-    with open(tmp_errors, "wb") as errf:
-        has_eval_file = files.eval_file.is_file()
-        if has_eval_file:
-            excluded |= _scan_eval_file(files, settings, report, errf)
-        smallest = _Smallest(0 if has_eval_file else ev.holdout_max)
-        own_prefixes = array("Q")  # 8 bytes a line: "never the batch's own lines twice" in the draw
-        distinct: set[str] | None = set()
-        exact_up_to = _exact_up_to(ev)
-        excluded_lines = 0
-        with open_regular(files.data) as f:
-            for raw in iter_lines(f, d.max_line_bytes):
-                report.lines += 1
-                if report.lines % 4096 == 0:
-                    heartbeat.beat()
-                ex, err = parse_line(raw)
-                if err is not None:
-                    report.bad += 1
-                    e = LineError(raw.number, raw.offset, err).as_dict()
-                    errf.write(json.dumps(e).encode() + b"\n")
-                    if len(report.errors) < d.max_errors_reported:
-                        report.errors.append(e)
-                    continue
-                if ex is None:
-                    report.blank += 1
-                    continue
-                report.good += 1
-                h = content_hash(ex)
-                if h in excluded:
-                    excluded_lines += 1
-                    continue
-                smallest.add(h, raw.offset)
-                own_prefixes.append(int(h[:16], 16))
-                if distinct is not None:
-                    distinct.add(h)
-                    if len(distinct) > exact_up_to:
-                        distinct = None  # enough to know the holdout size; stop holding them
-    was_rejected = report.rejected
-    if not was_rejected:
+    index = _index(settings)
+    try:
+        with open(tmp_errors, "wb") as errf:
+            has_eval_file = files.eval_file.is_file()
+            if has_eval_file:
+                local |= _scan_eval_file(files, settings, report, errf)
+            excluder = _Excluder(local, index)
+            smallest = _Smallest(0 if has_eval_file else max(ev.holdout_max, 1))
+            counts: dict[str, list[int]] | None = {}  # hash -> [first offset, copies], while bounded
+            prefixes = array("Q")  # 8 bytes a line: "never the batch's own lines twice" in the draw
+            excluded_lines = 0
+            with open_regular(files.data) as f:
+                for raw, h, excluded in _chunked(_good_lines(f, report, errf, d.max_line_bytes,
+                                                             d.max_errors_reported), excluder):
+                    if excluded:
+                        excluded_lines += 1
+                        continue
+                    smallest.add(h, raw.offset)
+                    prefixes.append(int(h[:16], 16))
+                    if counts is not None:
+                        seen_h = counts.setdefault(h, [raw.offset, 0])
+                        seen_h[1] += 1
+                        if len(counts) > EXACT_DISTINCT:
+                            counts = None  # a large file: the smallest hashes of all (bounded memory)
+    finally:
+        if index is not None:
+            index.close()
+    if not report.rejected:
         judge(report, d.max_bad_fraction)
     if report.rejected:
         if report.lines or report.bad:
@@ -230,92 +319,60 @@ def first_split(files: BatchFiles, settings: Settings, log: Any) -> ScanReport:
             os.unlink(tmp_errors)
         return report
     os.unlink(tmp_errors)
-    n_distinct = len(distinct) if distinct is not None else None
-    k = 0 if has_eval_file else holdout_count(n_distinct if n_distinct is not None else exact_up_to, ev)
-    heldout = smallest.smallest(k)
-    heldout_lines = sum(smallest.kept[h][1] for h in heldout)
+    n_distinct = len(counts) if counts is not None else None
+    kept = counts if counts is not None else smallest.kept  # hash -> [first offset, copies]
+    if has_eval_file:
+        heldout = []
+    elif counts is not None:
+        heldout = choose_holdout(counts, ev)
+    else:
+        heldout = smallest.smallest(holdout_count(EXACT_DISTINCT + 1, ev))
+    heldout_lines = sum(kept[h][1] for h in heldout)
     own = report.good - excluded_lines - heldout_lines
     if own <= 0:
         report.rejected = True
         report.reason = (f"no training lines: all {report.good} good lines are evaluation contents "
-                         f"({excluded_lines} of earlier sets or suites, {heldout_lines} held out)")
+                         f"({excluded_lines} of earlier batches' held-out sets, suites or the eval file, "
+                         f"{heldout_lines} held out)")
         return report
-    if heldout:
-        _write_holdout(files, [smallest.kept[h][0] for h in heldout], d.max_line_bytes)
-    own_prefixes = array("Q", sorted(own_prefixes))
-    replay = draw_replay(files, settings, excluded | set(heldout), own_prefixes, own, log)
+    seen = not has_eval_file and not heldout and n_distinct == 1
+    if heldout or seen:
+        _write_holdout(files, [kept[h][0] for h in (heldout or list(kept))], d.max_line_bytes)
+    skip = local | excluder.found | set(heldout)  # the draw skips suites' contents too, not only this batch's
+    replay = draw_replay(files, settings, skip, array("Q", sorted(prefixes)), own, log)
+    new_set, kind = ((files.eval_file.name, "new") if has_eval_file else (files.holdout.name, "new") if heldout
+                     else (files.holdout.name, "seen") if seen else (None, None))
     split = {"version": SPLIT_VERSION, "own_lines": own, "replay_lines": replay["lines"],
              "replay": replay, "heldout": heldout,
-             "excluded": sorted(excluded), "excluded_lines": excluded_lines, "heldout_lines": heldout_lines,
-             "distinct": n_distinct, "new_set": files.eval_file.name if has_eval_file else
-             (files.holdout.name if heldout else None)}
+             "excluded": sorted(excluder.found), "excluded_lines": excluded_lines, "heldout_lines": heldout_lines,
+             "distinct": n_distinct, "new_set": new_set, "new_set_kind": kind}
     atomic_write_json(files.split, split)
     log.info("data_split", lines=report.lines, good=report.good, bad=report.bad, distinct=n_distinct,
              heldout=len(heldout), heldout_lines=heldout_lines, excluded_lines=excluded_lines, own_lines=own,
-             new_set=split["new_set"])
+             new_set=new_set, new_set_kind=kind, split_s=round(time.monotonic() - t0, 3),
+             **({"note": "one distinct content: nothing to hold out; judged on its own lines (seen)"} if seen else {}))
     return report
 
 
-def _has(sorted_prefixes: array, h: str) -> bool:
-    v = int(h[:16], 16)
-    i = bisect.bisect_left(sorted_prefixes, v)
-    return i < len(sorted_prefixes) and sorted_prefixes[i] == v
-
-
-def draw_replay(files: BatchFiles, settings: Settings, skip: set[str], own: array, own_lines: int,
-                log: Any) -> dict[str, Any]:
-    """Draw ``replay.fraction`` x the batch's own training lines, uniformly, from the replay store
-    (never an evaluation content, never one of this batch's own lines; damaged store files are
-    skipped) into replay.jsonl, with a seed derived from the batch. Two streamed passes over the
-    store: count what is eligible, then copy the drawn lines (in store order; training
-    interleaves them evenly). Returns what split.json records: lines, from which batches."""
-    rp = settings.replay
-    k = min(round(rp.fraction * own_lines), int(rp.max_fraction * own_lines)) if rp.fraction > 0 else 0
-    empty = {"lines": 0, "sources": {}, "eligible": 0, "threshold": None}
-    if k <= 0:
-        return empty
-    store = Store.open(RootLayout(settings.root).replay)
-
-    def eligible(lines: Iterator[RawLine]) -> Iterator[RawLine]:
-        for n, raw in enumerate(lines):
-            if n % 4096 == 0:
-                heartbeat.beat()
-            ex, _ = parse_line(raw)
-            if ex is None:
-                continue
-            h = content_hash(ex)
-            if h not in skip and content_fraction(h) < store.threshold and not _has(own, h):
-                yield raw
-
-    counts: list[tuple[int, Path, str, int]] = []
-    for b, path in store.usable(log):
-        lines = read_checked(path, store.files[b].sha256, log)
-        if lines is not None:
-            counts.append((b, path, store.files[b].sha256, sum(1 for _ in eligible(lines))))
-    total = sum(c[3] for c in counts)
-    k = min(k, total)
-    if k == 0:
-        return {**empty, "threshold": store.threshold}
-    seed = int(hashlib.sha256(f"{settings.train.seed}:{files.dir.name}:{own_lines}".encode()).hexdigest()[:16], 16)
-    chosen = sorted(random.Random(seed).sample(range(total), k))
-    sources: dict[str, int] = {}
-    i = j = 0
-    tmp = files.replay.with_name(f".{files.replay.name}.tmp")
-    with open(tmp, "wb") as out:
-        for b, path, _sha, _n in counts:
-            # The file was just checked; compaction (its only other writer) never runs beside a worker.
-            with open_regular(path) as f:
-                for raw in eligible(iter_lines(f, MAX_LINE)):
-                    if j < k and chosen[j] == i:
-                        out.write(line_bytes(raw))
-                        sources[f"{b:06d}"] = sources.get(f"{b:06d}", 0) + 1
-                        j += 1
-                    i += 1
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, files.replay)
-    log.info("replay_drawn", lines=k, eligible=total, from_batches=sources, threshold=store.threshold)
-    return {"lines": k, "sources": sources, "eligible": total, "threshold": store.threshold}
+def heal_split(files: BatchFiles, settings: Settings, log: Any) -> bool:
+    """A healing try (batches/<id>/heal.json, written by the supervisor) draws its replay again,
+    once: the usual uniform draw plus the regressed batches' lines. The split itself (what is
+    held out, what is excluded) does not change. True when it redrew."""
+    heal = read_json_or_none(files.heal)
+    split = read_json_or_none(files.split)
+    if heal is None or split is None or (split.get("replay") or {}).get("heal", {}).get("try") == heal["try"]:
+        return False
+    # The previous try's scan counted the previous draw: gone before the new split can be seen.
+    unlink_quietly(files.scan)
+    skip = set(split.get("heldout", ())) | set(split.get("excluded", ()))
+    skip |= _frozen_set_hashes(files, settings.data.max_line_bytes, log)
+    if files.eval_file.is_file():
+        skip |= set(set_hashes(files.eval_file, settings.data.max_line_bytes))
+    own = split["own_lines"]
+    replay = draw_replay(files, settings, skip, own_prefixes(files.data, skip, settings.data.max_line_bytes), own,
+                         log, heal=heal)
+    atomic_write_json(files.split, {**split, "replay_lines": replay["lines"], "replay": replay})
+    return True
 
 
 def _write_holdout(files: BatchFiles, offsets: list[int], max_line_bytes: int) -> None:

@@ -311,10 +311,11 @@ class Trainer:
         if not self.early.due(self.step) or not self.split.new_set:
             return False
         if self._new_set is None:
-            sets = ev.load_sets(self.files, self.split.new_set, self.encoder, self.s.train.seq_len,
-                                self.s.data.max_line_bytes, self.log)[:1]
-            ev.allocate(sets, int(self.s.eval.max_tokens) // 2)
-            self._new_set = sets[0].chosen if sets else []
+            new = ev.load_new_set(self.files, self.split.new_set, self.split.new_set_kind, self.encoder,
+                                  self.s.train.seq_len, self.s.data.max_line_bytes)
+            if new is not None:
+                ev.allocate([new], int(self.s.eval.max_tokens) // 2)
+            self._new_set = new.chosen if new is not None else []
         if not self._new_set:
             return False
         stopper = self.stopper.deferred() if self.ranks.on else self.stopper
@@ -340,14 +341,15 @@ class Trainer:
     def _evaluate(self, train_tokens: int) -> None:
         """Candidate against champion on every set; eval.json is the supervisor's input to the gate."""
         result = ev.evaluate_candidate(self.model, self.loaded, self.stopper, self.files, self.s,
-                                       new_set=self.split.new_set, champion=self.init_adapter,
+                                       split=self.split, champion=self.init_adapter,
                                        train_tokens=train_tokens, encoder=self.encoder,
                                        precision=self.precision, log=self.log)
         result["early_stopping"] = self.early.state() if self.early.every else None
         atomic_write_json(self.files.eval_result, result)
         self.log.info("evaluation_done", seconds=result["seconds"], sets=[
             {"name": r["name"], "kind": r["kind"], "candidate": r["candidate"]["mean_loss"],
-             "champion": r["champion"]["mean_loss"], "used": r["used"]} for r in result["sets"]])
+             "champion": r["champion"]["mean_loss"], "used": r["used"]} for r in result["sets"]],
+            champion_reused_examples=result["champion"]["reused_examples"])
 
     # -- checkpoints, the adapter, progress, result ---------------------------------------
 
