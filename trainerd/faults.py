@@ -12,6 +12,11 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
   oom_above_micro:K             worker: raise a CUDA out-of-memory error for micro-batches above K
   supervisor_crash_in_publish   supervisor: SIGKILL itself after adapters/<n> appears, before
                                 ``current`` moves
+  supervisor_crash_in_claim:N   supervisor: SIGKILL itself right after the N-th file it renamed out
+                                of the inbox, before that file is hashed or queued (its group's
+                                rows are in the ledger, other files of the group half-way)
+  supervisor_stall_loop:S       supervisor: hold its loop busy in pure Python for S seconds, once,
+                                while a worker runs (the memory guard must not notice)
   term_in_evaluation            worker: SIGTERM itself after the first evaluation batch (a stop
                                 that lands in the middle of the evaluation, every time)
   stop_in_checkpoint            worker: SIGSTOP itself in the middle of writing a checkpoint, once
