@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from trainerd.ledger import Ledger
+from trainerd.metrics import parse
+from trainerd.status import render_status
 
 REPO = Path(__file__).resolve().parent.parent
 BALLOON = REPO / "tests" / "bin" / "balloon.py"
@@ -203,6 +205,18 @@ def test_guard_decides_on_time_while_the_loop_is_held_busy(memcg, daemon_factory
     assert stop["usage_bytes"] < limit * 0.95
     assert exited["exit_code"] == 75 and exited["signal"] is None
     assert cg.oom_kills() == 0 and not d.events("kernel_oom_kill")
+    # The stall is visible where an operator looks: status, the metrics, the log.
+    slow = d.events("loop_turn_slow")
+    assert slow and slow[0]["seconds"] >= 10 and max(slow[0]["doing"], key=slow[0]["doing"].get) == "worker"
+    loop = d.wait_for(lambda: (lp := d.status()["daemon"]["loop"]) and (lp["longest_turn_s"] or 0) >= 10 and lp, 30)
+    guard = loop["guard_interval_s"]
+    assert guard["count"] >= 50 and 0.09 <= guard["p50"] <= 0.15 and guard["max"] < 1.0, guard  # no gap in the stall
+    assert "loop      longest turn" in render_status(d.status())
+    prom = d.root / "metrics" / "trainerd.prom"
+    figures = d.wait_for(lambda: prom.exists() and (m := parse(prom.read_text())).get("trainerd_loop_turn_seconds")
+                         and m, 30)
+    assert list(figures["trainerd_loop_turn_seconds"].values())[0] >= 10
+    assert set(figures["trainerd_guard_poll_interval_seconds"]) == {(("quantile", "0.5"),), (("quantile", "1"),)}
     assert d.terminate() == 0
 
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
-__all__ = ["ENV", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "term_at"]
+__all__ = ["ENV", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "spin", "term_at"]
 
 ENV = "TRAINERD_FAULT"
 RANK_ENV = "TRAINERD_FAULT_RANK"
@@ -71,6 +72,16 @@ def term_at(point: str) -> None:
     """SIGTERM this process now if fault ``point`` is on: a graceful stop, delivered at that point."""
     if active(point):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def spin(seconds: float) -> None:
+    """Keep this thread busy in pure Python for ``seconds``: it gives the GIL away only when the
+    interpreter's switch interval forces it (the worst a busy loop can do to another thread)."""
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        for i in range(1000):
+            x += i * i
 
 
 def at_step(step: int) -> None:

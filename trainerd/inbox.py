@@ -130,6 +130,7 @@ class ScanPass:
     evals: list[str] = field(default_factory=list)  # inbox names that are no candidates (eval files)
     recheck_at: float | None = None
     entries: int = 0
+    skip: Callable[[str], bool] | None = None  # names already on their way to be claimed
     _it: Any = None
     _done: bool = False
 
@@ -240,12 +241,17 @@ class Inbox:
         p.step(math.inf)
         return p.finish(self.walk(set(p.in_doubt)).run() if p.in_doubt else {})
 
-    def start_scan(self, now: float) -> ScanPass:
-        return ScanPass(self, now)
+    def start_scan(self, now: float, skip: Callable[[str], bool] | None = None) -> ScanPass:
+        """A pass to do in slices; ``skip``: names found ready before and not claimed yet (they
+        are neither looked at nor walked for again)."""
+        return ScanPass(self, now, skip=skip)
 
     def _look(self, p: ScanPass, entry: os.DirEntry[str]) -> None:
         """One entry of a pass: rejected, settling, in doubt, or settled."""
         name, now = entry.name, p.now
+        if p.skip is not None and p.skip(name):
+            p.present.add(name)
+            return
         try:
             st = os.lstat(entry.path)  # never follow a symlink
         except FileNotFoundError:

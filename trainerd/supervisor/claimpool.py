@@ -99,6 +99,10 @@ class ClaimPool:
         if todo:
             self._submit(_Group([_Item(b) for b in todo]))
 
+    def knows(self, priority: int, name: str) -> bool:
+        """Is this inbox file already waiting to be claimed, or being claimed?"""
+        return (priority, name) in self._known
+
     def in_flight(self) -> set[int]:
         return {it.batch.id for g in self._groups for it in g.items}
 
@@ -151,11 +155,14 @@ class ClaimPool:
             self._begin(now)
 
     def close(self) -> None:
-        """Stop: abandon hashes in progress (reconcile redoes them), wait for the threads."""
+        """Stop: abandon the claims not yet taken and the hashes in progress (their rows stay
+        CLAIMING: reconcile finishes them at the next start); the manifests of queued batches
+        are still written."""
         self._cancel.set()
-        for pool in (self._takers, self._writers):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self._takers is not None:
+            self._takers.shutdown(wait=True, cancel_futures=True)
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
         self._takers = self._writers = None
 
     # --- groups ----------------------------------------------------------------------------

@@ -264,8 +264,9 @@ class Supervisor:
     def _turn(self, now: float) -> float | None:
         phase = self.health.phase
         if self.running is None or self.running.child.poll() is not None:
-            # Before this tick writes (claims, an exit's settlement), and only with no worker.
-            self.disk.keep_reserve(self.settings.disk.min_free_bytes)
+            with phase("disk"):
+                # Before this tick writes (claims, an exit's settlement), and only with no worker.
+                self.disk.keep_reserve(self.settings.disk.min_free_bytes)
         with phase("signals"):
             self._handle_signals(now)
             self._check_pause(now)
@@ -468,22 +469,12 @@ class Supervisor:
             # once a second.
             stall.watch(r, now, self.settings.supervisor.stall_timeout_s, self.settings.supervisor.stop_grace_s)
             r.stop.tick(now)
-            stall_s = faults.number("supervisor_stall_loop")
-            if stall_s and not self._stalled:
-                self._stall_on_purpose(stall_s)
+            if not self._stalled and (stall_s := faults.number("supervisor_stall_loop")):
+                self._stalled = True  # chaos tests: the loop held busy, once, while a worker runs
+                self.log.warning("loop_stall_injected", seconds=stall_s)
+                faults.spin(stall_s)
+                self.log.warning("loop_stall_ended", seconds=stall_s)
             return
         self.guard_thread.detach()  # waits for a poll in progress: nothing acts on this attempt now
         self.running = None
         self.attempts.finish(r, status, now, stopping=self.stopping)
-
-    def _stall_on_purpose(self, seconds: int) -> None:
-        """The ``supervisor_stall_loop:S`` fault (tests): hold the loop busy in pure Python for S
-        seconds, once, while a worker runs — the worst a turn can do to the guard's thread."""
-        self._stalled = True
-        self.log.warning("loop_stall_injected", seconds=seconds)
-        end = time.monotonic() + seconds
-        x = 0
-        while time.monotonic() < end:
-            for i in range(1000):
-                x += i * i
-        self.log.warning("loop_stall_ended", seconds=seconds)

@@ -119,7 +119,9 @@ class Intake:
             self.pool.resume(ledger.batches(BatchState.CLAIMING))
         for lane in self.lanes.values():
             lane.settle_s = self.inbox.settle_s
-        self._scan = _Scan(now, {p: lane.start_scan(now) for p, lane in self.lanes.items()})
+        pool = self.pool
+        self._scan = _Scan(now, {p: lane.start_scan(now, None if pool is None else (lambda n, p=p: pool.knows(p, n)))
+                                 for p, lane in self.lanes.items()})
 
     def _continue(self, deadline: float, filing: Any) -> None:
         s = self._scan
