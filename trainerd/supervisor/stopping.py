@@ -187,5 +187,7 @@ class Escalation:
             self.cause = cause
 
     def _send(self, sig: int, by: Sender, *, group: bool = False) -> None:
-        self._sent.append((int(sig), by))
-        self.child.send(sig, group=group)
+        # Recorded only once delivered: a worker reaped meanwhile (the loop's thread) got nothing
+        # from us. Under the lock, so the loop's sent_by() never reads a send half-recorded.
+        if self.child.send(sig, group=group):
+            self._sent.append((int(sig), by))
