@@ -1,5 +1,6 @@
 """The finished-file rule: names, settling, writers still open, and entries that are not files."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,23 @@ from hypothesis import strategies as st
 from support.log import ListLog
 from trainerd.inbox import Inbox, is_candidate_name, is_inbox_name, open_for_writing
 from trainerd.writers import WriterWalk
+
+
+@contextlib.contextmanager
+def held_open(path):
+    """A real process that has written a line to ``path`` and keeps it open for writing."""
+    writer = subprocess.Popen([sys.executable, "-c",
+                               "import sys,time; f=open(sys.argv[1],'w'); f.write('{}\\n'); f.flush(); time.sleep(30)",
+                               str(path)])
+    try:
+        deadline = time.monotonic() + 10
+        while not (path.exists() and path.stat().st_size):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield writer
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 @pytest.fixture
@@ -44,20 +62,10 @@ def test_file_must_settle(inbox):
 def test_open_for_writing_is_not_taken(inbox):
     """A file some process still has open for writing (a slow cp) is not taken until closed."""
     f = inbox.dir / "slow.jsonl"
-    writer = subprocess.Popen([sys.executable, "-c",
-                               "import sys,time; f=open(sys.argv[1],'w'); f.write('{}\\n'); f.flush(); time.sleep(30)",
-                               str(f)])
-    try:
-        deadline = time.monotonic() + 10
-        while not (f.exists() and f.stat().st_size):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with held_open(f) as writer:
         assert open_for_writing(f) == writer.pid
         assert inbox.scan(1000.0)[0] == []
         assert inbox.scan(2000.0)[0] == []  # settled long ago, still open
-    finally:
-        writer.kill()
-        writer.wait()
     assert open_for_writing(f) is None
     assert inbox.scan(3000.0)[0] == ["slow.jsonl"]
 
@@ -97,20 +105,25 @@ def test_non_regular_entries_rejected_unread(inbox, tmp_path):
     assert kinds == {"link.jsonl": "symlink", "pipe.jsonl": "FIFO", "dir.jsonl": "directory"}
 
 
+def _counting_inbox(tmp_path, **kw):
+    """An inbox on tmp_path/inbox that keeps every /proc walk it makes (a real WriterWalk)."""
+    d = tmp_path / "inbox"
+    d.mkdir()
+    walks: list[WriterWalk] = []
+
+    def counting_walk(targets):
+        walks.append(WriterWalk(targets))
+        return walks[-1]
+
+    return Inbox(d, settle_s=0.0, log=ListLog(), walk=counting_walk, **kw), walks
+
+
 def test_writer_check_throttled_per_file(tmp_path):
     """A settled file that stays open is walked for again at most every WRITER_RECHECK_S."""
     from trainerd.inbox import WRITER_RECHECK_S
 
-    d = tmp_path / "inbox"
-    d.mkdir()
-    walks = []
-
-    def counting_walk(targets):
-        walks.append(set(targets))
-        return WriterWalk(targets)
-
-    box = Inbox(d, settle_s=0.0, log=ListLog(), walk=counting_walk)
-    f = d / "held.jsonl"
+    box, walks = _counting_inbox(tmp_path)
+    f = box.dir / "held.jsonl"
     with open(f, "w") as w:
         w.write("{}\n")
         w.flush()
@@ -123,34 +136,16 @@ def test_writer_check_throttled_per_file(tmp_path):
 def test_one_walk_per_scan_for_every_file_in_doubt(tmp_path):
     """However many settled files are in doubt, a scan walks /proc once, for all of them: 200
     renamed-in files are ready, the one a real process still has open for writing is not."""
-    d = tmp_path / "inbox"
-    d.mkdir()
-    walks = []
-
-    def counting_walk(targets):
-        walks.append(WriterWalk(targets))
-        return walks[-1]
-
-    box = Inbox(d, settle_s=0.0, log=ListLog(), walk=counting_walk)
+    box, walks = _counting_inbox(tmp_path)
+    d = box.dir
     for i in range(200):
         (tmp_path / f"{i}.part").write_text("{}\n")
         os.rename(tmp_path / f"{i}.part", d / f"f{i:03d}.jsonl")
-    held = d / "held.jsonl"
-    writer = subprocess.Popen([sys.executable, "-c",
-                               "import sys,time; f=open(sys.argv[1],'w'); f.write('{}\\n'); f.flush(); time.sleep(30)",
-                               str(held)])
-    try:
-        deadline = time.monotonic() + 10
-        while not (held.exists() and held.stat().st_size):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with held_open(d / "held.jsonl") as writer:
         ready, _, _ = box.scan(1000.0)
         assert len(walks) == 1 and len(walks[0].targets) == 201
         assert walks[0].found and list(walks[0].found.values()) == [writer.pid]
         assert sorted(ready) == [f"f{i:03d}.jsonl" for i in range(200)]
-    finally:
-        writer.kill()
-        writer.wait()
 
 
 def test_writer_walk_in_slices_finds_the_writer(tmp_path):
@@ -172,18 +167,10 @@ def test_writer_walk_in_slices_finds_the_writer(tmp_path):
 def test_closed_file_needs_no_walk(tmp_path):
     """A file written straight into the watched inbox and closed (inotify's close-after-write) is
     taken once settled without any /proc walk; touched again after the close, it is walked for."""
-    d = tmp_path / "inbox"
-    d.mkdir()
-    walks = []
-
-    def counting_walk(targets):
-        walks.append(set(targets))
-        return WriterWalk(targets)
-
-    box = Inbox(d, settle_s=0.0, log=ListLog(), walk=counting_walk)
+    box, walks = _counting_inbox(tmp_path)
     box.start_watching(lambda: None)
     try:
-        f = d / "copied.jsonl"
+        f = box.dir / "copied.jsonl"
         with open(f, "w") as w:
             w.write('{"text": "hi"}\n')
         st = os.stat(f)
