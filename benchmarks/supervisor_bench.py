@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
 """Supervisor benchmark: its own cost idle and while a worker trains, `trainerd status` latency,
-and how long a file waits between landing in the inbox and the worker's first step.
+how long a file waits between landing in the inbox and the worker's first step, and a burst.
 
     python benchmarks/supervisor_bench.py [OUT.json] [--idle-s 30] [--lines 1200] [--metrics-rows 2000]
+                                          [--burst-files 2000] [--busy 0,300] [--busy-fds 33] [--only-burst]
+
+The burst (issue 23): a daemon with a worker running (the fake worker, waiting: the guard samples
+it) gets ``--burst-files`` small files renamed into its inbox at once, with 0 and with 300 other
+processes each holding ``--busy-fds`` open files (~10k fds, the host of the issue), side by side:
+files/s claimed, the longest turn of its loop, the guard's measured sampling interval (p50/max)
+from daemon.json. Goals: longest turn <= 0.1 s, guard interval <= 2 x memory.interval_ms,
+>= 200 files/s.
 
 Runs the real daemon (`python -m trainerd run`) with the real worker on the tiny test model
 (trainerd.worker.testing) in a temporary root. Targets (issue 3): supervisor RSS <= 40 MB and
@@ -168,6 +176,113 @@ def metrics_write_cost(tmp: Path, rows: int) -> dict:
             "cpu_percent_of_core_at_5s": round(100 * statistics.median(times_periodic) / 5.0, 4)}
 
 
+WINDOW_S = 60.0  # the daemon's loop figures: the last minute (trainerd/supervisor/loophealth.py)
+
+
+def _counts(root: Path) -> dict[str, int]:
+    from trainerd.ledger import Ledger
+
+    try:
+        led = Ledger.open_readonly(root / "state.db")
+    except (OSError, Exception):  # noqa: BLE001 - not created yet
+        return {}
+    try:
+        return led.counts()
+    finally:
+        led.close()
+
+
+def burst_case(tmp: Path, model: Path, busy: int, files: int, busy_fds: int) -> dict:
+    """One burst on a fresh daemon whose worker (the fake one, waiting) is being guarded."""
+    name = f"burst-busy{busy}"
+    root = tmp / name
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(json.dumps({
+        "root": str(root), "model": {"path": str(model)}, "disk": {"min_free_bytes": 0},
+        "supervisor": {"settle_s": 0.5, "rescan_s": 5.0, "stop_grace_s": 10},
+        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2},
+    }))
+    e = env()
+    e["TRAINERD_WORKER_CMD"] = f"{sys.executable} {REPO / 'tests' / 'bin' / 'fake_worker.py'}"
+    out_log = open(tmp / f"{name}.out", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "trainerd", "run", "--config", str(cfg)], env=e,
+                            stdout=out_log, stderr=subprocess.STDOUT)
+    held = [os.open(tmp / f"held-{i}", os.O_RDONLY | os.O_CREAT, 0o600) for i in range(busy_fds)]
+    sleepers: list[subprocess.Popen] = []
+    try:
+        wait_ready(proc, root, tmp)
+        (root / "inbox" / ".w.part").write_text(json.dumps({"plan": ["wait"], "salt": "worker"}) + "\n")
+        os.rename(root / "inbox" / ".w.part", root / "inbox" / "worker.jsonl")
+        log_path = root / "logs" / "trainerd.jsonl"
+        while '"worker_started"' not in log_path.read_text():
+            assert proc.poll() is None
+            time.sleep(0.05)
+        started = time.monotonic()
+        for _ in range(busy):
+            sleepers.append(subprocess.Popen(["sleep", "3600"], pass_fds=held))
+        fds = sum(len(os.listdir(f"/proc/{p}/fd")) for p in os.listdir("/proc") if p.isdigit()
+                  and os.access(f"/proc/{p}/fd", os.R_OK))
+        stage = tmp / f"{name}-stage"
+        stage.mkdir()
+        paths = []
+        for i in range(files):
+            p = stage / f"b{i:05d}.jsonl"
+            p.write_text(json.dumps({"plan": ["done"], "salt": f"{name}-{i}"}) + "\n")
+            paths.append(p)
+        # The loop's figures cover the last minute: let the worker's start (a turn of its own,
+        # ~0.1-0.3 s of fsyncs and a process spawn) leave that window before the burst lands.
+        time.sleep(max(0.0, started + WINDOW_S + 1.0 - time.monotonic()))
+        rss_before = round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1)
+        t0 = time.monotonic()
+        for p in paths:
+            os.rename(p, root / "inbox" / p.name)
+        while _counts(root).get("queued", 0) < files:
+            assert proc.poll() is None, f"daemon exited {proc.returncode}"
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        t_done = time.time()
+        rss_mb = round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1)
+        while True:  # daemon.json's loop figures are refreshed every 10 s at most
+            state = json.loads((root / "daemon.json").read_text())
+            if state.get("updated_at", 0) > t_done and state.get("loop"):
+                break
+            time.sleep(0.5)
+        loop = state["loop"]
+        slow = [json.loads(x) for x in log_path.read_text().splitlines() if '"loop_turn_slow"' in x]
+        return {"busy_processes": busy, "fds_on_host": fds, "files": files, "seconds": round(took, 2),
+                "files_per_s": round(files / took, 1), "longest_turn_s": loop["longest_turn_s"],
+                "longest_turn_doing": loop["longest_turn_doing"], "guard_interval_s": loop["guard_interval_s"],
+                "guard_interval_ms": loop["guard_interval_ms"], "slow_turns_logged": len(slow),
+                "supervisor_rss_mb_before": rss_before, "supervisor_rss_mb_after": rss_mb}
+    finally:
+        for sp in sleepers:
+            sp.kill()
+            sp.wait()
+        for fd in held:
+            os.close(fd)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out_log.close()
+
+
+def burst(tmp: Path, model: Path, args: argparse.Namespace) -> dict:
+    cases = [burst_case(tmp, model, int(b), args.burst_files, args.busy_fds) for b in args.busy.split(",")]
+    for c in cases:
+        c["goals"] = {"longest_turn_s<=0.1": (c["longest_turn_s"] or 0) <= 0.1,
+                      "guard_interval_max<=2x": (c["guard_interval_s"]["max"] or 0) <= 2 * c["guard_interval_ms"] / 1000,
+                      "files_per_s>=200": c["files_per_s"] >= 200}
+    print("\nburst: busy procs | fds on host | files/s | longest turn s | guard interval p50 / max s")
+    for c in cases:
+        g = c["guard_interval_s"]
+        print(f"       {c['busy_processes']:>10} | {c['fds_on_host']:>11} | {c['files_per_s']:>7} | "
+              f"{c['longest_turn_s']:>14} | {g['p50']} / {g['max']}")
+    return {"cases": cases}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?", default=str(REPO / "bench-out" / "supervisor_bench.json"))
@@ -175,6 +290,10 @@ def main() -> int:
     ap.add_argument("--lines", type=int, default=1200)
     ap.add_argument("--metrics-rows", type=int, default=2000, help="batches in the ledger for metrics_write")
     ap.add_argument("--keep", action="store_true", help="keep the scratch root for inspection")
+    ap.add_argument("--burst-files", type=int, default=2000)
+    ap.add_argument("--busy", default="0,300", help="busy processes for each burst case, comma-separated")
+    ap.add_argument("--busy-fds", type=int, default=33, help="open files each busy process holds")
+    ap.add_argument("--only-burst", action="store_true", help="skip the idle/training/status parts")
     args = ap.parse_args()
 
     from trainerd.worker.testing import build_tiny_model
@@ -183,6 +302,9 @@ def main() -> int:
     model = build_tiny_model(tmp / "model")
     root = tmp / "root"
     results: dict = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_name(), "loadavg_start": os.getloadavg()}}
+    if args.only_burst:
+        results["burst"] = burst(tmp, model, args)
+        return _write(results, args, tmp)
     t_start = time.perf_counter()
     daemon, out_log = start_daemon(tmp, "root", model, metrics=True)
     quiet, quiet_log = start_daemon(tmp, "root-metrics-off", model, metrics=False)
@@ -275,11 +397,16 @@ def main() -> int:
         out_log.close()
         quiet_log.close()
     results["metrics_write"] = metrics_write_cost(tmp / "metrics-bench", args.metrics_rows)
-    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["burst"] = burst(tmp, model, args)
     results["targets"] = {"idle_rss_mb<=40": results["idle"]["rss_mb"] <= 40,
                           "idle_rss_mb<=40 (metrics off)": results["idle_metrics_off"]["rss_mb"] <= 40,
                           "idle_cpu_percent<=0.1": results["idle"]["cpu_percent_of_core"] <= 0.1,
                           "status_s<=0.2": results["status_idle_s"]["median"] <= 0.2}
+    return _write(results, args, tmp)
+
+
+def _write(results: dict, args: argparse.Namespace, tmp: Path) -> int:
+    results["machine"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -203,7 +203,7 @@ def test_same_content_twice_trained_once(sup):
     (sup.layout.inbox / "one.jsonl").write_text(content)
     drive(sup, lambda: sup.ledger.batches() and state(sup).state == "done")
     (sup.layout.inbox / "two.jsonl").write_text(content)
-    drive(sup, lambda: len(sup.ledger.batches()) == 2)
+    drive(sup, lambda: len(sup.ledger.batches()) == 2 and state(sup, 2).state != "claiming")  # claimed over turns
     b2 = state(sup, 2)
     assert b2.state == "skipped" and b2.duplicate_of == 1
     assert not (sup.layout.batch_dir(2) / "fake_calls.jsonl").exists()
@@ -316,11 +316,15 @@ class ScriptedGuard:
     """The MemoryGuard interface with scripted decisions: stands in for memory pressure (which
     tests/test_memguard.py produces for real), so these tests check only the supervisor's reaction."""
 
+    interval_s = 0.1
+
     def __init__(self, real, actions):
         self.real, self.actions, self.attached = real, list(actions), []
+        self.batch_dir = None
 
     def attach(self, pid, batch_dir, started_at):
         self.attached.append(pid)
+        self.batch_dir = Path(batch_dir)
 
     def detach(self):
         pass
@@ -328,7 +332,11 @@ class ScriptedGuard:
     def poll(self, now):
         from trainerd.memguard import Decision
 
-        return Decision(action=self.actions.pop(0) if self.actions else "none", reason="scripted")
+        # Script the decisions from the moment the fake worker runs its plan (it has recorded its
+        # start): the guard polls on its own thread from the worker's spawn, and a SIGTERM before
+        # the worker's first line would end an attempt the fake never counted.
+        started = self.batch_dir is not None and (self.batch_dir / "fake_calls.jsonl").exists()
+        return Decision(action=self.actions.pop(0) if self.actions and started else "none", reason="scripted")
 
     def kernel_oom_kills(self):
         return 0
@@ -377,3 +385,17 @@ def test_sighup_reload_applies_to_next_attempt_and_keeps_old_on_error(tmp_path):
         assert json.loads((s.layout.batch_dir(1) / "settings.json").read_text())["train"]["seq_len"] == 128
     finally:
         s.close()
+
+
+def test_eval_file_is_claimed_with_its_data(sup):
+    """name.eval.jsonl goes with name.jsonl into the batch folder (eval.jsonl); nothing is left in
+    the inbox and the eval file is no batch of its own."""
+    sup.layout.stop.touch()  # paused: only the claim
+    (sup.layout.inbox / "a.eval.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
+    drop(sup, "a.jsonl", ["done"])
+    drive(sup, lambda: sup.ledger.batches() and state(sup).state == "queued")
+    files = sup.layout.batch(1)
+    assert files.eval_file.read_text() == json.dumps({"text": "held out"}) + "\n"
+    assert files.claimed("a.jsonl").is_file()
+    assert [p.name for p in sup.layout.inbox.iterdir() if p.is_file()] == []
+    assert len(sup.ledger.batches()) == 1

@@ -11,12 +11,19 @@ The worker gets:
 - stdout = a pipe relayed line by line into the supervisor's log, with ``batch`` and
   ``attempt`` added (JSON lines keep their fields; anything else is logged as text);
 - stderr = ``batches/<id>/worker.stderr``, appended per attempt (tracebacks, library noise).
+
+Two threads may signal it: the supervisor's loop and the memory guard's own thread
+(supervisor/guardthread.py). A signal must never reach a reaped pid (the kernel may have given
+the number to a stranger), so reaping and signalling hold one lock, and the worker alone is
+signalled through a pidfd where the kernel has them (Linux >= 5.3): a pidfd names the process,
+not the number, and fails with ESRCH once it is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shlex
 import signal
 import subprocess
@@ -89,6 +96,10 @@ class Child:
                 start_new_session=True, close_fds=True)
         self.pid = self.proc.pid
         self.pgid = self.pid  # start_new_session: the worker leads its own group
+        # Held while reaping and while signalling (see the module docstring); taken inside an
+        # Escalation's lock, never around it.
+        self._lock = threading.Lock()
+        self._pidfd = _pidfd_open(self.pid)  # before any reap: the pid is still ours
         try:
             self.create_time: float | None = psutil.Process(self.pid).create_time()
         except psutil.Error:
@@ -139,16 +150,19 @@ class Child:
         Who asked, and why, is recorded by the caller's
         :class:`trainerd.supervisor.stopping.Escalation`, the one place that stops a worker.
         """
-        if self.returncode is not None and not group:
-            return False
-        try:
-            if group:
-                os.killpg(self.pgid, sig)
-            else:
-                os.kill(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        with self._lock:
+            if self.returncode is not None:
+                return False  # reaped: _after_exit has already cleared its group
+            try:
+                if group:
+                    os.killpg(self.pgid, sig)  # the leader is not reaped: the id is still its own
+                elif self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                else:
+                    os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return False
+            return True
 
     def kill_group(self) -> None:
         """SIGKILL the worker, every process left in its group, and every descendant in a session
@@ -163,20 +177,39 @@ class Child:
 
     def poll(self) -> ExitStatus | None:
         """Reap the worker if it ended (non-blocking). On exit, clean up its group and lifeline."""
-        if self.returncode is None:
-            rc = self.proc.poll()
-            if rc is None:
-                return None
-            self.returncode = rc
+        exited = False
+        with self._lock:
+            if self.returncode is None:
+                rc = self.proc.poll()
+                if rc is None:
+                    return None
+                self.returncode, exited = rc, True
+                if self._pidfd is not None:
+                    os.close(self._pidfd)
+                    self._pidfd = None
+        if exited:
             self._after_exit()
         return ExitStatus.from_returncode(self.returncode)
 
     def wait(self, timeout: float | None = None) -> ExitStatus | None:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        return self.poll()
+        """Wait up to ``timeout`` seconds for the worker to exit; reap it (through :meth:`poll`,
+        under the lock) and return how it ended, or None if it still runs."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.poll()
+            if st is not None:
+                return st
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            fd = self._pidfd
+            if fd is not None:
+                try:
+                    select.select([fd], [], [], left)  # readable once the process has exited
+                except (OSError, ValueError):  # closed by a poll() in another thread
+                    pass
+            else:
+                time.sleep(0.01 if left is None else min(0.01, left))
 
     def _after_exit(self) -> None:
         # A grandchild that outlived the worker keeps the group alive: kill it. (The pgid
@@ -198,3 +231,11 @@ class Child:
     @property
     def alive(self) -> bool:
         return self.poll() is None
+
+
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for ``pid`` (our unreaped child), or None where the kernel or Python has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None

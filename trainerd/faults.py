@@ -12,6 +12,11 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
   oom_above_micro:K             worker: raise a CUDA out-of-memory error for micro-batches above K
   supervisor_crash_in_publish   supervisor: SIGKILL itself after adapters/<n> appears, before
                                 ``current`` moves
+  supervisor_crash_in_claim:N   supervisor: SIGKILL itself right after the N-th file it renamed out
+                                of the inbox, before that file is hashed or queued (its group's
+                                rows are in the ledger, other files of the group half-way)
+  supervisor_stall_loop:S       supervisor: hold its loop busy in pure Python for S seconds, once,
+                                while a worker runs (the memory guard must not notice)
   term_in_evaluation            worker: SIGTERM itself after the first evaluation batch (a stop
                                 that lands in the middle of the evaluation, every time)
   stop_in_checkpoint            worker: SIGSTOP itself in the middle of writing a checkpoint, once
@@ -25,8 +30,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
-__all__ = ["ENV", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "term_at"]
+__all__ = ["ENV", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "spin", "term_at"]
 
 ENV = "TRAINERD_FAULT"
 RANK_ENV = "TRAINERD_FAULT_RANK"
@@ -66,6 +72,16 @@ def term_at(point: str) -> None:
     """SIGTERM this process now if fault ``point`` is on: a graceful stop, delivered at that point."""
     if active(point):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def spin(seconds: float) -> None:
+    """Keep this thread busy in pure Python for ``seconds``: it gives the GIL away only when the
+    interpreter's switch interval forces it (the worst a busy loop can do to another thread)."""
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        for i in range(1000):
+            x += i * i
 
 
 def at_step(step: int) -> None:

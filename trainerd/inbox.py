@@ -8,23 +8,32 @@ when all of these hold:
   ``x.jsonl`` is never opened: :meth:`Inbox.scan` reports it as rejected and the daemon
   moves the entry itself, unread, to ``failed/``);
 - its size, mtime and inode have not changed for ``supervisor.settle_s``;
-- no process has it open for writing (``/proc/*/fd`` + ``fdinfo`` flags) — so a slow
-  ``cp`` straight into the inbox is not taken half-way, and a write-then-rename is taken
-  as soon as it settles. A writer under another user is invisible to an unprivileged
-  daemon; settle_s covers that case.
+- no process has it open for writing — so a slow ``cp`` straight into the inbox is not taken
+  half-way, and a write-then-rename is taken as soon as it settles. Asked once per scan for all
+  the files in doubt (:mod:`trainerd.writers`): a file whose writer closed it (inotify's
+  close-after-write) and that has not changed since needs no look; the others share one walk of
+  ``/proc/*/fd``. A writer under another user is invisible to an unprivileged daemon's walk
+  (its close is not); settle_s covers that case.
+
+A scan is done in slices (:class:`ScanPass`, :meth:`ScanPass.step` with a deadline), so a huge
+inbox never holds the supervisor's loop for long; :meth:`Inbox.scan` does a whole one at once.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainerd.contract import data_suffix
+from trainerd.contract import COMPRESSED_SUFFIXES, data_suffix
+from trainerd.writers import CloseLog, FileId, WriterWalk, open_for_writing
 
-__all__ = ["EVAL_SUFFIX", "Inbox", "Rejected", "eval_partner", "is_candidate_name", "is_inbox_name",
+__all__ = ["EVAL_SUFFIX", "Inbox", "Rejected", "ScanPass", "eval_partner", "is_candidate_name", "is_inbox_name",
            "open_for_writing"]
 
 
@@ -33,11 +42,17 @@ EVAL_SUFFIX = ".eval.jsonl"
 LONE_EVAL_REPORT_S = 60.0
 
 
+# The two rules below as regular expressions, from the contract's suffixes: every scan and every
+# metrics write tests each name in the inbox (thousands during a burst), so they run at C speed.
+_COMPRESSED = "(?:" + "|".join(re.escape(s[len(".jsonl"):]) for s in COMPRESSED_SUFFIXES) + ")?"
+_INBOX_NAME = re.compile(r"[^.].*\.jsonl" + _COMPRESSED, re.S)
+_CANDIDATE_NAME = re.compile(r"[^.].*(?<!\.eval)\.jsonl" + _COMPRESSED, re.S)
+
+
 def is_inbox_name(name: str) -> bool:
     """A name the inbox looks at: ``*.jsonl`` (or ``*.jsonl.gz``, ``*.jsonl.zst``), not a dot-file
     (``*.part`` never matches)."""
-    suffix = data_suffix(name)
-    return suffix is not None and not name.startswith(".") and len(name) > len(suffix)
+    return _INBOX_NAME.fullmatch(name) is not None
 
 
 def _stem(name: str) -> str:
@@ -47,7 +62,7 @@ def _stem(name: str) -> str:
 def is_candidate_name(name: str) -> bool:
     """A data file to claim: an inbox name that is not an eval file (``name.eval.jsonl``; eval
     files are plain JSONL only, a compressed one is never claimed)."""
-    return is_inbox_name(name) and not _stem(name).endswith(".eval")
+    return _CANDIDATE_NAME.fullmatch(name) is not None
 
 
 def eval_partner(name: str) -> str:
@@ -70,43 +85,6 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def open_for_writing(path: Path) -> int | None:
-    """The pid of a process that has ``path`` open for writing, or None.
-
-    Reads ``/proc/<pid>/fd/*`` links and their ``fdinfo`` flags. Costs a walk of every fd on
-    the machine, so it runs only for files that already look settled.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:  # gone, or another user's process we may not look into
-            continue
-        for fd in fds:
-            try:
-                # stat() follows the magic link to the open file itself, even after a rename.
-                fst = os.stat(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if fst.st_ino != st.st_ino or fst.st_dev != st.st_dev:
-                continue
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    flags = next((int(line.split()[1], 8) for line in f if line.startswith("flags:")), 0)
-            except (OSError, ValueError):
-                continue
-            if flags & (os.O_WRONLY | os.O_RDWR):
-                return pid
-    return None
-
-
 @dataclass
 class Rejected:
     """An inbox entry with a candidate name that is not a regular file."""
@@ -124,21 +102,83 @@ class _Seen:
     writer_checked_at: float | None = None  # last /proc walk that found a writer
 
 
-# A /proc walk costs ~5 ms per 100 processes: for a file that stays open without changing
-# (a writer that paused), look again at most this often. Its close also wakes the daemon
-# through inotify, so the claim is late by at most this much.
+# A file found open for writing (a writer that paused) is looked at again at most this often;
+# its close also wakes the daemon through inotify, so the claim is late by at most this much.
 WRITER_RECHECK_S = 2.0
+
+# The inotify events that can make a file ready (it appeared, was renamed in, or was closed after
+# writing). Modifications are not among them: a file still changing is not ready anyway, and a
+# copy of a big file would otherwise wake the loop a hundred times a second.
+_INBOX_EVENTS = ("FileCreatedEvent", "FileMovedEvent", "FileClosedEvent")
+
+
+@dataclass(eq=False)
+class ScanPass:
+    """One look at a lane, in slices: :meth:`step` reads the folder and lstat's its entries until a
+    deadline; then the files in doubt (settled, not known closed) are :attr:`in_doubt` for one
+    writer walk shared by every lane; :meth:`finish` with that walk's findings gives (ready names
+    oldest first, rejected entries, when to look again). The folder stays open between slices:
+    an entry renamed away meanwhile is skipped, one added is found by the next scan."""
+
+    inbox: "Inbox"
+    now: float
+    in_doubt: dict[FileId, list[str]] = field(default_factory=dict)  # settled, not known closed -> names
+    ready: list[tuple[int, str]] = field(default_factory=list)
+    rejected: list["Rejected"] = field(default_factory=list)
+    present: set[str] = field(default_factory=set)
+    settled: set[str] = field(default_factory=set)
+    evals: list[str] = field(default_factory=list)  # inbox names that are no candidates (eval files)
+    recheck_at: float | None = None
+    entries: int = 0
+    skip: Callable[[str], bool] | None = None  # names already on their way to be claimed
+    _it: Any = None
+    _done: bool = False
+
+    def step(self, deadline: float) -> bool:
+        """Look at entries until ``time.monotonic() >= deadline`` (at least a few); True when done."""
+        if self._done:
+            return True
+        if self._it is None:
+            try:
+                self._it = os.scandir(self.inbox.dir)
+            except FileNotFoundError:
+                self._done = True
+                return True
+        box, n = self.inbox, 0
+        for entry in self._it:
+            if is_inbox_name(entry.name):
+                box._look(self, entry)
+            n += 1
+            # Every few entries: each lstat gives the GIL away, and getting it back can take a
+            # switch interval while the claim threads run.
+            if n % 16 == 0 and time.monotonic() >= deadline:
+                self.entries += n
+                return False
+        self.entries += n
+        self._it.close()
+        self._done = True
+        return True
+
+    def _later(self, at: float) -> None:
+        self.recheck_at = at if self.recheck_at is None else min(self.recheck_at, at)
+
+    def finish(self, writers: dict[FileId, int]) -> tuple[list[str], list["Rejected"], float | None]:
+        return self.inbox._finish(self, writers)
 
 
 class Inbox:
-    """Finds finished files in ``inbox_dir``. Call :meth:`scan` with the current time."""
+    """Finds finished files in ``inbox_dir``. :meth:`scan` with the current time does a whole
+    look; :meth:`start_scan` gives a :class:`ScanPass` to do it in slices. ``closes`` is the
+    record of inotify's close-after-write events, shared by every lane; ``walk`` makes the /proc
+    walk for the files in doubt (a parameter for tests)."""
 
-    def __init__(self, inbox_dir: Path, *, settle_s: float, log: Any,
-                 writer_check: Callable[[Path], int | None] = open_for_writing):
+    def __init__(self, inbox_dir: Path, *, settle_s: float, log: Any, closes: CloseLog | None = None,
+                 walk: Callable[[set[FileId]], WriterWalk] = WriterWalk):
         self.dir = Path(inbox_dir)
         self.settle_s = settle_s
         self.log = log
-        self.writer_check = writer_check
+        self.closes = closes if closes is not None else CloseLog()
+        self.walk = walk
         self._seen: dict[str, _Seen] = {}
         self._writing_logged: set[tuple[str, int]] = set()
         self._lone_reported: set[tuple[str, int]] = set()
@@ -147,32 +187,45 @@ class Inbox:
     # --- watchdog hints ------------------------------------------------------------------
 
     def start_watching(self, on_hint: Callable[[], None]) -> None:
-        """Start an inotify observer; every event in the folder calls ``on_hint`` (from its thread)."""
-        from watchdog.events import FileSystemEventHandler
+        """Start an inotify observer on this folder: a new, renamed-in or closed file calls
+        ``on_hint`` (from its thread); a close is also recorded in :attr:`closes`."""
         from watchdog.observers import Observer
 
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:  # noqa: D401 - watchdog's API
-                on_hint()
-
         self._observer = Observer()
-        self._observer.schedule(_Handler(), str(self.dir), recursive=False)
         self._observer.daemon = True
+        self.watch_lane(self.dir, self.closes, on_hint)
         self._observer.start()
+
+    def watch_lane(self, folder: Path, closes: CloseLog, on_hint: Callable[[], None]) -> None:
+        """Watch another inbox lane the same way (its closes recorded in ``closes``)."""
+        import watchdog.events as ev
+
+        class _Lane(ev.FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:  # noqa: D401 - watchdog's API
+                if isinstance(event, ev.FileClosedEvent):
+                    closes.closed(event.src_path)
+                if not event.is_directory:
+                    on_hint()
+
+        if self._observer is not None:
+            self._observer.schedule(_Lane(), str(folder), recursive=False,
+                                    event_filter=[getattr(ev, n) for n in _INBOX_EVENTS])
 
     def watch_also(self, folder: Path, names: set[str] | None, on_hint: Callable[[], None]) -> None:
         """Also call ``on_hint`` when an entry named one of ``names`` (None: any) in ``folder`` is
-        created, removed or renamed (the daemon watches ``root/.stop`` and ``requests/`` so)."""
-        from watchdog.events import FileSystemEventHandler
+        created, removed or renamed (the daemon watches ``root/.stop`` and ``requests/`` so).
+        Only those events: the root also holds the ledger, whose every write would be one."""
+        import watchdog.events as ev
 
-        class _Named(FileSystemEventHandler):
+        class _Named(ev.FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:  # noqa: D401 - watchdog's API
                 paths = (getattr(event, "src_path", ""), getattr(event, "dest_path", ""))
                 if names is None or any(os.path.basename(str(p)) in names for p in paths if p):
                     on_hint()
 
         if self._observer is not None:
-            self._observer.schedule(_Named(), str(folder), recursive=False)
+            self._observer.schedule(_Named(), str(folder), recursive=False,
+                                    event_filter=[ev.FileCreatedEvent, ev.FileDeletedEvent, ev.FileMovedEvent])
 
     def stop_watching(self) -> None:
         if self._observer is not None:
@@ -184,78 +237,95 @@ class Inbox:
 
     def scan(self, now: float) -> tuple[list[str], list[Rejected], float | None]:
         """Return (finished names oldest first, rejected entries, when to look again or None)."""
-        ready: list[tuple[float, str]] = []
-        rejected: list[Rejected] = []
-        recheck_at: float | None = None
-        present: set[str] = set()
+        p = self.start_scan(now)
+        p.step(math.inf)
+        return p.finish(self.walk(set(p.in_doubt)).run() if p.in_doubt else {})
+
+    def start_scan(self, now: float, skip: Callable[[str], bool] | None = None) -> ScanPass:
+        """A pass to do in slices; ``skip``: names found ready before and not claimed yet (they
+        are neither looked at nor walked for again)."""
+        return ScanPass(self, now, skip=skip)
+
+    def _look(self, p: ScanPass, entry: os.DirEntry[str]) -> None:
+        """One entry of a pass: rejected, settling, in doubt, or settled."""
+        name, now = entry.name, p.now
+        if p.skip is not None and p.skip(name):
+            p.present.add(name)
+            return
         try:
-            entries = list(os.scandir(self.dir))
+            st = os.lstat(entry.path)  # never follow a symlink
         except FileNotFoundError:
-            return [], [], None
-        settled: set[str] = set()
-        for entry in entries:
-            name = entry.name
-            if not is_inbox_name(name):
-                continue
-            try:
-                st = os.lstat(entry.path)  # never follow a symlink
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                kind = _kind(st.st_mode)
-                rejected.append(Rejected(name, kind, f"not a regular file ({kind}); never read", self.dir))
-                continue
-            present.add(name)
-            key = (st.st_size, st.st_mtime_ns, st.st_ino)
-            seen = self._seen.get(name)
-            if seen is None or seen.key != key:
-                self._seen[name] = seen = _Seen(key, now)
-            due = seen.since + self.settle_s
-            if now < due:
-                recheck_at = due if recheck_at is None else min(recheck_at, due)
-                continue
-            if seen.writer_checked_at is not None and now < seen.writer_checked_at + WRITER_RECHECK_S:
-                nxt = seen.writer_checked_at + WRITER_RECHECK_S
-                recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
-                continue
-            writer = self.writer_check(Path(entry.path))
-            if writer is not None:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            kind = _kind(st.st_mode)
+            p.rejected.append(Rejected(name, kind, f"not a regular file ({kind}); never read", self.dir))
+            return
+        p.present.add(name)
+        if not is_candidate_name(name):
+            p.evals.append(name)
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        seen = self._seen.get(name)
+        if seen is None or seen.key != key:
+            self._seen[name] = seen = _Seen(key, now)
+        due = seen.since + self.settle_s
+        if now < due:
+            p._later(due)
+            return
+        if seen.writer_checked_at is not None and now < seen.writer_checked_at + WRITER_RECHECK_S:
+            p._later(seen.writer_checked_at + WRITER_RECHECK_S)
+            return
+        if self.closes.unchanged_since_close(st):
+            self._settled(p, name, st.st_mtime_ns)  # closed after its last write: no walk needed
+        else:
+            p.in_doubt.setdefault((st.st_dev, st.st_ino), []).append(name)
+
+    def _settled(self, p: ScanPass, name: str, mtime_ns: int) -> None:
+        p.settled.add(name)
+        if is_candidate_name(name):
+            p.ready.append((mtime_ns, name))
+
+    def _finish(self, p: ScanPass, writers: dict[FileId, int]) -> tuple[list[str], list[Rejected], float | None]:
+        now = p.now
+        for fid, names in p.in_doubt.items():
+            writer = writers.get(fid)
+            for name in names:
+                seen = self._seen.get(name)
+                if seen is None:
+                    continue  # taken since (a claim from an earlier pass)
+                if writer is None:
+                    self._settled(p, name, seen.key[1])
+                    continue
                 seen.writer_checked_at = now
-                if (name, st.st_ino) not in self._writing_logged:
-                    self._writing_logged.add((name, st.st_ino))
+                if (name, fid[1]) not in self._writing_logged:
+                    self._writing_logged.add((name, fid[1]))
                     self.log.info("inbox_file_still_open", file=name, writer_pid=writer)
                 # Still open: its close produces an inotify event; poll as well, slowly.
-                nxt = now + WRITER_RECHECK_S
-                recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
-                continue
-            settled.add(name)
-            if is_candidate_name(name):
-                ready.append((st.st_mtime_ns, name))
-        for name in list(self._seen):
-            if name not in present:
-                del self._seen[name]
+                p._later(now + WRITER_RECHECK_S)
+        present, settled = p.present, p.settled
+        for name in [n for n in self._seen if n not in present]:
+            del self._seen[name]
         # A data file whose eval file is there but not finished waits for it (they are claimed
-        # together); an eval file alone is reported once, and never trained.
-        ready = [(t, n) for t, n in ready if eval_partner(n) not in present or eval_partner(n) in settled]
-        for name in present - settled:
-            if name.endswith(EVAL_SUFFIX):
-                nxt = now + self.settle_s
-                recheck_at = nxt if recheck_at is None else min(recheck_at, nxt)
-        self._report_lone_evals(present, now)
+        # together); an eval file alone is reported once, and never trained. (Per eval file, not
+        # per data file: a burst of thousands without any costs nothing here.)
+        ready = p.ready
+        if p.evals:
+            ready = [(t, n) for t, n in ready if eval_partner(n) not in present or eval_partner(n) in settled]
+            for name in p.evals:
+                if name.endswith(EVAL_SUFFIX) and name not in settled:
+                    p._later(now + self.settle_s)
+            self._report_lone_evals(p.evals, present, now)
         ready.sort()
-        return [n for _, n in ready], rejected, recheck_at
+        return [n for _, n in ready], p.rejected, p.recheck_at
 
-    def _report_lone_evals(self, present: set[str], now: float) -> None:
-        for name in present:
-            if not is_candidate_name(name) and not name.endswith(EVAL_SUFFIX):
+    def _report_lone_evals(self, evals: list[str], present: set[str], now: float) -> None:
+        for name in evals:
+            if not name.endswith(EVAL_SUFFIX):
                 # name.eval.jsonl.gz: eval files are small and read by several rooms; plain only.
                 key = (name, self._seen[name].key[2])
                 if key not in self._lone_reported:
                     self._lone_reported.add(key)
                     self.log.warning("eval_file_compressed", file=name, folder=str(self.dir),
                                      hint="eval files are taken as plain .eval.jsonl only; decompress it")
-                continue
-            if not name.endswith(EVAL_SUFFIX):
                 continue
             data = name[: -len(EVAL_SUFFIX)] + ".jsonl"
             seen = self._seen[name]

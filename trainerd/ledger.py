@@ -209,11 +209,23 @@ class Ledger:
     def begin_claim(self, name: str, size_bytes: int, now: float, priority: int = 0) -> Batch:
         """Insert a CLAIMING row; committed before the file is touched, so a crash leaves a trace.
         ``priority``: the lane it was dropped in (contract.LANES), which also says where it lies."""
+        return self.begin_claims([(name, size_bytes, priority)], now)[0]
+
+    def begin_claims(self, files: list[tuple[str, int, int]], now: float) -> list[Batch]:
+        """:meth:`begin_claim` for several ``(name, size_bytes, priority)`` in one commit (one
+        fsync for a whole slice of a burst), in that order."""
         with self.transaction() as db:
-            cur = db.execute(
+            ids = [int(db.execute(
                 "INSERT INTO batches(name, size_bytes, state, created_at, updated_at, priority) VALUES (?,?,?,?,?,?)",
-                (name, size_bytes, BatchState.CLAIMING.value, now, now, priority))
-            return self._get(db, int(cur.lastrowid))
+                (name, size, BatchState.CLAIMING.value, now, now, priority)).lastrowid) for name, size, priority in files]
+            return [self._get(db, i) for i in ids]
+
+    def finish_claims(self, hashed: list[tuple[int, str, int]], now: float) -> list[Batch]:
+        """:meth:`finish_claim` for several ``(batch_id, sha256, size_bytes)`` in one commit."""
+        with self.transaction() as db:
+            # CLAIMING -> QUEUED, each
+            return [self._transition(db, bid, BatchState.CLAIMING, BatchState.QUEUED, now, sha256=sha, size_bytes=size)
+                    for bid, sha, size in hashed]
 
     def forget_claim(self, batch_id: int) -> None:
         """Drop a CLAIMING row whose file vanished before it was renamed (nothing was taken)."""
@@ -223,10 +235,7 @@ class Ledger:
                 raise LedgerConflict(f"batch {batch_id}: forget_claim needs state claiming")
 
     def finish_claim(self, batch_id: int, sha256: str, size_bytes: int, now: float) -> Batch:
-        with self.transaction() as db:
-            # CLAIMING -> QUEUED
-            return self._transition(db, batch_id, BatchState.CLAIMING, BatchState.QUEUED, now,
-                                    sha256=sha256, size_bytes=size_bytes)
+        return self.finish_claims([(batch_id, sha256, size_bytes)], now)[0]  # CLAIMING -> QUEUED
 
     def set_plan(self, batch_id: int, micro_batch_size: int, grad_accum_steps: int,
                  gradient_checkpointing: bool, now: float) -> Batch:

@@ -52,6 +52,7 @@ from trainerd.states import BatchState
 __all__ = ["Metrics", "Snapshot", "textfile_path"]
 
 GUARD_ACTIONS = ("stop", "recycle", "term", "kill")
+MIN_WRITE_GAP_S = 1.0  # between two writes on changes (issue 23: a burst changes the ledger every turn)
 _RESTART_OUTCOMES = ("stopped", "crashed", "lost")
 _KNOWN_STOPS = {r.value for r in StopReason}
 
@@ -87,6 +88,7 @@ class Snapshot:
     base_model: str = ""
     eval_losses: list[tuple[str, str, str, float]] = field(default_factory=list)  # set, kind, model, loss
     health: list[tuple[str, int]] = field(default_factory=list)  # trainerd check's conditions: name, severity
+    loop: dict[str, Any] = field(default_factory=dict)  # the daemon's loop_figures() (issue 23)
 
 
 def restart_reason(outcome: str, reason: str | None) -> str:
@@ -174,6 +176,7 @@ class _Collector:
         for name, v in s.health:
             g.add_metric([name], v)
         yield g
+        yield from _loop_metrics(s.loop)
         g = GaugeMetricFamily("trainerd_current_eval_loss", "The current version's gate figures: mean loss "
                               "per token on each set, of the candidate it was and the champion it beat",
                               labels=["set", "kind", "model"])
@@ -202,12 +205,14 @@ class Metrics:
         self._last_attempt: tuple[Any, Path] | None = None  # the attempt seen running last, its progress.json
         self._checkpoint: tuple[float | None, float | None] | None = None  # (seconds, at); None: not looked
         self._health = HealthWatch()
+        self._written_at = -math.inf
 
     # --- the daemon's one call ---------------------------------------------------------------
 
-    def tick(self, now: float, daemon: Any) -> float:
+    def tick(self, now: float, daemon: Any, *, force: bool = False) -> float:
         """Write the file if something changed or it is due; return when to be called next
-        (``math.inf`` while metrics are off)."""
+        (``math.inf`` while metrics are off). A burst of changes (a claim every few ms) is
+        written once a second at most; ``force`` writes now (the daemon's last word)."""
         path = textfile_path(daemon.settings)
         if path is None or daemon.ledger is None:
             return math.inf
@@ -216,7 +221,9 @@ class Metrics:
                 daemon.stopping)
         if seen == self._seen and now < self.next_write:
             return self.next_write
-        self._seen = seen
+        if not force and now < self._written_at + MIN_WRITE_GAP_S:
+            return self._written_at + MIN_WRITE_GAP_S
+        self._seen, self._written_at = seen, now
         interval = daemon.settings.metrics.interval_s
         self.next_write = now + interval
         try:
@@ -273,6 +280,8 @@ class Metrics:
         self._gather_current(layout, daemon.settings, s)
         s.health = [(c.name, int(c.severity)) for c in
                     self._health.conditions(daemon, time.time() if now is None else now)]
+        figures = getattr(daemon, "loop_figures", None)
+        s.loop = figures() if figures is not None else {}
         return s
 
     def _note_checkpoint(self, progress: dict[str, Any]) -> None:
@@ -399,6 +408,25 @@ class Metrics:
             return
         self._warned.add(key)
         self.log.warning(event, **fields)
+
+
+def _loop_metrics(loop: dict[str, Any]) -> Any:
+    """The supervisor loop's health over the last minute: its longest turn, and the memory guard's
+    measured sampling interval (median and max; only while a worker was watched)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if loop.get("longest_turn_s") is not None:
+        yield GaugeMetricFamily("trainerd_loop_turn_seconds", "The longest turn of the supervisor's loop in "
+                                "the last minute (signals, requests and the watchdog wait for a turn)",
+                                value=loop["longest_turn_s"])
+    g = loop.get("guard_interval_s") or {}
+    if g.get("count"):
+        fam = GaugeMetricFamily("trainerd_guard_poll_interval_seconds", "Time between two memory guard samples "
+                                "over the last minute, as measured (configured: memory.interval_ms)",
+                                labels=["quantile"])
+        fam.add_metric(["0.5"], g["p50"])
+        fam.add_metric(["1"], g["max"])
+        yield fam
 
 
 def _count_inbox(layout: RootLayout) -> int:

@@ -56,7 +56,8 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
     out: dict[str, Any] = {
         "root": str(root),
         "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
-                   "state": (daemon or {}).get("state") if pid else "not running"},
+                   "state": (daemon or {}).get("state") if pid else "not running",
+                   "loop": (daemon or {}).get("loop") if pid else None},  # the loop's health (issue 23)
         "paused": os.path.lexists(layout.stop),
         "base_held": (daemon or {}).get("base_held"),
         "current_adapter": current,
@@ -176,6 +177,9 @@ def render_status(st: dict[str, Any]) -> str:
              f"paused    {'yes (remove .stop or run `trainerd resume`)' if st['paused'] else 'no'}",
              f"adapter   {'adapters/' + str(st['current_adapter']) if st['current_adapter'] else 'none yet'}",
              f"OOM kills {st['kernel_oom_kills']} (kernel; target 0)"]
+    loop = _render_loop(d.get("loop"))
+    if loop:
+        lines.append(loop)
     lines.append(_render_running(st["running"]))
     lines.append(f"queue     {len(st['queue'])} file(s)")
     for q in st["queue"][:10]:
@@ -210,6 +214,18 @@ def render_status(st: dict[str, Any]) -> str:
     lines.append("totals    " + ", ".join(f"{k} {c.get(k, 0)}" for k in
                                            ("done", "rejected", "failed", "skipped", "cancelled", "queued", "running")))
     return "\n".join(lines)
+
+
+def _render_loop(loop: dict[str, Any] | None) -> str | None:
+    """The supervisor loop's longest turn of the last minute and the guard's measured interval."""
+    if not loop or loop.get("longest_turn_s") is None:
+        return None
+    line = f"loop      longest turn {loop['longest_turn_s']:.3f} s (last minute)"
+    g = loop.get("guard_interval_s") or {}
+    if g.get("count"):
+        line += (f"; guard samples every {g['p50']:.3f} s (p50), {g['max']:.3f} s at most"
+                 f" (interval_ms {loop.get('guard_interval_ms')})")
+    return line
 
 
 def _render_running(r: dict[str, Any] | None) -> str:

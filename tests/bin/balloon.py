@@ -14,6 +14,10 @@ do), writes ``{"step": N}`` to ``--state`` atomically and exits 75. SIGTERM does
 unless ``--ignore-term``. Without ``--stop-file`` it never honours a stop. At ``--max-mib``
 it stops growing and keeps stepping; after ``--max-s`` it exits 0.
 
+As the daemon's worker (``TRAINERD_WORKER_CMD="python balloon.py --rate-mib-s ..."``) it takes
+the batch folder the daemon appends (and ignores ``--publish``/``--init-adapter``): its
+``--stop-file`` is then that folder's ``.stop``, as the real worker's is.
+
 ``--jump-mib`` adds that much in one go after ``--jump-after-s`` and prints
 ``{"jumped_at": <CLOCK_MONOTONIC>}`` on stdout once it is resident; with ``--watch-cgroup DIR
 --watch-bytes N`` it also prints ``{"crossed_at": ...}`` when the cgroup's working set first
@@ -66,7 +70,12 @@ def main() -> int:
     ap.add_argument("--max-s", type=float, default=60.0)
     ap.add_argument("--watch-cgroup", help="cgroup dir whose working set to watch during the jump")
     ap.add_argument("--watch-bytes", type=int, default=0)
+    ap.add_argument("batch_dir", nargs="?", help="as the daemon's worker: the batch folder (.stop in it)")
+    ap.add_argument("--publish")
+    ap.add_argument("--init-adapter")
     a = ap.parse_args()
+    if a.batch_dir and not a.stop_file:
+        a.stop_file = os.path.join(a.batch_dir, ".stop")
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_term else _on_term)
     hold: list[bytes] = []

@@ -5,6 +5,7 @@ decision. It never writes a file or sends a signal: the supervisor hands each
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ class MemoryGuard:
 
     ``now`` and ``started_at`` must come from the same clock; ``time.monotonic()`` is best
     (a wall-clock step would read as sudden age, or distort a growth rate).
-    Not thread-safe: the supervisor's main loop owns it.
+    Thread-safe: the supervisor polls it from its own thread (supervisor/guardthread.py) while
+    the loop attaches, detaches, plans and samples it for the metrics; one lock serialises them,
+    so the sampler's kept-open files are never closed under a read.
     """
 
     limit_bytes = _sampler_attr("limit_bytes")
@@ -66,6 +69,7 @@ class MemoryGuard:
         self._pid: int | None = None
         self._batch_dir: Path | None = None
         self._started_at = 0.0
+        self._lock = threading.RLock()
         self.log.info(
             "memory_limit_detected", limit_bytes=self.limit_bytes, source=self.source,
             configured_bytes=self.configured_bytes, cgroup_limit_bytes=self.cgroup_limit_bytes,
@@ -92,15 +96,17 @@ class MemoryGuard:
 
     def attach(self, pid: int, batch_dir: str | Path, started_at: float) -> None:
         """Start watching a worker (its whole process tree); ``batch_dir`` names it in the log."""
-        self._pid, self._batch_dir, self._started_at = int(pid), Path(batch_dir), float(started_at)
-        self.sampler.watch(pid)
-        self.rules.start(started_at)
+        with self._lock:
+            self._pid, self._batch_dir, self._started_at = int(pid), Path(batch_dir), float(started_at)
+            self.sampler.watch(pid)
+            self.rules.start(started_at)
 
     def detach(self) -> None:
         """Stop watching; learn from a graceful stop how long stopping takes."""
-        self._pid = None
-        self.sampler.watch(None)
-        learned = self.rules.finish()
+        with self._lock:
+            self._pid = None
+            self.sampler.watch(None)
+            learned = self.rules.finish()
         if learned is not None:
             self.log.info("memory_stop_timing_learned", **learned)
 
@@ -114,16 +120,22 @@ class MemoryGuard:
 
     def sample(self, now: float) -> Sample:
         """Measure once. Cheap: a few small file reads; the process tree at most once a second."""
-        return self.sampler.sample(now)
+        with self._lock:
+            return self.sampler.sample(now)
 
     def poll(self, now: float) -> Decision:
         """Sample and decide. The caller carries out the decision (writes .stop, signals)."""
-        if self._pid is None:
-            return Decision()
-        return self.decide(self.sample(now), now)
+        with self._lock:
+            if self._pid is None:
+                return Decision()
+            return self.decide(self.sampler.sample(now), now)
 
     def decide(self, s: Sample, now: float) -> Decision:
         """The rules on one sample, logged. Public so that tests can feed exact samples."""
+        with self._lock:
+            return self._decide(s, now)
+
+    def _decide(self, s: Sample, now: float) -> Decision:
         d = self.rules.decide(s, now)
         if d.action == "none":
             return d
@@ -148,17 +160,19 @@ class MemoryGuard:
         """Start at the largest micro-batch estimated to fit under the soft limit in ``precision``
         (see :func:`trainerd.planning.plan_micro_batch`), logged as memory_plan_kept / _reduced /
         _does_not_fit with the numbers behind it."""
-        self.sampler.refresh_limit(force=True)
+        with self._lock:
+            self.sampler.refresh_limit(force=True)
+            limit, baseline = self.limit_bytes, self.sampler.baseline_bytes()
         shape = read_model_shape(model_dir)
-        plan = plan_micro_batch(shape, train, lora, limit_bytes=self.limit_bytes,
-                                baseline_bytes=self.sampler.baseline_bytes(), available_bytes=mem_available(),
+        plan = plan_micro_batch(shape, train, lora, limit_bytes=limit,
+                                baseline_bytes=baseline, available_bytes=mem_available(),
                                 soft=self.settings.soft, precision=precision, ranks=train.nproc_per_node)
         mb0, acc0 = train.micro_batch_size, train.grad_accum_steps
         mb, gc = plan.micro_batch_size, plan.gradient_checkpointing
         fields = dict(micro_batch_size=mb, grad_accum_steps=plan.grad_accum_steps, gradient_checkpointing=gc,
                       estimate_bytes=plan.estimate_bytes, budget_bytes=plan.budget_bytes,
                       limit_bytes=plan.limit_bytes,
-                      source=self.source if plan.limit_bytes == self.limit_bytes else AVAILABLE_SOURCE,
+                      source=self.source if plan.limit_bytes == limit else AVAILABLE_SOURCE,
                       configured_micro_batch_size=mb0, configured_grad_accum_steps=acc0, effective_batch=mb0 * acc0,
                       seq_len=train.seq_len, params=shape["params"], fits=plan.fits, precision=precision,
                       ranks_on_this_node=train.nproc_per_node)

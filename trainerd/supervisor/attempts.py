@@ -3,7 +3,8 @@
 The only caller of the ledger's transitions. Each step records its intent in the ledger
 before it touches the folders, so reconcile can finish any step a crash interrupted:
 
-    claim   inbox/<name> --rename--> batches/<id>/data.jsonl, hashed  (CLAIMING -> QUEUED | SKIPPED | FAILED)
+    claim   inbox/<name> --rename--> batches/<id>/data.jsonl, hashed  (CLAIMING -> QUEUED | SKIPPED | FAILED;
+            the steps are claims.py's, a burst goes through claimpool.py)
     start   plan the memory, write settings.json, spawn the worker     (QUEUED -> RUNNING)
     settle  the exit policy's verdict, carried out                     (RUNNING -> DONE | QUEUED | FAILED)
 """
@@ -11,11 +12,8 @@ before it touches the folders, so reconcile can finish any step a crash interrup
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import shutil
-import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,13 @@ from trainerd import planning
 from trainerd.basemodel import Watched
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
-from trainerd.contract import BatchFiles, ExitCode, RootLayout, lane_name
-from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
-from trainerd.inbox import eval_partner
+from trainerd.contract import BatchFiles, ExitCode, RootLayout
+from trainerd.fsutil import read_json_or_none, unlink_quietly
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.modelref import local_dir
-from trainerd.states import ACTIVE_STATES, BatchState
+from trainerd.states import BatchState
 from trainerd.supervisor import forensics, heal, hooks, policy
+from trainerd.supervisor.claims import Claims
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import guarded
@@ -54,7 +52,6 @@ class Running:
     started_at: float
     log: Any
     oom_kills_at_start: int | None   # the kernel's OOM kill count (/proc/vmstat) at start
-    next_guard_poll: float = 0.0
     stall: StallWatch | None = None
     next_stall_look: float = 0.0
     world: int = 1               # ranks (torchrun): their result files decide the outcome
@@ -62,13 +59,6 @@ class Running:
     @property
     def attempt(self) -> int:
         return self.batch.attempts
-
-
-def _sha256(path: os.PathLike[str]) -> tuple[str, int]:
-    """Hash a claimed file without following links or blocking on a FIFO."""
-    with open_regular(path) as f:
-        h = hashlib.file_digest(f, "sha256")
-        return h.hexdigest(), os.fstat(f.fileno()).st_size
 
 
 class Attempts:
@@ -81,72 +71,13 @@ class Attempts:
         self.settings, self.guard = settings, guard
         self.worker_cmd, self.env = worker_cmd, env
         self.base: Watched | None = None  # the configured base model (the daemon sets it)
+        self.claims = Claims(layout, ledger, log, fail=self._fail, end=self.end)
 
-    # --- claim -----------------------------------------------------------------------
-
-    def claim(self, name: str, now: float, priority: int = 0) -> Batch | None:
-        """Take a finished inbox file (of the lane ``priority``): ledger row first, then the
-        rename, then the hash."""
-        src = self.layout.lane(priority) / name
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            return None  # changed under us; the next scan rejects it
-        if st.st_nlink > 1:
-            self.log.warning("inbox_file_hard_linked", file=name, links=st.st_nlink,
-                             hint="another name can still change these bytes while they train")
-        batch = self.ledger.begin_claim(name, st.st_size, now, priority=priority)
-        return self.complete_claim(batch, now)
+    # --- claim (the steps are claims.py's) -------------------------------------------------
 
     def complete_claim(self, batch: Batch, now: float) -> Batch | None:
         """CLAIMING -> QUEUED or SKIPPED (or FAILED). Idempotent: reconcile calls it after a crash."""
-        log = self.log.bind(batch=batch.id)
-        files = self.layout.batch(batch.id)
-        original = files.claimed(batch.name)  # data.jsonl, or data.jsonl.gz|zst (the worker expands it)
-        inbox = self.layout.lane(batch.priority)
-        if not os.path.lexists(original):
-            files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-            self._claim_eval_partner(batch, files, log)
-            try:
-                # The claim itself: atomic, same file system, the bytes never copied. If the
-                # entry was swapped for a symlink since lstat, rename moves the link, unread.
-                os.rename(inbox / batch.name, original)
-            except FileNotFoundError:
-                self.ledger.forget_claim(batch.id)
-                shutil.rmtree(files.dir, ignore_errors=True)
-                log.warning("claim_vanished", file=batch.name, reason="the file left the inbox before it was claimed")
-                return None
-            fsync_dir(inbox)
-            fsync_dir(files.dir)
-        try:
-            sha, size = _sha256(original)
-        except OSError as e:
-            return self._fail(batch, BatchState.CLAIMING, f"cannot read the claimed file: {e.strerror or e}", now, log)
-        dup = self.ledger.find_by_sha(sha, ACTIVE_STATES, batch.id)
-        if dup is not None:
-            batch = self.ledger.decide_skipped(batch.id, sha, dup.id, now)
-            batch = self.end(batch, now)  # CLAIMING -> SKIPPED
-            log.warning("duplicate_skipped", file=batch.name, sha256=sha, duplicate_of=dup.id,
-                        duplicate_of_file=dup.name, duplicate_of_state=dup.state.value,
-                        reason="this content was already trained or is queued; not training it twice")
-            return batch
-        batch = self.ledger.finish_claim(batch.id, sha, size, now)  # CLAIMING -> QUEUED
-        log.info("batch_queued", file=batch.name, sha256=sha, size_bytes=size, lane=lane_name(batch.priority))
-        return batch
-
-    def _claim_eval_partner(self, batch: Batch, files: BatchFiles, log: Any) -> None:
-        """``name.eval.jsonl`` in the inbox goes with ``name.jsonl``, renamed first (so a crash
-        between the two renames leaves the data, still in the inbox, to claim it again)."""
-        partner = self.layout.lane(batch.priority) / eval_partner(batch.name)
-        try:
-            st = os.lstat(partner)
-        except FileNotFoundError:
-            return
-        if stat.S_ISREG(st.st_mode) and not os.path.lexists(files.eval_file):
-            os.rename(partner, files.eval_file)
-            log.info("eval_file_claimed", file=partner.name, batch=batch.id)
+        return self.claims.complete(batch, now)
 
     # --- start -----------------------------------------------------------------------
 
@@ -213,7 +144,7 @@ class Attempts:
                   gradient_checkpointing=settings.train.gradient_checkpointing)
         unlink_quietly(files.heartbeat)  # the last attempt's sign of life is not this one's
         world = settings.train.nproc_per_node * settings.train.nnodes if distributed(settings) else 1
-        return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills, next_guard_poll=now,
+        return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills,
                        stall=StallWatch(files, now), world=world)
 
     def _parent(self, batch: Batch, now: float) -> tuple[Batch, Path | None]:

@@ -1,10 +1,16 @@
 """The supervisor's loop: signals, reload, pause, systemd, the inbox, and one worker at a time.
 
-One thread does all the work (:meth:`Supervisor.tick`); it takes ``now`` as an argument so
-tests drive time without sleeping (huey style). Signal handlers only record the signal and
-wake the loop through the wakeup pipe (neither logging nor killing is safe inside a handler).
-Two helper threads exist: watchdog's inotify observer, which only writes a byte to the same
-wakeup pipe (a hint: the folder is the truth), and the relay of the worker's stdout.
+One thread runs the loop (:meth:`Supervisor.tick`); it takes ``now`` as an argument so tests
+drive time without sleeping (huey style). Signal handlers only record the signal and wake the
+loop through the wakeup pipe (neither logging nor killing is safe inside a handler). A turn of
+the loop is bounded: the inbox's work is done in slices of at most :data:`SLICE_S` (intake.py,
+claimpool.py), so signals, ``.stop``, requests and systemd's watchdog wait for one slice at most,
+whatever arrives; each turn is timed (health.py) and one over a second is logged.
+
+Helper threads: the memory guard's (guardthread.py: it samples and acts on its own schedule, so
+no turn of the loop can blind it), the claim pool's (the disk's part of a claim), watchdog's
+inotify observer (a byte to the wakeup pipe: a hint, the folder is the truth), and the relay of
+the worker's stdout.
 
 What happens to a batch is in the rooms beside this one: :mod:`.attempts` (claim, start,
 settle), :mod:`.policy` (the pure exit policy), :mod:`.stopping` (the one way to stop a
@@ -22,11 +28,13 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
+from trainerd import faults
 from trainerd.child import worker_command
 from trainerd.config import ConfigError, Settings
 from trainerd.contract import RootLayout
@@ -38,6 +46,9 @@ from trainerd.metrics import Metrics
 from trainerd.sdnotify import Notifier
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
+from trainerd.supervisor.claimpool import ClaimPool
+from trainerd.supervisor.guardthread import GuardThread
+from trainerd.supervisor.loophealth import LoopHealth
 from trainerd.supervisor.desk import Desk
 from trainerd.supervisor.hooks import Hooks
 from trainerd.supervisor.retention import Retention
@@ -54,7 +65,15 @@ from trainerd.supervisor.report import StateReport
 from trainerd.supervisor.requests import Requests
 from trainerd.supervisor.wakeup import Wakeup
 
-__all__ = ["AlreadyRunning", "Supervisor", "take_root_lock"]
+__all__ = ["AlreadyRunning", "SLICE_S", "Supervisor", "take_root_lock"]
+
+# The most a turn spends on the inbox (scan, /proc walk, claims) and on requests, each: the
+# rest waits for the next turn, which comes at once.
+SLICE_S = 0.05
+# The guard's thread re-takes the GIL after each of a poll's ~10 small reads: with the loop
+# running Python, that waits up to this long each time (measured at the default 5 ms: a poll took
+# up to 40 ms; at 1 ms, 1.5 ms). Only contended switches are affected.
+SWITCH_INTERVAL_S = 0.001
 
 
 class AlreadyRunning(RuntimeError):
@@ -122,6 +141,9 @@ class Supervisor:
         self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
         self.backups: recovery.Backups | None = None
         self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
+        self.health = LoopHealth(self.log)
+        self.guard_thread = GuardThread(self.log)
+        self._stalled = False  # the supervisor_stall_loop fault, done once
 
     # --- derived state -------------------------------------------------------------------
 
@@ -144,11 +166,13 @@ class Supervisor:
         self._take_lock()
         self.ledger = recovery.open_ledger(self.layout, self.log)
         self.backups = recovery.Backups(self.ledger, self.layout, self.log)
-        self.ledger.on_change = self.backups.changed
+        self.ledger.on_change = self._batch_changed
         self.filing = Filing(self.layout, self.ledger, self.log, settings_of=lambda: self.settings)
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
         self.attempts.base = self.base_hold.base
+        self.intake.pool = ClaimPool(self.attempts.claims, self.ledger, self.log, self.wakeup.poke,
+                                     manifest=self.backups.changed)
         self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
         # Issue 14: publish hooks (children the loop polls), retention and disk use (a child between
         # workers), and the desk that serves cancel and gc requests besides the chain's.
@@ -156,17 +180,29 @@ class Supervisor:
                            env=self.env)
         self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env)
         self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
+        self.guard_thread.start()
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
         upgrade_root(self.layout, self.ledger, self.settings, self.log, self.notifier)  # issue 17: the memory
         reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
                   stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
 
+    def _batch_changed(self, batch: Any) -> None:
+        """The ledger committed a change of ``batch``: its folder's manifest (recovery.py), after
+        any manifest of its claim still being written on the claim pool's threads."""
+        if self.intake.pool is not None:
+            self.intake.pool.wait_manifest(batch.id)
+        if self.backups is not None:
+            self.backups.changed(batch)
+
     def close(self) -> None:
         for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
             if side is not None:
                 side.close()
         self.inbox.stop_watching()
+        self.guard_thread.stop()
+        if self.intake.pool is not None:
+            self.intake.pool.close()  # before the ledger and the wakeup pipe its threads report to
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
@@ -185,10 +221,11 @@ class Supervisor:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
         self.wakeup.install()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             self.open()
             self.intake.start_watching(self.layout.stop, self.layout.requests)
-            self._scan(time.time())
+            self.intake.work(time.time(), time.monotonic() + SLICE_S, self.ledger, self.filing)  # a first slice
             self.notifier.ready(status=self._describe_state())
             self.log.info("supervisor_ready", paused=self.paused,
                           watchdog_interval_s=self.notifier.watchdog_interval_s())
@@ -223,40 +260,64 @@ class Supervisor:
         """Do everything that is due at ``now``; return when to be called next (None = on an event).
 
         ``now`` is wall-clock seconds (it is stored in the ledger: back-off deadlines must
-        survive a restart). The memory guard gets monotonic time: it only compares its own
-        samples with each other, and a wall-clock step (NTP) must not read as a burst of growth.
+        survive a restart). The memory guard's thread uses monotonic time: it only compares its
+        own samples with each other, and a wall-clock step (NTP) must not read as growth.
         """
         assert self.ledger is not None, "call open() first"
+        with self.health.turn():
+            return self._turn(now)
+
+    def _turn(self, now: float) -> float | None:
+        phase = self.health.phase
         if self.running is None or self.running.child.poll() is not None:
-            # Before this tick writes (claims, an exit's settlement), and only with no worker.
-            self.disk.keep_reserve(self.settings.disk.min_free_bytes)
-        self._handle_signals(now)
-        self._check_pause(now)
+            with phase("disk"):
+                # Before this tick writes (claims, an exit's settlement), and only with no worker.
+                self.disk.keep_reserve(self.settings.disk.min_free_bytes)
+        with phase("signals"):
+            self._handle_signals(now)
+            self._check_pause(now)
         if self.running is not None:
-            self._supervise(now)
+            with phase("worker"):
+                self._supervise(now)
+        for action in self.guard_thread.take_actions():  # counted for the metrics (ledger counters survive restarts)
+            self.ledger.bump(f"guard_actions:{action}")
         if self.stopping and self.running is None:
             self.finished = True
-            self.metrics.tick(now, self)  # the last state (no worker) for the textfile it leaves behind
+            self.metrics.tick(now, self, force=True)  # the last state (no worker) for the textfile it leaves behind
             return None
-        if self.intake.due(now):
-            self._scan(now)
-        # promote / rollback asked through root/requests/ (a listdir when there are none)
-        self.requests.serve(self.desk, self.running, now, base=self.base_hold.base.get())
-        self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
-        self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
+        with phase("inbox"):
+            self.intake.work(now, time.monotonic() + SLICE_S, self.ledger, self.filing)
+        with phase("requests"):
+            # promote / rollback asked through root/requests/ (a listdir when there are none)
+            self.requests.serve(self.desk, self.running, now, base=self.base_hold.base.get(),
+                                deadline=time.monotonic() + SLICE_S)
+        with phase("hooks"):
+            self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
+            self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
         if self.running is None and not self.stopping:
-            self._maybe_start(now)
-        self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
-        self._write_daemon_state()
-        self.backups.due(now, self.settings.supervisor.ledger_backup_s)
-        metrics_due = self.metrics.tick(now, self)  # reads this object's public state; cheap unless due
+            with phase("start"):
+                self._maybe_start(now)
+        with phase("report"):
+            self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
+            self._write_daemon_state()
+            self.backups.due(now, self.settings.supervisor.ledger_backup_s)
+        with phase("metrics"):
+            metrics_due = self.metrics.tick(now, self)  # reads this object's public state; cheap unless due
         return min(self._next_wake(now), metrics_due)
 
-    def _scan(self, now: float) -> None:
-        self.intake.scan(now, self.ledger, self.attempts, self.filing)
+    def loop_figures(self) -> dict[str, Any]:
+        """The loop's health for daemon.json and the metrics: the longest turn of the last minute
+        (and what it did) and the guard's measured sampling interval."""
+        mono = time.monotonic()
+        longest, doing = self.health.longest(mono)
+        return {"longest_turn_s": None if longest is None else round(longest, 4), "longest_turn_doing": doing,
+                "guard_interval_s": self.guard_thread.intervals.figures(mono),
+                "guard_interval_ms": self.settings.memory.interval_ms}
 
     def _next_wake(self, now: float) -> float:
-        times = self.intake.next_wake()
+        times = self.intake.next_wake(now)
+        if self.requests.more:
+            times.append(now)  # a burst of requests: the next slice at once
         if self.report.next_ping is not None:
             times.append(self.report.next_ping)
         if self.maintenance.child is not None:
@@ -265,7 +326,7 @@ class Supervisor:
             times += self.hooks.wake_times(now) + self.retention.wake_times(now)
         r = self.running
         if r is not None:
-            times.append(r.next_guard_poll)
+            times.append(r.next_stall_look)
             if r.stop.kill_at is not None:
                 times.append(r.stop.kill_at)
             # SIGCHLD wakes us when the worker exits; this is only a backstop.
@@ -368,7 +429,7 @@ class Supervisor:
             "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low, "base_held": self.base_hold.held,
             "running": None if r is None else {"batch": r.batch.id, "attempt": r.attempt,
                                                "pid": r.child.pid, "started_at": r.started_at},
-        })
+        }, refreshed={"loop": self.loop_figures})
 
     # --- one worker ----------------------------------------------------------------------
 
@@ -403,22 +464,23 @@ class Supervisor:
         if self.running is not None:
             # The guard gets monotonic time: it only compares its own samples (growth rates,
             # worker age), and a wall-clock step (NTP) must not read as growth or a sudden age.
-            self.guard.attach(self.running.child.pid, self.running.files.dir, time.monotonic())
+            self.guard_thread.attach(self.guard, self.running, time.monotonic())
 
     def _supervise(self, now: float) -> None:
         r = self.running
         assert r is not None and self.attempts is not None
         status = r.child.poll()
         if status is None:
-            if now >= r.next_guard_poll:
-                r.next_guard_poll = now + self.settings.memory.interval_ms / 1000.0
-                decision = self.guard.poll(time.monotonic())
-                if decision.action != "none":  # counted for the metrics (ledger counters survive restarts)
-                    self.ledger.bump(f"guard_actions:{decision.action}")
-                r.stop.apply_guard(decision)
-                stall.watch(r, now, self.settings.supervisor.stall_timeout_s, self.settings.supervisor.stop_grace_s)
+            # The memory guard polls on its own thread (guardthread.py); the stall watch looks
+            # once a second.
+            stall.watch(r, now, self.settings.supervisor.stall_timeout_s, self.settings.supervisor.stop_grace_s)
             r.stop.tick(now)
+            if not self._stalled and (stall_s := faults.number("supervisor_stall_loop")):
+                self._stalled = True  # chaos tests: the loop held busy, once, while a worker runs
+                self.log.warning("loop_stall_injected", seconds=stall_s)
+                faults.spin(stall_s)
+                self.log.warning("loop_stall_ended", seconds=stall_s)
             return
-        self.guard.detach()
+        self.guard_thread.detach()  # waits for a poll in progress: nothing acts on this attempt now
         self.running = None
         self.attempts.finish(r, status, now, stopping=self.stopping)

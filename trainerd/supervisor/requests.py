@@ -66,6 +66,7 @@ class Requests:
         self.layout, self.log = layout, log
         self._told: dict[str, str] = {}  # request -> the waiting message already answered
         self._cleared_at = 0.0
+        self.more = False  # the last serve() left requests for the next turn
 
     def pending(self) -> list[Path]:
         try:
@@ -76,10 +77,15 @@ class Requests:
             return []
         return [self.layout.requests / n for n in names]
 
-    def serve(self, chain: Any, running: Any, now: float, base: Any = None) -> None:
+    def serve(self, chain: Any, running: Any, now: float, base: Any = None, deadline: float | None = None) -> None:
+        """Carry out pending requests, oldest first; past ``deadline`` (monotonic) the rest wait
+        for the next turn (at least one is served per call)."""
         from trainerd.supervisor.chain import Refused, Waiting
 
-        for req in self.pending():
+        for i, req in enumerate(self.pending()):
+            if i and deadline is not None and time.monotonic() >= deadline:
+                self.more = True
+                return
             body = read_json_or_none(req)
             if body is None:
                 continue  # unreadable right now; the next pass looks again
@@ -102,6 +108,7 @@ class Requests:
                 self.log.info("request_done", request=req.name, op=op, arg=arg, message=out["message"])
             self._told.pop(req.name, None)
             unlink_quietly(req)
+        self.more = False
         self._clear_old_answers(now)
 
     def _answer(self, req: Path, state: str, message: str, **extra: Any) -> None:

@@ -11,13 +11,21 @@ It remembers the *cause* (why trainerd wants the worker gone: memory, recycle, s
 and, for every signal it sent, the *sender* (the guard or the supervisor), so that when the
 worker ends, the exit policy gets cause x sender x exit status as plain values instead of
 reconstructing them from three places.
+
+Two threads make requests: the memory guard's own (supervisor/guardthread.py, so that a busy
+loop never delays a memory stop) and the supervisor's loop (shutdown, cancel, stall, the grace's
+SIGKILL). Every rung runs under the escalation's lock, so the ladder, the cause and the record of
+signals sent stay one consistent story; the worker itself is signalled through
+:meth:`trainerd.child.Child.send`, which never reaches a reaped pid.
 """
 
 from __future__ import annotations
 
+import functools
 import signal
+import threading
 from enum import Enum
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from trainerd.contract import BatchFiles, StopReason
 from trainerd.fsutil import atomic_write_bytes
@@ -38,6 +46,16 @@ class Sender(str, Enum):
 # A memory stop outranks a recycle: both checkpoint and exit 75, but only memory backs off.
 _RANK = {StopReason.RECYCLE: 1, StopReason.MEMORY: 2}
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(fn: _F) -> _F:
+    @functools.wraps(fn)
+    def run(self: "Escalation", *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+    return run  # type: ignore[return-value]
+
 
 class Escalation:
     """The stop requests made to one running worker (``child``: a :class:`trainerd.child.Child`)."""
@@ -52,9 +70,12 @@ class Escalation:
         self.stalled: str | None = None  # what the stall watchdog saw, when it stopped the worker
         self.stop_file: StopReason | None = None  # what this attempt's .stop says (written by us)
         self._sent: list[tuple[int, Sender]] = []
+        # Re-entrant: a rung calls the lower ones (apply_guard -> write_stop -> ...).
+        self.lock = threading.RLock()
 
     # --- what happened ---------------------------------------------------------------
 
+    @_locked
     def sent_by(self, sig: int | None) -> Sender | None:
         """Who in trainerd last sent ``sig``; None if trainerd never sent it."""
         for s, by in reversed(self._sent):
@@ -64,6 +85,7 @@ class Escalation:
 
     # --- the rungs -------------------------------------------------------------------
 
+    @_locked
     def write_stop(self, reason: StopReason) -> bool:
         """Rung 1: ask through ``batch/.stop`` (atomically, once; recycle may become memory).
 
@@ -83,6 +105,7 @@ class Escalation:
         self._set_cause(reason)
         return True
 
+    @_locked
     def terminate(self, cause: StopReason, by: Sender, now: float, *, grace_s: float | None = None) -> None:
         """Rung 2: SIGTERM to the worker alone (it stops its own helpers); with ``grace_s``, the
         whole group gets SIGKILL once that has passed."""
@@ -92,12 +115,14 @@ class Escalation:
             self.grace_s = grace_s
             self.kill_at = now + grace_s
 
+    @_locked
     def kill(self, cause: StopReason, by: Sender) -> None:
         """Rung 3: SIGKILL the worker and every process in its group (grandchildren included)."""
         self._set_cause(cause, force=by is Sender.SUPERVISOR)
         self._send(signal.SIGKILL, by, group=True)
         self.kill_at = None
 
+    @_locked
     def tick(self, now: float) -> None:
         """SIGKILL the group once a grace given to ``terminate`` has run out."""
         if self.kill_at is not None and now >= self.kill_at:
@@ -106,6 +131,7 @@ class Escalation:
 
     # --- requests by source ----------------------------------------------------------
 
+    @_locked
     def apply_guard(self, decision: Any) -> None:
         """Carry out a memory guard :class:`~trainerd.memguard.Decision`."""
         action = decision.action
@@ -120,12 +146,14 @@ class Escalation:
         elif action == "kill":
             self.kill(StopReason.MEMORY, Sender.GUARD)
 
+    @_locked
     def stall(self, now: float, grace_s: float, why: str) -> None:
         """No progress: continue a stopped worker (so it can checkpoint), then SIGTERM with a grace."""
         self.stalled = why
         self.child.send(signal.SIGCONT, group=True)
         self.terminate(StopReason.STALLED, Sender.SUPERVISOR, now, grace_s=grace_s)
 
+    @_locked
     def cancel(self, now: float, grace_s: float) -> bool:
         """`trainerd cancel`: .stop says cancelled (the worker checkpoints at its next micro-batch
         and exits 75, its result.json saying why), SIGKILL to the group once ``grace_s`` has passed.
@@ -139,6 +167,7 @@ class Escalation:
         self.kill_at = now + grace_s if self.kill_at is None else min(self.kill_at, now + grace_s)
         return True
 
+    @_locked
     def shutdown(self, now: float, grace_s: float, *, at_once: bool) -> None:
         """The daemon is stopping: SIGTERM with a grace, or (a second request) SIGKILL now."""
         if at_once:
@@ -158,5 +187,7 @@ class Escalation:
             self.cause = cause
 
     def _send(self, sig: int, by: Sender, *, group: bool = False) -> None:
-        self._sent.append((int(sig), by))
-        self.child.send(sig, group=group)
+        # Recorded only once delivered: a worker reaped meanwhile (the loop's thread) got nothing
+        # from us. Under the lock, so the loop's sent_by() never reads a send half-recorded.
+        if self.child.send(sig, group=group):
+            self._sent.append((int(sig), by))

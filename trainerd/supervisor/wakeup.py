@@ -48,9 +48,14 @@ class Wakeup:
     def hint(self) -> None:
         """From any thread: note it and wake the loop (a pipe write is thread-safe)."""
         self.hinted = True
+        self.poke()
+
+    def poke(self) -> None:
+        """From any thread: wake the loop without marking the inbox for a scan (a claim's disk
+        work finished on the pool's thread, say)."""
         if self._w is not None:
             try:
-                os.write(self._w, b"h")
+                os.write(self._w, b"p")
             except OSError:  # EAGAIN: the pipe is full, the loop will wake anyway
                 pass
 
