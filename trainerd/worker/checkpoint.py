@@ -5,13 +5,19 @@ scheduler and RNG states, and ``state.json`` (written last, so its presence plus
 named in it marks a complete checkpoint). Resume takes the newest complete one and skips torn
 ones (a crash mid-write leaves only a ``.tmp-*`` folder, never a half ``step-*``).
 
+A checkpoint is taken (:func:`snapshot`) between two optimizer steps and written
+(:func:`write`) either at once in the step loop, or, for a large state, by a background thread
+from a private copy (worker/saver.py) while training goes on: the rules above hold either way.
+
 Hazard: saving must not need a large buffer of its own (an OOM while saving loses everything).
 The adapter is a few MB; ``torch.save`` to a path streams each tensor record to the file
-rather than building the archive in memory; optimizer state is LoRA-sized.
+rather than building the archive in memory; optimizer state is LoRA-sized. A background write
+holds one copy of the adapter and optimizer state (CPU memory) until it is on disk.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -19,6 +25,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +53,95 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: Any,
-         rng: dict[str, Any], state: dict[str, Any], keep: int, protect: int | None = None) -> Path:
+@dataclass
+class Snapshot:
+    """What a checkpoint holds, taken between two optimizer steps: the adapter's tensors, the
+    optimizer and scheduler states, the RNG and ``state.json``'s body. ``copied``: every tensor is
+    a private CPU copy, so a background thread may write it while training goes on; otherwise the
+    tensors are the live ones and it must be written before the next step."""
+
+    step: int
+    adapter: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    state: dict[str, Any]
+    config_json: str              # adapter_config.json, as peft writes it
+    copied: bool
+
+    @property
+    def nbytes(self) -> int:
+        return state_bytes(self.adapter) + state_bytes(self.optimizer)
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def _copied(obj: Any) -> Any:
+    """A deep copy with every tensor cloned to CPU memory (a GPU tensor: a device-to-host copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copied(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_copied(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def snapshot(step: int, *, model: Any, optimizer: Any, scheduler: Any, rng: dict[str, Any],
+             state: dict[str, Any], copy_tensors: bool) -> Snapshot:
+    """The checkpoint of ``step``, taken now (``copy_tensors``: for a background write)."""
+    from peft import get_peft_model_state_dict
+
+    # The same tensors peft's save_pretrained writes (the trainable adapter weights, by name).
+    adapter = get_peft_model_state_dict(model)
+    opt, sched = optimizer.state_dict(), scheduler.state_dict()
+    if copy_tensors:
+        adapter, opt, sched = _copied(adapter), _copied(opt), _copied(sched)
+    else:
+        adapter = {k: v.contiguous() for k, v in adapter.items()}
+    return Snapshot(step, adapter, opt, sched, rng, dict(state), _config_json(model), copy_tensors)
+
+
+def _config_json(model: Any) -> str:
+    """adapter_config.json as ``PeftConfig.save_pretrained`` writes it (sets as lists), marked for
+    inference as peft marks a saved adapter (a resume loads it trainable all the same)."""
+    cfg = model.peft_config["default"].to_dict()
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    cfg["inference_mode"] = True
+    return json.dumps(cfg, indent=2, sort_keys=True, default=str)
+
+
+def write(ckpt_root: Path, snap: Snapshot, *, keep: int, protect: int | None = None) -> Path:
+    """Write ``snap`` as ``checkpoints/step-%08d`` (tmp folder, every file fsynced, rename) and
+    prune the older ones. Safe in a background thread for a copied snapshot."""
+    from safetensors.torch import save_file
+
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    step = snap.step
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        # save_pretrained writes adapter_model.safetensors + adapter_config.json (+ README.md).
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(snap.adapter, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(snap.config_json)
+        torch.save(snap.optimizer, tmp / "optimizer.pt")
         faults.die_at("crash_in_checkpoint")
         faults.freeze_at("stop_in_checkpoint", once=ckpt_root.parent / ".fault-stop_in_checkpoint")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
+        torch.save(snap.scheduler, tmp / "scheduler.pt")
+        torch.save(snap.rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**snap.state, "step": step, "saved_at": time.time()}, indent=2))
         # replace: re-saving the same step (e.g. a stop right after a periodic save)
         publish_dir(tmp, final, replace=True)
     except BaseException:
@@ -71,6 +151,14 @@ def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: A
         raise
     prune(ckpt_root, keep, protect)
     return final
+
+
+def save(ckpt_root: Path, step: int, *, model: Any, optimizer: Any, scheduler: Any,
+         rng: dict[str, Any], state: dict[str, Any], keep: int, protect: int | None = None) -> Path:
+    """Snapshot and write now, in this thread (no copies)."""
+    snap = snapshot(step, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng, state=state,
+                    copy_tensors=False)
+    return write(ckpt_root, snap, keep=keep, protect=protect)
 
 
 def complete(ckpt_root: Path) -> list[Path]:

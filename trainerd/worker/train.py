@@ -39,7 +39,10 @@ from trainerd.worker.evaluate import EarlyStopping
 from trainerd.lines import ScanReport
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder
 from trainerd.worker.model import ConfigProblem
+from trainerd.worker import tally
 from trainerd.worker.progress import Progress, peak_rss_bytes
+from trainerd.worker.saver import Clock, Saver
+from trainerd.worker.tally import Tally
 from trainerd.worker.firstpass import first_pass, wait_for_lead
 from trainerd.worker.publish import write_adapter
 from trainerd.worker.step import Stepper
@@ -71,7 +74,7 @@ class Trainer:
     """Trains one batch folder (its data.jsonl and settings) to the end or to a stop."""
 
     def __init__(self, batch_dir: Path, settings: Settings, *, init_adapter: Path | None,
-                 publish: Path | None, log: Any):
+                 publish: Path | None, log: Any, mtbf_s: float | None = None):
         self.batch_dir = batch_dir
         self.s = settings
         self.init_adapter = init_adapter
@@ -82,6 +85,9 @@ class Trainer:
         self.stopper = Stopper(self.files.stop, RootLayout(settings.root).stop,
                                debounce_s=DEBOUNCE_S if self.ranks.on else 0.0)
         self.progress = Progress(self.files, log, writes=self.ranks.lead, world_size=self.ranks.world)
+        self.tally = Tally(self.files.tally, writes=self.ranks.lead)
+        self.mtbf_s = mtbf_s
+        self.saver: Saver | None = None  # set once training starts
         self.started = time.monotonic()
         self.result: dict[str, Any] = {
             "micro_batch_size": settings.train.micro_batch_size,
@@ -95,8 +101,6 @@ class Trainer:
         self.tokens = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self._last_ckpt_step = -1
-        self._last_ckpt_time = time.monotonic()
         self.early = EarlyStopping(settings.eval.every_steps, settings.eval.early_stopping_patience)
         self.training_done = False
         self._new_set: list | None = None  # the new set's examples, for evaluations during training
@@ -135,6 +139,7 @@ class Trainer:
             raise DataError(f"data file missing: {self.files.data}")
         heartbeat.phase("load")  # from_pretrained has no loop of ours: the watchdog allows it longer
         self.loaded = mdl.load(self.s, self.log)
+        tally.phase_done("load")
         self.stopper.device = self.device
         encoder = Encoder(self.loaded.tokenizer)
         heartbeat.phase("scan")
@@ -143,6 +148,7 @@ class Trainer:
         self.split, self.source, sc = first_pass(self.files, self.s, encoder, self.stopper, self.log)
         if sc is None:
             return self._stopped_before_training()
+        tally.phase_done("first_pass")
         self.encoder = encoder
         cursor = self._prepare(sc)
         self._join_ranks()
@@ -156,6 +162,9 @@ class Trainer:
                                   pad_id=self.loaded.tokenizer.pad_token_id, blocks_per_epoch=sc.blocks_per_epoch,
                                   epochs=t.epochs, cursor=cursor))
         heartbeat.phase("train")
+        tally.phase_done("prepare")
+        self.tally.begin(self.step, mtbf_s=self.mtbf_s)
+        self.saver = self._saver()
         stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
         if stopped is not None:
             return stopped
@@ -215,9 +224,10 @@ class Trainer:
                                self.progress, self.log, micro=min(t.micro_batch_size, eff),
                                max_grad_norm=t.max_grad_norm, precision=self.precision, ranks=self.ranks)
         cursor = Cursor()
+        self._resumed_cost_s = None
         if state is not None:
             self._restore(resume[0], state)
-            self._last_ckpt_step = self.step
+            self._resumed_cost_s = state.get("checkpoint_cost_s")
             cursor = Cursor(**state["cursor"])
         else:
             torch.manual_seed(t.seed + self.ranks.rank)
@@ -267,6 +277,7 @@ class Trainer:
                 for _ in range(min(self.eff, total_blocks - self.step * self.eff)):
                     ids, labels, mask, cursor = next(stream)
                     blocks.append((ids, labels, mask))
+                in_steps = self.progress.seconds
                 try:
                     loss = self.stepper.step(blocks, step_rng, self.step + 1)
                 except StopRequested as stop:
@@ -274,6 +285,8 @@ class Trainer:
                     return self._stopped(stop.reason)
                 self.step += 1
                 self.tokens += self.stepper.last_tokens
+                self.tally.stepped(self.step, self.progress.seconds - in_steps)
+                self.saver.poll()  # a background checkpoint's failure surfaces here
                 faults.at_step(self.step)
                 self.last_loss = loss
                 if self.first_loss is None:
@@ -285,23 +298,25 @@ class Trainer:
                     self._checkpoint(cursor, ckpt.rng_state())
                     return self._stopped(stop.reason)
                 # One collective for both: every rank checkpoints, and stops, at the same step.
-                reason, (due,) = self.stopper.agree(best or self._checkpoint_due())
+                reason, (due,) = self.stopper.agree(best or self.saver.clock.due(self.step, time.monotonic()))
                 stop_now = reason is not None and self.step < self.total_steps and not self.early.stopped
                 if due or stop_now:
-                    self._checkpoint(cursor, ckpt.rng_state())  # the best step's weights are kept
+                    # the best step's weights are kept; a stop's checkpoint is on disk before the exit
+                    self._checkpoint(cursor, ckpt.rng_state(), now=bool(stop_now))
                 if self.early.stopped:
                     break
                 if stop_now:
                     return self._stopped(reason)
         except StopIteration:
             raise DataError("data file changed while training: it ended before the counted blocks")
+        self.saver.drain()  # the best step's checkpoint may still be on its way to the disk
         if not self.training_done:
             if self.early.stopped and self.early.best_step != self.step:
                 self._restore_best()
             # The final state is checkpointed before the evaluation and the adapter: a stop or a
             # crash after this point resumes here and only evaluates and writes again.
             self.training_done = True
-            self._checkpoint(cursor, ckpt.rng_state())
+            self._checkpoint(cursor, ckpt.rng_state(), now=True)
         return None
 
     # -- evaluation --------------------------------------------------------------------------
@@ -351,22 +366,27 @@ class Trainer:
 
     # -- checkpoints, the adapter, progress, result ---------------------------------------
 
-    def _checkpoint_due(self) -> bool:
-        every = self.s.train.checkpoint_every_steps
-        if every and self.step % every == 0:
-            return True
-        secs = self.s.train.checkpoint_every_s
-        return bool(secs) and time.monotonic() - self._last_ckpt_time >= secs
+    def _saver(self) -> Saver:
+        """The clock and the writer of this attempt's checkpoints (worker/saver.py)."""
+        t = self.s.train
+        clock = Clock(t, self.mtbf_s, self._resumed_cost_s, self.log, time.monotonic())
+        self.tally.update(interval_s=round(clock.interval_s, 2), interval_rule=clock.rule)
+        background = Saver.wants_background(t.checkpoint_async, 3 * ckpt.state_bytes(self.stepper.params),
+                                            self.ranks.on)
+        return Saver(self.files.checkpoints, keep=t.keep_checkpoints, background=background, clock=clock,
+                     tally=self.tally, progress=self.progress, result=self.result, batch_dir=self.batch_dir,
+                     log=self.log)
 
-    def _checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
+    def _checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool = True) -> None:
         """Rank 0 writes (with every rank's RNG); under torchrun every rank calls this at the same
-        step and learns whether the write failed for want of space (then all stop: disk_full)."""
+        step and learns whether the write failed for want of space (then all stop: disk_full).
+        ``now``: on disk before this returns; else possibly in the background (worker/saver.py)."""
         if self.ranks.on:
             rngs = dist.gather_objects(rng)
             full: DiskFull | None = None
             if self.ranks.lead:
                 try:
-                    self._write_checkpoint(cursor, {**rng, "ranks": rngs})
+                    self._write_checkpoint(cursor, {**rng, "ranks": rngs}, now=True)
                 except DiskFull as e:
                     full = e
             reason, _ = dist.agree(StopReason.DISK_FULL if full else None, device=self.device)
@@ -375,29 +395,15 @@ class Trainer:
             if reason == StopReason.DISK_FULL:
                 raise DiskFull("rank 0 could not write the checkpoint")
             return
-        self._write_checkpoint(cursor, rng)
+        self._write_checkpoint(cursor, rng, now=now)
 
-    def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
-        t0 = time.monotonic()
+    def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool) -> None:
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
                  "effective_batch": self.eff, "micro_batch_size": self.micro, "precision": self.precision.name,
                  "first_loss": self.first_loss, "last_loss": self.last_loss,
                  "early": self.early.state(), "training_done": self.training_done}
-        root = self.files.checkpoints
-        heartbeat.beat()
-        try:
-            path = ckpt.save(root, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                             rng=rng, state=state, keep=self.s.train.keep_checkpoints, protect=self.early.best_step)
-        except Exception as e:
-            if ckpt.disk_full(e, root, ckpt.newest_bytes(root)):
-                raise DiskFull(f"cannot write checkpoint step-{self.step:08d}: {e}") from e
-            raise
-        self._last_ckpt_time = time.monotonic()
-        self._last_ckpt_step = self.step
-        self.progress.checkpointed(self.step, time.monotonic() - t0)
-        self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
-        self.log.info("checkpoint_saved", step=self.step, path=path.name,
-                      save_s=round(time.monotonic() - t0, 3), cursor=cursor.as_dict())
+        self.saver.save(self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
+                        state=state, protect=self.early.best_step, now=now)
 
     def _write_final_adapter(self) -> Path:
         """The batch's adapter at ``--publish`` (or final_adapter/), complete before it appears."""

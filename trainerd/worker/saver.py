@@ -1,0 +1,167 @@
+"""When the step loop checkpoints, and how: in the loop, or in a background thread from a copy.
+
+:class:`Clock` says when a periodic checkpoint is due: every ``train.checkpoint_every_steps``
+optimizer steps (0: never by count) and every interval of training time: a fixed
+``train.checkpoint_every_s``, or with ``auto`` the Young/Daly interval from this attempt's own
+measured checkpoint cost and the supervisor's MTBF estimate (``--mtbf-s``; trainerd/cadence.py),
+recomputed after every checkpoint. The interval counts from the moment the last checkpoint's
+state was taken (what a fault would fall back to), and from the start of training after a resume.
+
+:class:`Saver` writes them (worker/checkpoint.py: tmp folder, fsync, rename; the newest complete
+one wins). A large state (``train.checkpoint_async``: auto = adapter + optimizer >= 64 MiB, as
+for an 8B model with r=16 on every linear layer: ~0.5 GB) is copied between two steps and written
+by one background thread while training goes on; the step loop pays only for the copy. At most
+one write is in flight: a checkpoint due while the previous one is still being written waits for
+it (and the clock's floor, twice the last write time, keeps that rare). Stops and the final
+checkpoint wait for the write in flight, then write in the loop. A background failure is raised
+in the step loop at its next poll (a full disk: DiskFull, exit 75, as in the loop). Under torchrun
+checkpoints stay in the loop: every rank must learn at once whether rank 0's write succeeded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from trainerd import cadence
+from trainerd.worker import checkpoint as ckpt
+from trainerd.worker import heartbeat
+from trainerd.worker.checkpoint import DiskFull
+
+__all__ = ["ASYNC_MIN_BYTES", "Clock", "Saver"]
+
+ASYNC_MIN_BYTES = 64 << 20
+
+
+class Clock:
+    """Whether a periodic checkpoint is due after a step; the interval it keeps (seconds)."""
+
+    def __init__(self, train: Any, mtbf_s: float | None, cost_s: float | None, log: Any, now: float):
+        self.every_steps = train.checkpoint_every_steps
+        self.fixed = None if train.checkpoint_every_s == "auto" else float(train.checkpoint_every_s)
+        self.mtbf_s = mtbf_s if mtbf_s and mtbf_s > 0 else cadence.PRIOR_MTBF_S
+        self.cost_s = cost_s if cost_s and cost_s > 0 else cadence.PRIOR_COST_S
+        self.measured = False
+        self.write_s = 0.0
+        self.log = log
+        self.last = now
+        self.interval_s, self.rule = 0.0, ""
+        self._recompute(announce=True)
+
+    def due(self, step: int, now: float) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return self.interval_s > 0 and now - self.last >= self.interval_s
+
+    def taken(self, now: float) -> None:
+        """A checkpoint's state was taken now (the interval counts from here)."""
+        self.last = now
+
+    def measured_cost(self, stall_s: float, write_s: float) -> None:
+        """What the last checkpoint cost the loop (``stall_s``) and took to reach the disk."""
+        # A running mean that forgets: a loaded disk shows up within a few checkpoints.
+        self.cost_s = stall_s if not self.measured else 0.5 * self.cost_s + 0.5 * stall_s
+        self.measured = True
+        self.write_s = write_s
+        self._recompute(announce=False)
+
+    def _recompute(self, *, announce: bool) -> None:
+        if self.fixed is not None:
+            new, rule = self.fixed, "fixed"
+        else:
+            new, rule = cadence.checkpoint_interval_s(self.cost_s, self.mtbf_s, write_s=self.write_s)
+        old = self.interval_s
+        self.interval_s, self.rule = new, rule
+        if announce or (old and abs(new - old) > 0.25 * old) or (not old and new):
+            self.log.info("checkpoint_interval", interval_s=round(new, 2), rule=rule, every_steps=self.every_steps,
+                          cost_s=round(self.cost_s, 4), cost_measured=self.measured, write_s=round(self.write_s, 4),
+                          mtbf_s=round(self.mtbf_s, 1),
+                          young_daly_s=round(cadence.young_daly_s(self.cost_s, self.mtbf_s), 2))
+
+
+class Saver:
+    """Takes and writes the checkpoints of one attempt (rank 0 under torchrun)."""
+
+    def __init__(self, root: Path, *, keep: int, background: bool, clock: Clock, tally: Any, progress: Any,
+                 result: dict[str, Any], batch_dir: Path, log: Any):
+        self.root, self.keep, self.background = root, keep, background
+        self.clock, self.tally, self.progress, self.result = clock, tally, progress, result
+        self.batch_dir, self.log = batch_dir, log
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done: tuple[float, float] | None = None  # the finished background write: (stall_s, write_s)
+
+    @staticmethod
+    def wants_background(setting: str, state_bytes: int, distributed: bool) -> bool:
+        if distributed or setting == "false":
+            return False
+        return setting == "true" or state_bytes >= ASYNC_MIN_BYTES
+
+    def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any, rng: dict[str, Any],
+             state: dict[str, Any], protect: int | None, now: bool = False) -> None:
+        """Checkpoint ``step``. ``now``: finished on disk before this returns (a stop, the final
+        one); otherwise in the background when the Saver writes in the background."""
+        t0 = time.monotonic()
+        self.drain()  # one write at a time, in step order: the newest complete one wins
+        heartbeat.beat()
+        state = {**state, "checkpoint_cost_s": round(self.clock.cost_s, 4)}
+        background = self.background and not now
+        snap = ckpt.snapshot(step, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng, state=state,
+                             copy_tensors=background)
+        self.clock.taken(time.monotonic())
+        if not background:
+            self._write(snap, protect, t0, None)
+            stall = time.monotonic() - t0
+            self._finished(stall, stall)
+            return
+        stall = time.monotonic() - t0
+        self._thread = threading.Thread(target=self._write, args=(snap, protect, t0, stall), name="checkpoint-writer")
+        self._thread.start()
+
+    def poll(self) -> None:
+        """Between steps: raise what a background write failed with; account for one that finished."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        if self._done is not None and self._thread is None:
+            stall, write = self._done
+            self._done = None
+            self._finished(stall, write)
+
+    def drain(self) -> None:
+        """Wait for the write in flight (if any) to end, then poll."""
+        if self._thread is not None:
+            self._thread.join()
+        self.poll()
+
+    def _write(self, snap: ckpt.Snapshot, protect: int | None, t0: float, stall_s: float | None) -> None:
+        try:
+            try:
+                path = ckpt.write(self.root, snap, keep=self.keep, protect=protect)
+            except Exception as e:
+                if ckpt.disk_full(e, self.root, ckpt.newest_bytes(self.root)):
+                    raise DiskFull(f"cannot write checkpoint step-{snap.step:08d}: {e}") from e
+                raise
+        except BaseException as e:
+            if stall_s is None:
+                raise
+            self._error = e  # the step loop raises it at its next poll
+            return
+        write_s = time.monotonic() - t0
+        self.tally.checkpointed(snap.step, stall_s if stall_s is not None else write_s, write_s)
+        self.progress.checkpointed(snap.step, write_s)
+        self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
+        self.log.info("checkpoint_saved", step=snap.step, path=path.name, save_s=round(write_s, 3),
+                      stall_s=round(stall_s if stall_s is not None else write_s, 3),
+                      background=stall_s is not None, bytes=snap.nbytes, cursor=snap.state.get("cursor"))
+        if stall_s is not None:
+            self._done = (stall_s, write_s)
+
+    def _finished(self, stall_s: float, write_s: float) -> None:
+        self.clock.measured_cost(stall_s, write_s)
+        self.tally.update(interval_s=round(self.clock.interval_s, 2), interval_rule=self.clock.rule)
