@@ -108,7 +108,7 @@ class TrainSettings:
     # (trainerd/cadence.py); a number = a fixed interval (0 disables).
     checkpoint_every_s: Any = field(default="auto", metadata=_check("float_or_auto", min=0.0))
     # auto = write in a background thread (from a copy) when adapter + optimizer state is >= 64 MiB.
-    checkpoint_async: str = field(default="auto", metadata=_check("choice", choices=("auto", "true", "false")))
+    checkpoint_async: Any = field(default="auto", metadata=_check("bool_or_auto"))
     keep_checkpoints: int = field(default=3, metadata=_check("int", min=1))
     gradient_checkpointing: bool = field(default=False, metadata=_check("bool"))
     # torch.compile each decoder layer (regional): ~1 min of compiling per attempt, then faster
@@ -312,6 +312,10 @@ def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: lis
         if kw.get("nonempty") and not value:
             return bad("must not be empty")
         return list(value)
+    if kind == "bool_or_auto":
+        if value == "auto" or isinstance(value, bool):
+            return value
+        return bad(f"must be true, false or auto, got {value!r}")
     if kind == "float_or_auto":
         if value == "auto":
             return value

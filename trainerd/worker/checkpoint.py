@@ -188,6 +188,14 @@ def prune(ckpt_root: Path, keep: int, protect: int | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def load_adapter(model: Any, path: Path) -> None:
+    """Put a checkpoint's adapter weights into ``model`` (early stopping's best step)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+
+
 def load_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 

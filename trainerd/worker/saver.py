@@ -93,11 +93,18 @@ class Saver:
         self._error: BaseException | None = None
         self._done: tuple[float, float] | None = None  # the finished background write: (stall_s, write_s)
 
-    @staticmethod
-    def wants_background(setting: str, state_bytes: int, distributed: bool) -> bool:
-        if distributed or setting == "false":
-            return False
-        return setting == "true" or state_bytes >= ASYNC_MIN_BYTES
+    @classmethod
+    def for_attempt(cls, root: Path, train: Any, *, params: list[Any], distributed: bool, mtbf_s: float | None,
+                    resumed_cost_s: float | None, tally: Any, progress: Any, result: dict[str, Any],
+                    batch_dir: Path, log: Any) -> "Saver":
+        """The clock and the writer of one attempt (``params``: the trainable ones; AdamW keeps two
+        more of each, so the state is about three times their bytes)."""
+        clock = Clock(train, mtbf_s, resumed_cost_s, log, time.monotonic())
+        tally.update(interval_s=round(clock.interval_s, 2), interval_rule=clock.rule)
+        setting, state_bytes = train.checkpoint_async, 3 * ckpt.state_bytes(params)
+        background = not distributed and setting is not False and (setting is True or state_bytes >= ASYNC_MIN_BYTES)
+        return cls(root, keep=train.keep_checkpoints, background=background, clock=clock, tally=tally,
+                   progress=progress, result=result, batch_dir=batch_dir, log=log)
 
     def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any, rng: dict[str, Any],
              state: dict[str, Any], protect: int | None, now: bool = False) -> None:

@@ -41,7 +41,7 @@ from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker import tally
 from trainerd.worker.progress import Progress, peak_rss_bytes
-from trainerd.worker.saver import Clock, Saver
+from trainerd.worker.saver import Saver
 from trainerd.worker.tally import Tally
 from trainerd.worker.firstpass import first_pass, wait_for_lead
 from trainerd.worker.publish import write_adapter
@@ -164,7 +164,10 @@ class Trainer:
         heartbeat.phase("train")
         tally.phase_done("prepare")
         self.tally.begin(self.step, mtbf_s=self.mtbf_s)
-        self.saver = self._saver()
+        self.saver = Saver.for_attempt(self.files.checkpoints, t, params=self.stepper.params, distributed=self.ranks.on,
+                                       mtbf_s=self.mtbf_s, resumed_cost_s=self._resumed_cost_s, tally=self.tally,
+                                       progress=self.progress, result=self.result, batch_dir=self.batch_dir,
+                                       log=self.log)
         stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
         if stopped is not None:
             return stopped
@@ -244,7 +247,8 @@ class Trainer:
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(ckpt.load_tensors(path, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(path, "scheduler.pt"))
-        self._restore_rng(ckpt.load_tensors(path, "rng.pt"), state["step"])
+        dist.restore_rng(self.ranks, ckpt.load_tensors(path, "rng.pt"), self.s.train.seed + 7919 * state["step"],
+                         self.log)
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.first_loss = state.get("first_loss")
@@ -254,19 +258,6 @@ class Trainer:
         if state.get("total_steps") != self.total_steps:
             self.log.warning("checkpoint_schedule_differs", checkpoint_total=state.get("total_steps"),
                              now_total=self.total_steps)
-
-    def _restore_rng(self, rng: dict[str, Any], step: int) -> None:
-        """This rank's RNG from the checkpoint: its own where the checkpoint has every rank's (the
-        same number of ranks), else rank 0's, and for other ranks a seed of their own."""
-        ranks = rng.get("ranks")
-        if self.ranks.on and ranks and len(ranks) == self.ranks.world:
-            ckpt.set_rng_state(ranks[self.ranks.rank])
-            return
-        ckpt.set_rng_state(rng)
-        if self.ranks.rank:
-            torch.manual_seed(self.s.train.seed + 7919 * step + self.ranks.rank)
-            self.log.warning("rng_reseeded", rank=self.ranks.rank, checkpoint_ranks=len(ranks or [None]),
-                             world_size=self.ranks.world, reason="the checkpoint has no RNG state for this rank")
 
     def _loop(self, stream: Iterator[Any], cursor: Cursor, total_blocks: int) -> RunEnd | None:
         """Train to the end (or to early stopping); a RunEnd when a stop came first."""
@@ -344,11 +335,7 @@ class Trainer:
 
     def _restore_best(self) -> None:
         """Early stopping: the candidate is the best step's adapter, from its kept checkpoint."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        best = self.files.checkpoints / f"step-{self.early.best_step:08d}"
-        set_peft_model_state_dict(self.model, load_file(str(best / "adapter_model.safetensors")))
+        ckpt.load_adapter(self.model, self.files.checkpoints / f"step-{self.early.best_step:08d}")
         self.log.info("early_stopping_restored_best", step=self.step, best_step=self.early.best_step,
                       best_loss=self.early.best_loss)
 
@@ -366,34 +353,11 @@ class Trainer:
 
     # -- checkpoints, the adapter, progress, result ---------------------------------------
 
-    def _saver(self) -> Saver:
-        """The clock and the writer of this attempt's checkpoints (worker/saver.py)."""
-        t = self.s.train
-        clock = Clock(t, self.mtbf_s, self._resumed_cost_s, self.log, time.monotonic())
-        self.tally.update(interval_s=round(clock.interval_s, 2), interval_rule=clock.rule)
-        background = Saver.wants_background(t.checkpoint_async, 3 * ckpt.state_bytes(self.stepper.params),
-                                            self.ranks.on)
-        return Saver(self.files.checkpoints, keep=t.keep_checkpoints, background=background, clock=clock,
-                     tally=self.tally, progress=self.progress, result=self.result, batch_dir=self.batch_dir,
-                     log=self.log)
-
     def _checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool = True) -> None:
-        """Rank 0 writes (with every rank's RNG); under torchrun every rank calls this at the same
-        step and learns whether the write failed for want of space (then all stop: disk_full).
-        ``now``: on disk before this returns; else possibly in the background (worker/saver.py)."""
+        """``now``: on disk before this returns; else possibly in the background (worker/saver.py).
+        Under torchrun every rank calls this at the same step and rank 0 writes (dist.lead_writes)."""
         if self.ranks.on:
-            rngs = dist.gather_objects(rng)
-            full: DiskFull | None = None
-            if self.ranks.lead:
-                try:
-                    self._write_checkpoint(cursor, {**rng, "ranks": rngs}, now=True)
-                except DiskFull as e:
-                    full = e
-            reason, _ = dist.agree(StopReason.DISK_FULL if full else None, device=self.device)
-            if full is not None:
-                raise full
-            if reason == StopReason.DISK_FULL:
-                raise DiskFull("rank 0 could not write the checkpoint")
+            dist.lead_writes(self.ranks, rng, lambda r: self._write_checkpoint(cursor, r, now=True), self.device)
             return
         self._write_checkpoint(cursor, rng, now=now)
 
