@@ -18,6 +18,7 @@ holds one copy of the adapter and optimizer state (CPU memory) until it is on di
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -85,32 +86,47 @@ def state_bytes(obj: Any) -> int:
     return 0
 
 
-def _copied(obj: Any) -> Any:
-    """A deep copy with every tensor cloned to CPU memory (a GPU tensor: a device-to-host copy)."""
+def _copied(obj: Any, into: Any = None) -> Any:
+    """A deep copy with every tensor in CPU memory. ``into``: an earlier copy of the same state whose
+    tensors are reused (``copy_``): no allocation and no page faults, the one cost left is the memcpy
+    (a GPU tensor's first copy goes to pinned memory, so later device-to-host copies run at full speed)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        src = obj.detach()
+        if isinstance(into, torch.Tensor) and into.shape == src.shape and into.dtype == src.dtype \
+                and into.device.type == "cpu":
+            return into.copy_(src)
+        if src.device.type == "cuda":
+            return torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
+        return src.to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copied(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_copied(v) for v in obj)
+        prev = into if isinstance(into, dict) else {}
+        return {k: _copied(v, prev.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        prev = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        out = [_copied(v, p) for v, p in zip(obj, prev)]
+        return out if isinstance(obj, list) else tuple(out)
     return copy.deepcopy(obj)
 
 
 def snapshot(step: int, *, model: Any, optimizer: Any, scheduler: Any, rng: dict[str, Any],
-             state: dict[str, Any], copy_tensors: bool) -> Snapshot:
-    """The checkpoint of ``step``, taken now (``copy_tensors``: for a background write)."""
+             state: dict[str, Any], copy_tensors: bool, staging: Snapshot | None = None) -> Snapshot:
+    """The checkpoint of ``step``, taken now: the live tensors (write it before the next optimizer
+    step), or with ``copy_tensors`` a private copy (see :func:`stage`)."""
     from peft import get_peft_model_state_dict
 
-    # The same tensors peft's save_pretrained writes (the trainable adapter weights, by name).
-    adapter = get_peft_model_state_dict(model)
-    opt, sched = optimizer.state_dict(), scheduler.state_dict()
-    if copy_tensors:
-        adapter, opt, sched = _copied(adapter), _copied(opt), _copied(sched)
-    else:
-        adapter = {k: v.contiguous() for k, v in adapter.items()}
-    return Snapshot(step, adapter, opt, sched, rng, dict(state), _config_json(model), copy_tensors)
+    # The same tensors peft's save_pretrained writes (the trainable adapter weights, by name). The
+    # scheduler's and the RNG's states are small: copied now, whatever happens to the rest.
+    adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    snap = Snapshot(step, adapter, optimizer.state_dict(), copy.deepcopy(scheduler.state_dict()), rng, dict(state),
+                    _config_json(model), False)
+    return stage(snap, staging) if copy_tensors else snap
+
+
+def stage(live: Snapshot, staging: Snapshot | None = None) -> Snapshot:
+    """A copy of ``live``'s tensors that training cannot change, into the buffers of ``staging`` (an
+    earlier copy that is on disk by now) where they fit. Must finish before the next optimizer step."""
+    return dataclasses.replace(live, adapter=_copied(live.adapter, staging.adapter if staging else None),
+                               optimizer=_copied(live.optimizer, staging.optimizer if staging else None), copied=True)
 
 
 def _config_json(model: Any) -> str:

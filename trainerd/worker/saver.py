@@ -91,7 +91,13 @@ class Saver:
         self.batch_dir, self.log = batch_dir, log
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._done: tuple[float, float] | None = None  # the finished background write: (stall_s, write_s)
+        self._copied: threading.Event | None = None  # set once the background write has its copy
+        self._stall = 0.0                             # what the checkpoint in flight cost the loop so far
+        self._written: float | None = None            # its write time, once it is on disk
+        # The last copy: once it is on disk its buffers take the next one (so a second copy of the
+        # state stays allocated while the Saver writes in the background, as torch's own async
+        # checkpointing stages it).
+        self._staging: ckpt.Snapshot | None = None
 
     @classmethod
     def for_attempt(cls, root: Path, train: Any, *, params: list[Any], distributed: bool, mtbf_s: float | None,
@@ -114,61 +120,75 @@ class Saver:
         self.drain()  # one write at a time, in step order: the newest complete one wins
         heartbeat.beat()
         state = {**state, "checkpoint_cost_s": round(self.clock.cost_s, 4)}
-        background = self.background and not now
+        # The live tensors: a background write copies them before the next optimizer step changes them.
         snap = ckpt.snapshot(step, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng, state=state,
-                             copy_tensors=background)
+                             copy_tensors=False)
         self.clock.taken(time.monotonic())
-        if not background:
-            self._write(snap, protect, t0, None)
-            stall = time.monotonic() - t0
-            self._finished(stall, stall)
+        if not (self.background and not now):
+            self._write(snap, protect, t0)
+            self._finished(time.monotonic() - t0, self._written or 0.0)
             return
-        stall = time.monotonic() - t0
-        self._thread = threading.Thread(target=self._write, args=(snap, protect, t0, stall), name="checkpoint-writer")
+        self._stall, self._written, self._copied = time.monotonic() - t0, None, threading.Event()
+        self._thread = threading.Thread(target=self._copy_and_write, args=(snap, protect, t0), name="checkpoint-writer")
         self._thread.start()
+
+    def before_update(self) -> None:
+        """Right before ``optimizer.step()``: the copy of the state in flight must be complete before
+        the weights and moments change (the forward and backward passes before it only read them,
+        so the copy overlaps them; what is left of it here is the stall)."""
+        if self._copied is not None and not self._copied.is_set():
+            t = time.monotonic()
+            self._copied.wait()
+            self._stall += time.monotonic() - t
 
     def poll(self) -> None:
         """Between steps: raise what a background write failed with; account for one that finished."""
         if self._thread is not None and not self._thread.is_alive():
             self._thread.join()
             self._thread = None
+            if self._error is None:
+                self._finished(self._stall, self._written or 0.0)
         if self._error is not None:
             e, self._error = self._error, None
             raise e
-        if self._done is not None and self._thread is None:
-            stall, write = self._done
-            self._done = None
-            self._finished(stall, write)
 
     def drain(self) -> None:
         """Wait for the write in flight (if any) to end, then poll."""
         if self._thread is not None:
+            self.before_update()
             self._thread.join()
         self.poll()
 
-    def _write(self, snap: ckpt.Snapshot, protect: int | None, t0: float, stall_s: float | None) -> None:
+    def _copy_and_write(self, live: ckpt.Snapshot, protect: int | None, t0: float) -> None:
+        """The background writer: copy (into the last copy's buffers), let the loop go on, write."""
         try:
-            try:
-                path = ckpt.write(self.root, snap, keep=self.keep, protect=protect)
-            except Exception as e:
-                if ckpt.disk_full(e, self.root, ckpt.newest_bytes(self.root)):
-                    raise DiskFull(f"cannot write checkpoint step-{snap.step:08d}: {e}") from e
-                raise
-        except BaseException as e:
-            if stall_s is None:
-                raise
-            self._error = e  # the step loop raises it at its next poll
+            snap = ckpt.stage(live, self._staging)
+        except BaseException as e:  # noqa: BLE001 - raised in the step loop at its next poll
+            self._error = e
             return
-        write_s = time.monotonic() - t0
-        self.tally.checkpointed(snap.step, stall_s if stall_s is not None else write_s, write_s)
+        finally:
+            self._copied.set()
+        self._staging = snap
+        try:
+            self._write(snap, protect, t0)
+        except BaseException as e:  # noqa: BLE001 - raised in the step loop at its next poll
+            self._error = e
+
+    def _write(self, snap: ckpt.Snapshot, protect: int | None, t0: float) -> None:
+        try:
+            path = ckpt.write(self.root, snap, keep=self.keep, protect=protect)
+        except Exception as e:
+            if ckpt.disk_full(e, self.root, ckpt.newest_bytes(self.root)):
+                raise DiskFull(f"cannot write checkpoint step-{snap.step:08d}: {e}") from e
+            raise
+        self._written = write_s = time.monotonic() - t0
+        self.tally.checkpointed(snap.step, write_s)
         self.progress.checkpointed(snap.step, write_s)
         self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
         self.log.info("checkpoint_saved", step=snap.step, path=path.name, save_s=round(write_s, 3),
-                      stall_s=round(stall_s if stall_s is not None else write_s, 3),
-                      background=stall_s is not None, bytes=snap.nbytes, cursor=snap.state.get("cursor"))
-        if stall_s is not None:
-            self._done = (stall_s, write_s)
+                      background=snap.copied, bytes=snap.nbytes, cursor=snap.state.get("cursor"))
 
     def _finished(self, stall_s: float, write_s: float) -> None:
+        """In the step loop, once a checkpoint is on disk: its cost to the loop, and the next interval."""
         self.clock.measured_cost(stall_s, write_s)
-        self.tally.update(interval_s=round(self.clock.interval_s, 2), interval_rule=self.clock.rule)
+        self.tally.stalled(stall_s, interval_s=round(self.clock.interval_s, 2), interval_rule=self.clock.rule)

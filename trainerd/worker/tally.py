@@ -73,12 +73,18 @@ class Tally:
         d = self.data
         self.update(step=step, steps=d["steps"] + 1, step_s=round(d["step_s"] + seconds, 4))
 
-    def checkpointed(self, step: int, stall_s: float, write_s: float) -> None:
-        """A checkpoint is complete on disk (``stall_s``: what it cost the step loop)."""
+    def checkpointed(self, step: int, write_s: float) -> None:
+        """A checkpoint is complete on disk (maybe written by the background writer's thread)."""
         with self._lock:
             d = self.data
-            d.update(ckpt_n=d["ckpt_n"] + 1, ckpt_s=round(d["ckpt_s"] + stall_s, 4), ckpt_write_s=round(write_s, 4),
+            d.update(ckpt_n=d["ckpt_n"] + 1, ckpt_write_s=round(write_s, 4),
                      ckpt_step=step if d["ckpt_step"] is None else max(step, d["ckpt_step"]))
+            self._write()
+
+    def stalled(self, seconds: float, **fields: Any) -> None:
+        """What a checkpoint cost the step loop (known in the loop, after the write)."""
+        with self._lock:
+            self.data.update(ckpt_s=round(self.data["ckpt_s"] + seconds, 4), **fields)
             self._write()
 
     def update(self, **fields: Any) -> None:

@@ -168,6 +168,7 @@ class Trainer:
                                        mtbf_s=self.mtbf_s, resumed_cost_s=self._resumed_cost_s, tally=self.tally,
                                        progress=self.progress, result=self.result, batch_dir=self.batch_dir,
                                        log=self.log)
+        self.stepper.before_update = self.saver.before_update
         stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
         if stopped is not None:
             return stopped
