@@ -9,8 +9,12 @@ state was taken (what a fault would fall back to), and from the start of trainin
 
 :class:`Saver` writes them (worker/checkpoint.py: tmp folder, fsync, rename; the newest complete
 one wins). A large state (``train.checkpoint_async``: auto = adapter + optimizer >= 64 MiB, as
-for an 8B model with r=16 on every linear layer: ~0.5 GB) is copied between two steps and written
-by one background thread while training goes on; the step loop pays only for the copy. At most
+for an 8B model with r=16 on every linear layer: ~0.5 GB) is written by one background thread: it
+copies the state while the next step's forward and backward run (they only read it; the loop waits
+before the optimizer step until the copy is complete), then writes the copy while training goes on.
+Its cost to the loop, which the clock's interval follows, is what the steps beside it took beyond
+the median step before it (the wait for the copy, and the CPU and memory bandwidth the copy and the
+write take from training: on a CPU that is most of a write's cost, on a GPU little). At most
 one write is in flight: a checkpoint due while the previous one is still being written waits for
 it (and the clock's floor, twice the last write time, keeps that rare). Stops and the final
 checkpoint wait for the write in flight, then write in the loop. A background failure is raised
@@ -93,6 +97,7 @@ class Saver:
         self._error: BaseException | None = None
         self._copied: threading.Event | None = None  # set once the background write has its copy
         self._stall = 0.0                             # what the checkpoint in flight cost the loop so far
+        self._baseline: float | None = None           # the loop's median step before it began
         self._written: float | None = None            # its write time, once it is on disk
         # The last copy: once it is on disk its buffers take the next one (so a second copy of the
         # state stays allocated while the Saver writes in the background, as torch's own async
@@ -129,20 +134,24 @@ class Saver:
             self._finished(time.monotonic() - t0, self._written or 0.0)
             return
         self._stall, self._written, self._copied = time.monotonic() - t0, None, threading.Event()
+        self._baseline = self.progress.median_step_s
         self._thread = threading.Thread(target=self._copy_and_write, args=(snap, protect, t0), name="checkpoint-writer")
         self._thread.start()
 
     def before_update(self) -> None:
         """Right before ``optimizer.step()``: the copy of the state in flight must be complete before
         the weights and moments change (the forward and backward passes before it only read them,
-        so the copy overlaps them; what is left of it here is the stall)."""
-        if self._copied is not None and not self._copied.is_set():
-            t = time.monotonic()
+        so the copy overlaps them)."""
+        if self._copied is not None:
             self._copied.wait()
-            self._stall += time.monotonic() - t
 
-    def poll(self) -> None:
-        """Between steps: raise what a background write failed with; account for one that finished."""
+    def poll(self, step_s: float | None = None) -> None:
+        """After a step (``step_s``: its seconds) or before a checkpoint: raise what a background write
+        failed with; account for one that finished. What a background checkpoint costs the loop is
+        what the steps beside it took beyond the median step before it (the wait for the copy, and
+        the copy's and the write's share of CPU and memory bandwidth)."""
+        if self._thread is not None and step_s is not None and self._baseline is not None:
+            self._stall += max(0.0, step_s - self._baseline)
         if self._thread is not None and not self._thread.is_alive():
             self._thread.join()
             self._thread = None
@@ -153,10 +162,11 @@ class Saver:
             raise e
 
     def drain(self) -> None:
-        """Wait for the write in flight (if any) to end, then poll."""
+        """Wait for the write in flight (if any) to end (the wait is its cost too), then poll."""
         if self._thread is not None:
-            self.before_update()
+            t = time.monotonic()
             self._thread.join()
+            self._stall += time.monotonic() - t
         self.poll()
 
     def _copy_and_write(self, live: ckpt.Snapshot, protect: int | None, t0: float) -> None:

@@ -277,8 +277,9 @@ class Trainer:
                     return self._stopped(stop.reason)
                 self.step += 1
                 self.tokens += self.stepper.last_tokens
-                self.tally.stepped(self.step, self.progress.seconds - in_steps)
-                self.saver.poll()  # a background checkpoint's failure surfaces here
+                step_s = self.progress.seconds - in_steps
+                self.tally.stepped(self.step, step_s)
+                self.saver.poll(step_s)  # a background checkpoint's failure surfaces here, and its cost
                 faults.at_step(self.step)
                 self.last_loss = loss
                 if self.first_loss is None:
