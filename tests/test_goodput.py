@@ -1,7 +1,7 @@
 """Faults are weather (issue 24), the pure parts as tables: the Young/Daly checkpoint interval, the
-MTBF estimate, progress and the goodput account; and the two small files they read (the worker's
-tally, the last traceback in worker.stderr), written and read for real. No torch, no daemon: the
-process-level proofs are in tests/test_faults_e2e.py and tests/test_worker.py."""
+MTBF estimate, progress and the goodput account, the worker's checkpoint clock; and the two small
+files they read (the worker's tally, the last traceback in worker.stderr), written and read for
+real. No daemon: the process-level proofs are in tests/test_faults_e2e.py and tests/test_worker.py."""
 
 from __future__ import annotations
 
@@ -113,13 +113,13 @@ def test_tally_survives_a_sigkill_and_has_a_fixed_size(tmp_path):
     code = ("import os, signal, sys; from pathlib import Path; from trainerd.worker.tally import Tally; "
             "t = Tally(Path(sys.argv[1])); t.begin(7, mtbf_s=120.0)\n"
             "for k in range(8, 208): t.stepped(k, 0.01)\n"
-            "t.checkpointed(200, 0.02, 0.05); t.stepped(208, 0.01); os.kill(os.getpid(), signal.SIGKILL)")
+            "t.checkpointed(200, 0.05); t.stalled(0.02); t.stepped(208, 0.01); os.kill(os.getpid(), signal.SIGKILL)")
     p = subprocess.run([sys.executable, "-c", code, str(path)], env=subprocess_env(), timeout=60)
     assert p.returncode == -signal.SIGKILL
     raw = path.read_bytes()
     assert len(raw) == 1024 and raw.endswith(b"\n")
     t = json.loads(raw)
-    assert (t["from_step"], t["step"], t["steps"], t["ckpt_step"], t["mtbf_s"]) == (7, 208, 201, 200, 120.0)
+    assert (t["from_step"], t["step"], t["steps"], t["ckpt_step"], t["ckpt_s"], t["mtbf_s"]) == (7, 208, 201, 200, 0.02, 120.0)
     assert goodput.progress_of(t, 150).progressed
 
 
@@ -140,3 +140,34 @@ def test_last_traceback_is_the_current_attempts(tmp_path):
     assert tb.startswith("...\n") and tb.endswith("OSError: deep") and len(tb) <= 204
     assert last_traceback(tmp_path / "missing") is None
     os.unlink(err)
+
+
+def test_the_worker_clock_follows_measured_cost_and_mtbf():
+    """The worker's clock (worker/saver.py; imports torch): auto starts from the prior cost (or the
+    resumed checkpoint's), re-aims after each measured checkpoint, counts from the last state taken,
+    and a step cadence still adds checkpoints; a number is a fixed interval."""
+    from trainerd.config import from_dict
+    from trainerd.worker.saver import Clock
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def info(self, event, **kw):
+            self.lines.append((event, kw))
+
+    train = from_dict({"root": "/r"}).train
+    log = Log()
+    c = Clock(train, 120.0, None, log, now=0.0)
+    assert (c.interval_s, c.rule) == (10.0, "overhead")  # prior C = 0.1 s: 1 % floor beats sqrt(24)
+    assert not c.due(7, 9.9) and c.due(7, 10.0)
+    c.taken(10.0)
+    c.measured_cost(0.01, 0.01)
+    assert (c.interval_s, c.rule) == (2.0, "min") and log.lines[-1][0] == "checkpoint_interval"
+    assert not c.due(8, 11.9) and c.due(8, 12.0)
+    resumed = Clock(train, 3600.0, 0.05, Log(), now=0.0)
+    assert resumed.interval_s == pytest.approx(math.sqrt(2 * 0.05 * 3600))
+    fixed = Clock(from_dict({"root": "/r", "train": {"checkpoint_every_s": 600, "checkpoint_every_steps": 50}}).train,
+                  120.0, None, Log(), now=0.0)
+    assert (fixed.interval_s, fixed.rule) == (600.0, "fixed")
+    assert fixed.due(50, 1.0) and not fixed.due(51, 1.0) and fixed.due(51, 600.0)

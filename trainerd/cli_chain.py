@@ -78,8 +78,9 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
 def _faults(b: Any) -> dict[str, Any]:
     """The batch's faults survived and its goodput (issue 24), for a history row."""
     if b is None:
-        return {"faults_survived": None, "goodput": None}
-    return {"faults_survived": b.faults_survived, "goodput": goodput.goodput(b.goodput)}
+        return {"faults_survived": None, "crashes_without_progress": None, "goodput": None}
+    return {"faults_survived": b.faults_survived, "crashes_without_progress": b.crashes_without_progress,
+            "goodput": goodput.goodput(b.goodput)}
 
 
 def _render(rows: list[dict[str, Any]]) -> str:

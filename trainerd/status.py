@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd import goodput
 from trainerd.contract import LANES, RootLayout, lane_name
 from trainerd.fsutil import fmt_bytes, free_bytes, read_json_or_none
 from trainerd.ledger import Ledger
 from trainerd.states import FINAL_STATES, BatchState
-from trainerd import goodput
 
 __all__ = ["collect_status", "daemon_pid", "render_status"]
 
