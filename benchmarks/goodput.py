@@ -13,7 +13,9 @@ defaults of earlier releases) and ``auto`` (the new defaults), alternating which
 killer thread waits T seconds, SIGKILLs the running worker (as an operator's ``kill -9`` or a
 preemption would: not the kernel's OOM killer), waits T again, and so on, until the batch is done.
 The batch should be long enough for ``--faults`` kills: ``--lines`` sets its size (the reference's
-wall time is printed; a contender that finished before its faults says so).
+wall time is printed; a contender that finished before its faults says so). ``retry.max_attempts``
+is lifted to 1000: a period shorter than a restart would otherwise end in quarantine (correctly: no
+attempt can progress), and its goodput is the figure wanted here.
 
 Per contender, from the ledger (trainerd/goodput.py accounts every attempt) and the files:
 goodput (useful step time / wall time, the whole batch, load and evaluation included), seconds
@@ -91,6 +93,10 @@ class Run:
             "train": {**t, "warmup_steps": 5, **ckpt},
             "data": {"chunk_lines": 500}, "eval": {"max_tokens": 2048},
             "supervisor": {"settle_s": 0.3, "rescan_s": 1.0}, "disk": {"min_free_bytes": 0},
+            # A fault period shorter than a restart leaves no attempt room to progress: by the
+            # policy that is a crash loop (quarantined after retry.max_attempts). Lifted here so
+            # such a period shows its goodput instead; the back-off stays the default.
+            "retry": {"max_attempts": 1000},
             "log": {"format": "json"}}))
         self.data, self.kills, self.missed = data, [], 0
         self.proc: subprocess.Popen | None = None

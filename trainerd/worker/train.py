@@ -290,8 +290,10 @@ class Trainer:
                 except StopRequested as stop:  # one process only: ranks defer it to agree()
                     self._checkpoint(cursor, ckpt.rng_state())
                     return self._stopped(stop.reason)
-                # One collective for both: every rank checkpoints, and stops, at the same step.
-                reason, (due,) = self.stopper.agree(best or self.saver.clock.due(self.step, time.monotonic()))
+                # One collective for both: every rank checkpoints, and stops, at the same step. Rank
+                # 0's clock decides (it writes, so only it measures and restarts the interval).
+                due = self.ranks.lead and self.saver.clock.due(self.step, time.monotonic())
+                reason, (due,) = self.stopper.agree(best or due)
                 stop_now = reason is not None and self.step < self.total_steps and not self.early.stopped
                 if due or stop_now:
                     # the best step's weights are kept; a stop's checkpoint is on disk before the exit
