@@ -69,6 +69,7 @@ SHAPES = {"tiny": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, 
                    "lines": 20000},
           "smol": {"seq_len": 128, "micro_batch_size": 2, "grad_accum_steps": 2, "threads": 2, "dtype": "auto",
                    "lines": 3000}}
+# --shape smol=seq_len:64,micro_batch_size:2,grad_accum_steps:1 changes a model's step (a busy machine).
 
 
 def cpu_name() -> str:
@@ -301,6 +302,8 @@ def main() -> int:
     ap.add_argument("--max-wall-s", type=float, default=7200.0, help="give up on a run after this long")
     ap.add_argument("--max-faults", type=int, default=0, help="stop killing after this many (0: until done)")
     ap.add_argument("--threads", type=str, default="", help="torch threads per model, e.g. smol=1")
+    ap.add_argument("--shape", action="append", default=[],
+                    help="a model's step, e.g. smol=seq_len:64,micro_batch_size:2,grad_accum_steps:1")
     ap.add_argument("--large-state", action="store_true", help="also measure the ~0.5 GB checkpoint")
     ap.add_argument("--only-large-state", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
@@ -312,6 +315,9 @@ def main() -> int:
     for kv in (x for x in args.threads.split(",") if x):
         name, n = kv.split("=")
         SHAPES[name]["threads"] = int(n)
+    for spec in args.shape:
+        name, kvs = spec.split("=", 1)
+        SHAPES[name].update({k: int(v) for k, v in (x.split(":") for x in kvs.split(","))})
     try:
         if args.large_state or args.only_large_state:
             results["large_state"] = large_state(tmp)
