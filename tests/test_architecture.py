@@ -14,7 +14,7 @@ HEAVY = {"torch", "transformers", "peft", "datasets", "accelerate", "tensorboard
 BASE = {"contract", "states", "fsutil", "faults", "config", "lines", "logs", "sdnotify", "schema", "planning", "replay", "rows",
         "evalmemory",
         "compressed",
-        "basemodel", "modelref"}
+        "basemodel", "modelref", "cadence", "goodput"}
 # What the worker process may use of the supervisor side's rooms: the base, nothing else. The
 # two processes talk through argv, files and exit codes.
 SUPERVISOR_ONLY = {"supervisor", "memguard", "ledger", "status", "cli", "cli_chain", "cli_logs", "cli_ask", "child",

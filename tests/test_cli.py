@@ -107,7 +107,8 @@ def test_status_json_and_table(tmp_path):
     assert [q["file"] for q in st["queue"]] == ["c.jsonl"]
     assert st["kernel_oom_kills"] == 1
     assert st["batches"][0] == {"id": 1, "file": "a.jsonl", "state": "done", "attempts": 1,
-                                "adapter_version": 1, "reason": "done", "lane": "normal"}
+                                "adapter_version": 1, "reason": "done", "lane": "normal", "faults_survived": 0,
+                                "crashes_without_progress": 0}
     assert st["running"]["interrupted"] is True  # RUNNING in the ledger, but no daemon
     table = trainerd("status", cwd=tmp_path).stdout  # root found from the working directory
     assert "not running" in table and "interrupted at step 7/40" in table and "adapters/1" in table

@@ -64,3 +64,20 @@ def test_empty_file_gives_defaults(tmp_path):
     p.write_text("")
     s = load(p)
     assert s.train.seq_len == 256 and s.memory.soft == 0.85
+
+
+def test_checkpoint_interval_auto_or_a_number(tmp_path):
+    """train.checkpoint_every_s is auto by default (Young/Daly), a number keeps a fixed interval,
+    anything else is an error naming the key; checkpoint_async is auto, true or false."""
+    p = tmp_path / "c.yaml"
+    p.write_text("")
+    s = load(p)
+    assert (s.train.checkpoint_every_s, s.train.checkpoint_every_steps, s.train.checkpoint_async) == ("auto", 0, "auto")
+    p.write_text("train: {checkpoint_every_s: 600, checkpoint_every_steps: 50, checkpoint_async: false}\n")
+    s = load(p)
+    assert (s.train.checkpoint_every_s, s.train.checkpoint_every_steps, s.train.checkpoint_async) == (600.0, 50, False)
+    p.write_text("train: {checkpoint_every_s: often, checkpoint_async: maybe}\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert any(x.startswith("train.checkpoint_every_s: must be a number") for x in e.value.problems)
+    assert "train.checkpoint_async: must be true, false or auto, got 'maybe'" in e.value.problems

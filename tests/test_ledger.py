@@ -184,3 +184,24 @@ def test_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(LedgerTooNew, match="newer trainerd"):
         Ledger(db)
+
+
+def test_schema_4_keeps_an_unfinished_batchs_retry_budget(tmp_path):
+    """Migrating to schema 4 (crashes counted by progress): a batch still under way keeps the crashes
+    it had as its streak (earlier releases counted every crash), a finished one starts clean; the new
+    counts are zero and the goodput figures empty."""
+    db = tmp_path / "state.db"
+    _v1_ledger(db)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE batches SET crashes = 3, last_step = 17 WHERE name = 'c.jsonl'")
+    conn.execute("UPDATE batches SET crashes = 1 WHERE name = 'a.jsonl'")
+    conn.commit()
+    conn.close()
+    led = Ledger(db)
+    try:
+        got = {b.name: (b.crashes, b.crash_streak, b.faults_survived, b.reached_step, b.goodput) for b in led.batches()}
+        assert got["c.jsonl"] == (3, 3, 0, 17, {})
+        assert got["a.jsonl"] == (1, 0, 0, None, {})
+        assert led.goodput_totals()["wall_s"] == 0.0
+    finally:
+        led.close()

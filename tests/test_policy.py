@@ -4,6 +4,7 @@ no files, time as an argument (the process-level proofs are in tests/test_superv
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -27,6 +28,10 @@ def batch(**kw) -> Batch:
     return Batch(**{**base, **kw})
 
 
+CRASH1 = {"crashes": 1, "faults_survived": 0, "crash_streak": 1}
+KILLED = "Signal 9 (SIGKILL) sent by another process (the kernel counted no OOM kill of it)"
+
+
 def ended(code=None, sig=None, reason=None, **kw) -> AttemptEnd:
     result = {"reason": reason, "peak_rss_bytes": 3 << 30} if reason else None
     return AttemptEnd(ExitStatus(code, sig), result, **kw)
@@ -38,7 +43,7 @@ TABLE = [
      "done", "done", Action.PUBLISH, "", {}, (), 0),
     ("exit 0 without an adapter is a crash", ended(0), batch(),
      "crashed", "the worker exited 0 but left no adapter at batch/published", Action.REQUEUE,
-     "the worker exited 0 but left no adapter at batch/published", {"crashes": 1}, ("worker_crashed",), 10),
+     "the worker exited 0 but left no adapter at batch/published", CRASH1, ("worker_crashed",), 10),
     ("paused", ended(75, reason="paused"), batch(),
      "stopped", "paused", Action.REQUEUE, "paused", {}, ("batch_paused",), 0),
     ("shutdown", ended(75, reason="shutdown"), batch(),
@@ -81,17 +86,47 @@ TABLE = [
     ("a kill -9 the kernel did not count is a crash", ended(sig=signal.SIGKILL, kernel_oom=False), batch(),
      "crashed", "Signal 9 (SIGKILL) sent by another process (the kernel counted no OOM kill of it)",
      Action.REQUEUE, "Signal 9 (SIGKILL) sent by another process (the kernel counted no OOM kill of it)",
-     {"crashes": 1}, ("worker_killed_externally", "worker_crashed"), 10),
+     CRASH1, ("worker_killed_externally", "worker_crashed"), 10),
     ("a bare SIGKILL is the OOM killer", ended(sig=signal.SIGKILL, kernel_oom=None), batch(),
      "stopped", "kernel_oom_kill", Action.REQUEUE, "memory",
      {"memory_stops": 1, "micro_batch_size": 2, "grad_accum_steps": 8, "gradient_checkpointing": 0},
      ("kernel_oom_kill", "memory_back_off"), 0),
-    ("a segfault is a crash, back-off doubles", ended(sig=signal.SIGSEGV), batch(crashes=1),
-     "crashed", "Signal 11 (SIGSEGV)", Action.REQUEUE, "Signal 11 (SIGSEGV)", {"crashes": 2},
-     ("worker_crashed",), 15),
-    ("the last crash fails", ended(3, reason="boom"), batch(crashes=2),
+    ("a segfault is a crash, back-off doubles", ended(sig=signal.SIGSEGV), batch(crashes=1, crash_streak=1),
+     "crashed", "Signal 11 (SIGSEGV)", Action.REQUEUE, "Signal 11 (SIGSEGV)",
+     {"crashes": 2, "faults_survived": 0, "crash_streak": 2}, ("worker_crashed",), 15),
+    ("the last crash fails", ended(3, reason="boom"), batch(crashes=2, crash_streak=2),
      "crashed", "exit code 3: boom", Action.FAIL,
-     "crashed 3 times (retry.max_attempts = 3); last: exit code 3: boom", {"crashes": 3}, (), 0),
+     "crashed 3 times in a row without getting past step 0 (retry.max_attempts = 3); last: exit code 3: boom, "
+     "before its first step", {"crashes": 3, "faults_survived": 0, "crash_streak": 3}, (), 0),
+    # --- issue 24: crashes counted by progress ---------------------------------------------------
+    ("a crash after progress is a fault survived: at once, the streak starts again, no budget spent",
+     ended(sig=signal.SIGKILL, kernel_oom=False, progressed=True, reached_step=40),
+     batch(crashes=4, faults_survived=3, crash_streak=2, reached_step=30),
+     "crashed", KILLED, Action.REQUEUE, KILLED, {"crashes": 5, "faults_survived": 4, "crash_streak": 1},
+     ("worker_killed_externally", "fault_survived"), 0),
+    ("ten faults survived, each after progress: still requeued",
+     ended(sig=signal.SIGKILL, kernel_oom=False, progressed=True, reached_step=900),
+     batch(crashes=10, faults_survived=10, crash_streak=1, reached_step=800),
+     "crashed", KILLED, Action.REQUEUE, KILLED, {"crashes": 11, "faults_survived": 11, "crash_streak": 1},
+     ("worker_killed_externally", "fault_survived"), 0),
+    ("the same place again: the streak grows to max_attempts and fails with the step and the traceback",
+     ended(70, reason="RuntimeError: boom", reached_step=5, traceback="Traceback (most recent call last):\n"
+           "  File \"train.py\", line 1\nRuntimeError: boom"),
+     batch(crashes=2, crash_streak=2, faults_survived=1, reached_step=5),
+     "crashed", "exit code 70: RuntimeError: boom", Action.FAIL,
+     "crashed 3 times in a row without getting past step 5 (retry.max_attempts = 3); last: exit code 70: "
+     "RuntimeError: boom, after step 5; its traceback (worker.stderr):\nTraceback (most recent call last):\n"
+     "  File \"train.py\", line 1\nRuntimeError: boom",
+     {"crashes": 3, "faults_survived": 1, "crash_streak": 3}, (), 0),
+    ("a stop after progress ends the crash streak", ended(75, reason="paused", progressed=True),
+     batch(crash_streak=2), "stopped", "paused", Action.REQUEUE, "paused", {"crash_streak": 0}, ("batch_paused",), 0),
+    ("a stop without progress keeps it", ended(75, reason="paused"), batch(crash_streak=2),
+     "stopped", "paused", Action.REQUEUE, "paused", {}, ("batch_paused",), 0),
+    ("a kernel OOM kill after progress is still a memory stop (the ladder), not a crash",
+     ended(sig=signal.SIGKILL, kernel_oom=None, progressed=True), batch(crash_streak=1),
+     "stopped", "kernel_oom_kill", Action.REQUEUE, "memory",
+     {"memory_stops": 1, "micro_batch_size": 2, "grad_accum_steps": 8, "gradient_checkpointing": 0,
+      "crash_streak": 0}, ("kernel_oom_kill", "memory_back_off"), 0),
 ]
 
 
@@ -115,3 +150,32 @@ def test_a_reload_applies_to_the_next_decision():
     strict = from_dict({"root": "/r", "retry": {"max_attempts": 1}})
     assert decide(ended(3), batch(), SETTINGS, NOW).action is Action.REQUEUE
     assert decide(ended(3), batch(), strict, NOW).action is Action.FAIL
+
+
+def test_back_off_resets_after_progress():
+    """Crashes without progress wait backoff_s, x2 each; a crash after progress restarts at once and
+    the next crash without progress waits from the start of the ladder again, not further up it."""
+    settings = from_dict({"root": "/r", "retry": {"max_attempts": 10, "backoff_s": 5, "backoff_max_s": 600}})
+    b = batch()
+    waits = []
+    for progressed in (False, False, False, True, False, False, True, True, False):
+        v = decide(ended(sig=signal.SIGKILL, kernel_oom=False, progressed=progressed, reached_step=1), b, settings, NOW)
+        assert v.action is Action.REQUEUE
+        waits.append(v.next_attempt_at - NOW if v.next_attempt_at else 0.0)
+        b = replace(b, **v.updates)
+    assert waits == [5, 10, 20, 0, 10, 20, 0, 0, 10]
+    assert (b.crashes, b.faults_survived, b.crashes_without_progress) == (9, 3, 6)
+
+
+def test_a_deterministic_crash_is_quarantined_within_max_attempts():
+    """A worker that dies after the same step every time: the first attempt made progress (a fault
+    survived), every later one only redoes it; quarantined at attempt max_attempts, the step named."""
+    b = batch()
+    for attempt in range(1, 10):
+        first = attempt == 1
+        v = decide(ended(sig=signal.SIGKILL, kernel_oom=False, progressed=first, reached_step=12), b, SETTINGS, NOW)
+        b = replace(b, **v.updates, reached_step=12)
+        if v.action is Action.FAIL:
+            break
+    assert attempt == SETTINGS.retry.max_attempts
+    assert "without getting past step 12" in v.batch_reason and "after step 12" in v.batch_reason

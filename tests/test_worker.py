@@ -143,16 +143,48 @@ def test_torn_checkpoint_is_skipped(tmp_path, tiny_model_dir, reference):
     assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
 
 
-def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, reference):
-    """Killed in the middle of writing a checkpoint: only a .tmp folder is left; resume is still exact."""
+@pytest.mark.parametrize("background", [False, True])
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, reference, background):
+    """Killed in the middle of writing a checkpoint (in the step loop, or in the background writer's
+    thread): only a .tmp folder is left; resume is still exact."""
     ref_batch, _ = reference
-    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120))
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(120), train={"checkpoint_async": background})
     rc, _, _ = run_worker(batch, env=subprocess_env(TRAINERD_FAULT="crash_in_checkpoint"))
     assert rc == -signal.SIGKILL
     assert not [p for p in (batch / "checkpoints").iterdir() if p.name.startswith("step-")]
     rc, _, _ = run_worker(batch)
     assert rc == 0
     assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref_batch / "final_adapter")
+
+
+@pytest.mark.slow
+def test_resume_is_exact_across_an_adaptive_interval_and_background_writes(tmp_path, tiny_model_dir):
+    """checkpoint_every_s: auto with a short MTBF: checkpoints at steps only the clock chooses,
+    written by the background writer from a copy; SIGKILL after the second one, then resume: the
+    adapter equals an uninterrupted run's (whose checkpoints land elsewhere) bit for bit."""
+    lines = sample_lines(3000)  # ~650 steps: several seconds, room for clock-chosen checkpoints
+    ref = make_batch(tmp_path, tiny_model_dir, lines, name="ref")
+    rc, _, _ = run_worker(ref)
+    assert rc == 0
+    adaptive = {"checkpoint_every_steps": 0, "checkpoint_every_s": "auto", "checkpoint_async": True}
+    batch = make_batch(tmp_path, tiny_model_dir, lines, train=adaptive)
+    proc = start_worker(batch, "--mtbf-s", "1")
+    interval = wait_for_event(proc, "checkpoint_interval")
+    assert interval["rule"] in ("min", "overhead") and interval["mtbf_s"] == 1.0
+    saved = []
+    while len(saved) < 2:
+        e = wait_for_event(proc, "checkpoint_saved")
+        assert e["background"], e  # only the final checkpoint is written in the loop
+        saved.append(e)
+    kill_after = wait_for_event(proc, "step", min_step=saved[-1]["step"] + 2)["step"]
+    proc.kill()
+    assert finish(proc) == -signal.SIGKILL
+    assert kill_after < json.loads((batch / "progress.json").read_text())["total_steps"], "finished before the kill"
+    rc, result, logs = run_worker(batch, "--mtbf-s", "1")
+    assert rc == 0
+    started = next(l for l in logs if l["event"] == "training_started")
+    assert started["step"] >= saved[-1]["step"]  # the newest complete checkpoint (maybe one the kill left behind)
+    assert adapter_bytes(batch / "final_adapter") == adapter_bytes(ref / "final_adapter")
 
 
 def test_crash_during_publish_never_leaves_half_adapter(tmp_path, tiny_model_dir, reference):

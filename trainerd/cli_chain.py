@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from trainerd.cli_root import config_path, load_settings, subcommand
+from trainerd import goodput
 from trainerd.contract import ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none
 
@@ -82,7 +83,8 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
                      "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
                      "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),
                      "gated": None if gate is None else gate.get("verdict", "blessed") != "ungated",
-                     "heals": heals, "note": _gate_words(gate, heals, v.batch_id), "at": v.created_at})
+                     "heals": heals, "note": _gate_words(gate, heals, v.batch_id), "at": v.created_at,
+                     **_faults(b if v.kind != "rollback" else None)})
     for b in batches.values():
         if b.state.value == "rejected":
             new, worst = _gate_summary(json.loads(b.gate_json) if b.gate_json else None)
@@ -91,14 +93,22 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
                          "batch": b.id, "file": b.name, "steps": res.get("step"), "tokens": res.get("tokens"),
                          "new_set_loss": new, "worst_earlier": worst, "decision": "rejected", "gated": True,
                          "heals": b.heals, "note": _gate_words(None, b.heals, b.id, published=False),
-                         "reason": b.last_reason, "at": b.finished_at})
+                         "reason": b.last_reason, "at": b.finished_at, **_faults(b)})
     rows.sort(key=lambda r: r["at"] or 0)
     return rows
 
 
+def _faults(b: Any) -> dict[str, Any]:
+    """The batch's faults survived and its goodput (issue 24), for a history row."""
+    if b is None:
+        return {"faults_survived": None, "crashes_without_progress": None, "goodput": None}
+    return {"faults_survived": b.faults_survived, "crashes_without_progress": b.crashes_without_progress,
+            "goodput": goodput.goodput(b.goodput)}
+
+
 def _render(rows: list[dict[str, Any]]) -> str:
     out = [f"{'version':>7} {'kind':<9} {'parent':>6} {'batch':>6} {'steps':>6} {'tokens':>8} "
-           f"{'new set':<13} {'worst earlier':<22} {'when':<16} file"]
+           f"{'new set':<13} {'worst earlier':<22} {'faults/goodput':<14} {'when':<16} file"]
     for r in rows:
         worst = r["worst_earlier"]
         w = f"{worst['change']:+.3f} ({worst['set']})"[:22] if worst else "-"
@@ -106,10 +116,12 @@ def _render(rows: list[dict[str, Any]]) -> str:
         parent = "base" if r["parent"] is None and r["kind"] != "rollback" else str(r["parent"])
         if r["kind"] == "rollback":
             parent = f"={r['rollback_of']}"
+        fg = "-" if r.get("faults_survived") is None else \
+            f"{r['faults_survived']}/{r['goodput']:.3f}" if r.get("goodput") is not None else f"{r['faults_survived']}/-"
         out.append(f"{r['version'] if r['version'] is not None else '-':>7} {r['kind']:<9} {parent:>6} "
                    f"{r['batch'] or '-':>6} {r['steps'] if r['steps'] is not None else '-':>6} "
                    f"{r['tokens'] if r['tokens'] is not None else '-':>8} {_fmt_loss(r['new_set_loss']):<13} "
-                   f"{w:<22} {when:<16} {r['file'] or ''}")
+                   f"{w:<22} {fg:<14} {when:<16} {r['file'] or ''}")
         for line in (r.get("reason"), r.get("note")):
             if line:
                 out.append(f"{'':>8}{line}")

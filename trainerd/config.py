@@ -104,8 +104,13 @@ class TrainSettings:
     max_grad_norm: float = field(default=1.0, metadata=_check("float", min=0.0))
     epochs: int = field(default=1, metadata=_check("int", min=1))
     seed: int = field(default=1234, metadata=_check("int", min=0))
-    checkpoint_every_steps: int = field(default=50, metadata=_check("int", min=0))
-    checkpoint_every_s: float = field(default=600.0, metadata=_check("float", min=0.0))
+    # 0 = by time alone. A stop always writes one.
+    checkpoint_every_steps: int = field(default=0, metadata=_check("int", min=0))
+    # auto = Young/Daly from the measured checkpoint cost and the supervisor's MTBF estimate
+    # (trainerd/cadence.py); a number = a fixed interval (0 disables).
+    checkpoint_every_s: Any = field(default="auto", metadata=_check("float_or_auto", min=0.0))
+    # auto = write in a background thread (from a copy) when adapter + optimizer state is >= 64 MiB.
+    checkpoint_async: Any = field(default="auto", metadata=_check("bool_or_auto"))
     keep_checkpoints: int = field(default=3, metadata=_check("int", min=1))
     gradient_checkpointing: bool = field(default=False, metadata=_check("bool"))
     # torch.compile each decoder layer (regional): ~1 min of compiling per attempt, then faster
@@ -335,6 +340,14 @@ def _convert(path: str, value: Any, kind: str, kw: dict[str, Any], problems: lis
         if kw.get("nonempty") and not value:
             return bad("must not be empty")
         return list(value)
+    if kind == "bool_or_auto":
+        if value == "auto" or isinstance(value, bool):
+            return value
+        return bad(f"must be true, false or auto, got {value!r}")
+    if kind == "float_or_auto":
+        if value == "auto":
+            return value
+        kind = "float"
     if kind in ("size", "size_or_auto"):
         if kind == "size_or_auto" and value == "auto":
             return value

@@ -112,6 +112,7 @@ class BatchFiles:
         self.checkpoints = d / "checkpoints"
         self.progress = d / "progress.json"       # live progress (status reads it)
         self.heartbeat = d / "heartbeat"          # touched by the worker's own loops: its mtime is its last sign of life
+        self.tally = d / "tally.json"             # this attempt's running account (worker/tally.py), per step
         self.result = d / "result.json"           # the worker's last word for the attempt (rank 0's)
         self.stderr = d / "worker.stderr"
         self.published = d / "published"         # the attempt's final adapter (--publish)

@@ -6,6 +6,8 @@ process fail at that point, as a power cut or the OOM killer would (docs/archite
   crash_in_checkpoint           worker: SIGKILL itself in the middle of writing a checkpoint
   crash_in_publish              worker: SIGKILL itself in the middle of writing the adapter
   crash_at_step:N               worker: SIGKILL itself right after optimizer step N
+  raise_at_step:N               worker: raise an exception right after optimizer step N (a crash with a
+                                traceback, at the same place every time)
   term_at_step:N                worker: SIGTERM itself right after optimizer step N
   freeze_at_step:N              worker: SIGSTOP itself right after optimizer step N (a rank frozen
                                 between two collectives)
@@ -32,7 +34,8 @@ import os
 import signal
 import time
 
-__all__ = ["ENV", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "spin", "term_at"]
+__all__ = ["ENV", "InjectedFault", "RANK_ENV", "active", "at_step", "die_at", "freeze_at", "number", "spin",
+           "term_at"]
 
 ENV = "TRAINERD_FAULT"
 RANK_ENV = "TRAINERD_FAULT_RANK"
@@ -84,10 +87,16 @@ def spin(seconds: float) -> None:
             x += i * i
 
 
+class InjectedFault(RuntimeError):
+    """The exception ``raise_at_step:N`` raises."""
+
+
 def at_step(step: int) -> None:
-    """The step faults, right after optimizer step ``step``: crash_, term_ or freeze_at_step:N."""
+    """The step faults, right after optimizer step ``step``: crash_, raise_, term_ or freeze_at_step:N."""
     if number("crash_at_step") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+    if number("raise_at_step") == step:
+        raise InjectedFault(f"fault injected after step {step} (TRAINERD_FAULT=raise_at_step:{step})")
     if number("term_at_step") == step:
         os.kill(os.getpid(), signal.SIGTERM)
     if number("freeze_at_step") == step:

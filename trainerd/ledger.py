@@ -179,6 +179,23 @@ class Ledger:
         return [Attempt.from_row(r) for r in self.db.execute(
             "SELECT * FROM attempts WHERE batch_id=? ORDER BY n", (batch_id,))]
 
+    def attempt(self, batch_id: int, n: int) -> Attempt | None:
+        r = self.db.execute("SELECT * FROM attempts WHERE batch_id=? AND n=?", (batch_id, n)).fetchone()
+        return Attempt.from_row(r) if r else None
+
+    def attempts_ended_since(self, since: float) -> list[tuple[float, float, str | None, str | None]]:
+        """(started_at, ended_at, outcome, reason) of every attempt that ended after ``since``
+        (the fault rate's window; indexed, so a long history costs nothing)."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT started_at, ended_at, outcome, reason FROM attempts WHERE ended_at >= ?", (since,))]
+
+    def goodput_totals(self) -> dict[str, float]:
+        """Every batch's goodput figures summed (trainerd/goodput.py names them): one aggregate."""
+        keys = ("useful_s", "wall_s", "faults", "recomputed_s", "restart_s", "backoff_s", "checkpoint_s")
+        r = self.db.execute("SELECT " + ", ".join(f"coalesce(sum(json_extract(goodput_json, '$.{k}')), 0)"
+                                                  for k in keys) + " FROM batches").fetchone()
+        return dict(zip(keys, (float(v) for v in r)))
+
     def open_attempts(self) -> list[Attempt]:
         return [Attempt.from_row(r) for r in self.db.execute(
             "SELECT * FROM attempts WHERE ended_at IS NULL ORDER BY batch_id, n")]
@@ -276,6 +293,14 @@ class Ledger:
         if end.result:
             db.execute("UPDATE batches SET last_step=?, total_steps=? WHERE id=?",
                        (end.result.get("step"), end.result.get("total_steps"), batch_id))
+        if end.account is not None:
+            db.execute("UPDATE attempts SET account_json=? WHERE batch_id=? AND n=?",
+                       (json.dumps(end.account), batch_id, end.n))
+        if end.batch_goodput is not None:
+            db.execute("UPDATE batches SET goodput_json=? WHERE id=?", (json.dumps(end.batch_goodput), batch_id))
+        if end.reached_step is not None:
+            db.execute("UPDATE batches SET reached_step=max(coalesce(reached_step, 0), ?) WHERE id=?",
+                       (end.reached_step, batch_id))
 
     def requeue(self, batch_id: int, now: float, *, reason: str, next_attempt_at: float = 0.0,
                 attempt: AttemptRecord | None = None, **fields: Any) -> Batch:

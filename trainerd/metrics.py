@@ -18,6 +18,10 @@ Counters survive a restart because they are derived from the ledger, not counted
 - ``trainerd_worker_restarts_total{reason}``: attempts that ended before their batch was through
   (stopped, crashed, lost), by why.
 - ``trainerd_kernel_oom_kills_total``: the ledger's own counter.
+- ``trainerd_goodput_ratio``: useful step time over wall time, every batch together;
+  ``trainerd_faults_survived_total``, ``trainerd_crashes_without_progress_total`` and
+  ``trainerd_fault_lost_seconds_total{part}`` (recomputed, restart, backoff): the ledger's
+  per-batch figures summed (trainerd/goodput.py).
 - ``trainerd_guard_actions_total{action}``: the guard's stop / recycle / term / kill decisions on
   a running worker, counted by the daemon as it carries them out (the ledger's counters table,
   ``guard_actions:<action>``).
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainerd import package_version
+from trainerd import goodput, package_version
 from trainerd.contract import RootLayout, StopReason
 from trainerd.fsutil import read_json_or_none
 from trainerd.health import HealthWatch
@@ -81,6 +85,10 @@ class Snapshot:
     guard_actions: dict[str, int] = field(default_factory=dict)
     kernel_oom_kills: int = 0
     restarts: dict[str, int] = field(default_factory=dict)
+    goodput: float | None = None
+    faults_survived: int = 0
+    crashes_without_progress: int = 0
+    fault_lost_s: dict[str, float] = field(default_factory=dict)  # recomputed, restart, backoff
     checkpoint_seconds: float | None = None
     checkpoint_at: float | None = None
     publish_at: float | None = None
@@ -153,6 +161,19 @@ class _Collector:
                                 "through, by why", labels=["reason"])
         for reason, n in sorted(s.restarts.items()):
             c.add_metric([reason], n)
+        yield c
+        if s.goodput is not None:
+            yield GaugeMetricFamily("trainerd_goodput_ratio", "Useful training step time over wall time, all "
+                                    "batches (wall: attempts and the waits after faults)", value=s.goodput)
+        yield CounterMetricFamily("trainerd_faults_survived", "Crashes after which the batch had made progress "
+                                  "(retried at once, no retry budget spent)", value=s.faults_survived)
+        yield CounterMetricFamily("trainerd_crashes_without_progress", "Crashes of attempts that got no further "
+                                  "than an earlier one (these count against retry.max_attempts)",
+                                  value=s.crashes_without_progress)
+        c = CounterMetricFamily("trainerd_fault_lost_seconds", "Seconds faults cost: steps recomputed, restarts, "
+                                "back-off", labels=["part"])
+        for part in ("recomputed", "restart", "backoff"):
+            c.add_metric([part], s.fault_lost_s.get(part, 0.0))
         yield c
         if s.checkpoint_at is not None:
             yield GaugeMetricFamily("trainerd_last_checkpoint_duration_seconds", "How long the last checkpoint "
@@ -250,6 +271,8 @@ class Metrics:
                 pass
         totals = self._derived_totals(led)
         s.trained_tokens, s.training_steps, s.restarts = totals["tokens"], totals["steps"], totals["restarts"]
+        s.goodput, s.faults_survived = totals["goodput"], totals["faults_survived"]
+        s.crashes_without_progress, s.fault_lost_s = totals["crashes_without_progress"], totals["fault_lost_s"]
         r = daemon.running
         key = None if r is None else (r.batch.id, r.attempt)
         if self._last_attempt is not None and self._last_attempt[0] != key:
@@ -308,9 +331,15 @@ class Metrics:
                 " GROUP BY outcome, reason", _RESTART_OUTCOMES):
             label = restart_reason(outcome, reason)
             restarts[label] = restarts.get(label, 0) + int(n)
+        crashes, survived = led.db.execute("SELECT coalesce(sum(crashes), 0), coalesce(sum(faults_survived), 0)"
+                                           " FROM batches").fetchone()
+        g = led.goodput_totals()
         self._totals_key = key
         self._totals = {"by_batch": by_batch, "tokens": sum(t for t, _ in by_batch.values()),
-                        "steps": sum(st for _, st in by_batch.values()), "restarts": restarts}
+                        "steps": sum(st for _, st in by_batch.values()), "restarts": restarts,
+                        "goodput": goodput.goodput(g), "faults_survived": int(survived),
+                        "crashes_without_progress": int(crashes) - int(survived),
+                        "fault_lost_s": {p: g[f"{p}_s"] for p in ("recomputed", "restart", "backoff")}}
         return self._totals
 
     def _gather_memory(self, daemon: Any, s: Snapshot) -> None:

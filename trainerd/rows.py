@@ -58,6 +58,10 @@ class Batch:
     gate_json: str | None = None
     priority: int = 0                 # its lane: 1 high, 0 normal, -1 low (contract.LANES)
     heals: int = 0                    # healing tries so far (refused for forgetting, trained again)
+    faults_survived: int = 0          # crashes of attempts that had made progress (issue 24)
+    crash_streak: int = 0             # crashes in a row without getting further: the retry budget
+    reached_step: int | None = None   # the furthest step any attempt completed
+    goodput_json: str | None = None   # trainerd/goodput.py: useful and wall seconds, seconds lost to faults
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":
@@ -66,6 +70,14 @@ class Batch:
     @property
     def planned(self) -> bool:
         return self.micro_batch_size is not None
+
+    @property
+    def crashes_without_progress(self) -> int:
+        return self.crashes - self.faults_survived
+
+    @property
+    def goodput(self) -> dict[str, Any]:
+        return json.loads(self.goodput_json) if self.goodput_json else {}
 
 
 class BatchSummary(NamedTuple):
@@ -85,6 +97,9 @@ class BatchSummary(NamedTuple):
     finished_at: float | None
     decision: str | None
     heals: int
+    crashes: int
+    faults_survived: int
+    goodput_json: str | None
 
     @classmethod
     def columns(cls) -> str:
@@ -108,12 +123,14 @@ class Attempt:
     outcome: str | None = None
     reason: str | None = None
     result: dict[str, Any] | None = None
+    account: dict[str, Any] | None = None   # trainerd/goodput.py: progress, restart, steps, checkpoints
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Attempt":
         a = _from_row(cls, row)
         raw = row["result_json"]
-        return dataclasses.replace(a, result=json.loads(raw)) if raw else a
+        acc = row["account_json"] if "account_json" in row.keys() else None
+        return dataclasses.replace(a, result=json.loads(raw) if raw else None, account=json.loads(acc) if acc else None)
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,9 @@ class AttemptRecord:
     signal: int | None = None
     signal_sent_by: str | None = None
     result: dict[str, Any] | None = None
+    account: dict[str, Any] | None = None       # this attempt's (trainerd/goodput.py)
+    batch_goodput: dict[str, Any] | None = None  # the batch's totals with it
+    reached_step: int | None = None             # the furthest step it completed
 
 
 

@@ -28,7 +28,11 @@ CREATE TABLE IF NOT EXISTS batches (
     size_bytes             INTEGER,
     state                  TEXT NOT NULL,
     attempts               INTEGER NOT NULL DEFAULT 0,  -- every worker start
-    crashes                INTEGER NOT NULL DEFAULT 0,  -- attempts that crashed (retry budget)
+    crashes                INTEGER NOT NULL DEFAULT 0,  -- attempts that crashed, all of them
+    faults_survived        INTEGER NOT NULL DEFAULT 0,  -- crashes of attempts that had made progress
+    crash_streak           INTEGER NOT NULL DEFAULT 0,  -- crashes in a row without getting further (retry budget)
+    reached_step           INTEGER,                -- the furthest optimizer step any attempt completed
+    goodput_json           TEXT,                   -- useful step time, wall time, seconds lost to faults
     memory_stops           INTEGER NOT NULL DEFAULT 0,
     micro_batch_size       INTEGER,                -- NULL = not planned yet
     grad_accum_steps       INTEGER,
@@ -64,8 +68,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome         TEXT,            -- done | stopped | bad_data | bad_config | crashed | lost
     reason          TEXT,
     result_json     TEXT,
+    account_json    TEXT,            -- where it resumed, how far it got, its restart, steps and checkpoint time
     PRIMARY KEY (batch_id, n)
 );
+CREATE INDEX IF NOT EXISTS attempts_ended ON attempts(ended_at);
 CREATE TABLE IF NOT EXISTS adapter_versions (
     n           INTEGER PRIMARY KEY,
     batch_id    INTEGER NOT NULL REFERENCES batches(id),
@@ -104,9 +110,21 @@ def _to_3(db: sqlite3.Connection) -> None:
 
 
 def _to_4(db: sqlite3.Connection) -> None:
-    """The gate over thousands of batches (issue 17): a batch's healing tries. The root's files
-    (the evaluation memory built from evalsets/batches/) follow at the daemon's start."""
-    db.execute("ALTER TABLE batches ADD COLUMN heals INTEGER NOT NULL DEFAULT 0")
+    """This release's ledger (issues 17 and 24). The gate over thousands of batches: a batch's
+    healing tries (the root's files, the evaluation memory built from evalsets/batches/, follow at
+    the daemon's start). Faults are weather: crashes counted by progress, the high-water step,
+    goodput."""
+    for stmt in ("ALTER TABLE batches ADD COLUMN heals INTEGER NOT NULL DEFAULT 0",
+                 "ALTER TABLE batches ADD COLUMN faults_survived INTEGER NOT NULL DEFAULT 0",
+                 "ALTER TABLE batches ADD COLUMN crash_streak INTEGER NOT NULL DEFAULT 0",
+                 "ALTER TABLE batches ADD COLUMN reached_step INTEGER",
+                 "ALTER TABLE batches ADD COLUMN goodput_json TEXT",
+                 "ALTER TABLE attempts ADD COLUMN account_json TEXT",
+                 "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts(ended_at)"):
+        db.execute(stmt)
+    # Earlier releases counted every crash against the budget: a batch still under way keeps the
+    # budget it had (its crashes are taken to be in a row), and nothing it did counts as survived.
+    db.execute("UPDATE batches SET crash_streak = crashes, reached_step = last_step WHERE finished_at IS NULL")
 
 
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3, 4: _to_4}

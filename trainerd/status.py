@@ -8,12 +8,14 @@ the worker rewrite atomically (daemon.json, progress.json). Answers in tens of m
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+from trainerd import goodput
 from trainerd.contract import LANES, RootLayout, lane_name
 from trainerd.fsutil import fmt_bytes, free_bytes, read_json_or_none
 from trainerd.ledger import Ledger
@@ -77,6 +79,7 @@ def collect_status(root: Path, *, recent: int = 5) -> dict[str, Any]:
             rows = led.summaries()  # tuples: 10 000 batches in ~30 ms (Batch rows cost ~0.4 s)
             out["counts"] = led.counts()
             out["kernel_oom_kills"] = led.counter("kernel_oom_kills")
+            out["faults"] = _faults(rows, led.goodput_totals())
         except sqlite3.Error as e:  # the daemon is creating the ledger right now
             out["ledger_error"] = str(e)
             return out
@@ -92,7 +95,8 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     for b in rows:
         out["batches"].append({"id": b.id, "file": b.name, "state": b.state.value, "attempts": b.attempts,
                                "adapter_version": b.adapter_version, "reason": b.last_reason,
-                               "lane": lane_name(b.priority)})
+                               "lane": lane_name(b.priority), "faults_survived": b.faults_survived,
+                               "crashes_without_progress": b.crashes - b.faults_survived})
         if b.state is BatchState.RUNNING:
             prog = read_json_or_none(layout.batch(b.id).progress) or {}
             out["running"] = {
@@ -105,6 +109,9 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
                 # The ledger says running but no daemon holds the lock: it died mid-attempt.
                 "interrupted": interrupted,
                 "no_progress_s": _quiet_s(layout.batch(b.id), prog, now),
+                "faults_survived": b.faults_survived, "crashes_without_progress": b.crashes - b.faults_survived,
+                "goodput": goodput.summary(json.loads(b.goodput_json) if b.goodput_json else None),
+                "restart": _restart(layout.batch(b.id)),
             }
         elif b.state in (BatchState.QUEUED, BatchState.CLAIMING):
             wait = b.next_attempt_at - now
@@ -115,7 +122,9 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     out["queue"].sort(key=lambda q: (-(q["attempts"] > 0), -LANES[q["lane"]], q["id"]))
     finished = sorted((b for b in rows if b.state in FINAL_STATES), key=lambda b: b.finished_at or 0, reverse=True)
     out["recent"] = [{"id": b.id, "file": b.name, "state": b.state.value, "adapter_version": b.adapter_version,
-                      "reason": b.last_reason, "finished_at": b.finished_at} for b in finished[:recent]]
+                      "reason": b.last_reason, "finished_at": b.finished_at, "faults_survived": b.faults_survived,
+                      "goodput": goodput.goodput(json.loads(b.goodput_json) if b.goodput_json else None)}
+                     for b in finished[:recent]]
     judged = [b for b in finished if b.decision in ("blessed", "ungated", "rejected", "forced")]  # not a cancel
     if judged:
         b = judged[0]
@@ -124,6 +133,35 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
     out["rejected"] = [{"id": b.id, "file": b.name, "reason": b.last_reason}
                        for b in rows if b.state is BatchState.REJECTED
                        and layout.rejected_dir(b.id).is_dir()]  # retention may have removed the candidate
+
+
+def _faults(rows: list[Any], totals: dict[str, float]) -> dict[str, Any]:
+    """Every batch's faults and goodput together (trainerd/goodput.py)."""
+    survived = sum(b.faults_survived for b in rows)
+    return {"survived": survived, "crashes_without_progress": sum(b.crashes for b in rows) - survived,
+            **goodput.summary(totals)}
+
+
+def _restart(files: Any) -> dict[str, Any] | None:
+    """The running attempt's restart, from its tally: seconds from its start to its first step, by phase."""
+    t = read_json_or_none(files.tally)
+    if not t or not t.get("phases"):
+        return None
+    return {"seconds": round(sum(t["phases"].values()), 2), "phases": t["phases"],
+            "checkpoint_interval_s": t.get("interval_s"), "mtbf_s": t.get("mtbf_s")}
+
+
+def _render_faults(f: dict[str, Any] | None) -> str | None:
+    if not f or not (f.get("wall_s") or f.get("survived") or f.get("crashes_without_progress")):
+        return None
+    lost = f["lost_per_fault_s"]
+    line = (f"faults    {f['survived']} survived, {f['crashes_without_progress']} crash(es) without progress; "
+            f"goodput {f['goodput'] if f['goodput'] is not None else '-'} (useful {_fmt_s(f['useful_s'])} of "
+            f"{_fmt_s(f['wall_s'])})")
+    if f["faults"]:
+        line += (f"; lost per fault {lost['total']:.1f} s (recomputed {lost['recomputed']:.1f}, restart "
+                 f"{lost['restart']:.1f}, back-off {lost['backoff']:.1f})")
+    return line
 
 
 def _disk(layout: RootLayout) -> dict[str, Any]:
@@ -205,6 +243,9 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"decision  #{d['id']} {d['file']}: {d['decision']} ({what})")
     for r in st.get("rejected", [])[:5]:
         lines.append(f"rejected  #{r['id']} {r['file']}: `trainerd promote {r['id']}` publishes it anyway")
+    faults = _render_faults(st.get("faults"))
+    if faults:
+        lines.append(faults)
     disk = _render_disk(st.get("disk"))
     if disk:
         lines.append(disk)
@@ -243,6 +284,8 @@ def _render_running(r: dict[str, Any] | None) -> str:
         line += f", on {r['ranks']} ranks (memory: rank 0's)"
     if r.get("healing_try"):
         line += f", healing try {r['healing_try']} (refused for forgetting; trained again with it rehearsed)"
+    if r.get("faults_survived") or r.get("crashes_without_progress"):
+        line += f", faults survived {r['faults_survived']}, crashes without progress {r['crashes_without_progress']}"
     if r.get("no_progress_s"):
         line += f" -- no progress for {_fmt_s(r['no_progress_s'])}"
     return line

@@ -17,13 +17,14 @@ from typing import Any
 __all__ = ["FAST", "config_dict", "merge"]
 
 # Why each value: the tiny model trains a step in well under a second at seq 32 x micro 2,
-# and a checkpoint every 2 optimizer steps leaves something to resume from whenever a test
+# and a checkpoint every 2 optimizer steps (and never by time: where it lands is then the
+# same in every run, on a loaded machine too) leaves something to resume from whenever a test
 # interrupts; a file settles in 0.3 s and a missed event is found within 1 s; a retry waits
 # 0.5-2 s, not the production 5-600 s; and a tmp file system that happens to be nearly full
 # must not hold every batch back (the disk tests set their own minimum).
 FAST: Mapping[str, Mapping[str, Any]] = {
     "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 2,
-              "threads": 1, "warmup_steps": 2},
+              "checkpoint_every_s": 0, "threads": 1, "warmup_steps": 2},
     "data": {"chunk_lines": 16},
     "supervisor": {"settle_s": 0.3, "rescan_s": 1.0, "stop_grace_s": 60},
     "retry": {"backoff_s": 0.5, "backoff_max_s": 2},

@@ -28,7 +28,7 @@ from trainerd.fsutil import read_json_or_none, unlink_quietly
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.modelref import local_dir
 from trainerd.states import BatchState
-from trainerd.supervisor import forensics, heal, hooks, policy
+from trainerd.supervisor import accounting, forensics, heal, hooks, policy
 from trainerd.supervisor.claims import Claims
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
@@ -102,8 +102,9 @@ class Attempts:
         settings.train.grad_accum_steps = batch.grad_accum_steps
         settings.train.gradient_checkpointing = bool(batch.gradient_checkpointing)
         config_mod.dump_json(settings, files.settings)
-        # Leftovers of the previous attempt would be misread as this one's answer.
+        # Leftovers of the previous attempt would be misread as this one's answer (or account).
         unlink_quietly(files.result)
+        unlink_quietly(files.tally)
         unlink_quietly(files.stop)
         shutil.rmtree(files.published, ignore_errors=True)
         heal.prepare(files, batch, self.settings.gate.heal_replay, log)  # a healing try starts from the champion
@@ -114,6 +115,8 @@ class Attempts:
         if init_adapter is not None:
             worker_args += ["--init-adapter", str(init_adapter)]
         worker_args += ["--publish", str(files.published)]
+        rate = accounting.fault_rate(self.ledger, now)  # train.checkpoint_every_s: auto follows it
+        worker_args += ["--mtbf-s", f"{rate.mtbf_s:.0f}"]
         argv = launch_argv(settings, self.worker_cmd, worker_args)
         for stale in files.dir.glob("result.rank*.json"):
             stale.unlink(missing_ok=True)
@@ -141,7 +144,8 @@ class Attempts:
                   init_adapter_version=batch.parent_version,
                   micro_batch_size=settings.train.micro_batch_size,
                   grad_accum_steps=settings.train.grad_accum_steps,
-                  gradient_checkpointing=settings.train.gradient_checkpointing)
+                  gradient_checkpointing=settings.train.gradient_checkpointing,
+                  fault_rate=rate.as_dict(), crash_streak=batch.crash_streak, faults_survived=batch.faults_survived)
         unlink_quietly(files.heartbeat)  # the last attempt's sign of life is not this one's
         world = settings.train.nproc_per_node * settings.train.nnodes if distributed(settings) else 1
         return Running(batch, files, child, Escalation(child, files, alog), now, alog, oom_kills,
@@ -191,18 +195,20 @@ class Attempts:
     def settle(self, batch: Batch, n: int, end: policy.AttemptEnd, now: float, log: Any, *,
                stopping: bool = False, pid: int | None = None, oom_kills_before: int | None = None) -> Batch:
         """Decide what an ended attempt means for its batch and carry it out (reconcile uses it too)."""
+        files = self.layout.batch(batch.id)
         if end.status.code == ExitCode.OK and end.gate is None:
-            files = self.layout.batch(batch.id)
             end = replace(end, gate=gate_mod.judge(read_json_or_none(files.eval_result), self.settings.gate,
                                                    last_loss=(end.result or {}).get("last_loss")))
+        end = accounting.with_progress(end, files, batch)
         verdict = policy.decide(end, batch, self.settings, now)
         self._log_verdict(verdict, batch, end, now, log, stopping=stopping, pid=pid, oom_kills_before=oom_kills_before)
         return self._apply(batch, n, verdict, end, now, log)
 
     def _apply(self, batch: Batch, n: int, v: policy.Verdict, end: policy.AttemptEnd, now: float, log: Any) -> Batch:
         st = end.status
-        record = AttemptRecord(n, v.outcome, v.reason, exit_code=st.code, signal=st.signal,
-                               signal_sent_by=end.sender, result=end.result)
+        record = accounting.accounted(self.ledger, self.layout, batch, AttemptRecord(
+            n, v.outcome, v.reason, exit_code=st.code, signal=st.signal, signal_sent_by=end.sender, result=end.result),
+            now, log)
         gate_json = json.dumps(end.gate.as_dict()) if end.gate is not None else None
         files = self.layout.batch(batch.id)
         if end.gate is not None and (v.action is policy.Action.HEAL or batch.heals):
@@ -305,11 +311,13 @@ class Attempts:
             elif event == "batch_cancelled":
                 log.warning(event, file=batch.name, exit=end.status.describe(), step=result.get("step"),
                             checkpoint=result.get("checkpoint"), moved_to=str(self.layout.done))
-            elif event == "worker_crashed":
-                log.error(event, reason=v.reason, crashes=v.updates["crashes"],
-                          max_attempts=self.settings.retry.max_attempts,
-                          retry_in_s=round(v.next_attempt_at - now, 3),
-                          stderr=str(self.layout.batch(batch.id).stderr))
+            elif event in ("worker_crashed", "fault_survived"):
+                # A fault survived is weather (a warning): the batch got further and resumes at once.
+                (log.warning if event == "fault_survived" else log.error)(
+                    event, reason=v.reason, after_step=end.reached_step, progressed=end.progressed,
+                    crashes=v.updates["crashes"], faults_survived=v.updates["faults_survived"],
+                    crash_streak=v.updates["crash_streak"], max_attempts=self.settings.retry.max_attempts,
+                    retry_in_s=round(max(0.0, v.next_attempt_at - now), 3), stderr=str(self.layout.batch(batch.id).stderr))
 
 
 def _safe(fn: Any) -> Any:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["kernel_oom_killed", "kmsg_names_oom_kill", "vmstat_oom_kills"]
+__all__ = ["kernel_oom_killed", "kmsg_names_oom_kill", "last_traceback", "vmstat_oom_kills"]
+
+_TAIL_BYTES = 64 << 10
+_ATTEMPT_MARK = b"\n--- "  # child.py opens each attempt's section of worker.stderr with it
 
 
 def vmstat_oom_kills() -> int | None:
@@ -66,3 +69,24 @@ def kernel_oom_killed(pid: int | None, oom_kills_before: int | None) -> bool | N
     if now == oom_kills_before:
         return False
     return kmsg_names_oom_kill(pid)
+
+
+def last_traceback(stderr_path: "os.PathLike[str]", max_chars: int = 2000) -> str | None:
+    """The last Python traceback in the current attempt's part of ``worker.stderr`` (its end:
+    the innermost frames and the exception), or None when it left none (a signal, a segfault).
+    Reads only the file's last 64 KiB: a worker's library noise never makes this slow."""
+    try:
+        with open(stderr_path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError:
+        return None
+    mark = tail.rfind(_ATTEMPT_MARK)
+    if mark >= 0:
+        tail = tail[mark + 1:]
+    at = tail.rfind(b"Traceback (most recent call last):")
+    if at < 0:
+        return None
+    text = tail[at:].decode("utf-8", "replace").rstrip()
+    return text if len(text) <= max_chars else "...\n" + text[-max_chars:]

@@ -10,7 +10,7 @@
   suite an operator placed in ``root/evals/``).
 - Every published version carries ``lineage.json``: parent, batch, file and sha256, steps,
   tokens, seed and settings, library versions, the gate's figures and thresholds, the decision
-  (blessed / forced / rollback). Following ``parent`` always leads back to the base model.
+  (blessed / forced / rollback), and its faults: how many it survived, its goodput and what each cost. Following ``parent`` always leads back to the base model.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.config import EvalSettings
+from trainerd import goodput
 from trainerd.contract import RootLayout
 from trainerd.evalmemory import EvalMemory
 from trainerd.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
@@ -153,6 +154,9 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
         "replay": result.get("replay"),
         "eval_measurements": ev.get("measurements"),
         "champion": (ev.get("champion") or {}).get("path"),
+        # How it got through its faults (issue 24): crashes counted by progress, goodput, seconds lost.
+        "faults": {"survived": batch.faults_survived, "crashes_without_progress": batch.crashes_without_progress,
+                   "attempts": batch.attempts, **goodput.summary(batch.goodput)},
     }
 
 

@@ -23,7 +23,11 @@ tests/test_policy.py; the process-level tests prove the pieces fit.
                         checkpointing), or fail when nothing smaller is left / too many stops
     stopped disk_full-> requeue after backoff_s (the start check waits for space)
     stopped other    -> requeue at once
-    crash            -> requeue after an exponential back-off, or fail after max_attempts
+    crash            -> a fault survived when the attempt made progress (trainerd/goodput.py:
+                        a newer checkpoint, a step further than ever): requeue at once, the
+                        retry budget untouched; else requeue after an exponential back-off, or
+                        fail when retry.max_attempts crashes came in a row without getting further
+                        (the crash that first reached that place counts as the first of them)
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class AttemptEnd:
     limit_bytes: int | None = None       # the guard's memory limit, for a failure message
     gate: GateDecision | None = None     # the gate's verdict on the candidate (exit 0 only)
     stalled: str | None = None           # the stall watchdog stopped it: what it saw
+    progressed: bool = False             # a newer checkpoint and a step further than ever (goodput.py)
+    reached_step: int | None = None      # the furthest optimizer step it completed
+    traceback: str | None = None         # the last traceback in its stderr, for a crash's reason
 
     @property
     def result_reason(self) -> str | None:
@@ -81,13 +88,21 @@ class Verdict:
     action: Action
     batch_reason: str = ""            # the batch's last_reason: why requeued, or why failed
     next_attempt_at: float = 0.0
-    updates: Mapping[str, Any] = field(default_factory=dict)  # crashes, memory_stops, the plan
+    updates: Mapping[str, Any] = field(default_factory=dict)  # crash counts, memory_stops, the plan
     events: tuple[str, ...] = ()      # what to log, in order (see attempts.Attempts._log_verdict)
     stop: StopReason | None = None    # the stop this attempt ended with, if it was one
 
 
 def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Verdict:
     """The verdict on one ended attempt of ``batch`` (the row as it was while running)."""
+    v = _decide(end, batch, settings, now)
+    if end.progressed and batch.crash_streak and v.action is Action.REQUEUE and v.outcome is not Outcome.CRASHED:
+        # A stop after progress: the batch got further, so the crashes before it were not a loop.
+        v = replace(v, updates={**v.updates, "crash_streak": 0})
+    return v
+
+
+def _decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Verdict:
     st = end.status
     if end.cause is StopReason.CANCELLED:
         # The operator withdrew the batch: whatever the worker managed on its way out (a
@@ -97,7 +112,7 @@ def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Ver
     if end.stalled is not None and st.code != ExitCode.OK:
         # Stopped for making no progress: a crash, whatever it managed on the way out (exit 75
         # with a checkpoint is the best case: the retry resumes from it).
-        return crash(batch, f"stalled: {end.stalled}", settings, now)
+        return crash(batch, f"stalled: {end.stalled}", settings, now, end)
     if st.code == ExitCode.OK:
         if end.adapter_staged:
             if end.gate is not None and not end.gate.blessed:
@@ -109,7 +124,7 @@ def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Ver
                 return Verdict(Outcome.DONE, "done", Action.REJECT, batch_reason=f"rejected: {end.gate.rule}",
                                events=("adapter_rejected",))
             return Verdict(Outcome.DONE, "done", Action.PUBLISH)
-        return crash(batch, "the worker exited 0 but left no adapter at batch/published", settings, now)
+        return crash(batch, "the worker exited 0 but left no adapter at batch/published", settings, now, end)
     if st.code == ExitCode.TEMPFAIL:
         reason = end.result_reason or "unknown"
         if end.cause in (StopReason.MEMORY, StopReason.RECYCLE) and reason == StopReason.SHUTDOWN:
@@ -132,19 +147,20 @@ def decide(end: AttemptEnd, batch: Batch, settings: Settings, now: float) -> Ver
         # ran (or named another pid): an operator's `kill -9`, a chaos test. A crash, not a
         # memory problem: backing off would shrink the batch for nothing.
         why = f"{st.describe()} sent by another process (the kernel counted no OOM kill of it)"
-        v = crash(batch, why, settings, now)
+        v = crash(batch, why, settings, now, end)
         return _with_events(v, "worker_killed_externally", *v.events)
     if st.signal == signal.SIGKILL:
         # Nobody in trainerd sent it: the kernel's OOM killer, the usual sender of a bare SIGKILL.
         v = _stopped(batch, StopReason.KERNEL_OOM_KILL.value, StopReason.MEMORY.value, end, settings, now)
         return _with_events(v, "kernel_oom_kill", *v.events)
     reason = st.describe() + (f": {end.result_reason}" if end.result_reason else "")
-    return crash(batch, reason, settings, now)
+    return crash(batch, reason, settings, now, end)
 
 
-def crash_delay_s(crashes: int, settings: Settings) -> float:
-    """Exponential back-off after the ``crashes``-th crash: backoff_s, x2 each time, capped."""
-    return min(settings.retry.backoff_s * (2 ** (crashes - 1)), settings.retry.backoff_max_s)
+def crash_delay_s(streak: int, settings: Settings) -> float:
+    """Exponential back-off after the ``streak``-th crash in a row without getting further:
+    backoff_s, x2 each time, capped. (After a crash that made progress: none; policy.crash.)"""
+    return min(settings.retry.backoff_s * (2 ** (streak - 1)), settings.retry.backoff_max_s)
 
 
 def _stopped(batch: Batch, attempt_reason: str, stop: str, end: AttemptEnd, settings: Settings,
@@ -196,14 +212,28 @@ def _memory_stop(batch: Batch, attempt_reason: str, end: AttemptEnd, settings: S
                    events=("memory_back_off",), stop=StopReason.MEMORY)
 
 
-def crash(batch: Batch, reason: str, settings: Settings, now: float) -> Verdict:
-    crashes = batch.crashes + 1
+def crash(batch: Batch, reason: str, settings: Settings, now: float, end: AttemptEnd | None = None) -> Verdict:
+    """A crash. After progress it is a fault survived: retried at once, the streak starts again at 1
+    (this crash could be the first of a loop at its new place). Without progress it extends the
+    streak, waits the back-off and, at ``retry.max_attempts`` in a row, fails the batch with the
+    step it could not get past and the last traceback."""
+    progressed = bool(end and end.progressed)
+    at = end.reached_step if end is not None else None
+    streak = 1 if progressed else batch.crash_streak + 1
+    updates = {"crashes": batch.crashes + 1, "faults_survived": batch.faults_survived + int(progressed),
+               "crash_streak": streak}
     limit = settings.retry.max_attempts
-    if crashes >= limit:
-        return Verdict(Outcome.CRASHED, reason, Action.FAIL, updates={"crashes": crashes},
-                       batch_reason=f"crashed {crashes} times (retry.max_attempts = {limit}); last: {reason}")
-    return Verdict(Outcome.CRASHED, reason, Action.REQUEUE, batch_reason=reason, updates={"crashes": crashes},
-                   next_attempt_at=now + crash_delay_s(crashes, settings), events=("worker_crashed",))
+    if streak >= limit:
+        furthest = max(batch.reached_step or 0, at or 0)
+        why = (f"crashed {streak} times in a row without getting past step {furthest} (retry.max_attempts = "
+               f"{limit}); last: {reason}" + (f", after step {at}" if at is not None else ", before its first step"))
+        if end is not None and end.traceback:
+            why += f"; its traceback (worker.stderr):\n{end.traceback}"
+        return Verdict(Outcome.CRASHED, reason, Action.FAIL, updates=updates, batch_reason=why)
+    delay = 0.0 if progressed else crash_delay_s(streak, settings)
+    return Verdict(Outcome.CRASHED, reason, Action.REQUEUE, batch_reason=reason, updates=updates,
+                   next_attempt_at=now + delay if delay else 0.0,
+                   events=("fault_survived" if progressed else "worker_crashed",))
 
 
 def _with_events(v: Verdict, *events: str) -> Verdict:

@@ -28,6 +28,7 @@ from trainerd.contract import Outcome, RootLayout, StopReason
 from trainerd.fsutil import read_json_or_none
 from trainerd.ledger import AttemptRecord, Ledger, decided_end
 from trainerd.states import BatchState
+from trainerd.supervisor import accounting
 from trainerd.supervisor.attempts import Attempts
 from trainerd.supervisor.policy import AttemptEnd
 
@@ -62,7 +63,8 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
         else:
             restart = StopReason.SUPERVISOR_RESTART.value
             ledger.requeue(b.id, now, reason=restart,  # RUNNING -> QUEUED
-                           attempt=AttemptRecord(a.n, Outcome.LOST, restart))
+                           attempt=accounting.accounted(ledger, layout, b, AttemptRecord(a.n, Outcome.LOST, restart),
+                                                        now, blog))
             blog.warning("batch_requeued", reason=StopReason.SUPERVISOR_RESTART.value,
                          hint="resumes from its newest checkpoint")
     # Roots written before ends were decided first (schema 1, until this release) may hold a

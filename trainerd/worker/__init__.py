@@ -1,6 +1,6 @@
 """The training worker: the only package that imports torch, transformers, peft, datasets.
 
-Run as ``python -m trainerd.worker BATCH_DIR [--init-adapter DIR] [--publish DIR]``; see
+Run as ``python -m trainerd.worker BATCH_DIR [--init-adapter DIR] [--publish DIR] [--mtbf-s S]``; see
 docs/architecture.md for the contract (argv, files, exit codes).
 """
 

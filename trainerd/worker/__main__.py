@@ -19,9 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from trainerd.worker import heartbeat, record_early_signals  # noqa: E402 (torch-free; first thing we do)
+from trainerd.worker import heartbeat, record_early_signals, tally  # noqa: E402 (torch-free; first thing we do)
 
 record_early_signals()
+tally.start_clock()  # the restart's clock: process start to the first optimizer step, by phase
 
 
 def _rank() -> tuple[int, int]:
@@ -153,14 +154,23 @@ def _train(files, settings, args, log) -> _Finish:
     """Run the trainer; every way it can end, as a _Finish."""
     from trainerd.contract import ExitCode, Outcome
     from trainerd.fsutil import write_ballast
+
+    # torch, transformers and peft: seconds (tens on a loaded machine) with no loop of ours to
+    # beat the heartbeat, like the model load itself: the stall watchdog's longer "load" timeout.
+    heartbeat.phase("load")
     from trainerd.worker.data import DataError
     from trainerd.worker.train import ConfigProblem, Trainer
 
+    import peft  # noqa: F401 (here, not inside the model load: the restart's phases say what they are,
+    import transformers  # noqa: F401  and these imports are most of a restart)
+
+    tally.phase_done("imports")
     # released by _write_result() so that result.json can still be written when the disk fills
     # (rank 0's: another rank's early end must not take it away)
     if _rank()[0] == 0:
         write_ballast(files.reserve, RESERVE_BYTES)
-    trainer = Trainer(files.dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log)
+    trainer = Trainer(files.dir, settings, init_adapter=args.init_adapter, publish=args.publish, log=log,
+                      mtbf_s=args.mtbf_s)
     try:
         outcome = trainer.run()
     except DataError as e:
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="adapter to continue from when the batch has no checkpoint yet")
     p.add_argument("--publish", type=Path, default=None,
                    help="where to write the final adapter (atomically; must not exist)")
+    p.add_argument("--mtbf-s", type=float, default=None,
+                   help="the supervisor's estimate of the mean time between faults (train.checkpoint_every_s: auto)")
     args = p.parse_args(argv)
     rank, world = _rank()
     log = _logger(rank, world)
@@ -206,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             _expand(files, settings, log)  # issue 14: *.jsonl.gz|zst -> data.jsonl, before the split
         rejected = _first_split(files, settings, log) if rank == 0 else None  # the others wait for it
+        tally.phase_done("split")
         if rejected is not None:
             log.error("bad_data", reason=rejected.reason, first_errors=rejected.errors[:5], during="first_split")
             raise _Finish(Outcome.BAD_DATA, rejected.reason, ExitCode.DATAERR, lines_good=rejected.good,

@@ -36,7 +36,8 @@ import torch
 
 from trainerd.contract import StopReason
 
-__all__ = ["Ranks", "agree", "backend_for", "close", "gather_objects", "init", "reduce_step", "same_start"]
+__all__ = ["Ranks", "agree", "backend_for", "close", "gather_objects", "init", "lead_writes", "reduce_step",
+           "restore_rng", "same_start"]
 
 # MAX over these indexes picks the reason every rank adopts: the strongest first from the end.
 # memory > disk_full > parent_gone > shutdown > recycle > paused > peer_stopped.
@@ -173,3 +174,39 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def lead_writes(ranks: Ranks, rng: dict[str, Any], write: Any, device: torch.device | None) -> None:
+    """A checkpoint under torchrun: every rank calls this at the same step; rank 0 writes it (with
+    every rank's RNG state, ``write(rng)``) and every rank learns whether that failed for want of
+    space (then all stop: DiskFull, exit 75 disk_full)."""
+    from trainerd.worker.checkpoint import DiskFull
+
+    rngs = gather_objects(rng)
+    full: DiskFull | None = None
+    if ranks.lead:
+        try:
+            write({**rng, "ranks": rngs})
+        except DiskFull as e:
+            full = e
+    reason, _ = agree(StopReason.DISK_FULL if full else None, device=device)
+    if full is not None:
+        raise full
+    if reason == StopReason.DISK_FULL:
+        raise DiskFull("rank 0 could not write the checkpoint")
+
+
+def restore_rng(ranks: Ranks, rng: dict[str, Any], seed: int, log: Any) -> None:
+    """This rank's RNG from a checkpoint: its own where the checkpoint has every rank's (the same
+    number of ranks), else rank 0's, and for other ranks a seed of their own (``seed + rank``)."""
+    from trainerd.worker.checkpoint import set_rng_state
+
+    saved = rng.get("ranks")
+    if ranks.on and saved and len(saved) == ranks.world:
+        set_rng_state(saved[ranks.rank])
+        return
+    set_rng_state(rng)
+    if ranks.rank:
+        torch.manual_seed(seed + ranks.rank)
+        log.warning("rng_reseeded", rank=ranks.rank, checkpoint_ranks=len(saved or [None]), world_size=ranks.world,
+                    reason="the checkpoint has no RNG state for this rank")

@@ -192,13 +192,14 @@ def load(settings: Settings, log: Any) -> Loaded:
         raise ConfigProblem(f"model.path: cannot load the tokenizer from {mp}: {e}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer_s = time.monotonic() - t0
     try:
         base = AutoModelForCausalLM.from_pretrained(str(mp), dtype=torch.float32)
     except Exception as e:
         raise ConfigProblem(f"model.path: cannot load the model from {mp}: {e}") from e
     loaded = Loaded(tokenizer, base, device, time.monotonic() - t0)
     log.info("model_loaded", path=str(mp), device=str(device), threads=torch.get_num_threads(),
-             load_s=round(loaded.load_s, 2))
+             load_s=round(loaded.load_s, 2), tokenizer_s=round(tokenizer_s, 2))
     return loaded
 
 

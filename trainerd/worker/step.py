@@ -45,6 +45,8 @@ class Stepper:
         self.max_grad_norm = max_grad_norm
         self.last_tokens = 0  # real (unpadded) tokens of the last step
         self._oom_above = faults.number("oom_above_micro")
+        # Called right before the weights change (worker/saver.py: a background checkpoint's copy).
+        self.before_update: Any = lambda: None
 
     def step(self, blocks: list, step_rng: dict[str, Any], number: int) -> float:
         """Train on ``blocks`` (lists of ids, labels, mask) as one optimizer step; returns its loss.
@@ -72,6 +74,7 @@ class Stepper:
             raise StopRequested(agreed)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.before_update()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

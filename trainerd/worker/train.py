@@ -39,7 +39,10 @@ from trainerd.worker.evaluate import EarlyStopping
 from trainerd.lines import ScanReport
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder
 from trainerd.worker.model import ConfigProblem
+from trainerd.worker import tally
 from trainerd.worker.progress import Progress, peak_rss_bytes
+from trainerd.worker.saver import Saver
+from trainerd.worker.tally import Tally
 from trainerd.worker.firstpass import first_pass, wait_for_lead
 from trainerd.worker.publish import write_adapter
 from trainerd.worker.step import Stepper
@@ -71,7 +74,7 @@ class Trainer:
     """Trains one batch folder (its data.jsonl and settings) to the end or to a stop."""
 
     def __init__(self, batch_dir: Path, settings: Settings, *, init_adapter: Path | None,
-                 publish: Path | None, log: Any):
+                 publish: Path | None, log: Any, mtbf_s: float | None = None):
         self.batch_dir = batch_dir
         self.s = settings
         self.init_adapter = init_adapter
@@ -82,6 +85,9 @@ class Trainer:
         self.stopper = Stopper(self.files.stop, RootLayout(settings.root).stop,
                                debounce_s=DEBOUNCE_S if self.ranks.on else 0.0)
         self.progress = Progress(self.files, log, writes=self.ranks.lead, world_size=self.ranks.world)
+        self.tally = Tally(self.files.tally, writes=self.ranks.lead)
+        self.mtbf_s = mtbf_s
+        self.saver: Saver | None = None  # set once training starts
         self.started = time.monotonic()
         self.result: dict[str, Any] = {
             "micro_batch_size": settings.train.micro_batch_size,
@@ -95,8 +101,6 @@ class Trainer:
         self.tokens = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self._last_ckpt_step = -1
-        self._last_ckpt_time = time.monotonic()
         self.early = EarlyStopping(settings.eval.every_steps, settings.eval.early_stopping_patience)
         self.training_done = False
         self._new_set: list | None = None  # the new set's examples, for evaluations during training
@@ -135,6 +139,7 @@ class Trainer:
             raise DataError(f"data file missing: {self.files.data}")
         heartbeat.phase("load")  # from_pretrained has no loop of ours: the watchdog allows it longer
         self.loaded = mdl.load(self.s, self.log)
+        tally.phase_done("load")
         self.stopper.device = self.device
         encoder = Encoder(self.loaded.tokenizer)
         heartbeat.phase("scan")
@@ -143,6 +148,7 @@ class Trainer:
         self.split, self.source, sc = first_pass(self.files, self.s, encoder, self.stopper, self.log)
         if sc is None:
             return self._stopped_before_training()
+        tally.phase_done("first_pass")
         self.encoder = encoder
         cursor = self._prepare(sc)
         self._join_ranks()
@@ -156,6 +162,13 @@ class Trainer:
                                   pad_id=self.loaded.tokenizer.pad_token_id, blocks_per_epoch=sc.blocks_per_epoch,
                                   epochs=t.epochs, cursor=cursor))
         heartbeat.phase("train")
+        tally.phase_done("prepare")
+        self.tally.begin(self.step, mtbf_s=self.mtbf_s)
+        self.saver = Saver.for_attempt(self.files.checkpoints, t, params=self.stepper.params, distributed=self.ranks.on,
+                                       mtbf_s=self.mtbf_s, resumed_cost_s=self._resumed_cost_s, tally=self.tally,
+                                       progress=self.progress, result=self.result, batch_dir=self.batch_dir,
+                                       log=self.log)
+        self.stepper.before_update = self.saver.before_update
         stopped = self._loop(stream, cursor, sc.blocks_per_epoch * t.epochs)
         if stopped is not None:
             return stopped
@@ -215,9 +228,10 @@ class Trainer:
                                self.progress, self.log, micro=min(t.micro_batch_size, eff),
                                max_grad_norm=t.max_grad_norm, precision=self.precision, ranks=self.ranks)
         cursor = Cursor()
+        self._resumed_cost_s = None
         if state is not None:
             self._restore(resume[0], state)
-            self._last_ckpt_step = self.step
+            self._resumed_cost_s = state.get("checkpoint_cost_s")
             cursor = Cursor(**state["cursor"])
         else:
             torch.manual_seed(t.seed + self.ranks.rank)
@@ -234,7 +248,8 @@ class Trainer:
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(ckpt.load_tensors(path, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(path, "scheduler.pt"))
-        self._restore_rng(ckpt.load_tensors(path, "rng.pt"), state["step"])
+        dist.restore_rng(self.ranks, ckpt.load_tensors(path, "rng.pt"), self.s.train.seed + 7919 * state["step"],
+                         self.log)
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.first_loss = state.get("first_loss")
@@ -245,19 +260,6 @@ class Trainer:
             self.log.warning("checkpoint_schedule_differs", checkpoint_total=state.get("total_steps"),
                              now_total=self.total_steps)
 
-    def _restore_rng(self, rng: dict[str, Any], step: int) -> None:
-        """This rank's RNG from the checkpoint: its own where the checkpoint has every rank's (the
-        same number of ranks), else rank 0's, and for other ranks a seed of their own."""
-        ranks = rng.get("ranks")
-        if self.ranks.on and ranks and len(ranks) == self.ranks.world:
-            ckpt.set_rng_state(ranks[self.ranks.rank])
-            return
-        ckpt.set_rng_state(rng)
-        if self.ranks.rank:
-            torch.manual_seed(self.s.train.seed + 7919 * step + self.ranks.rank)
-            self.log.warning("rng_reseeded", rank=self.ranks.rank, checkpoint_ranks=len(ranks or [None]),
-                             world_size=self.ranks.world, reason="the checkpoint has no RNG state for this rank")
-
     def _loop(self, stream: Iterator[Any], cursor: Cursor, total_blocks: int) -> RunEnd | None:
         """Train to the end (or to early stopping); a RunEnd when a stop came first."""
         try:
@@ -267,6 +269,7 @@ class Trainer:
                 for _ in range(min(self.eff, total_blocks - self.step * self.eff)):
                     ids, labels, mask, cursor = next(stream)
                     blocks.append((ids, labels, mask))
+                in_steps = self.progress.seconds
                 try:
                     loss = self.stepper.step(blocks, step_rng, self.step + 1)
                 except StopRequested as stop:
@@ -274,6 +277,9 @@ class Trainer:
                     return self._stopped(stop.reason)
                 self.step += 1
                 self.tokens += self.stepper.last_tokens
+                step_s = self.progress.seconds - in_steps
+                self.tally.stepped(self.step, step_s)
+                self.saver.poll(step_s)  # a background checkpoint's failure surfaces here, and its cost
                 faults.at_step(self.step)
                 self.last_loss = loss
                 if self.first_loss is None:
@@ -284,24 +290,28 @@ class Trainer:
                 except StopRequested as stop:  # one process only: ranks defer it to agree()
                     self._checkpoint(cursor, ckpt.rng_state())
                     return self._stopped(stop.reason)
-                # One collective for both: every rank checkpoints, and stops, at the same step.
-                reason, (due,) = self.stopper.agree(best or self._checkpoint_due())
+                # One collective for both: every rank checkpoints, and stops, at the same step. Rank
+                # 0's clock decides (it writes, so only it measures and restarts the interval).
+                due = self.ranks.lead and self.saver.clock.due(self.step, time.monotonic())
+                reason, (due,) = self.stopper.agree(best or due)
                 stop_now = reason is not None and self.step < self.total_steps and not self.early.stopped
                 if due or stop_now:
-                    self._checkpoint(cursor, ckpt.rng_state())  # the best step's weights are kept
+                    # the best step's weights are kept; a stop's checkpoint is on disk before the exit
+                    self._checkpoint(cursor, ckpt.rng_state(), now=bool(stop_now))
                 if self.early.stopped:
                     break
                 if stop_now:
                     return self._stopped(reason)
         except StopIteration:
             raise DataError("data file changed while training: it ended before the counted blocks")
+        self.saver.drain()  # the best step's checkpoint may still be on its way to the disk
         if not self.training_done:
             if self.early.stopped and self.early.best_step != self.step:
                 self._restore_best()
             # The final state is checkpointed before the evaluation and the adapter: a stop or a
             # crash after this point resumes here and only evaluates and writes again.
             self.training_done = True
-            self._checkpoint(cursor, ckpt.rng_state())
+            self._checkpoint(cursor, ckpt.rng_state(), now=True)
         return None
 
     # -- evaluation --------------------------------------------------------------------------
@@ -330,11 +340,7 @@ class Trainer:
 
     def _restore_best(self) -> None:
         """Early stopping: the candidate is the best step's adapter, from its kept checkpoint."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        best = self.files.checkpoints / f"step-{self.early.best_step:08d}"
-        set_peft_model_state_dict(self.model, load_file(str(best / "adapter_model.safetensors")))
+        ckpt.load_adapter(self.model, self.files.checkpoints / f"step-{self.early.best_step:08d}")
         self.log.info("early_stopping_restored_best", step=self.step, best_step=self.early.best_step,
                       best_loss=self.early.best_loss)
 
@@ -353,53 +359,21 @@ class Trainer:
 
     # -- checkpoints, the adapter, progress, result ---------------------------------------
 
-    def _checkpoint_due(self) -> bool:
-        every = self.s.train.checkpoint_every_steps
-        if every and self.step % every == 0:
-            return True
-        secs = self.s.train.checkpoint_every_s
-        return bool(secs) and time.monotonic() - self._last_ckpt_time >= secs
-
-    def _checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
-        """Rank 0 writes (with every rank's RNG); under torchrun every rank calls this at the same
-        step and learns whether the write failed for want of space (then all stop: disk_full)."""
+    def _checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool = True) -> None:
+        """``now``: on disk before this returns; else possibly in the background (worker/saver.py).
+        Under torchrun every rank calls this at the same step and rank 0 writes (dist.lead_writes)."""
         if self.ranks.on:
-            rngs = dist.gather_objects(rng)
-            full: DiskFull | None = None
-            if self.ranks.lead:
-                try:
-                    self._write_checkpoint(cursor, {**rng, "ranks": rngs})
-                except DiskFull as e:
-                    full = e
-            reason, _ = dist.agree(StopReason.DISK_FULL if full else None, device=self.device)
-            if full is not None:
-                raise full
-            if reason == StopReason.DISK_FULL:
-                raise DiskFull("rank 0 could not write the checkpoint")
+            dist.lead_writes(self.ranks, rng, lambda r: self._write_checkpoint(cursor, r, now=True), self.device)
             return
-        self._write_checkpoint(cursor, rng)
+        self._write_checkpoint(cursor, rng, now=now)
 
-    def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any]) -> None:
-        t0 = time.monotonic()
+    def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool) -> None:
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
                  "effective_batch": self.eff, "micro_batch_size": self.micro, "precision": self.precision.name,
                  "first_loss": self.first_loss, "last_loss": self.last_loss,
                  "early": self.early.state(), "training_done": self.training_done}
-        root = self.files.checkpoints
-        heartbeat.beat()
-        try:
-            path = ckpt.save(root, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                             rng=rng, state=state, keep=self.s.train.keep_checkpoints, protect=self.early.best_step)
-        except Exception as e:
-            if ckpt.disk_full(e, root, ckpt.newest_bytes(root)):
-                raise DiskFull(f"cannot write checkpoint step-{self.step:08d}: {e}") from e
-            raise
-        self._last_ckpt_time = time.monotonic()
-        self._last_ckpt_step = self.step
-        self.progress.checkpointed(self.step, time.monotonic() - t0)
-        self.result["checkpoint"] = str(path.relative_to(self.batch_dir))
-        self.log.info("checkpoint_saved", step=self.step, path=path.name,
-                      save_s=round(time.monotonic() - t0, 3), cursor=cursor.as_dict())
+        self.saver.save(self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
+                        state=state, protect=self.early.best_step, now=now)
 
     def _write_final_adapter(self) -> Path:
         """The batch's adapter at ``--publish`` (or final_adapter/), complete before it appears."""
