@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
-from trainerd import schema
+from trainerd import aggregates, schema
 from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, BatchSummary, decided_end
 from trainerd.schema import LedgerTooNew
 from trainerd.states import FINAL_STATES, BatchState, check_transition
@@ -191,8 +191,55 @@ class Ledger:
         return int(r["value"]) if r else 0
 
     def counts(self) -> dict[str, int]:
-        return {r["state"]: r["c"] for r in self.db.execute(
-            "SELECT state, count(*) AS c FROM batches GROUP BY state")}
+        """Batches by state (non-zero only): the running totals, one indexed read at any size."""
+        try:
+            return self.totals("batches:")
+        except sqlite3.OperationalError:  # a reader on a ledger the daemon has not brought to schema 4 yet
+            return {r["state"]: r["c"] for r in self.db.execute(
+                "SELECT state, count(*) AS c FROM batches GROUP BY state")}
+
+    def totals(self, prefix: str = "") -> dict[str, int]:
+        """The running totals named ``prefix...`` (trainerd/aggregates.py), the prefix cut off."""
+        return aggregates.read(self.db, prefix)
+
+    def batch_progress(self, batch_id: int) -> tuple[int, int]:
+        """(tokens, steps): the furthest any recorded attempt of the batch got (its attempts only)."""
+        r = self.db.execute("SELECT max(coalesce(json_extract(result_json, '$.tokens'), 0)),"
+                            " max(coalesce(json_extract(result_json, '$.step'), 0)) FROM attempts"
+                            " WHERE batch_id=? AND json_valid(result_json)", (batch_id,)).fetchone()
+        return int(r[0] or 0), int(r[1] or 0)
+
+    def version(self, n: int | None) -> AdapterVersion | None:
+        r = None if n is None else self.db.execute("SELECT * FROM adapter_versions WHERE n=?", (n,)).fetchone()
+        return AdapterVersion.from_row(r) if r else None
+
+    def versions(self, *, limit: int | None = None, newest_first: bool = False, kept: bool = False,
+                 before: int | None = None) -> list[AdapterVersion]:
+        """Versions by number (``kept``: only those whose folder retention has not removed;
+        ``before``: numbers below it, for paging)."""
+        sql, args = "SELECT * FROM adapter_versions WHERE 1", []
+        if kept:
+            sql += " AND removed_at IS NULL"
+        if before is not None:
+            sql, args = sql + " AND n < ?", [before]
+        sql += " ORDER BY n" + (" DESC" if newest_first else "") + ("" if limit is None else f" LIMIT {int(limit)}")
+        return [AdapterVersion.from_row(r) for r in self.db.execute(sql, args)]
+
+    def unfinished(self) -> list[Batch]:
+        """Batches not at their end yet (live, or decided and not filed): the queue's size, not the chain's."""
+        live = [s.value for s in BatchState if s not in FINAL_STATES]
+        return [Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE state IN ({','.join('?' * len(live))}) OR finished_at IS NULL"
+            " ORDER BY id", live)]
+
+    def recently_finished(self, limit: int, *states: BatchState) -> list[Batch]:
+        """The ``limit`` batches that ended last (by ``finished_at``; ``states``: only those)."""
+        sql, args = "SELECT * FROM batches WHERE finished_at IS NOT NULL", []
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args = [s.value for s in states]
+        return [Batch.from_row(r) for r in self.db.execute(
+            sql + f" ORDER BY finished_at DESC LIMIT {int(limit)}", args)]
 
     # --- writes --------------------------------------------------------------------------
 
@@ -342,14 +389,23 @@ class Ledger:
         if row.get("gradient_checkpointing") is not None:
             vals[cols.index("gradient_checkpointing")] = int(bool(row["gradient_checkpointing"]))
         with self.transaction() as db:
-            db.execute(f"INSERT OR REPLACE INTO batches({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+            # Update, else insert (not INSERT OR REPLACE: its implicit delete fires no trigger, and
+            # the running totals must follow the row).
+            self._upsert(db, "batches", "id", dict(zip(cols, vals)))
             return self._get(db, row["id"])
 
     def restore_version(self, v: AdapterVersion) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO adapter_versions(n, batch_id, path, created_at, parent, kind, source,"
-                       " removed_at) VALUES (?,?,?,?,?,?,?,?)",
-                       (v.n, v.batch_id, v.path, v.created_at, v.parent, v.kind, v.source, v.removed_at))
+            self._upsert(db, "adapter_versions", "n", dataclasses.asdict(v))
+
+    @staticmethod
+    def _upsert(db: sqlite3.Connection, table: str, key: str, row: dict[str, Any]) -> None:
+        cols = list(row)
+        cur = db.execute(f"UPDATE {table} SET {', '.join(f'{c}=?' for c in cols)} WHERE {key}=?",
+                         [*row.values(), row[key]])
+        if cur.rowcount == 0:
+            db.execute(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       list(row.values()))
 
     def quick_check(self) -> str:
         return "; ".join(str(r[0]) for r in self.db.execute("PRAGMA quick_check").fetchall())

@@ -15,9 +15,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
+from trainerd import aggregates
+
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The schema as this release writes it (a new root gets this, then user_version = SCHEMA_VERSION).
 _SCHEMA = """
@@ -102,7 +104,13 @@ def _to_3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE adapter_versions ADD COLUMN removed_at REAL")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3}
+def _to_4(db: sqlite3.Connection) -> None:
+    """Weeks on one disk (issue 18): running totals kept by triggers (trainerd/aggregates.py), filled
+    from the rows once here, and the index status pages the newest finished batches by."""
+    aggregates.install(db)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3, 4: _to_4}
 
 
 
@@ -141,6 +149,7 @@ def upgrade(db: sqlite3.Connection, path: Path, transaction: Callable[[], Any]) 
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     tx.execute(stmt)
+            aggregates.install(tx)  # its own DDL (triggers), whatever number its schema step gets
         else:
             # Ledgers from before versioning said 0 or 1 with the version-1 tables.
             for v in range(max(found, 1) + 1, SCHEMA_VERSION + 1):
