@@ -134,10 +134,11 @@ class Ledger:
 
     def decided(self) -> list[Batch]:
         """Batches whose end was decided but whose files were not all filed (a crash in between)."""
+        live = [s.value for s in BatchState if s not in FINAL_STATES]
+        # By state (its index): a live batch with an end, or a rejected one being promoted.
         return [Batch.from_row(r) for r in self.db.execute(
-            f"SELECT * FROM batches WHERE finished_at IS NOT NULL AND (state NOT IN ({','.join('?' * len(FINAL_STATES))})"
-            " OR (state = ? AND adapter_version IS NOT NULL)) ORDER BY id",
-            [*(s.value for s in FINAL_STATES), BatchState.REJECTED.value])]
+            f"SELECT * FROM batches WHERE (state IN ({','.join('?' * len(live))}) AND finished_at IS NOT NULL)"
+            " OR (state = ? AND adapter_version IS NOT NULL) ORDER BY id", [*live, BatchState.REJECTED.value])]
 
     def batches(self, *states: BatchState, limit: int | None = None, newest_first: bool = False) -> list[Batch]:
         sql = "SELECT * FROM batches"
@@ -229,8 +230,7 @@ class Ledger:
         """Batches not at their end yet (live, or decided and not filed): the queue's size, not the chain's."""
         live = [s.value for s in BatchState if s not in FINAL_STATES]
         return [Batch.from_row(r) for r in self.db.execute(
-            f"SELECT * FROM batches WHERE state IN ({','.join('?' * len(live))}) OR finished_at IS NULL"
-            " ORDER BY id", live)]
+            f"SELECT * FROM batches WHERE state IN ({','.join('?' * len(live))}) ORDER BY id", live)]
 
     def recently_finished(self, limit: int, *states: BatchState) -> list[Batch]:
         """The ``limit`` batches that ended last (by ``finished_at``; ``states``: only those)."""

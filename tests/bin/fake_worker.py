@@ -164,6 +164,7 @@ def main() -> int:
             stop["reason"] = "parent_gone"
         else:
             time.sleep(0.02)
+    checkpoint()  # the contract: a stop writes a checkpoint first
     return result("stopped", stop["reason"], 75)
 
 

@@ -323,6 +323,8 @@ class Attempts:
             self.filing.finish_cancelled(batch)
         else:
             self.filing.finish_failed(batch)
+        if not self.settings.train.keep_finished_checkpoints:
+            self.filing.drop_checkpoints(batch)
 
     def _log_verdict(self, v: policy.Verdict, batch: Batch, end: policy.AttemptEnd, now: float, log: Any, *,
                      stopping: bool, pid: int | None, oom_kills_before: int | None) -> None:

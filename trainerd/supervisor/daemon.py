@@ -138,7 +138,8 @@ class Supervisor:
         self.layout.make()
         self._take_lock()
         self.ledger = recovery.open_ledger(self.layout, self.log)
-        self.backups = recovery.Backups(self.ledger, self.layout, self.log)
+        self.backups = recovery.Backups(self.ledger, self.layout, self.log,
+                                        every_batch=not self.settings.supervisor.ledger_backup_s)
         self.ledger.on_change = self.backups.changed
         self.filing = Filing(self.layout, self.ledger, self.log)
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
@@ -162,6 +163,8 @@ class Supervisor:
                 side.close()
         self.inbox.stop_watching()
         if self.ledger is not None:
+            if self.backups is not None:
+                self.backups.final()  # a copy at a clean stop (periodic otherwise: it costs the ledger's size)
             self.ledger.close()
             self.ledger = None
         if self._lock_fd is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ class Filing:
         forced = batch.decision == "forced"
         staged = self.layout.rejected_dir(batch.id) if forced else self.layout.batch(batch.id).published
         if not dest.exists() and staged.is_dir():
-            version = next(v for v in self.ledger.adapter_versions() if v.n == batch.adapter_version)
+            version = self.ledger.version(batch.adapter_version)
             write_lineage(staged, lineage_of(self.layout, batch, version, kind=version.kind))
             # The worker wrote and fsynced it completely before renaming it to `published`;
             # this rename makes it visible as a version in one step.
@@ -150,11 +151,16 @@ class Filing:
         self._move_original(batch, self.layout.done, name)
 
     def switch_current(self) -> None:
-        """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename)."""
-        versions = [v.n for v in self.ledger.adapter_versions() if self.layout.adapter_dir(v.n).is_dir()]
-        if not versions:
+        """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename).
+        Looks at the newest versions retention kept, newest first: one ``is_dir`` as a rule."""
+        newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True, limit=64)
+                       if self.layout.adapter_dir(v.n).is_dir()), None)
+        if newest is None:  # none of the newest on disk (removed by hand?): look further back
+            newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True)
+                           if self.layout.adapter_dir(v.n).is_dir()), None)
+        if newest is None:
             return
-        target = str(max(versions))
+        target = str(newest)
         try:
             if os.readlink(self.layout.current) == target:
                 return
@@ -168,6 +174,14 @@ class Filing:
         os.symlink(target, tmp)
         os.replace(tmp, self.layout.current)  # a reader sees the old link or the new one
         fsync_dir(self.layout.adapters)
+
+    def drop_checkpoints(self, batch: Batch) -> None:
+        """A finished batch's checkpoints go (``train.keep_finished_checkpoints`` keeps them): its
+        adapter is published (or kept as a candidate), nothing resumes it, and each checkpoint holds
+        adapter + optimizer state. Idempotent; a crash half-way leaves a part that reconcile removes."""
+        ck = self.layout.batch(batch.id).checkpoints
+        if os.path.lexists(ck):
+            shutil.rmtree(ck, ignore_errors=True)
 
     # --- failed ----------------------------------------------------------------------
 
@@ -214,7 +228,7 @@ class Filing:
 
     def finish_cancelled(self, batch: Batch) -> None:
         """Withdrawn by `trainerd cancel`: the original to done/ with ``<name>.cancelled.json``;
-        the batch folder (checkpoints, logs) stays for retention to handle."""
+        the batch folder (its logs and figures) stays for retention to handle."""
         files = self.layout.batch(batch.id)
         if not os.path.lexists(files.claimed(batch.name)):
             return

@@ -12,6 +12,10 @@ Runs once at start-up, before READY and before the first scan:
 - an end that was decided but not finished (finished_at set, state not final yet): file it
   (adapter visible, ``current`` switched, original moved — every step idempotent), then
   finish the state. A final state in the ledger always means its files are in place.
+
+All of it looks at the live part of the ledger only (the unfinished batches, the newest finished
+ones and versions): a start costs the same after ten batches or ten thousand. ``trainerd fsck``
+compares the whole.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from trainerd.child import ExitStatus
 from trainerd.contract import Outcome, RootLayout, StopReason
 from trainerd.fsutil import read_json_or_none
 from trainerd.ledger import AttemptRecord, Ledger, decided_end
-from trainerd.states import BatchState
+from trainerd.states import FINAL_STATES, BatchState
 from trainerd.supervisor.attempts import Attempts
 from trainerd.supervisor.policy import AttemptEnd
 
 __all__ = ["find_leftover_workers", "reconcile"]
+
+LIVE_FINAL = 32  # the newest final batches (and versions) whose filing a start checks again
 
 
 def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any, log: Any, now: float, *,
@@ -65,18 +71,19 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
                            attempt=AttemptRecord(a.n, Outcome.LOST, restart))
             blog.warning("batch_requeued", reason=StopReason.SUPERVISOR_RESTART.value,
                          hint="resumes from its newest checkpoint")
-    # Roots written before ends were decided first (schema 1, until this release) may hold a
-    # final batch whose files were never filed: the filing steps are idempotent, so repeat them.
+    # The newest final batches' filing is repeated where it is not complete (an original still in
+    # the batch folder, a version's folder missing, a checkpoint folder half removed): the steps
+    # are idempotent. Roots from before ends were decided first (schema 1) could hold older ones:
+    # `trainerd fsck` finds those.
     filing = attempts.filing
-    removed = {v.n for v in ledger.adapter_versions() if v.removed_at is not None}  # retention's, on purpose
-    for b in ledger.batches(BatchState.DONE):
-        if os.path.lexists(layout.batch(b.id).claimed(b.name)) or (
-                b.adapter_version not in removed and not layout.adapter_dir(b.adapter_version).exists()):
-            filing.finish_done(b)
-    for b in ledger.batches(BatchState.FAILED, BatchState.SKIPPED, BatchState.CANCELLED):
-        if os.path.lexists(layout.batch(b.id).claimed(b.name)):
+    for b in ledger.batches(*FINAL_STATES, limit=LIVE_FINAL, newest_first=True):
+        files = layout.batch(b.id)
+        version = ledger.version(b.adapter_version) if b.state is BatchState.DONE else None
+        if os.path.lexists(files.claimed(b.name)) or (
+                version is not None and version.removed_at is None and not layout.adapter_dir(version.n).exists()) or (
+                not attempts.settings.train.keep_finished_checkpoints and os.path.lexists(files.checkpoints)):
             attempts.end_filing(b)
-    for v in ledger.adapter_versions():
+    for v in ledger.versions(limit=LIVE_FINAL, newest_first=True):
         # (a rollback version retention removed is gone on purpose: never copied back)
         if v.kind == "rollback" and v.removed_at is None and not layout.adapter_dir(v.n).exists():
             log.warning("rollback_resumed", version=v.n, rollback_of=v.source)

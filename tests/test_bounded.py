@@ -1,0 +1,97 @@
+"""Weeks on one disk (issue 18): what a finished batch leaves behind is bounded, the daemon's start
+checks the live part of the ledger and `trainerd fsck` the whole of it. Real supervisors with fake
+workers (tests/bin/fake_worker.py), real SQLite and real folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from conftest import subprocess_env
+from support.log import ListLog
+from test_supervisor import FAKE, drive, drop, make_settings
+from trainerd.supervisor import Supervisor
+
+
+def _checkpoints(s: Supervisor, bid: int) -> list[str]:
+    ck = s.layout.batch(bid).checkpoints
+    return sorted(p.name for p in ck.iterdir()) if ck.is_dir() else []
+
+
+def test_a_finished_batch_drops_its_checkpoints_a_resumed_one_keeps_them_until_done(tmp_path):
+    """Batch 1 is done: its adapter is adapters/1, its checkpoints are gone. Batch 2 is paused mid-way:
+    while it waits its checkpoint stays (the resume needs it); once done it goes too. With
+    train.keep_finished_checkpoints batch 3 keeps its own."""
+    s = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)], log=ListLog())
+    s.open()
+    try:
+        drop(s, "a.jsonl", ["done"])
+        drive(s, lambda: s.ledger.counts().get("done") == 1)
+        assert (s.layout.adapter_dir(1) / "adapter_config.json").is_file()
+        assert s.layout.batch_dir(1).is_dir() and _checkpoints(s, 1) == []
+        drop(s, "b.jsonl", ["wait", "done"])
+        drive(s, lambda: s.running is not None and s.running.batch.id == 2)
+        s.layout.stop.touch()  # pause: the worker checkpoints and exits 75
+        drive(s, lambda: s.running is None and s.ledger.batch(2).state == "queued")
+        assert s.ledger.batch(2).last_reason == "paused" and _checkpoints(s, 2) == ["step-00000001"]
+        s.tick(time.time())
+        assert s.running is None and _checkpoints(s, 2) == ["step-00000001"]  # still waiting, still kept
+        s.layout.stop.unlink()
+        drive(s, lambda: s.ledger.counts().get("done") == 2)
+        assert _checkpoints(s, 2) == [] and s.layout.adapter_dir(2).is_dir()
+        s.settings.train.keep_finished_checkpoints = True  # as a reload would
+        drop(s, "c.jsonl", ["done"])
+        drive(s, lambda: s.ledger.counts().get("done") == 3)
+        assert _checkpoints(s, 3) == ["step-00000001"]
+    finally:
+        s.close()
+
+
+def _fsck(root, *args):
+    return subprocess.run([sys.executable, "-m", "trainerd", "fsck", "--root", str(root), *args],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+
+
+def test_a_start_checks_the_live_part_and_fsck_finds_a_damaged_old_batch(shm_tmp, monkeypatch):
+    """Eight batches done; then batch 2's manifest is garbage and version 3's folder is gone. With
+    a live window of the newest 4 batches and 2 versions, the next start neither reads nor rewrites
+    batch 2, reports nothing and trains a ninth batch; `trainerd fsck` finds both (exit 1),
+    `--repair` writes the manifest again, the missing version stays reported."""
+    from trainerd.supervisor import reconcile, recovery
+
+    s = Supervisor(make_settings(shm_tmp), worker_cmd=[sys.executable, str(FAKE)], log=ListLog())
+    s.open()
+    try:
+        for i in range(1, 9):
+            drop(s, f"b{i}.jsonl", ["done"])
+            drive(s, lambda i=i: s.ledger.counts().get("done") == i)
+    finally:
+        s.close()
+    manifest = s.layout.batch_dir(2) / "manifest.json"
+    manifest.write_bytes(b"\x00garbage")
+    shutil.rmtree(s.layout.adapter_dir(3))
+    monkeypatch.setattr(recovery, "LIVE_BATCHES", 4)
+    monkeypatch.setattr(recovery, "LIVE_VERSIONS", 2)
+    monkeypatch.setattr(reconcile, "LIVE_FINAL", 4)
+    log = ListLog()
+    s2 = Supervisor(make_settings(shm_tmp), worker_cmd=[sys.executable, str(FAKE)], log=log)
+    s2.open()
+    try:
+        assert not log.find("ledger_reconciled_with_folders") and not log.find("adapter_missing")
+        assert manifest.read_bytes() == b"\x00garbage"  # never read, never rewritten at the start
+        drop(s2, "b9.jsonl", ["done"])
+        drive(s2, lambda: s2.ledger.counts().get("done") == 9)
+        assert os.readlink(s2.layout.current) == "9"
+    finally:
+        s2.close()
+    r = _fsck(s.layout.root)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "batch 2: no manifest in its folder" in r.stdout and "version 3: version in the ledger without its folder" \
+        in r.stdout, r.stdout
+    r = _fsck(s.layout.root, "--repair")
+    assert json.loads(manifest.read_text())["state"] == "done", r.stdout + r.stderr
+    assert "version 3" in _fsck(s.layout.root).stdout
