@@ -104,7 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"trainerd run: cannot create the root {settings.root}: {e}", file=sys.stderr)
         return ExitCode.CONFIG
     logs.configure(level=settings.log.level, fmt=settings.log.format,
-                   file=layout.log_file if settings.log.file else None)
+                   file=layout.log_file if settings.log.file else None,
+                   rotate_bytes=settings.log.rotate_bytes, keep_files=settings.log.keep_files)
     try:
         sup = Supervisor(settings, config_path=cfg)
         return sup.run()
