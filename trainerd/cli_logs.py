@@ -72,7 +72,9 @@ def _head(p: Path) -> tuple[IO[bytes], bytes | None] | None:
     try:
         g = gzip.open(p, "rb") if p.name.endswith(".gz") else open(p, "rb")  # noqa: SIM115
     except FileNotFoundError:
-        return None
+        if p.name.endswith(".gz"):
+            return None
+        return _head(p.with_name(p.name + ".gz"))  # compressed since it was listed
     try:
         first = g.readline().rstrip(b"\n") or None
         g.seek(0)
@@ -89,7 +91,16 @@ def _newer(path: Path, mark: bytes | None, skip_ino: int | None) -> list[tuple[I
     read moves or compresses them, and an open handle still reads the same bytes."""
     if mark is None:
         return []
-    heads = [h for p in rotated_files(path) if (h := _head(p)) is not None]
+    for _ in range(50):
+        # The numbers are positions: a rotation while they are opened shifts them. It renames the
+        # path first, so an unchanged inode at the path around the opening means none happened.
+        before = _inode(path)
+        heads = [h for p in rotated_files(path) if (h := _head(p)) is not None]
+        if _inode(path) == before:
+            break
+        for g, _ in heads:
+            g.close()
+        time.sleep(0.01)
     at = next((i for i, (_, first) in enumerate(heads) if first == mark), None)
     keep = heads[at + 1:] if at is not None else heads
     out = []
@@ -102,6 +113,13 @@ def _newer(path: Path, mark: bytes | None, skip_ino: int | None) -> list[tuple[I
         if all(g is not o for o, _ in out):
             g.close()
     return out
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def follow(path: Path, f: IO[bytes] | None = None, *, poll_s: float = POLL_S) -> Iterator[str]:
