@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "trainerd"
 HEAVY = {"torch", "transformers", "peft", "datasets", "accelerate", "tensorboardX"}
 # The shared vocabulary both processes use: stdlib (and yaml, structlog) only, no other room.
 BASE = {"contract", "states", "fsutil", "faults", "config", "lines", "logs", "sdnotify", "schema", "planning", "replay", "rows",
-        "compressed",
+        "compressed", "aggregates",
         "basemodel"}
 # What the worker process may use of the supervisor side's rooms: the base, nothing else. The
 # two processes talk through argv, files and exit codes.

@@ -95,3 +95,41 @@ def test_a_start_checks_the_live_part_and_fsck_finds_a_damaged_old_batch(shm_tmp
     r = _fsck(s.layout.root, "--repair")
     assert json.loads(manifest.read_text())["state"] == "done", r.stdout + r.stderr
     assert "version 3" in _fsck(s.layout.root).stdout
+
+
+def _usage(s: Supervisor) -> dict:
+    return json.loads(s.layout.disk_usage.read_text())
+
+
+def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
+    """A new root is walked once (the child), then the book is kept by entries: after each publish
+    disk-usage.json is rewritten at once and agrees with a full walk of the root; retention
+    (keep_batch_dirs 2, keep_curves 1, keep_attempt_rows 1) removes folders, runs and attempt rows
+    a bounded step at a time, the book follows, the token total stays; the file keeps a fixed shape."""
+    from trainerd.diskuse import measure
+
+    s = Supervisor(make_settings(shm_tmp, retention={"keep_batch_dirs": 2, "keep_curves": 1, "keep_attempt_rows": 1}),
+                   worker_cmd=[sys.executable, str(FAKE)], log=ListLog())
+    s.open()
+    try:
+        drive(s, lambda: s.book.known and s.retention.child is None)  # the first walk
+        assert s.book.full_at > 0
+        shapes = set()
+        for i in range(1, 6):
+            published_at = time.time()
+            drop(s, f"b{i}.jsonl", ["stop:memory", "done"])
+            drive(s, lambda i=i: s.ledger.counts().get("done") == i and s.retention.child is None)
+            usage, walk = _usage(s), measure(s.layout)
+            assert usage["measured_at"] >= published_at
+            for kind, n in walk.items():
+                assert abs(usage["kinds"][kind] - n) <= 64 << 10, (i, kind, usage["kinds"][kind], n)
+            shapes.add(tuple(sorted(usage)))
+        assert len(shapes) == 1 and "cache" not in shapes.pop()
+        assert sorted(p.name for p in s.layout.batches.iterdir()) == ["000004", "000005"]
+        assert sorted(p.name for p in s.layout.tensorboard.iterdir()) == ["000005"]
+        assert [r[0] for r in s.ledger.db.execute("SELECT DISTINCT batch_id FROM attempts")] == [5]
+        assert s.ledger.totals("restarts:") == {"stopped:memory": 5} and s.ledger.totals("training_steps") == {"": 15}
+        assert s.ledger.counter("retention:batch_dirs_through") == 3
+    finally:
+        s.retention.close()
+        s.close()

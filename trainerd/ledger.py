@@ -232,6 +232,12 @@ class Ledger:
         return [Batch.from_row(r) for r in self.db.execute(
             f"SELECT * FROM batches WHERE state IN ({','.join('?' * len(live))}) ORDER BY id", live)]
 
+    def batches_between(self, lo: int, hi: int, *states: BatchState) -> list[Batch]:
+        """Batches with ``lo < id < hi`` in ``states``, by id (retention's pages past its mark)."""
+        return [Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE id > ? AND id < ? AND state IN ({','.join('?' * len(states))}) ORDER BY id",
+            (lo, hi, *(s.value for s in states)))]
+
     def recently_finished(self, limit: int, *states: BatchState) -> list[Batch]:
         """The ``limit`` batches that ended last (by ``finished_at``; ``states``: only those)."""
         sql, args = "SELECT * FROM batches WHERE finished_at IS NOT NULL", []
@@ -429,6 +435,23 @@ class Ledger:
             self._end_attempt(db, batch_id, attempt, now)
             return self._decide(db, batch_id, from_state, now, last_reason=reason, decision="cancelled",
                                 next_attempt_at=0)
+
+    def set_counter(self, name: str, value: int) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                       (name, int(value)))
+
+    def delete_attempts(self, lo: int, hi: int, states: tuple[BatchState, ...], *, mark: str) -> int:
+        """Retention of ledger rows: the attempt rows of batches ``lo < id < hi`` in ``states`` go,
+        and counter ``mark`` becomes ``hi - 1``, in one transaction. The running totals stay."""
+        with self.transaction() as db:
+            cur = db.execute(
+                f"DELETE FROM attempts WHERE batch_id > ? AND batch_id < ? AND batch_id IN (SELECT id FROM batches"
+                f" WHERE id > ? AND id < ? AND state IN ({','.join('?' * len(states))}))",
+                (lo, hi, lo, hi, *(s.value for s in states)))
+            db.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                       (mark, hi - 1))
+            return cur.rowcount
 
     def mark_removed(self, versions: list[int], now: float) -> None:
         """Retention is about to delete these versions' folders (recorded first: fsck and history

@@ -126,9 +126,9 @@ def _fill_batches(out: dict[str, Any], layout: RootLayout, rows: list[Any], *, i
 
 
 def _disk(layout: RootLayout) -> dict[str, Any]:
-    """Free space now (one statvfs) and the use by kind as last measured by the daemon's child
-    (root/disk-usage.json, re-measured every 10 minutes and after each retention run): status never
-    walks the tree, so it stays fast on a root of any size."""
+    """Free space now (one statvfs) and the use by kind from the daemon's disk book (root/disk-usage.json,
+    a fixed-size file rewritten whenever something is filed or removed: supervisor/diskbook.py):
+    status never walks the tree, so it stays fast on a root of any size."""
     usage = read_json_or_none(layout.disk_usage) or {}
     return {"free_bytes": free_bytes(layout.root), "min_free_bytes": usage.get("min_free_bytes"),
             "kinds": usage.get("kinds"), "total_bytes": usage.get("total"), "measured_at": usage.get("measured_at")}

@@ -21,7 +21,8 @@ runs ``plan[min(k - 1, len(plan) - 1)]``. Actions:
   beat:S        beat the heartbeat (BATCH_DIR/heartbeat) every 0.5 s for S seconds, then ``done``
 
 Every attempt that ends with ``done`` or ``stop`` leaves a checkpoint folder
-(BATCH_DIR/checkpoints/step-0000000N/state.json, N = the attempt) as the real worker would.
+(BATCH_DIR/checkpoints/step-0000000N/state.json, N = the attempt) as the real worker would, and
+``done`` a TensorBoard run (ROOT/tensorboard/<batch folder name>/).
 Every start appends its argv to BATCH_DIR/fake_calls.jsonl. Stdout gets JSON log lines and
 one plain text line; stderr gets one line.
 """
@@ -91,6 +92,10 @@ def main() -> int:
 
     def done(**extra):
         checkpoint()
+        run = os.path.join(root, "tensorboard", os.path.basename(batch_dir))  # its curves, as the real one
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, f"events.out.tfevents.{attempt}.fake"), "wb") as f:
+            f.write(b"\0" * 100)
         pub = opts["--publish"]
         tmp = pub + ".tmp"
         os.makedirs(tmp)

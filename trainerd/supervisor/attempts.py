@@ -29,7 +29,7 @@ from trainerd.contract import BatchFiles, ExitCode, RootLayout, lane_name
 from trainerd.fsutil import fsync_dir, open_regular, read_json_or_none, unlink_quietly
 from trainerd.inbox import eval_partner
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
-from trainerd.states import ACTIVE_STATES, BatchState
+from trainerd.states import ACTIVE_STATES, FINAL_STATES, BatchState
 from trainerd.supervisor import forensics, hooks, policy
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
@@ -305,10 +305,14 @@ class Attempts:
     def end(self, batch: Batch, now: float) -> Batch:
         """File a decided batch (done/, failed/, adapters/, current), then finish its state: a
         final state in the ledger means its files are in place. Idempotent (reconcile repeats it)."""
+        settles = batch.state not in FINAL_STATES  # (a promote ends a batch that was final already)
         self.end_filing(batch)
         # A publish or a rejection: its hook is recorded before the state is final (supervisor/hooks.py).
         guarded(self.log, "hook_record_failed", lambda: hooks.record_end(self.layout, batch), batch=batch.id)
-        return self.ledger.finish(batch, now)
+        batch = self.ledger.finish(batch, now)
+        if settles and self.filing.book is not None:
+            self.filing.book.batch_settled(batch)  # what its worker wrote stops changing now
+        return batch
 
     def end_filing(self, batch: Batch) -> None:
         """The filing step of :meth:`end` alone (for a batch already final in the ledger)."""

@@ -139,6 +139,7 @@ class Chain:
             fsync_tree(tmp)
             os.rename(tmp, dest)
             fsync_dir(self.layout.adapters)
+            self.attempts.filing.filed("adapters", dest)
         self.attempts.filing.switch_current()
 
 

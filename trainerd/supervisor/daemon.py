@@ -42,6 +42,7 @@ from trainerd.supervisor.desk import Desk
 from trainerd.supervisor.hooks import Hooks
 from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
+from trainerd.supervisor.diskbook import DiskBook
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
 from trainerd.supervisor.reconcile import reconcile
@@ -116,6 +117,7 @@ class Supervisor:
         self.maintenance = Maintenance(self.layout, self.log, env)
         self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
         self.backups: recovery.Backups | None = None
+        self.book: DiskBook | None = None
         self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
 
     # --- derived state -------------------------------------------------------------------
@@ -142,6 +144,8 @@ class Supervisor:
                                         every_batch=not self.settings.supervisor.ledger_backup_s)
         self.ledger.on_change = self.backups.changed
         self.filing = Filing(self.layout, self.ledger, self.log)
+        self.book = DiskBook(self.layout, self.ledger, self.log)  # disk use by kind, kept as things are filed
+        self.filing.book = self.book
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
         self.attempts.base = self.base_hold.base
@@ -150,7 +154,8 @@ class Supervisor:
         # workers), and the desk that serves cancel and gc requests besides the chain's.
         self.hooks = Hooks(self.layout, self.log, settings_of=lambda: self.settings, bump=self.ledger.bump,
                            env=self.env)
-        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env)
+        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env,
+                                   book=self.book)
         self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
                       worker_cmd=" ".join(self.worker_cmd))
@@ -241,6 +246,7 @@ class Supervisor:
         self.requests.serve(self.desk, self.running, now, base=self.base_hold.base.get())
         self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
         self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
+        self.book.tick(now, running=self.running is not None, min_free_bytes=self.settings.disk.min_free_bytes)
         if self.running is None and not self.stopping:
             self._maybe_start(now)
         self.report.ping(now, self.settings.supervisor.watchdog_ping_s)
@@ -260,6 +266,8 @@ class Supervisor:
             times.append(now + 1.0)  # SIGCHLD wakes us when it ends; this is only a backstop
         if self.hooks is not None and self.retention is not None:
             times += self.hooks.wake_times(now) + self.retention.wake_times(now)
+        if self.book is not None:
+            times += self.book.wake_times(now, running=self.running is not None)
         r = self.running
         if r is not None:
             times.append(r.next_guard_poll)
