@@ -133,3 +133,65 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
     finally:
         s.retention.close()
         s.close()
+
+
+def _big_root(root, n: int) -> None:
+    """A ledger of ``n`` done batches with ``n`` versions, every 10th batch rejected instead, and 30
+    queued in three lanes (rows straight in: the figures, not the training, are under test)."""
+    from trainerd.contract import RootLayout
+    from trainerd.ledger import Ledger
+
+    layout = RootLayout(root)
+    layout.make()
+    led = Ledger(layout.db)
+    now = time.time() - n
+    gate = json.dumps({"sets": [{"name": "new", "kind": "new", "champion": 2.0, "candidate": 1.9, "change": -0.1,
+                                 "allowed": 0.02}]})
+    with led.transaction() as db:
+        for i in range(1, n + 1):
+            rejected = i % 10 == 0
+            db.execute("INSERT INTO batches(id, name, sha256, state, attempts, adapter_version, decision, gate_json,"
+                       " created_at, updated_at, finished_at) VALUES (?,?,?,?,1,?,?,?,?,?,?)",
+                       (i, f"f{i:05d}.jsonl", f"{i:064x}", "rejected" if rejected else "done",
+                        None if rejected else i - i // 10, "rejected" if rejected else "blessed", gate,
+                        now + i, now + i, now + i))
+            if not rejected:
+                db.execute("INSERT INTO adapter_versions(n, batch_id, path, created_at) VALUES (?,?,?,?)",
+                           (i - i // 10, i, str(layout.adapter_dir(i - i // 10)), now + i))
+        for j in range(30):
+            db.execute("INSERT INTO batches(name, sha256, state, priority, created_at, updated_at) VALUES (?,?,?,?,?,?)",
+                       (f"q{j}.jsonl", f"q{j}", "queued", j % 3 - 1, now + n, now + n))
+    led.close()
+
+
+def test_status_and_history_page_by_default_and_stream_everything_on_request(tmp_path, capsys):
+    """On a ledger of 3,000 batches: `status --json` lists the newest 10 batches, the first 10 queued
+    in start order and totals from the running totals; `--limit 3` three; `--all` every batch and
+    every queued one, as one valid JSON document. `history` shows the newest 10 entries (versions
+    and rejected candidates, oldest first) with the chain's totals; `--all --json` all 3,000."""
+    from trainerd.cli import main
+
+    def _cli(root, *args):
+        assert main([*args, "--root", str(root)]) == 0
+        return subprocess.CompletedProcess(args, 0, capsys.readouterr().out, "")
+
+    _big_root(tmp_path, 3000)
+    st = json.loads(_cli(tmp_path, "status", "--json").stdout)
+    assert [b["id"] for b in st["batches"]] == list(range(3021, 3031))
+    assert [q["lane"] for q in st["queue"]] == ["high"] * 10 and len(st["queue"]) == 10
+    assert st["counts"] == {"done": 2700, "rejected": 300, "queued": 30}
+    assert [r["id"] for r in st["recent"]] == [3000, 2999, 2998, 2997, 2996]
+    assert st["last_decision"]["id"] == 3000 and st["last_decision"]["decision"] == "rejected"
+    assert len(json.loads(_cli(tmp_path, "status", "--json", "--limit", "3").stdout)["batches"]) == 3
+    every = json.loads(_cli(tmp_path, "status", "--json", "--all").stdout)
+    assert [b["id"] for b in every["batches"]] == list(range(1, 3031))
+    assert len(every["queue"]) == 30 and len(every["recent"]) == 3000
+    table = _cli(tmp_path, "status").stdout
+    assert "queue     30 file(s)" in table and "... 20 more" in table and "totals    done 2700, rejected 300" in table
+    hist = _cli(tmp_path, "history").stdout
+    assert "totals  2700 version(s) (2700 blessed), 300 rejected; the newest 10 shown" in hist
+    rows = json.loads(_cli(tmp_path, "history", "--json").stdout)
+    assert [(r["version"], r["batch"]) for r in rows][-3:] == [(2699, 2998), (2700, 2999), (None, 3000)]
+    assert len(rows) == 10
+    rows = json.loads(_cli(tmp_path, "history", "--json", "--all").stdout)
+    assert len(rows) == 3000 and [r["batch"] for r in rows] == list(range(1, 3001))

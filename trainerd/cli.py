@@ -27,6 +27,7 @@ from trainerd.cli_logs import add_commands as add_logs_commands
 from trainerd.cli_ops import add_commands as add_ops_commands
 from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
+from trainerd.paging import add_arguments as add_paging_arguments
 
 DEFAULT_ROOT = "/var/lib/trainerd"
 
@@ -273,11 +274,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         root = _root(args)
     except ValueError as e:  # config.ConfigError; not imported here: yaml costs 20 ms
         return _print_config_error(e)
+    from trainerd import paging
     from trainerd.status import collect_status, render_status
 
-    st = collect_status(root)
+    st = collect_status(root, limit=paging.limit_of(args))
     if args.json:
-        print(json.dumps(st, indent=2, default=str))
+        paging.dump_json(st, sys.stdout)  # --all: the rows are written as they are read
+        print()
     else:
         print(render_status(st))
     return ExitCode.OK
@@ -301,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_submit)
     s = sub.add_parser("status", parents=[common], help="what the daemon is doing")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    add_paging_arguments(s, "queued and finished batches")
     s.set_defaults(fn=cmd_status)
     sub.add_parser("pause", parents=[common], help="create root/.stop").set_defaults(fn=cmd_pause)
     sub.add_parser("resume", parents=[common], help="remove root/.stop").set_defaults(fn=cmd_resume)

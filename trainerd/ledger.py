@@ -151,11 +151,28 @@ class Ledger:
             sql += f" LIMIT {int(limit)}"
         return [Batch.from_row(r) for r in self.db.execute(sql, args)]
 
-    def summaries(self) -> list[BatchSummary]:
-        """Every batch, oldest first, as the light tuples ``trainerd status`` reads."""
-        make, states = BatchSummary._make, {s.value: s for s in BatchState}
-        return [make((r[0], r[1], states[r[2]], *r[3:])) for r in self.db.execute(
-            f"SELECT {BatchSummary.columns()} FROM batches ORDER BY id")]
+    def summaries(self, *states: BatchState, limit: int | None = None, newest_first: bool = False,
+                  after: int = 0, order: str | None = None, decisions: tuple[str, ...] = (),
+                  offset: int = 0) -> list[BatchSummary]:
+        """Batches (in ``states``; with a ``decision`` in ``decisions``) as the light tuples ``trainerd
+        status`` reads: by id, ``after`` an id (keyset pages), or in ``order``: ``queue`` (the order
+        they start in: :meth:`next_queued`) or ``finished`` (the newest end first)."""
+        make, by_value = BatchSummary._make, {s.value: s for s in BatchState}
+        where, args = (["id > ?"], [after]) if after else (["1"], [])  # (no range on id: the planner uses the other indexes)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += [s.value for s in states]
+        if decisions:
+            where.append(f"decision IN ({','.join('?' * len(decisions))})")
+            args += list(decisions)
+        if order == "finished":
+            where.append("finished_at IS NOT NULL")
+        sql = {"queue": "attempts > 0 DESC, priority DESC, id", "finished": "finished_at DESC"}.get(
+            order or "", "id DESC" if newest_first else "id")
+        sql = f"SELECT {BatchSummary.columns()} FROM batches WHERE {' AND '.join(where)} ORDER BY {sql}"
+        if limit is not None or offset:
+            sql += f" LIMIT {-1 if limit is None else int(limit)} OFFSET {int(offset)}"
+        return [make((r[0], r[1], by_value[r[2]], *r[3:])) for r in self.db.execute(sql, args)]
 
     def next_queued(self) -> Batch | None:
         """The head of the queue, whether or not its back-off has expired: a batch that has
@@ -215,14 +232,14 @@ class Ledger:
         return AdapterVersion.from_row(r) if r else None
 
     def versions(self, *, limit: int | None = None, newest_first: bool = False, kept: bool = False,
-                 before: int | None = None) -> list[AdapterVersion]:
+                 before: int | None = None, after: int = 0) -> list[AdapterVersion]:
         """Versions by number (``kept``: only those whose folder retention has not removed;
-        ``before``: numbers below it, for paging)."""
-        sql, args = "SELECT * FROM adapter_versions WHERE 1", []
+        ``before`` / ``after``: numbers below / above it, for paging)."""
+        sql, args = "SELECT * FROM adapter_versions WHERE n > ?", [after]
         if kept:
             sql += " AND removed_at IS NULL"
         if before is not None:
-            sql, args = sql + " AND n < ?", [before]
+            sql, args = sql + " AND n < ?", [*args, before]
         sql += " ORDER BY n" + (" DESC" if newest_first else "") + ("" if limit is None else f" LIMIT {int(limit)}")
         return [AdapterVersion.from_row(r) for r in self.db.execute(sql, args)]
 
@@ -232,20 +249,30 @@ class Ledger:
         return [Batch.from_row(r) for r in self.db.execute(
             f"SELECT * FROM batches WHERE state IN ({','.join('?' * len(live))}) ORDER BY id", live)]
 
+    def batches_by_id(self, ids: set[int] | list[int]) -> dict[int, Batch]:
+        """The rows of these batches (a page's worth: one query)."""
+        ids = sorted(set(ids))
+        if not ids:
+            return {}
+        return {r["id"]: Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE id IN ({','.join('?' * len(ids))})", ids)}
+
     def batches_between(self, lo: int, hi: int, *states: BatchState) -> list[Batch]:
         """Batches with ``lo < id < hi`` in ``states``, by id (retention's pages past its mark)."""
         return [Batch.from_row(r) for r in self.db.execute(
             f"SELECT * FROM batches WHERE id > ? AND id < ? AND state IN ({','.join('?' * len(states))}) ORDER BY id",
             (lo, hi, *(s.value for s in states)))]
 
-    def recently_finished(self, limit: int, *states: BatchState) -> list[Batch]:
-        """The ``limit`` batches that ended last (by ``finished_at``; ``states``: only those)."""
+    def recently_finished(self, limit: int, *states: BatchState, offset: int = 0, oldest_first: bool = False) -> list[Batch]:
+        """The ``limit`` batches that ended last (by ``finished_at``; ``states``: only those), after
+        skipping the ``offset`` last (``oldest_first``: the first to end, for paging forward)."""
         sql, args = "SELECT * FROM batches WHERE finished_at IS NOT NULL", []
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args = [s.value for s in states]
         return [Batch.from_row(r) for r in self.db.execute(
-            sql + f" ORDER BY finished_at DESC LIMIT {int(limit)}", args)]
+            sql + f" ORDER BY finished_at {'' if oldest_first else 'DESC'}, id LIMIT {int(limit)} OFFSET {int(offset)}",
+            args)]
 
     # --- writes --------------------------------------------------------------------------
 
