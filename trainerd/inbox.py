@@ -234,6 +234,10 @@ class Inbox:
         for name in list(self._seen):
             if name not in present:
                 del self._seen[name]
+        # What was reported once is forgotten with the file: over weeks of files these sets
+        # would otherwise grow with every name the inbox ever held.
+        self._writing_logged = {k for k in self._writing_logged if k[0] in present}
+        self._lone_reported = {k for k in self._lone_reported if k[0] in present}
         # A data file whose eval file is there but not finished waits for it (they are claimed
         # together); an eval file alone is reported once, and never trained.
         ready = [(t, n) for t, n in ready if eval_partner(n) not in present or eval_partner(n) in settled]

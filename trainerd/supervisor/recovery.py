@@ -7,8 +7,10 @@ rebuild when it is damaged, stale or gone.
   ``supervisor.ledger_backup_s`` while anything changed, and at a clean stop: a copy costs the
   ledger's size, so it is periodic, not per batch. Between two copies the log is the ledger's own
   WAL (every commit fsynced) and the manifests in the batch folders, which a rebuild replays.
-- At start-up the ledger must open and pass ``PRAGMA quick_check``. One that does not (garbage,
-  truncated), or is gone while the folders say batches existed, is moved aside (never deleted:
+- At start-up the ledger must open and pass a check: ``PRAGMA quick_check`` (every page) after an
+  unclean stop (a ``-wal`` left behind), else its header, schema and newest rows (a clean stop
+  leaves the file whole; fsck checks every page). One that fails (garbage, truncated), or is gone
+  while the folders say batches existed, is moved aside (never deleted:
   ``state.db.damaged-<time>``) and rebuilt from the newest good backup, then from the folders
   (all of them: a backup can be minutes old).
 - Then, always, the live part of the ledger is reconciled against the folders before anything is
@@ -117,13 +119,41 @@ class Backups:
             self.take(time.time())
 
 
-def _check(path: Path) -> str:
-    """'ok', or what is wrong with the SQLite file at ``path``."""
+def _header_problem(path: Path) -> str | None:
+    """What the file's 100-byte SQLite header says is wrong: not SQLite, or shorter than the pages
+    it declares (a truncation). None when it looks whole."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        return str(e)
+    if not head:
+        return None  # an empty file: SQLite makes a new database of it
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return "file is not a database"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    valid = head[24:28] == head[92:96]  # the in-header size is trusted only then (SQLite's rule)
+    if valid and pages and size < pages * page:
+        return f"database disk image is malformed (truncated: {size} of {pages * page} bytes)"
+    return None
+
+
+def _check(path: Path, *, full: bool = True) -> str:
+    """'ok', or what is wrong with the SQLite file at ``path``. ``full``: ``PRAGMA quick_check``, which
+    reads every page (O(ledger size): fsck, and a start after an unclean stop); otherwise the header,
+    the schema and each table's newest rows."""
+    problem = _header_problem(path)
+    if problem is not None:
+        return problem
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         try:
-            rows = conn.execute("PRAGMA quick_check").fetchall()
-            conn.execute("SELECT count(*) FROM batches").fetchone()
+            rows = conn.execute("PRAGMA quick_check").fetchall() if full else [("ok",)]
+            for table, key in (("batches", "id"), ("attempts", "batch_id"), ("adapter_versions", "n")):
+                conn.execute(f"SELECT * FROM {table} ORDER BY {key} DESC LIMIT 8").fetchall()
         finally:
             conn.close()
     except sqlite3.Error as e:
@@ -142,7 +172,10 @@ def open_ledger(layout: RootLayout, log: Any) -> Ledger:
     db = layout.db
     problem = None
     if db.exists():
-        problem = _check(db)
+        # A -wal left behind means the last life did not close the ledger (a crash, a power cut):
+        # then every page is checked. After a clean stop the cheap check (header, schema, the newest
+        # rows) keeps a start the same at any ledger size; `trainerd fsck` always checks every page.
+        problem = _check(db, full=Path(str(db) + "-wal").exists())
         problem = None if problem == "ok" else problem
     elif _folders_say_batches(layout):
         problem = "the ledger is missing but the root's folders hold batches"
