@@ -46,7 +46,7 @@ from trainerd.supervisor.diskbook import DiskBook
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
 from trainerd.supervisor.reconcile import reconcile
-from trainerd.supervisor import recovery
+from trainerd.supervisor import heap, recovery
 from trainerd.supervisor import stall
 from trainerd.supervisor.basehold import BaseHold
 from trainerd.supervisor.maintenance import Maintenance
@@ -187,6 +187,7 @@ class Supervisor:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
         self.wakeup.install()
+        heap.limit_arenas()  # before any thread: the relay threads would each grow an arena
         try:
             self.open()
             self.intake.start_watching(self.layout.stop, self.layout.requests)
@@ -427,3 +428,4 @@ class Supervisor:
         self.guard.detach()
         self.running = None
         self.attempts.finish(r, status, now, stopping=self.stopping)
+        heap.trim()  # what the attempt's relay freed goes back to the kernel: the RSS stays flat

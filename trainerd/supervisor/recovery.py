@@ -266,7 +266,8 @@ def compare(layout: RootLayout, ledger: Ledger, *, full: bool = True) -> list[di
             bid = (read_json_or_none(layout.adapter_dir(n) / "lineage.json") or {}).get("batch")
             if isinstance(bid, int) and bid not in rows and (b := _row(ledger, bid)) is not None:
                 rows[bid] = b
-                folders = sorted({*folders, bid})
+                if layout.batch_dir(bid).is_dir():  # (retention may have removed it)
+                    folders = sorted({*folders, bid})
     out = _compare_batches(layout, rows, folders)
     for n in newer_versions:
         if layout.adapter_dir(n).is_dir():
