@@ -214,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gaps: list[tuple[int, float]] = []  # (done count at the publish, publish -> next worker_started)
     last_publish: float | None = None
     window_start: dict[str, Any] = {}
+    restarted_at = 0
     t_begin = time.time()
     for _ in range(3):
         feed.drop()
@@ -247,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 window_gaps = [g for n, g in gaps if w0["done"] < n <= done]
                 s: dict[str, Any] = {
                     "sample": due, "n": done, "wall_s_since_start": round(time.time() - t_begin, 1),
+                    "daemon_batches": done - restarted_at,  # its life so far: RSS settles in the first few hundred
                     "rss_mib": round(mem.rss / 2**20, 2), "uss_mib": round(mem.uss / 2**20, 2),
                     "cpu_ms_per_batch": round(1000 * (cpu - w0["cpu"]) / max(1, w), 2),
                     "publish_to_next_start_ms": round(1000 * statistics.median(window_gaps), 1) if window_gaps else None,
@@ -265,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s["history_inproc_ms"] = round(1000 * timed_inproc(lambda: collect_history(d.root)), 2)
                 d.stop()
                 s["startup_to_ready_s"] = round(d.start(), 3)
+                restarted_at = done
                 proc = psutil.Process(d.proc.pid)
                 result["samples"].append(s)
                 print(json.dumps(s), flush=True)
