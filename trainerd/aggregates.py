@@ -18,9 +18,10 @@ drift from the rows (a write that changes a row changes its total, or neither ha
 Token, step and restart totals count what happened: retention deleting old attempt rows does not
 lower them (a Prometheus counter never steps back). Batch and version counts follow the rows.
 
-Stdlib only. :func:`install` creates the table, its triggers and the ``finished_at`` index (status
-pages the newest finished batches by it), then fills the totals from the rows once: a new ledger and
-the schema step that brings an older one here both call it.
+Stdlib only. :func:`install` creates the table, its triggers and two indexes (``finished_at``: status
+pages the newest finished batches by it; the open attempts: a start looks them up without reading
+every attempt), then fills the totals from the rows once: a new ledger and the schema step that
+brings an older one here both call it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS aggregates (
     value  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_finished ON batches(finished_at);
+CREATE INDEX IF NOT EXISTS attempts_open ON attempts(batch_id, n) WHERE ended_at IS NULL;
 CREATE TRIGGER IF NOT EXISTS agg_batch_insert AFTER INSERT ON batches BEGIN
     {_ADD.format(name="'batches:' || new.state", by=1)}
 END;

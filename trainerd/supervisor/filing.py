@@ -170,7 +170,7 @@ class Filing:
     def switch_current(self) -> None:
         """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename).
         Looks at the newest versions retention kept, newest first: one ``is_dir`` as a rule."""
-        newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True, limit=64)
+        newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True, limit=8)
                        if self.layout.adapter_dir(v.n).is_dir()), None)
         if newest is None:  # none of the newest on disk (removed by hand?): look further back
             newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True)
@@ -183,7 +183,9 @@ class Filing:
                 return
         except OSError:
             pass
-        tmp = self.layout.adapters / f".current.tmp-{os.getpid()}"
+        # One name, not one per pid: one writer holds the root, and a start need not list
+        # adapters/ (the chain's length) to find the leftovers of earlier lives.
+        tmp = self.layout.adapters / ".current.tmp"
         try:
             os.unlink(tmp)
         except FileNotFoundError:

@@ -37,7 +37,7 @@ from trainerd.supervisor.policy import AttemptEnd
 
 __all__ = ["find_leftover_workers", "reconcile"]
 
-LIVE_FINAL = 32  # the newest final batches (and versions) whose filing a start checks again
+LIVE_FINAL = 8  # the newest final batches (and versions) whose filing a start checks again
 
 
 def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any, log: Any, now: float, *,
@@ -88,9 +88,7 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
         if v.kind == "rollback" and v.removed_at is None and not layout.adapter_dir(v.n).exists():
             log.warning("rollback_resumed", version=v.n, rollback_of=v.source)
             chain.publish_rollback(v)
-    filing.switch_current()
-    for stray in layout.adapters.glob(".current.tmp-*"):
-        stray.unlink(missing_ok=True)
+    filing.switch_current()  # (a temporary link a crash left, .current.tmp, goes at the next switch)
     latest = ledger.latest_version()
     log.info("reconciled", counts=ledger.counts(), adapter_version=latest.n if latest else None)
 

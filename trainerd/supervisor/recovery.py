@@ -51,6 +51,7 @@ MANIFEST = "manifest.json"
 # A start compares these newest batches and versions besides the unfinished ones (fsck: all).
 LIVE_BATCHES = 32
 LIVE_VERSIONS = 8
+PROBE_GAP = 16  # missing numbers in a row that end a start's look for folders beyond the ledger
 
 
 class LedgerUnrecoverable(RuntimeError):
@@ -232,12 +233,27 @@ def _set_aside_and_restore(layout: RootLayout, problem: str, log: Any) -> dict[s
 
 
 def _numbered(folder: Path) -> list[int]:
-    """The numbered entries of a folder, by name only (no stat, no read: cheap at any size)."""
+    """The numbered entries of a folder, by name only (no stat, no read; fsck)."""
     try:
         with os.scandir(folder) as it:
             return sorted(int(e.name) for e in it if e.name.isdigit())
     except FileNotFoundError:
         return []
+
+
+def _beyond(path_of: Any, top: int, gap: int = PROBE_GAP) -> list[int]:
+    """The numbers above ``top`` whose folder exists, probed upwards until ``gap`` in a row are
+    missing (what a lost -wal leaves is the newest few, next to each other): a start never lists
+    a folder of the chain's length."""
+    found, n, misses = [], top, 0
+    while misses < gap:
+        n += 1
+        if path_of(n).is_dir():
+            found.append(n)
+            misses = 0
+        else:
+            misses += 1
+    return found
 
 
 def compare(layout: RootLayout, ledger: Ledger, *, full: bool = True) -> list[dict[str, Any]]:
@@ -255,11 +271,13 @@ def compare(layout: RootLayout, ledger: Ledger, *, full: bool = True) -> list[di
         rows = {b.id: b for b in (*ledger.unfinished(), *ledger.batches(limit=LIVE_BATCHES, newest_first=True))}
         versions = ledger.versions(limit=LIVE_VERSIONS, newest_first=True)[::-1]
         top = max((b.id for b in ledger.batches(limit=1, newest_first=True)), default=0)
-        folders = [i for i in _numbered(layout.batches) if i in rows or i > top]
-    known_versions = {v.n for v in versions} if full else None
+        folders = sorted({*(i for i in rows if layout.batch_dir(i).is_dir()), *_beyond(layout.batch_dir, top)})
     latest = ledger.latest_version()
-    newer_versions = [n for n in _numbered(layout.adapters)
-                      if (n not in known_versions if full else n > (latest.n if latest else 0))]
+    if full:
+        known_versions = {v.n for v in versions}
+        newer_versions = [n for n in _numbered(layout.adapters) if n not in known_versions]
+    else:
+        newer_versions = _beyond(layout.adapter_dir, latest.n if latest else 0)
     if not full:
         # A version the ledger lost names its batch, whose row may be just as stale (a promote).
         for n in newer_versions:
