@@ -109,7 +109,7 @@ class Daemon:
         sys.path.insert(0, str(REPO))
         from trainerd.status import collect_status
 
-        b = next((b for b in collect_status(self.root)["batches"] if b["file"] == name), None)
+        b = next((b for b in collect_status(self.root, limit=None)["batches"] if b["file"] == name), None)
         return b if b and b["state"] in ("done", "rejected", "failed") else None
 
     def batch_files(self, bid: int) -> tuple[dict[str, Any], dict[str, Any]]:

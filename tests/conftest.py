@@ -87,6 +87,25 @@ def daemon_factory(request, tmp_path):
         d.cleanup()
 
 
+@pytest.fixture
+def shm_tmp(tmp_path):
+    """A fresh folder on /dev/shm when that is a tmpfs, else ``tmp_path``: for tests whose point is
+    many batches through the real code, not durability (a tmpfs makes each fsync free; on this
+    machine's disk one costs ~9 ms, and a batch does ~30). Removed afterwards."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > 1 << 30):
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="trainerd-test-", dir=shm))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a trainerd subprocess: the repo importable, offline, quiet tokenizers."""
     env = dict(os.environ)

@@ -13,7 +13,7 @@ HEAVY = {"torch", "transformers", "peft", "datasets", "accelerate", "tensorboard
 # The shared vocabulary both processes use: stdlib (and yaml, structlog) only, no other room.
 BASE = {"contract", "states", "fsutil", "faults", "config", "lines", "logs", "sdnotify", "schema", "planning", "replay", "rows",
         "evalmemory",
-        "compressed",
+        "compressed", "aggregates",
         "basemodel", "modelref", "cadence", "goodput"}
 # What the worker process may use of the supervisor side's rooms: the base, nothing else. The
 # two processes talk through argv, files and exit codes.

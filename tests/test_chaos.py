@@ -264,12 +264,18 @@ def test_random_kills_and_pauses_lose_nothing(daemon_factory, reference):
                 pass
 
 
+def _checkpoint_names(bdir: Path, prefix: str) -> list[str]:
+    # A finished batch's checkpoints folder is gone (train.keep_finished_checkpoints is off).
+    ck = bdir / "checkpoints"
+    return sorted(p.name for p in ck.iterdir() if p.name.startswith(prefix)) if ck.is_dir() else []
+
+
 def _torn(bdir: Path) -> list[str]:
-    return sorted(p.name for p in (bdir / "checkpoints").iterdir() if p.name.startswith(".tmp-"))
+    return _checkpoint_names(bdir, ".tmp-")
 
 
 def _complete(bdir: Path) -> list[str]:
-    return sorted(p.name for p in (bdir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    return _checkpoint_names(bdir, "step-")
 
 
 def test_crash_inside_checkpoint_and_publish_writes(daemon_factory, reference):
@@ -298,6 +304,7 @@ def test_crash_inside_checkpoint_and_publish_writes(daemon_factory, reference):
         resumed = [e for e in d.logs() if e["event"] == "training_started" and e.get("batch") == 1]
         assert resumed[-1]["resumed_from"] == before[-1], "did not resume from the newest complete checkpoint"
         assert _torn(bdir) == [], "the torn temporary was not cleaned up"
+        assert not (bdir / "checkpoints").exists(), "a finished batch keeps no checkpoints"
 
         # --- b: die while the worker writes the final adapter -------------------------------------
         assert d.terminate() == 0

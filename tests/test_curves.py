@@ -6,6 +6,8 @@ along the chain; the versions' gate figures are written once each; a failing wri
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import struct
 from pathlib import Path
@@ -58,6 +60,8 @@ def test_a_worker_run_writes_loss_per_step_and_the_eval_figures(tmp_path, tiny_m
     run = tmp_path / "root" / "tensorboard" / "000007"
     steps = {e["step"]: e["loss"] for e in logs if e["event"] == "step"}
     assert len(steps) >= 4
+    meta = json.loads((batch / "final_adapter" / "trainerd.json").read_text())
+    assert meta["chain_steps"] == meta["steps"] == max(steps)  # no init adapter: the chain is this batch
     loss = scalars(run, "train/loss")
     assert sorted(loss) == sorted(steps)
     assert all(abs(loss[s] - steps[s]) < 1e-5 for s in steps)
@@ -104,25 +108,41 @@ def test_chain_offset_follows_init_adapters(tmp_path):
     assert chain_offset(c) == 22
     (a / "trainerd.json").write_text(json.dumps({"steps": 10, "init_adapter": str(c)}))  # a hand-made cycle
     assert chain_offset(c) == 22
+    # An adapter with the running total: read alone (its parents are not walked).
+    (c / "trainerd.json").write_text(json.dumps({"steps": 5, "chain_steps": 1005, "init_adapter": str(b)}))
+    shutil.rmtree(a)
+    assert chain_offset(c) == 1005
 
 
 def test_versions_gate_figures_are_written_once_each(tmp_path):
-    """Each adapters/<n>/lineage.json becomes one event file in tensorboard/versions at step n; a
-    second call writes nothing; a version without its lineage yet is left for later."""
+    """Each adapters/<n>/lineage.json becomes one event at step n in tensorboard/versions, all in one
+    appended file; a second call writes nothing; a later version is appended to the same file; a
+    version without a lineage (adopted by fsck) is passed over."""
     layout = RootLayout(tmp_path / "root")
     gate = {"sets": [{"name": "000001:holdout.jsonl", "kind": "new", "champion": 3.0, "candidate": 2.5,
                       "change": -0.5, "allowed": 0.02}]}
-    for n, kind in ((1, "blessed"), (2, "forced")):
+
+    def publish(n, kind, lineage=True):
         (layout.adapters / str(n)).mkdir(parents=True)
-        (layout.adapters / str(n) / "lineage.json").write_text(json.dumps(
-            {"version": n, "kind": kind, "steps": 4 * n, "tokens": 100 * n, "gate": gate}))
-    (layout.adapters / "3").mkdir()
+        if lineage:
+            (layout.adapters / str(n) / "lineage.json").write_text(json.dumps(
+                {"version": n, "kind": kind, "steps": 4 * n, "tokens": 100 * n, "gate": gate}))
+        layout.current.unlink(missing_ok=True)
+        os.symlink(str(n), layout.current)
+
+    assert write_versions(layout) == []  # no version yet
+    publish(1, "blessed")
+    publish(2, "forced")
+    publish(3, "blessed", lineage=False)
     assert write_versions(layout) == [1, 2]
     assert write_versions(layout) == []
+    publish(4, "blessed")
+    assert write_versions(layout) == [4]
     run = layout.tensorboard / "versions"
-    assert scalars(run, "gate/new/000001_holdout.jsonl/candidate") == {1: 2.5, 2: 2.5}
-    assert scalars(run, "version/blessed") == {1: 1.0, 2: 0.0}
-    assert scalars(run, "version/steps") == {1: 4.0, 2: 8.0}
+    assert [p.name for p in run.glob("events.out.tfevents.*")] == ["events.out.tfevents.9999999999.trainerd-versions"]
+    assert scalars(run, "gate/new/000001_holdout.jsonl/candidate") == {1: 2.5, 2: 2.5, 4: 2.5}
+    assert scalars(run, "version/blessed") == {1: 1.0, 2: 0.0, 4: 1.0}
+    assert scalars(run, "version/steps") == {1: 4.0, 2: 8.0, 4: 16.0}
 
 
 def test_a_failing_writer_logs_once_and_goes_quiet(tmp_path):

@@ -173,11 +173,11 @@ def test_metrics_match_the_ledger_after_a_real_run_and_a_restart(daemon_factory)
     assert _value(got, "trainerd_training_steps_total") == exp["steps"]
     assert _value(got, "trainerd_adapter_version") == exp["version"] == 1
     lineage = json.loads((d.root / "adapters" / "1" / "lineage.json").read_text())
-    assert _value(got, "trainerd_adapter_info", version="1", base_model=lineage["base_model"]) == 1
+    assert _value(got, "trainerd_adapter_info", base_model=lineage["base_model"]) == 1
     assert lineage["eval"], "the tiny run has a held-out set"
-    for e in lineage["eval"]:
-        for model in ("candidate", "champion"):
-            assert _value(got, "trainerd_current_eval_loss", set=e["name"], kind=e["kind"], model=model) == e[model]
+    new = next(e for e in lineage["eval"] if e["kind"] == "new")
+    for model in ("candidate", "champion"):
+        assert _value(got, "trainerd_current_eval_loss", set="new", kind="new", model=model) == new[model]
     assert _value(got, "trainerd_last_publish_timestamp_seconds") == exp["publish_at"]
     assert _value(got, "trainerd_kernel_oom_kills_total") == exp["oom"] == 0
     assert _value(got, "trainerd_last_checkpoint_duration_seconds") > 0
@@ -200,3 +200,55 @@ def test_metrics_match_the_ledger_after_a_real_run_and_a_restart(daemon_factory)
                  "trainerd_last_publish_timestamp_seconds", "trainerd_last_checkpoint_timestamp_seconds"):
         assert _value(after, name) == _value(got, name), name
     assert _value(after, "trainerd_paused") == 1
+
+
+def _series(path: Path) -> set[tuple[str, tuple]]:
+    """Every (metric, labels) in the textfile, less the supervisor's own process figures."""
+    return {(name, labels) for name, by in _read(path).items() if not name.startswith("trainerd_supervisor_process")
+            for labels in by}
+
+
+def test_the_series_stay_the_same_across_50_versions(tmp_path):
+    """50 versions published through real ledger transitions, each lineage.json holding one more
+    earlier batch's set than the last (and a standing suite), the first batch restarted once: from
+    the second version on the textfile holds the same series every time; the earlier sets are one
+    averaged series, not one per batch, and the current version is a gauge, not a label."""
+    from trainerd.ledger import AttemptRecord
+
+    d = _FakeDaemon(tmp_path)
+    m = Metrics(ListLog())
+    path = d.layout.root / "metrics" / "trainerd.prom"
+    led, now, seen = d.ledger, time.time(), []
+    for i in range(1, 51):
+        bid = led.begin_claim(f"b{i}.jsonl", 10, now).id
+        led.finish_claim(bid, f"{i:064x}", 10, now)
+        if i == 1:
+            led.start_attempt(bid, now, None)
+            led.requeue(bid, now, reason="memory", attempt=AttemptRecord(1, "stopped", "memory", result={"tokens": 5}))
+        n = led.start_attempt(bid, now, None).attempts
+        b = led.decide_done(bid, d.layout.adapter_dir, now, attempt=AttemptRecord(
+            n, "done", "done", result={"tokens": 100, "step": 10}))
+        led.finish(b, now)
+        sets = [{"name": f"{bid:06d}:holdout.jsonl", "kind": "new", "used": 2, "candidate": 1.0, "champion": 1.1},
+                {"name": "suite facts.jsonl", "kind": "suite", "used": 4, "candidate": 1.5, "champion": 1.5}]
+        sets += [{"name": f"batch {k:06d}", "kind": "earlier", "used": 3, "candidate": 2.0 + k / 1000,
+                  "champion": 2.0} for k in range(1, i)]
+        folder = d.layout.adapter_dir(b.adapter_version)
+        folder.mkdir(parents=True)
+        (folder / "lineage.json").write_text(json.dumps({"version": b.adapter_version, "eval": sets,
+                                                         "base_model": "tiny"}))
+        d.layout.current.unlink(missing_ok=True)
+        os.symlink(str(b.adapter_version), d.layout.current)
+        m.tick(now + i, d)
+        seen.append(_series(path))
+    got = _read(path)
+    d.ledger.close()
+    assert all(series == seen[1] for series in seen[1:]), [len(x) for x in seen]
+    assert len(seen[0]) == len(seen[1]) - 2  # version 1 has no earlier sets: their 2 series come with version 2
+    assert _value(got, "trainerd_adapter_version") == 50
+    assert _value(got, "trainerd_adapter_info", base_model="tiny") == 1
+    assert _value(got, "trainerd_current_eval_loss", set="earlier", kind="earlier", model="candidate") == \
+        pytest.approx(sum(2.0 + k / 1000 for k in range(1, 50)) / 49)
+    assert _value(got, "trainerd_current_eval_loss", set="suite facts.jsonl", kind="suite", model="champion") == 1.5
+    assert _value(got, "trainerd_worker_restarts_total", reason="memory") == 1
+    assert _value(got, "trainerd_trained_tokens_total") == 5000 and _value(got, "trainerd_batches", state="done") == 50

@@ -69,7 +69,7 @@ def test_plan_keeps_current_what_is_in_progress_and_what_requests_need(history):
     submit(layout, "rollback", 1)
     submit(layout, "promote", 3)
     assert _plan(layout, keep_adapters=1, keep_batch_dirs=1) == [
-        ("adapter", "3"), ("batch", "000005"), ("batch", "000004"), ("batch", "000002"), ("batch", "000001")]
+        ("adapter", "3"), ("batch", "000001"), ("batch", "000002"), ("batch", "000004"), ("batch", "000005")]
     for req in layout.requests.iterdir():
         req.unlink()
     hooks.record_version(layout, 3, 4, "d.jsonl", "blessed")

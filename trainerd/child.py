@@ -77,6 +77,19 @@ class ExitStatus:
         return describe_signal(self.signal) if self.signal is not None else f"exit code {self.code}"
 
 
+# A child's stderr file is appended to at every start (logs/diskuse.stderr: every retention run
+# and daily walk, for weeks): past this size it starts afresh, the previous one kept as <name>.1.
+STDERR_MAX_BYTES = 4 << 20
+
+
+def _bound(path: Path) -> None:
+    try:
+        if path.stat().st_size > STDERR_MAX_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
+
+
 class Child:
     """One running worker process (the leader of its own process group)."""
 
@@ -85,6 +98,7 @@ class Child:
         self.argv = argv
         self.log = log
         stderr_path = Path(stderr_path)
+        _bound(stderr_path)
         with open(stderr_path, "ab") as err:
             err.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                       f"{shlex.join(argv)}\n".encode())

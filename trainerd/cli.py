@@ -43,6 +43,7 @@ from trainerd.cli_root import (
 )
 from trainerd.contract import LANES, ExitCode, RootLayout
 from trainerd.inbox import eval_partner, is_candidate_name
+from trainerd.paging import add_arguments as add_paging_arguments
 
 __all__ = ["DEFAULT_ROOT", "build_parser", "main"]
 
@@ -98,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"trainerd run: cannot create the root {settings.root}: {e}", file=sys.stderr)
         return ExitCode.CONFIG
     logs.configure(level=settings.log.level, fmt=settings.log.format,
-                   file=layout.log_file if settings.log.file else None)
+                   file=layout.log_file if settings.log.file else None,
+                   rotate_bytes=settings.log.rotate_bytes, keep_files=settings.log.keep_files)
     try:
         sup = Supervisor(settings, config_path=cfg)
         return sup.run()
@@ -297,11 +299,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from trainerd import paging
     from trainerd.status import collect_status, render_status
 
-    st = collect_status(args.layout.root)
+    st = collect_status(args.layout.root, limit=paging.limit_of(args))
     if args.json:
-        print(json.dumps(st, indent=2, default=str))
+        paging.dump_json(st, sys.stdout)  # --all: the rows are written as they are read
+        print()
     else:
         print(render_status(st))
     return ExitCode.OK
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the one whose exit code says whether all is well.",
                    examples=["trainerd status", "trainerd status --json | jq .queue"])
     s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    add_paging_arguments(s, "queued and finished batches")
     add_check_commands(sub, common)  # trainerd check (trainerd/cli_check.py, trainerd/health.py)
     subcommand(sub, "pause", [common], cmd_pause, help="create root/.stop",
                description="Pause: create root/.stop. The running batch checkpoints and stops; nothing new starts "

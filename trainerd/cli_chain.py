@@ -1,6 +1,7 @@
 """``trainerd history | promote | rollback | rebase``: the adapter chain, read and changed by an operator.
 
-``history`` only reads (the ledger read-only, each version's lineage.json). ``promote`` and
+``history`` only reads (the ledger read-only, the lineage.json of each version it shows): the newest
+entries by default, every one with ``--all`` (paged; trainerd/paging.py). ``promote`` and
 ``rollback`` change what the daemon owns: with a daemon running they are requests it carries
 out in its loop (``root/requests/``, group-writable like the inbox); with none they take the
 root's lock and apply directly. Never two writers.
@@ -9,19 +10,23 @@ root's lock and apply directly. Never two writers.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from trainerd.cli_root import config_path, load_settings, subcommand
 from trainerd import goodput
 from trainerd.contract import ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none
+from trainerd.paging import DEFAULT_LIMIT, PAGE
+from trainerd.paging import add_arguments as add_paging_arguments
 
-__all__ = ["add_commands", "collect_history"]
+__all__ = ["add_commands", "collect_history", "history_totals"]
 
 
 def _fmt_loss(pair: Any) -> str:
@@ -57,45 +62,55 @@ def _gate_words(gate: dict[str, Any] | None, heals: int, batch: int, *, publishe
     return "; ".join(parts) or None
 
 
-def collect_history(root: Any) -> list[dict[str, Any]]:
-    """Every version and every rejected candidate, oldest first."""
+def _version_row(layout: RootLayout, v: Any, b: Any) -> dict[str, Any]:
+    lin = read_json_or_none(layout.adapter_dir(v.n) / "lineage.json") or {}
+    gate = json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None
+    new, worst = _gate_summary(gate)
+    heals = b.heals if b and v.kind != "rollback" else 0
+    # An ungated publish is a version of kind blessed in the ledger: the table says ungated.
+    kind = "ungated" if v.kind == "blessed" and b is not None and b.decision == "ungated" else v.kind
+    return {"version": v.n, "kind": kind, "parent": v.parent, "rollback_of": v.source,
+            "batch": v.batch_id, "file": b.name if b else None, "steps": lin.get("steps"),
+            "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
+            "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),
+            "gated": None if gate is None else gate.get("verdict", "blessed") != "ungated",
+            "heals": heals, "note": _gate_words(gate, heals, v.batch_id), "at": v.created_at,
+            **_faults(b if v.kind != "rollback" else None)}
+
+
+def _rejected_row(layout: RootLayout, b: Any) -> dict[str, Any]:
+    new, worst = _gate_summary(json.loads(b.gate_json) if b.gate_json else None)
+    res = read_json_or_none(layout.batch(b.id).result) or {}
+    return {"version": None, "kind": "rejected", "parent": b.parent_version, "rollback_of": None,
+            "batch": b.id, "file": b.name, "steps": res.get("step"), "tokens": res.get("tokens"),
+            "new_set_loss": new, "worst_earlier": worst, "decision": "rejected", "gated": True,
+            "heals": b.heals, "note": _gate_words(None, b.heals, b.id, published=False),
+            "reason": b.last_reason, "at": b.finished_at, **_faults(b)}
+
+
+def collect_history(root: Any, *, limit: int | None = DEFAULT_LIMIT) -> list[dict[str, Any]] | Iterator[dict[str, Any]]:
+    """The newest ``limit`` entries of the chain (versions and rejected candidates), oldest first:
+    a page of the ledger and one lineage.json per entry shown. ``limit`` None: every entry, read a
+    page at a time as the iterator is consumed (``--all``)."""
     from trainerd.ledger import Ledger
+    from trainerd.states import BatchState
 
     layout = RootLayout(root)
     if not layout.db.exists():
         return []
+    if limit is None:
+        return _every_entry(layout)
     led = Ledger.open_readonly(layout.db)
     try:
-        versions, batches = led.adapter_versions(), {b.id: b for b in led.batches()}
+        versions = led.versions(newest_first=True, limit=limit)
+        rejected = led.recently_finished(limit, BatchState.REJECTED)
+        batches = led.batches_by_id({v.batch_id for v in versions})
     finally:
         led.close()
-    rows = []
-    for v in versions:
-        lin = read_json_or_none(layout.adapter_dir(v.n) / "lineage.json") or {}
-        b = batches.get(v.batch_id)
-        new, worst = _gate_summary(json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None)
-        gate = json.loads(b.gate_json) if b and b.gate_json and v.kind != "rollback" else None
-        heals = b.heals if b and v.kind != "rollback" else 0
-        # An ungated publish is a version of kind blessed in the ledger: the table says ungated.
-        kind = "ungated" if v.kind == "blessed" and b is not None and b.decision == "ungated" else v.kind
-        rows.append({"version": v.n, "kind": kind, "parent": v.parent, "rollback_of": v.source,
-                     "batch": v.batch_id, "file": b.name if b else None, "steps": lin.get("steps"),
-                     "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
-                     "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),
-                     "gated": None if gate is None else gate.get("verdict", "blessed") != "ungated",
-                     "heals": heals, "note": _gate_words(gate, heals, v.batch_id), "at": v.created_at,
-                     **_faults(b if v.kind != "rollback" else None)})
-    for b in batches.values():
-        if b.state.value == "rejected":
-            new, worst = _gate_summary(json.loads(b.gate_json) if b.gate_json else None)
-            res = read_json_or_none(layout.batch(b.id).result) or {}
-            rows.append({"version": None, "kind": "rejected", "parent": b.parent_version, "rollback_of": None,
-                         "batch": b.id, "file": b.name, "steps": res.get("step"), "tokens": res.get("tokens"),
-                         "new_set_loss": new, "worst_earlier": worst, "decision": "rejected", "gated": True,
-                         "heals": b.heals, "note": _gate_words(None, b.heals, b.id, published=False),
-                         "reason": b.last_reason, "at": b.finished_at, **_faults(b)})
+    rows = [_version_row(layout, v, batches.get(v.batch_id)) for v in versions]
+    rows += [_rejected_row(layout, b) for b in rejected]
     rows.sort(key=lambda r: r["at"] or 0)
-    return rows
+    return rows[-limit:] if limit else []
 
 
 def _faults(b: Any) -> dict[str, Any]:
@@ -106,7 +121,49 @@ def _faults(b: Any) -> dict[str, Any]:
             "goodput": goodput.goodput(b.goodput)}
 
 
-def _render(rows: list[dict[str, Any]]) -> str:
+def _every_entry(layout: RootLayout) -> Iterator[dict[str, Any]]:
+    """Every version and rejected candidate, oldest first, merged as both are read in pages."""
+    from trainerd.ledger import Ledger
+    from trainerd.states import BatchState
+
+    led = Ledger.open_readonly(layout.db)
+
+    def versions() -> Iterator[dict[str, Any]]:
+        after = 0
+        while page := led.versions(limit=PAGE, before=None, after=after):
+            batches = led.batches_by_id({v.batch_id for v in page})
+            yield from (_version_row(layout, v, batches.get(v.batch_id)) for v in page)
+            after = page[-1].n
+
+    def rejected() -> Iterator[dict[str, Any]]:
+        offset = 0
+        while page := led.recently_finished(PAGE, BatchState.REJECTED, offset=offset, oldest_first=True):
+            yield from (_rejected_row(layout, b) for b in page)
+            offset += len(page)
+
+    try:
+        yield from heapq.merge(versions(), rejected(), key=lambda r: r["at"] or 0)
+    finally:
+        led.close()
+
+
+def history_totals(root: Any) -> dict[str, int]:
+    """The chain's totals from the ledger's running totals: versions by kind, removed, rejected."""
+    from trainerd.ledger import Ledger
+
+    layout = RootLayout(root)
+    if not layout.db.exists():
+        return {}
+    led = Ledger.open_readonly(layout.db)
+    try:
+        return {**led.totals("versions:"), "rejected": led.counts().get("rejected", 0)}
+    except sqlite3.Error:
+        return {}
+    finally:
+        led.close()
+
+
+def _render(rows: Any, totals: dict[str, int] | None = None, limit: int | None = None) -> str:
     out = [f"{'version':>7} {'kind':<9} {'parent':>6} {'batch':>6} {'steps':>6} {'tokens':>8} "
            f"{'new set':<13} {'worst earlier':<22} {'faults/goodput':<14} {'when':<16} file"]
     for r in rows:
@@ -125,16 +182,32 @@ def _render(rows: list[dict[str, Any]]) -> str:
         for line in (r.get("reason"), r.get("note")):
             if line:
                 out.append(f"{'':>8}{line}")
+    if totals:
+        kinds = ", ".join(f"{totals[k]} {k}" for k in ("blessed", "forced", "rollback") if totals.get(k))
+        n = sum(totals.get(k, 0) for k in ("blessed", "forced", "rollback"))
+        line = f"totals  {n} version(s)" + (f" ({kinds})" if kinds else "") + f", {totals.get('rejected', 0)} rejected"
+        if totals.get("removed"):
+            line += f", {totals['removed']} folder(s) removed by retention"
+        if limit is not None and n + totals.get("rejected", 0) > limit:
+            line += f"; the newest {limit} shown (--limit N, --all)"
+        out.append(line)
     return "\n".join(out)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from trainerd import paging
+
+    root, limit = args.layout.root, paging.limit_of(args)
     try:
-        rows = collect_history(args.layout.root)
+        rows = collect_history(root, limit=limit)
+        if args.json:
+            paging.dump_json(rows, sys.stdout)  # --all: written as read
+            print()
+        else:
+            print(_render(rows, history_totals(root), limit))
     except sqlite3.Error as e:
         print(f"trainerd history: the ledger cannot be read: {e}", file=sys.stderr)
         return ExitCode.FAIL
-    print(json.dumps(rows, indent=2, default=str) if args.json else _render(rows))
     return ExitCode.OK
 
 
@@ -299,6 +372,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    "and every candidate the gate rejected with the reason. Read-only.",
                    examples=["trainerd history", "trainerd history --json | jq '.[-1]'"])
     s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    add_paging_arguments(s, "versions and rejected candidates")
     s = subcommand(sub, "promote", [common], cmd_promote,
                    help="publish a rejected candidate anyway, as the next version",
                    description="Publish a candidate the evaluation gate rejected anyway, as the next version "

@@ -112,6 +112,9 @@ class TrainSettings:
     # auto = write in a background thread (from a copy) when adapter + optimizer state is >= 64 MiB.
     checkpoint_async: Any = field(default="auto", metadata=_check("bool_or_auto"))
     keep_checkpoints: int = field(default=3, metadata=_check("int", min=1))
+    # A finished batch keeps its adapter (adapters/, or adapters/rejected/) and drops its checkpoints
+    # (adapter + optimizer state, x keep_checkpoints: ~0.5 GB each for an 8B model); true keeps them.
+    keep_finished_checkpoints: bool = field(default=False, metadata=_check("bool"))
     gradient_checkpointing: bool = field(default=False, metadata=_check("bool"))
     # torch.compile each decoder layer (regional): ~1 min of compiling per attempt, then faster
     # steps (measured ~1.2-1.3x in bf16 on a 2-core AMX Xeon); off with gradient checkpointing.
@@ -183,8 +186,9 @@ class SupervisorSettings:
     # A file must be unchanged (size, mtime) for this long and not open for writing.
     settle_s: float = field(default=1.0, metadata=_check("float", min=0.0))
     watchdog_ping_s: float = field(default=0.0, metadata=_check("float", min=0.0))
-    # A consistent copy of the ledger (state.db.backup) after every batch's end and at least this
-    # often while anything changes; 0 = only after a batch's end.
+    # A consistent copy of the ledger (state.db.backup) this often while anything changed (and at a
+    # clean stop); between copies the ledger's own WAL and the batch folders' manifests are the log a
+    # rebuild replays. 0 = after every batch's end as well (a copy costs O(ledger size)).
     ledger_backup_s: float = field(default=300.0, metadata=_check("float", min=0.0))
     # A worker whose loops make no progress this long is stopped and counted as a crash; 0 =
     # max(300 s, 10 x its median step), doubled while the model loads.
@@ -267,6 +271,8 @@ class RetentionSettings:
     failed_days: float = field(default=0.0, metadata=_check("float", min=0.0))    # originals in failed/
     keep_adapters: int = field(default=0, metadata=_check("int", min=0))          # newest published versions
     keep_batch_dirs: int = field(default=0, metadata=_check("int", min=0))        # newest finished batch folders
+    keep_curves: int = field(default=0, metadata=_check("int", min=0))            # newest finished batches' TensorBoard runs
+    keep_attempt_rows: int = field(default=0, metadata=_check("int", min=0))      # newest finished batches' attempt rows
 
 
 @dataclass
@@ -291,6 +297,10 @@ class LogSettings:
     level: str = field(default="info", metadata=_check("choice", choices=("debug", "info", "warning", "error")))
     file: bool = field(default=True, metadata=_check("bool"))
     format: str = field(default="auto", metadata=_check("choice", choices=("auto", "json", "console")))
+    # The log file rotates at this size (0 = never: an external logrotate's job), keeping this many
+    # rotated files, all but the newest gzip-compressed: at most ~rotate_bytes x (1 + keep_files / 8).
+    rotate_bytes: int = field(default=64 << 20, metadata=_check("size", min=0))
+    keep_files: int = field(default=8, metadata=_check("int", min=1, max=1000))
 
 
 @dataclass

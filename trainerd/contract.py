@@ -177,7 +177,7 @@ class RootLayout:
         self.inbox_high = self.inbox / "high"    # claimed before the normal inbox ...
         self.inbox_low = self.inbox / "low"      # ... and this one after it
         self.hooks = r / "hooks"                 # pending publish-hook runs (supervisor/hooks.py)
-        self.disk_usage = r / "disk-usage.json"  # sizes by kind, measured by a child (supervisor/retention.py)
+        self.disk_usage = r / "disk-usage.json"  # sizes by kind: the daemon's disk book (supervisor/diskbook.py)
         self.tensorboard = r / "tensorboard"     # TensorBoard event files, a run per batch (worker/curves.py)
 
     @staticmethod

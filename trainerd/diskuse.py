@@ -1,17 +1,20 @@
 """Disk use under the root by kind, and the deleting half of retention: a child process's work.
 
-``python -m trainerd.diskuse ROOT [--plan PLAN.json] [--min-free-bytes N]`` removes every path of the
-plan the daemon made (supervisor/retention.py decides what may go; this only deletes, never
-following a symlink), then measures what each kind of thing under the root takes and writes
-``root/disk-usage.json`` atomically. ``trainerd status`` only reads that file (plus one statvfs), so
-it stays fast on a root of any size; the file says when it was measured.
+``python -m trainerd.diskuse ROOT [--plan PLAN.json] [--measure] [--min-free-bytes N]`` removes
+every path of the plan the daemon made (supervisor/retention.py decides what may go; this only
+deletes, never following a symlink) and reports the bytes freed by kind; with ``--measure`` it
+walks the whole root and writes ``root/disk-usage.json`` from scratch.
 
-Measuring walks the tree with ``lstat`` (allocated blocks, what ``du`` says). Folders that do not
-change once written — published versions ``adapters/<n>``, rejected candidates, the folders of
-finished batches — are cached in the file by (inode, mtime): a root with thousands of finished
-batches is measured by one ``stat`` per such folder, not a walk of every checkpoint in it.
+The daemon does not walk the root to know its size: it keeps a book (supervisor/diskbook.py) of
+what each kind holds, adding a folder's bytes once when it is settled (a finished batch's folder,
+a published version, an original filed, its replay file) and taking off what retention removes;
+only the live part (unfinished batches, the logs) is measured again, and it is bounded. The full
+walk here corrects the book once a day (drift from a crash between a filing and its entry), at
+the first start on a root, and on ``trainerd gc`` without a daemon. ``disk-usage.json`` holds the
+totals by kind only: a fixed size, whatever the root's (``trainerd status`` reads it whole).
 
-Stdlib only; it never imports the supervisor (a separate process, started by it between workers).
+Measuring walks with ``lstat`` (allocated blocks, what ``du`` says). Stdlib only; it never imports
+the supervisor (a separate process, started by it between workers).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, free_bytes, read_json_or_none
 
-__all__ = ["KINDS", "apply_plan", "measure", "read_usage", "tree_bytes"]
+__all__ = ["KINDS", "apply_plan", "measure", "measure_live", "read_usage", "tree_bytes", "write_usage"]
 
 # kind -> folders under the root (adapters/ excludes rejected/ and the current link)
 KINDS: dict[str, tuple[str, ...]] = {
@@ -73,66 +76,50 @@ def tree_bytes(path: str | os.PathLike[str], skip: frozenset[str] = frozenset())
     return total
 
 
-def _final_batches(layout: RootLayout) -> set[str]:
-    """Folder names of batches whose end is filed (their folders no longer change but by promote)."""
-    if not layout.db.exists():
-        return set()
-    try:
-        from trainerd.ledger import Ledger
-        from trainerd.states import FINAL_STATES
-
-        led = Ledger.open_readonly(layout.db)
-        try:
-            return {layout.batch_name(b.id) for b in led.batches(*FINAL_STATES)}
-        finally:
-            led.close()
-    except Exception:  # a measurement; never fail it for the ledger
-        return set()
-
-
-def measure(layout: RootLayout, cache: dict[str, Any] | None = None) -> tuple[dict[str, int], dict[str, Any]]:
-    """(bytes by kind, the cache to keep). See the module docstring for what is cached."""
-    cache = dict(cache or {})
-    fresh: dict[str, Any] = {}
-    final = _final_batches(layout)
-
-    def cached(p: Path) -> int:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            return 0
-        key, sig = str(p.relative_to(layout.root)), [st.st_ino, st.st_mtime_ns]
-        hit = cache.get(key)
-        if hit and hit[0] == sig:
-            size = hit[1]
-        else:
-            size = tree_bytes(p)
-        fresh[key] = [sig, size]
-        return size
-
+def measure(layout: RootLayout) -> dict[str, int]:
+    """Bytes by kind, the whole root walked (the daily correction; never in the daemon's loop)."""
     out: dict[str, int] = {}
     for kind, folders in KINDS.items():
         total = 0
         for rel in folders:
             base = layout.root / rel
-            if kind == "adapters":
-                total += _entry_bytes(base)
-                for e in _entries(base):
-                    if e.name == "rejected" or e.is_symlink():
-                        total += _entry_bytes(Path(e.path)) if e.is_symlink() else 0
-                    elif e.is_dir(follow_symlinks=False) and e.name.isdigit():
-                        total += cached(Path(e.path))
-                    else:
-                        total += tree_bytes(e.path)
-            elif kind in ("rejected", "batches"):
-                total += _entry_bytes(base)
-                for e in _entries(base):
-                    immutable = kind == "rejected" or e.name in final
-                    total += cached(Path(e.path)) if immutable and e.is_dir(follow_symlinks=False) else tree_bytes(e.path)
+            if kind == "adapters":  # adapters/ less adapters/rejected/ (its own kind)
+                total += _entry_bytes(base) + sum(tree_bytes(e.path) for e in _entries(base) if e.name != "rejected")
             else:
                 total += tree_bytes(base)
         out[kind] = total
-    return out, fresh
+    return out
+
+
+def measure_live(layout: RootLayout, unfinished: list[int]) -> dict[str, int]:
+    """The part that still changes, by kind: unfinished batches' folders and TensorBoard runs, the
+    versions run (one appended file), the logs (bounded by their rotation), the standing suites'
+    copies (the operator's few files). Bounded by the queue, not the chain."""
+    live = dict.fromkeys(KINDS, 0)
+    for bid in unfinished:
+        name = layout.batch_name(bid)
+        live["batches"] += tree_bytes(layout.batches / name)
+        live["curves"] += tree_bytes(layout.tensorboard / name)
+    live["curves"] += tree_bytes(layout.tensorboard / "versions")
+    live["logs"] = tree_bytes(layout.logs)
+    live["evalsets"] = tree_bytes(layout.evalsets / "suites")
+    return live
+
+
+def unfinished_ids(layout: RootLayout) -> list[int]:
+    """The ids of batches not at their end (the ledger read-only; [] when there is none)."""
+    if not layout.db.exists():
+        return []
+    try:
+        from trainerd.ledger import Ledger
+
+        led = Ledger.open_readonly(layout.db)
+        try:
+            return [b.id for b in led.unfinished()]
+        finally:
+            led.close()
+    except Exception:  # a measurement; never fail it for the ledger
+        return []
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
@@ -168,11 +155,17 @@ def remove(path: Path) -> int:
     return size
 
 
-def apply_plan(layout: RootLayout, items: list[dict[str, Any]], log: Any) -> tuple[int, int]:
-    """Remove every item of a retention plan; returns (removed, bytes freed). A path outside the
-    root, or one that is gone, is skipped; an error is logged and the rest goes on."""
+# retention's item kinds -> the kinds disk use is reported by
+ITEM_KINDS = {"original": "originals", "adapter": "adapters", "batch": "batches", "rejected": "rejected",
+              "curves": "curves"}
+
+
+def apply_plan(layout: RootLayout, items: list[dict[str, Any]], log: Any) -> tuple[int, dict[str, int]]:
+    """Remove every item of a retention plan; returns (removed, bytes freed by kind). A path outside
+    the root, or one that is gone, is skipped; an error is logged and the rest goes on."""
     root = os.path.realpath(layout.root)
-    removed = freed = 0
+    removed = 0
+    freed: dict[str, int] = {}
     for item in items:
         p = Path(item["path"])
         parent = os.path.realpath(p.parent)
@@ -185,18 +178,23 @@ def apply_plan(layout: RootLayout, items: list[dict[str, Any]], log: Any) -> tup
             log("retention_remove_failed", path=str(p), kind=item.get("kind"), error=str(e))
             continue
         removed += 1
-        freed += n
+        kind = ITEM_KINDS.get(str(item.get("kind")), str(item.get("kind")))
+        freed[kind] = freed.get(kind, 0) + n
         log("retention_removed", path=str(p), kind=item.get("kind"), why=item.get("why"), bytes=n)
     return removed, freed
 
 
 def write_usage(layout: RootLayout, min_free_bytes: int | None, elapsed_from: float) -> dict[str, Any]:
-    old = read_usage(layout) or {}
-    kinds, cache = measure(layout, old.get("cache"))
-    body = {"measured_at": time.time(), "measure_s": round(time.monotonic() - elapsed_from, 3),
+    """Walk the whole root and write disk-usage.json from scratch: the totals by kind, and the
+    settled part (everything less the live part) the daemon's book goes on from."""
+    kinds = measure(layout)
+    live = measure_live(layout, unfinished_ids(layout))
+    now = time.time()
+    body = {"measured_at": now, "full_measure_at": now, "measure_s": round(time.monotonic() - elapsed_from, 3),
             "kinds": kinds, "total": sum(kinds.values()), "free_bytes": free_bytes(layout.root),
-            "min_free_bytes": min_free_bytes, "cache": cache}
-    atomic_write_json(layout.disk_usage, body, durable=False)  # a hint, re-measured often
+            "min_free_bytes": min_free_bytes,
+            "settled": {k: max(0, kinds[k] - live.get(k, 0)) for k in kinds}}
+    atomic_write_json(layout.disk_usage, body, durable=False)  # a figure, corrected daily
     return body
 
 
@@ -204,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainerd.diskuse", description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
     p.add_argument("--plan", type=Path, help="a retention plan (JSON: items, result) to carry out first")
+    p.add_argument("--measure", action="store_true", help="walk the whole root and write disk-usage.json")
     p.add_argument("--min-free-bytes", type=int, default=None)
     args = p.parse_args(argv)
     layout = RootLayout(args.root)
@@ -213,16 +212,16 @@ def main(argv: list[str] | None = None) -> int:
         # JSON lines on stdout: the daemon relays them into its log (trainerd.child.Child).
         print(json.dumps({"event": event, "level": "info" if "failed" not in event else "error", **kw}), flush=True)
 
-    removed = freed = 0
+    removed, freed = 0, {}
     plan = read_json_or_none(args.plan) if args.plan else None
     if plan is not None:
         removed, freed = apply_plan(layout, plan.get("items") or [], log)
-    usage = write_usage(layout, args.min_free_bytes, t0)
-    if plan is not None and plan.get("result"):
-        atomic_write_json(Path(plan["result"]), {"removed": removed, "freed_bytes": freed,
-                                                 "total_bytes": usage["total"], "finished_at": time.time()})
-    log("disk_usage_measured", total_bytes=usage["total"], measure_s=usage["measure_s"], removed=removed,
-        freed_bytes=freed)
+        if plan.get("result"):
+            atomic_write_json(Path(plan["result"]), {"removed": removed, "freed_bytes": sum(freed.values()),
+                                                     "freed_by_kind": freed, "finished_at": time.time()})
+    if args.measure:
+        usage = write_usage(layout, args.min_free_bytes, t0)
+        log("disk_usage_measured", total_bytes=usage["total"], measure_s=usage["measure_s"])
     return 0
 
 

@@ -304,6 +304,10 @@ class Inbox:
         present, settled = p.present, p.settled
         for name in [n for n in self._seen if n not in present]:
             del self._seen[name]
+        # What was reported once is forgotten with the file: over weeks of files these sets
+        # would otherwise grow with every name the inbox ever held.
+        self._writing_logged = {k for k in self._writing_logged if k[0] in present}
+        self._lone_reported = {k for k in self._lone_reported if k[0] in present}
         # A data file whose eval file is there but not finished waits for it (they are claimed
         # together); an eval file alone is reported once, and never trained. (Per eval file, not
         # per data file: a burst of thousands without any costs nothing here.)

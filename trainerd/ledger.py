@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
-from trainerd import schema
+from trainerd import aggregates, schema
 from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, BatchSummary, decided_end
 from trainerd.schema import LedgerTooNew
 from trainerd.states import FINAL_STATES, BatchState, check_transition
@@ -52,6 +52,9 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            # 1 MiB of page cache (SQLite's default is 2 MiB): the daemon's reads are indexed pages
+            # of the live part (the OS caches the file anyway), and the cache is held for weeks.
+            self.db.execute("PRAGMA cache_size=-1024")
             schema.upgrade(self.db, self.path, self.transaction)
         except BaseException:
             self.db.close()
@@ -134,10 +137,11 @@ class Ledger:
 
     def decided(self) -> list[Batch]:
         """Batches whose end was decided but whose files were not all filed (a crash in between)."""
+        live = [s.value for s in BatchState if s not in FINAL_STATES]
+        # By state (its index): a live batch with an end, or a rejected one being promoted.
         return [Batch.from_row(r) for r in self.db.execute(
-            f"SELECT * FROM batches WHERE finished_at IS NOT NULL AND (state NOT IN ({','.join('?' * len(FINAL_STATES))})"
-            " OR (state = ? AND adapter_version IS NOT NULL)) ORDER BY id",
-            [*(s.value for s in FINAL_STATES), BatchState.REJECTED.value])]
+            f"SELECT * FROM batches WHERE (state IN ({','.join('?' * len(live))}) AND finished_at IS NOT NULL)"
+            " OR (state = ? AND adapter_version IS NOT NULL) ORDER BY id", [*live, BatchState.REJECTED.value])]
 
     def batches(self, *states: BatchState, limit: int | None = None, newest_first: bool = False) -> list[Batch]:
         sql = "SELECT * FROM batches"
@@ -150,15 +154,37 @@ class Ledger:
             sql += f" LIMIT {int(limit)}"
         return [Batch.from_row(r) for r in self.db.execute(sql, args)]
 
-    def summaries(self) -> list[BatchSummary]:
-        """Every batch, oldest first, as the light tuples ``trainerd status`` reads."""
-        make, states = BatchSummary._make, {s.value: s for s in BatchState}
-        # A reader newer than the daemon writing the ledger (upgraded, not yet restarted): a column
-        # the older schema lacks reads as its default.
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
-        cols = ", ".join(c if c in have else f"0 AS {c}" for c in BatchSummary._fields)
-        return [make((r[0], r[1], states[r[2]], *r[3:])) for r in self.db.execute(
-            f"SELECT {cols} FROM batches ORDER BY id")]
+    def summaries(self, *states: BatchState, limit: int | None = None, newest_first: bool = False,
+                  after: int = 0, order: str | None = None, decisions: tuple[str, ...] = (),
+                  offset: int = 0) -> list[BatchSummary]:
+        """Batches (in ``states``; with a ``decision`` in ``decisions``) as the light tuples ``trainerd
+        status`` reads: by id, ``after`` an id (keyset pages), or in ``order``: ``queue`` (the order
+        they start in: :meth:`next_queued`) or ``finished`` (the newest end first)."""
+        make, by_value = BatchSummary._make, {s.value: s for s in BatchState}
+        where, args = (["id > ?"], [after]) if after else (["1"], [])  # (no range on id: the planner uses the other indexes)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += [s.value for s in states]
+        if decisions:
+            where.append(f"decision IN ({','.join('?' * len(decisions))})")
+            args += list(decisions)
+        if order == "finished":
+            where.append("finished_at IS NOT NULL")
+        sql = {"queue": "attempts > 0 DESC, priority DESC, id", "finished": "finished_at DESC"}.get(
+            order or "", "id DESC" if newest_first else "id")
+        sql = f"SELECT {self._summary_columns()} FROM batches WHERE {' AND '.join(where)} ORDER BY {sql}"
+        if limit is not None or offset:
+            sql += f" LIMIT {-1 if limit is None else int(limit)} OFFSET {int(offset)}"
+        return [make((r[0], r[1], by_value[r[2]], *r[3:])) for r in self.db.execute(sql, args)]
+
+    def _summary_columns(self) -> str:
+        """BatchSummary's columns; a reader newer than the daemon writing the ledger (upgraded, not yet
+        restarted) reads a column the older schema lacks as its default. Asked once per connection."""
+        cols = getattr(self, "_summary_cols", None)
+        if cols is None:
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
+            cols = self._summary_cols = ", ".join(c if c in have else f"0 AS {c}" for c in BatchSummary._fields)
+        return cols
 
     def next_queued(self) -> Batch | None:
         """The head of the queue, whether or not its back-off has expired: a batch that has
@@ -190,11 +216,12 @@ class Ledger:
             "SELECT started_at, ended_at, outcome, reason FROM attempts WHERE ended_at >= ?", (since,))]
 
     def goodput_totals(self) -> dict[str, float]:
-        """Every batch's goodput figures summed (trainerd/goodput.py names them): one aggregate."""
-        keys = ("useful_s", "wall_s", "faults", "recomputed_s", "restart_s", "backoff_s", "checkpoint_s")
-        r = self.db.execute("SELECT " + ", ".join(f"coalesce(sum(json_extract(goodput_json, '$.{k}')), 0)"
-                                                  for k in keys) + " FROM batches").fetchone()
-        return dict(zip(keys, (float(v) for v in r)))
+        """Every batch's goodput figures summed (trainerd/goodput.py names them), its crashes and the
+        crashes it survived: the running totals (trainerd/aggregates.py), one indexed read at any size."""
+        g = self.totals("goodput:")
+        f = self.totals("faults:")
+        return {**{k: g.get(f"{k}_ms", 0) / 1000.0 for k in aggregates.GOODPUT_FIGURES},
+                "crashes": f.get("crashes", 0), "faults_survived": f.get("survived", 0)}
 
     def open_attempts(self) -> list[Attempt]:
         return [Attempt.from_row(r) for r in self.db.execute(
@@ -212,8 +239,70 @@ class Ledger:
         return int(r["value"]) if r else 0
 
     def counts(self) -> dict[str, int]:
-        return {r["state"]: r["c"] for r in self.db.execute(
-            "SELECT state, count(*) AS c FROM batches GROUP BY state")}
+        """Batches by state (non-zero only): the running totals, one indexed read at any size."""
+        try:
+            return self.totals("batches:")
+        except sqlite3.OperationalError:  # a reader on a ledger the daemon has not brought to schema 4 yet
+            return {r["state"]: r["c"] for r in self.db.execute(
+                "SELECT state, count(*) AS c FROM batches GROUP BY state")}
+
+    def totals(self, prefix: str = "") -> dict[str, int]:
+        """The running totals named ``prefix...`` (trainerd/aggregates.py), the prefix cut off."""
+        return aggregates.read(self.db, prefix)
+
+    def batch_progress(self, batch_id: int) -> tuple[int, int]:
+        """(tokens, steps): the furthest any recorded attempt of the batch got (its attempts only)."""
+        r = self.db.execute("SELECT max(coalesce(json_extract(result_json, '$.tokens'), 0)),"
+                            " max(coalesce(json_extract(result_json, '$.step'), 0)) FROM attempts"
+                            " WHERE batch_id=? AND json_valid(result_json)", (batch_id,)).fetchone()
+        return int(r[0] or 0), int(r[1] or 0)
+
+    def version(self, n: int | None) -> AdapterVersion | None:
+        r = None if n is None else self.db.execute("SELECT * FROM adapter_versions WHERE n=?", (n,)).fetchone()
+        return AdapterVersion.from_row(r) if r else None
+
+    def versions(self, *, limit: int | None = None, newest_first: bool = False, kept: bool = False,
+                 before: int | None = None, after: int = 0) -> list[AdapterVersion]:
+        """Versions by number (``kept``: only those whose folder retention has not removed;
+        ``before`` / ``after``: numbers below / above it, for paging)."""
+        sql, args = "SELECT * FROM adapter_versions WHERE n > ?", [after]
+        if kept:
+            sql += " AND removed_at IS NULL"
+        if before is not None:
+            sql, args = sql + " AND n < ?", [*args, before]
+        sql += " ORDER BY n" + (" DESC" if newest_first else "") + ("" if limit is None else f" LIMIT {int(limit)}")
+        return [AdapterVersion.from_row(r) for r in self.db.execute(sql, args)]
+
+    def unfinished(self) -> list[Batch]:
+        """Batches not at their end yet (live, or decided and not filed): the queue's size, not the chain's."""
+        live = [s.value for s in BatchState if s not in FINAL_STATES]
+        return [Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE state IN ({','.join('?' * len(live))}) ORDER BY id", live)]
+
+    def batches_by_id(self, ids: set[int] | list[int]) -> dict[int, Batch]:
+        """The rows of these batches (a page's worth: one query)."""
+        ids = sorted(set(ids))
+        if not ids:
+            return {}
+        return {r["id"]: Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE id IN ({','.join('?' * len(ids))})", ids)}
+
+    def batches_between(self, lo: int, hi: int, *states: BatchState) -> list[Batch]:
+        """Batches with ``lo < id < hi`` in ``states``, by id (retention's pages past its mark)."""
+        return [Batch.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM batches WHERE id > ? AND id < ? AND state IN ({','.join('?' * len(states))}) ORDER BY id",
+            (lo, hi, *(s.value for s in states)))]
+
+    def recently_finished(self, limit: int, *states: BatchState, offset: int = 0, oldest_first: bool = False) -> list[Batch]:
+        """The ``limit`` batches that ended last (by ``finished_at``; ``states``: only those), after
+        skipping the ``offset`` last (``oldest_first``: the first to end, for paging forward)."""
+        sql, args = "SELECT * FROM batches WHERE finished_at IS NOT NULL", []
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args = [s.value for s in states]
+        return [Batch.from_row(r) for r in self.db.execute(
+            sql + f" ORDER BY finished_at {'' if oldest_first else 'DESC'}, id LIMIT {int(limit)} OFFSET {int(offset)}",
+            args)]
 
     # --- writes --------------------------------------------------------------------------
 
@@ -382,14 +471,23 @@ class Ledger:
         if row.get("gradient_checkpointing") is not None:
             vals[cols.index("gradient_checkpointing")] = int(bool(row["gradient_checkpointing"]))
         with self.transaction() as db:
-            db.execute(f"INSERT OR REPLACE INTO batches({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+            # Update, else insert (not INSERT OR REPLACE: its implicit delete fires no trigger, and
+            # the running totals must follow the row).
+            self._upsert(db, "batches", "id", dict(zip(cols, vals)))
             return self._get(db, row["id"])
 
     def restore_version(self, v: AdapterVersion) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO adapter_versions(n, batch_id, path, created_at, parent, kind, source,"
-                       " removed_at) VALUES (?,?,?,?,?,?,?,?)",
-                       (v.n, v.batch_id, v.path, v.created_at, v.parent, v.kind, v.source, v.removed_at))
+            self._upsert(db, "adapter_versions", "n", dataclasses.asdict(v))
+
+    @staticmethod
+    def _upsert(db: sqlite3.Connection, table: str, key: str, row: dict[str, Any]) -> None:
+        cols = list(row)
+        cur = db.execute(f"UPDATE {table} SET {', '.join(f'{c}=?' for c in cols)} WHERE {key}=?",
+                         [*row.values(), row[key]])
+        if cur.rowcount == 0:
+            db.execute(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       list(row.values()))
 
     def quick_check(self) -> str:
         return "; ".join(str(r[0]) for r in self.db.execute("PRAGMA quick_check").fetchall())
@@ -413,6 +511,23 @@ class Ledger:
             self._end_attempt(db, batch_id, attempt, now)
             return self._decide(db, batch_id, from_state, now, last_reason=reason, decision="cancelled",
                                 next_attempt_at=0)
+
+    def set_counter(self, name: str, value: int) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                       (name, int(value)))
+
+    def delete_attempts(self, lo: int, hi: int, states: tuple[BatchState, ...], *, mark: str) -> int:
+        """Retention of ledger rows: the attempt rows of batches ``lo < id < hi`` in ``states`` go,
+        and counter ``mark`` becomes ``hi - 1``, in one transaction. The running totals stay."""
+        with self.transaction() as db:
+            cur = db.execute(
+                f"DELETE FROM attempts WHERE batch_id > ? AND batch_id < ? AND batch_id IN (SELECT id FROM batches"
+                f" WHERE id > ? AND id < ? AND state IN ({','.join('?' * len(states))}))",
+                (lo, hi, lo, hi, *(s.value for s in states)))
+            db.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                       (mark, hi - 1))
+            return cur.rowcount
 
     def mark_removed(self, versions: list[int], now: float) -> None:
         """Retention is about to delete these versions' folders (recorded first: fsck and history

@@ -15,6 +15,8 @@ Counters survive a restart because they are derived from the ledger, not counted
   live progress beyond that. Steps redone after a crash (lost since the last checkpoint) are not
   counted again. Only a supervisor killed while its worker trained can make it step back (the
   lost attempt's live progress was never recorded): Prometheus reads that as a counter reset.
+  The ledger keeps these sums as running totals (trainerd/aggregates.py), so reading them costs
+  the same at any chain length, and pruning old attempt rows does not lower them.
 - ``trainerd_worker_restarts_total{reason}``: attempts that ended before their batch was through
   (stopped, crashed, lost), by why.
 - ``trainerd_kernel_oom_kills_total``: the ledger's own counter.
@@ -28,6 +30,9 @@ Counters survive a restart because they are derived from the ledger, not counted
 - ``trainerd_health`` / ``trainerd_health_condition{condition}``: ``trainerd check``'s conditions
   (trainerd/health.py) as the daemon sees them: 0 OK, 1 warning, 2 critical. ``daemon_down`` is
   always 0 here (a down daemon writes nothing): alert on the file's age for that.
+
+Label sets are bounded: the same series every version (the per-batch gate figures are in each
+version's lineage.json, not in labels; see :func:`eval_series`).
 
 No timestamps on samples (the textfile convention); the time figures are gauges holding Unix
 seconds. Never fatal: a failure to gather or write is logged once per kind and retried at the
@@ -57,7 +62,6 @@ __all__ = ["Metrics", "Snapshot", "textfile_path"]
 
 GUARD_ACTIONS = ("stop", "recycle", "term", "kill")
 MIN_WRITE_GAP_S = 1.0  # between two writes on changes (issue 23: a burst changes the ledger every turn)
-_RESTART_OUTCOMES = ("stopped", "crashed", "lost")
 _KNOWN_STOPS = {r.value for r in StopReason}
 
 
@@ -186,8 +190,9 @@ class _Collector:
         if s.adapter_version is not None:
             yield GaugeMetricFamily("trainerd_adapter_version", "The version adapters/current points at",
                                     value=s.adapter_version)
-            info = InfoMetricFamily("trainerd_adapter", "The current adapter version and its base model")
-            info.add_metric([], {"version": str(s.adapter_version), "base_model": s.base_model})
+            # No version label: it would start a new series with every version (the gauge above says it).
+            info = InfoMetricFamily("trainerd_adapter", "The current adapter's base model")
+            info.add_metric([], {"base_model": s.base_model})
             yield info
         yield GaugeMetricFamily("trainerd_health", "trainerd check's verdict from inside the daemon: 0 OK, "
                                 "1 warning, 2 critical (a stale file means the daemon is down)",
@@ -199,7 +204,8 @@ class _Collector:
         yield g
         yield from _loop_metrics(s.loop)
         g = GaugeMetricFamily("trainerd_current_eval_loss", "The current version's gate figures: mean loss "
-                              "per token on each set, of the candidate it was and the champion it beat",
+                              "per token of the candidate it was and the champion it beat, on its new set, "
+                              "the earlier batches' sets together, and each standing suite",
                               labels=["set", "kind", "model"])
         for name, kind, model, loss in s.eval_losses:
             g.add_metric([name, kind, model], loss)
@@ -221,6 +227,8 @@ class Metrics:
         self._warned: set[str] = set()
         self._totals_key: Any = None          # the ledger change count the derived totals are from
         self._totals: dict[str, Any] = {}
+        self._recorded_key: Any = None        # (batch, ledger change count) of _recorded_val
+        self._recorded_val: tuple[int, int] = (0, 0)
         self._lineage_key: Any = None
         self._lineage: dict[str, Any] = {}
         self._last_attempt: tuple[Any, Path] | None = None  # the attempt seen running last, its progress.json
@@ -282,7 +290,7 @@ class Metrics:
         if r is not None:
             prog = read_json_or_none(r.files.progress) or {}
             if prog.get("pid") == r.child.pid:  # this attempt's, not the previous one's leftovers
-                done = totals["by_batch"].get(r.batch.id, (0, 0))
+                done = self._recorded(led, r.batch.id)
                 s.trained_tokens += max(0, int(prog.get("tokens") or 0) - done[0])
                 s.training_steps += max(0, int(prog.get("step") or 0) - done[1])
                 s.tokens_per_s = float(prog.get("tokens_per_s") or 0.0)
@@ -307,38 +315,36 @@ class Metrics:
         s.loop = figures() if figures is not None else {}
         return s
 
+    def _recorded(self, led: Any, batch_id: int) -> tuple[int, int]:
+        """What the ledger already counts of the running batch (its earlier attempts), per ledger change."""
+        key = (batch_id, led.db.total_changes)
+        if self._recorded_key != key:
+            self._recorded_key, self._recorded_val = key, led.batch_progress(batch_id)
+        return self._recorded_val
+
     def _note_checkpoint(self, progress: dict[str, Any]) -> None:
         ck = progress.get("checkpoint") or {}
         if ck.get("at"):
             self._checkpoint = (ck.get("seconds"), ck["at"])
 
     def _derived_totals(self, led: Any) -> dict[str, Any]:
-        """Tokens and steps per batch (the furthest attempt) and restarts by reason, from the
-        attempts table; recomputed only when the ledger changed (one aggregate query: the
-        results are parsed by SQLite's json_extract, not here)."""
+        """Tokens, steps and restarts by reason from the ledger's running totals (trainerd/aggregates.py:
+        kept by triggers as attempts end, so this is one indexed read at any ledger size); re-read
+        only when the ledger changed."""
         key = led.db.total_changes
         if key == self._totals_key:
             return self._totals
-        by_batch: dict[int, tuple[int, int]] = {}
-        for row in led.db.execute(
-                "SELECT batch_id, max(coalesce(json_extract(result_json, '$.tokens'), 0)),"
-                " max(coalesce(json_extract(result_json, '$.step'), 0))"
-                " FROM attempts WHERE result_json IS NOT NULL GROUP BY batch_id"):
-            by_batch[int(row[0])] = (int(row[1] or 0), int(row[2] or 0))
         restarts: dict[str, int] = {}
-        for outcome, reason, n in led.db.execute(
-                f"SELECT outcome, reason, count(*) FROM attempts WHERE outcome IN ({','.join('?' * len(_RESTART_OUTCOMES))})"
-                " GROUP BY outcome, reason", _RESTART_OUTCOMES):
+        for name, n in led.totals("restarts:").items():
+            outcome, _, reason = name.partition(":")
             label = restart_reason(outcome, reason)
             restarts[label] = restarts.get(label, 0) + int(n)
-        crashes, survived = led.db.execute("SELECT coalesce(sum(crashes), 0), coalesce(sum(faults_survived), 0)"
-                                           " FROM batches").fetchone()
         g = led.goodput_totals()
         self._totals_key = key
-        self._totals = {"by_batch": by_batch, "tokens": sum(t for t, _ in by_batch.values()),
-                        "steps": sum(st for _, st in by_batch.values()), "restarts": restarts,
-                        "goodput": goodput.goodput(g), "faults_survived": int(survived),
-                        "crashes_without_progress": int(crashes) - int(survived),
+        self._totals = {"tokens": led.totals("trained_tokens").get("", 0),
+                        "steps": led.totals("training_steps").get("", 0), "restarts": restarts,
+                        "goodput": goodput.goodput(g), "faults_survived": int(g["faults_survived"]),
+                        "crashes_without_progress": int(g["crashes"]) - int(g["faults_survived"]),
                         "fault_lost_s": {p: g[f"{p}_s"] for p in ("recomputed", "restart", "backoff")}}
         return self._totals
 
@@ -369,11 +375,7 @@ class Metrics:
             return
         base = lin.get("base_model") or settings.model.path
         s.base_model = str(base.get("name") or base.get("path")) if isinstance(base, dict) else str(base)
-        for e in lin.get("eval") or []:
-            for model in ("candidate", "champion"):
-                v = e.get(model)
-                if isinstance(v, (int, float)):
-                    s.eval_losses.append((str(e.get("name")), str(e.get("kind")), model, float(v)))
+        s.eval_losses = eval_series(lin.get("eval") or [])
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -456,6 +458,25 @@ def _loop_metrics(loop: dict[str, Any]) -> Any:
         fam.add_metric(["0.5"], g["p50"])
         fam.add_metric(["1"], g["max"])
         yield fam
+
+
+def eval_series(sets: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
+    """(set, kind, model, loss) with bounded labels: a standing suite keeps its name (the operator's
+    files), every other kind is one series (``new``; ``earlier``: all earlier batches' sets together,
+    their losses averaged by the examples used). The per-set figures stay in lineage.json: a label per
+    batch would add series with every version, and Prometheus keeps every series it ever saw."""
+    sums: dict[tuple[str, str, str], list[float]] = {}
+    for e in sets:
+        kind = str(e.get("kind"))
+        name = str(e.get("name")) if kind == "suite" else kind
+        weight = float(e.get("used") or 1)
+        for model in ("candidate", "champion"):
+            v = e.get(model)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                acc = sums.setdefault((name, kind, model), [0.0, 0.0])
+                acc[0] += weight * float(v)
+                acc[1] += weight
+    return [(name, kind, model, acc[0] / acc[1]) for (name, kind, model), acc in sorted(sums.items()) if acc[1]]
 
 
 def _count_inbox(layout: RootLayout) -> int:

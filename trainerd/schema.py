@@ -15,6 +15,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
+from trainerd import aggregates
+
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
 SCHEMA_VERSION = 4
@@ -110,10 +112,11 @@ def _to_3(db: sqlite3.Connection) -> None:
 
 
 def _to_4(db: sqlite3.Connection) -> None:
-    """This release's ledger (issues 17 and 24). The gate over thousands of batches: a batch's
+    """This release's ledger (issues 17, 18 and 24). The gate over thousands of batches: a batch's
     healing tries (the root's files, the evaluation memory built from evalsets/batches/, follow at
     the daemon's start). Faults are weather: crashes counted by progress, the high-water step,
-    goodput."""
+    goodput. Weeks on one disk: running totals kept by triggers (trainerd/aggregates.py), filled
+    from the rows once here, and the index status pages the newest finished batches by."""
     for stmt in ("ALTER TABLE batches ADD COLUMN heals INTEGER NOT NULL DEFAULT 0",
                  "ALTER TABLE batches ADD COLUMN faults_survived INTEGER NOT NULL DEFAULT 0",
                  "ALTER TABLE batches ADD COLUMN crash_streak INTEGER NOT NULL DEFAULT 0",
@@ -125,6 +128,7 @@ def _to_4(db: sqlite3.Connection) -> None:
     # Earlier releases counted every crash against the budget: a batch still under way keeps the
     # budget it had (its crashes are taken to be in a row), and nothing it did counts as survived.
     db.execute("UPDATE batches SET crash_streak = crashes, reached_step = last_step WHERE finished_at IS NULL")
+    aggregates.install(db)  # after the columns: its triggers and totals read them
 
 
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3, 4: _to_4}
@@ -166,6 +170,7 @@ def upgrade(db: sqlite3.Connection, path: Path, transaction: Callable[[], Any]) 
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     tx.execute(stmt)
+            aggregates.install(tx)  # its own DDL (triggers), whatever number its schema step gets
         else:
             # Ledgers from before versioning said 0 or 1 with the version-1 tables.
             for v in range(max(found, 1) + 1, SCHEMA_VERSION + 1):

@@ -7,6 +7,7 @@ runs ``plan[min(k - 1, len(plan) - 1)]``. Actions:
 
   done          publish an adapter folder to --publish, write result.json, exit 0
   done:nan      the same with a NaN training loss (the gate rejects the candidate)
+  done:eval     the same with an eval.json: its new set and one set per earlier batch (the gate passes)
   stop:REASON   write result.json (stopped, REASON), exit 75
   bad_data      result.json with line errors, exit 65
   bad_config    exit 78
@@ -19,6 +20,9 @@ runs ``plan[min(k - 1, len(plan) - 1)]``. Actions:
   grandchild    start a sleeping grandchild (pid in grandchild.pid), then ``wait``
   beat:S        beat the heartbeat (BATCH_DIR/heartbeat) every 0.5 s for S seconds, then ``done``
 
+Every attempt that ends with ``done`` or ``stop`` leaves a checkpoint folder
+(BATCH_DIR/checkpoints/step-0000000N/state.json, N = the attempt) as the real worker would, and
+``done`` a TensorBoard run (ROOT/tensorboard/<batch folder name>/).
 Every start appends its argv to BATCH_DIR/fake_calls.jsonl. Stdout gets JSON log lines and
 one plain text line; stderr gets one line.
 """
@@ -69,7 +73,29 @@ def main() -> int:
         log("worker_exit", status=status, reason=reason, exit_code=code)
         return code
 
+    def checkpoint():
+        ck = os.path.join(batch_dir, "checkpoints", f"step-{attempt:08d}")
+        os.makedirs(ck, exist_ok=True)
+        with open(os.path.join(ck, "state.json"), "w") as f:
+            json.dump({"step": attempt}, f)
+
+    def write_eval():
+        # The shape trainerd/worker/evaluate.py writes; one earlier set per earlier batch.
+        bid = int(os.path.basename(batch_dir))
+        figures = lambda loss: {"mean_loss": loss, "tokens": 10, "per_example": []}  # noqa: E731
+        sets = [{"name": f"{bid:06d}:holdout.jsonl", "kind": "new", "sha256": "0" * 64, "used": 2,
+                 "candidate": figures(1.0), "champion": figures(1.1)}]
+        sets += [{"name": f"batch {k:06d}", "kind": "earlier", "sha256": "0" * 64, "used": 3,
+                  "candidate": figures(2.0 + k / 1000), "champion": figures(2.0 + k / 1000)} for k in range(1, bid)]
+        with open(os.path.join(batch_dir, "eval.json"), "w") as f:
+            json.dump({"sets": sets}, f)
+
     def done(**extra):
+        checkpoint()
+        run = os.path.join(root, "tensorboard", os.path.basename(batch_dir))  # its curves, as the real one
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, f"events.out.tfevents.{attempt}.fake"), "wb") as f:
+            f.write(b"\0" * 100)
         pub = opts["--publish"]
         tmp = pub + ".tmp"
         os.makedirs(tmp)
@@ -89,8 +115,11 @@ def main() -> int:
 
     name, _, arg = action.partition(":")
     if name == "done":
+        if arg == "eval":
+            write_eval()
         return done(last_loss=float("nan")) if arg == "nan" else done()
     if name == "stop":
+        checkpoint()
         return result("stopped", arg, 75)
     if name == "bad_data":
         return result("bad_data", "too many bad lines", 65, lines_good=1, lines_bad=2,
@@ -140,6 +169,7 @@ def main() -> int:
             stop["reason"] = "parent_gone"
         else:
             time.sleep(0.02)
+    checkpoint()  # the contract: a stop writes a checkpoint first
     return result("stopped", stop["reason"], 75)
 
 

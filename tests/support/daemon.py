@@ -138,7 +138,9 @@ class Daemon:
             return f"(no output: {e})"
 
     def status(self) -> dict[str, Any]:
-        return collect_status(self.root)
+        """``trainerd status`` as data, every batch in it (not a page: tests look batches up by name)."""
+        st = collect_status(self.root, limit=None)
+        return {**st, **{k: list(st[k]) for k in ("queue", "recent", "batches")}}
 
     def batch(self, name: str) -> dict[str, Any] | None:
         return next((b for b in self.status()["batches"] if b["file"] == name), None)

@@ -27,7 +27,7 @@ from trainerd.contract import BatchFiles, ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none, unlink_quietly
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
 from trainerd.modelref import local_dir
-from trainerd.states import BatchState
+from trainerd.states import FINAL_STATES, BatchState
 from trainerd.supervisor import accounting, forensics, heal, hooks, policy
 from trainerd.supervisor.claims import Claims
 from trainerd.supervisor import gate as gate_mod
@@ -253,10 +253,14 @@ class Attempts:
     def end(self, batch: Batch, now: float) -> Batch:
         """File a decided batch (done/, failed/, adapters/, current), then finish its state: a
         final state in the ledger means its files are in place. Idempotent (reconcile repeats it)."""
+        settles = batch.state not in FINAL_STATES  # (a promote ends a batch that was final already)
         self.end_filing(batch)
         # A publish or a rejection: its hook is recorded before the state is final (supervisor/hooks.py).
         guarded(self.log, "hook_record_failed", lambda: hooks.record_end(self.layout, batch), batch=batch.id)
-        return self.ledger.finish(batch, now)
+        batch = self.ledger.finish(batch, now)
+        if settles and self.filing.book is not None:
+            self.filing.book.batch_settled(batch)  # what its worker wrote stops changing now
+        return batch
 
     def end_filing(self, batch: Batch) -> None:
         """The filing step of :meth:`end` alone (for a batch already final in the ledger)."""
@@ -271,6 +275,8 @@ class Attempts:
             self.filing.finish_cancelled(batch)
         else:
             self.filing.finish_failed(batch)
+        if not self.settings.train.keep_finished_checkpoints:
+            self.filing.drop_checkpoints(batch)
 
     def _log_verdict(self, v: policy.Verdict, batch: Batch, end: policy.AttemptEnd, now: float, log: Any, *,
                      stopping: bool, pid: int | None, oom_kills_before: int | None) -> None:

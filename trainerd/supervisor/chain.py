@@ -138,6 +138,7 @@ class Chain:
                        "source_lineage": str(src / "lineage.json")}
             write_lineage(tmp, lineage)
             publish_dir(tmp, dest)  # group-readable even when the source predates that rule
+            self.attempts.filing.filed("adapters", dest)
         self.attempts.filing.switch_current()
 
 

@@ -53,11 +53,12 @@ from trainerd.supervisor.desk import Desk
 from trainerd.supervisor.hooks import Hooks
 from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
+from trainerd.supervisor.diskbook import DiskBook
 from trainerd.supervisor.evalupgrade import upgrade_root
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
 from trainerd.supervisor.reconcile import reconcile
-from trainerd.supervisor import recovery
+from trainerd.supervisor import heap, recovery
 from trainerd.supervisor import stall
 from trainerd.supervisor.basehold import BaseHold
 from trainerd.supervisor.maintenance import Maintenance
@@ -140,6 +141,7 @@ class Supervisor:
         self.maintenance = Maintenance(self.layout, self.log, env)
         self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
         self.backups: recovery.Backups | None = None
+        self.book: DiskBook | None = None
         self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
         self.health = LoopHealth(self.log)
         self.guard_thread = GuardThread(self.log)
@@ -165,9 +167,12 @@ class Supervisor:
         self.layout.make()
         self._take_lock()
         self.ledger = recovery.open_ledger(self.layout, self.log)
-        self.backups = recovery.Backups(self.ledger, self.layout, self.log)
+        self.backups = recovery.Backups(self.ledger, self.layout, self.log,
+                                        every_batch=not self.settings.supervisor.ledger_backup_s)
         self.ledger.on_change = self._batch_changed
         self.filing = Filing(self.layout, self.ledger, self.log, settings_of=lambda: self.settings)
+        self.book = DiskBook(self.layout, self.ledger, self.log)  # disk use by kind, kept as things are filed
+        self.filing.book = self.book
         self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
                                  guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
         self.attempts.base = self.base_hold.base
@@ -178,7 +183,8 @@ class Supervisor:
         # workers), and the desk that serves cancel and gc requests besides the chain's.
         self.hooks = Hooks(self.layout, self.log, settings_of=lambda: self.settings, bump=self.ledger.bump,
                            env=self.env)
-        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env)
+        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env,
+                                   book=self.book)
         self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
         self.guard_thread.start()
         self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
@@ -204,6 +210,8 @@ class Supervisor:
         if self.intake.pool is not None:
             self.intake.pool.close()  # before the ledger and the wakeup pipe its threads report to
         if self.ledger is not None:
+            if self.backups is not None:
+                self.backups.final()  # a copy at a clean stop (periodic otherwise: it costs the ledger's size)
             self.ledger.close()
             self.ledger = None
         if self._lock_fd is not None:
@@ -221,6 +229,7 @@ class Supervisor:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
         self.wakeup.install()
+        heap.limit_arenas()  # before any thread: the relay threads would each grow an arena
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             self.open()
@@ -294,6 +303,8 @@ class Supervisor:
         with phase("hooks"):
             self.hooks.tick(now)  # issue 14: polls a running hook, starts the next pending one
             self.retention.tick(now, idle=self.running is None, stopping=self.stopping)
+        with phase("disk"):
+            self.book.tick(now, running=self.running is not None, min_free_bytes=self.settings.disk.min_free_bytes)
         if self.running is None and not self.stopping:
             with phase("start"):
                 self._maybe_start(now)
@@ -324,6 +335,8 @@ class Supervisor:
             times.append(now + 1.0)  # SIGCHLD wakes us when it ends; this is only a backstop
         if self.hooks is not None and self.retention is not None:
             times += self.hooks.wake_times(now) + self.retention.wake_times(now)
+        if self.book is not None:
+            times += self.book.wake_times(now, running=self.running is not None)
         r = self.running
         if r is not None:
             times.append(r.next_stall_look)
@@ -484,3 +497,4 @@ class Supervisor:
         self.guard_thread.detach()  # waits for a poll in progress: nothing acts on this attempt now
         self.running = None
         self.attempts.finish(r, status, now, stopping=self.stopping)
+        heap.trim()  # what the attempt's relay freed goes back to the kernel: the RSS stays flat

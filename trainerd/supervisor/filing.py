@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,13 @@ class Filing:
         self.ledger = ledger
         self.log = log
         self.settings_of = settings_of  # the daemon's current settings (the memory's bounds)
+        self.book: Any = None  # the daemon's disk book (supervisor/diskbook.py): what was filed where
         self._unmovable: set[tuple[str, Any]] = set()  # rejected inbox entries we could not move
+
+    def filed(self, kind: str, path: Path, sign: int = 1) -> None:
+        """``path`` was just filed as ``kind`` (``sign`` -1: it left that kind): the book counts it once."""
+        if self.book is not None:
+            self.book.add(kind, path, sign)
 
     def _move_original(self, batch: Batch, folder: Path, name: str | None = None) -> str | None:
         """Rename the batch's data file (and the eval file that came with it, as
@@ -83,12 +90,19 @@ class Filing:
         name = name or free_name(folder, batch.name, self.layout.batch_name(batch.id))
         if os.path.lexists(files.eval_file):
             os.rename(files.eval_file, folder / eval_partner(name))
+            self.filed("originals", folder / eval_partner(name))
         os.rename(original, folder / name)
         fsync_dir(folder)
+        self.filed("originals", folder / name)
         if original != files.data:
             # A compressed original is what is kept; the worker's decompressed copy is derived.
             unlink_quietly(files.data)
         return name
+
+    def _note(self, path: Path, body: dict[str, Any]) -> None:
+        """A note beside an original in done/ or failed/ (why it is there)."""
+        atomic_write_json(path, body)
+        self.filed("originals", path)
 
     def _mark_result(self, batch: Batch) -> None:
         """result.json (the worker's last word) gains the decision the supervisor took on it."""
@@ -108,12 +122,15 @@ class Filing:
         forced = batch.decision == "forced"
         staged = self.layout.rejected_dir(batch.id) if forced else self.layout.batch(batch.id).published
         if not dest.exists() and staged.is_dir():
-            version = next(v for v in self.ledger.adapter_versions() if v.n == batch.adapter_version)
+            version = self.ledger.version(batch.adapter_version)
             write_lineage(staged, lineage_of(self.layout, batch, version, kind=version.kind))
             # The worker wrote and fsynced it completely before renaming it to `published`;
             # this rename makes it visible as a version in one step.
             os.rename(staged, dest)
             fsync_dir(self.layout.adapters)
+            self.filed("adapters", dest)
+            if forced:
+                self.filed("rejected", dest, -1)  # the candidate left adapters/rejected/
             faults.die_at("supervisor_crash_in_publish")  # chaos tests: die before `current` moves
         if not dest.exists():
             self.log.error("adapter_missing", batch=batch.id, version=batch.adapter_version, path=str(dest))
@@ -144,11 +161,12 @@ class Filing:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(files.published, dest)
             fsync_dir(dest.parent)
+            self.filed("rejected", dest)
         self._mark_result(batch)
         if not os.path.lexists(files.claimed(batch.name)):
             return
         name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
-        atomic_write_json(self.layout.done / f"{name}.rejected.json", {
+        self._note(self.layout.done / f"{name}.rejected.json", {
             "file": batch.name, "batch": batch.id, "sha256": batch.sha256, "decision": "rejected",
             "reason": batch.last_reason, "champion_version": batch.parent_version, "candidate": str(dest),
             "gate": json.loads(batch.gate_json) if batch.gate_json else None,
@@ -156,17 +174,24 @@ class Filing:
         self._move_original(batch, self.layout.done, name)
 
     def switch_current(self) -> None:
-        """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename)."""
-        versions = [v.n for v in self.ledger.adapter_versions() if self.layout.adapter_dir(v.n).is_dir()]
-        if not versions:
+        """Point ``adapters/current`` at the newest version on disk, atomically (tmp link + rename).
+        Looks at the newest versions retention kept, newest first: one ``is_dir`` as a rule."""
+        newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True, limit=8)
+                       if self.layout.adapter_dir(v.n).is_dir()), None)
+        if newest is None:  # none of the newest on disk (removed by hand?): look further back
+            newest = next((v.n for v in self.ledger.versions(newest_first=True, kept=True)
+                           if self.layout.adapter_dir(v.n).is_dir()), None)
+        if newest is None:
             return
-        target = str(max(versions))
+        target = str(newest)
         try:
             if os.readlink(self.layout.current) == target:
                 return
         except OSError:
             pass
-        tmp = self.layout.adapters / f".current.tmp-{os.getpid()}"
+        # One name, not one per pid: one writer holds the root, and a start need not list
+        # adapters/ (the chain's length) to find the leftovers of earlier lives.
+        tmp = self.layout.adapters / ".current.tmp"
         try:
             os.unlink(tmp)
         except FileNotFoundError:
@@ -174,6 +199,14 @@ class Filing:
         os.symlink(target, tmp)
         os.replace(tmp, self.layout.current)  # a reader sees the old link or the new one
         fsync_dir(self.layout.adapters)
+
+    def drop_checkpoints(self, batch: Batch) -> None:
+        """A finished batch's checkpoints go (``train.keep_finished_checkpoints`` keeps them): its
+        adapter is published (or kept as a candidate), nothing resumes it, and each checkpoint holds
+        adapter + optimizer state. Idempotent; a crash half-way leaves a part that reconcile removes."""
+        ck = self.layout.batch(batch.id).checkpoints
+        if os.path.lexists(ck):
+            shutil.rmtree(ck, ignore_errors=True)
 
     # --- failed ----------------------------------------------------------------------
 
@@ -190,7 +223,7 @@ class Filing:
                     return None
         name = free_name(failed, batch.name, self.layout.batch_name(batch.id))
         result = read_json_or_none(files.result) or {}
-        atomic_write_json(failed / f"{name}.error.json", {
+        self._note(failed / f"{name}.error.json", {
             "file": batch.name, "batch": batch.id, "reason": batch.last_reason,
             "sha256": batch.sha256, "attempts": batch.attempts, "crashes": batch.crashes,
             "lines_good": result.get("lines_good"), "lines_bad": result.get("lines_bad"),
@@ -211,7 +244,7 @@ class Filing:
         if not os.path.lexists(data):
             return
         name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
-        atomic_write_json(self.layout.done / f"{name}.duplicate.json", {
+        self._note(self.layout.done / f"{name}.duplicate.json", {
             "file": batch.name, "batch": batch.id, "sha256": batch.sha256,
             "duplicate_of": batch.duplicate_of, "reason": batch.last_reason})
         self._move_original(batch, self.layout.done, name)
@@ -220,13 +253,13 @@ class Filing:
 
     def finish_cancelled(self, batch: Batch) -> None:
         """Withdrawn by `trainerd cancel`: the original to done/ with ``<name>.cancelled.json``;
-        the batch folder (checkpoints, logs) stays for retention to handle."""
+        the batch folder (its logs and figures) stays for retention to handle."""
         files = self.layout.batch(batch.id)
         if not os.path.lexists(files.claimed(batch.name)):
             return
         result = read_json_or_none(files.result) or {}
         name = free_name(self.layout.done, batch.name, self.layout.batch_name(batch.id))
-        atomic_write_json(self.layout.done / f"{name}.cancelled.json", {
+        self._note(self.layout.done / f"{name}.cancelled.json", {
             "file": batch.name, "batch": batch.id, "sha256": batch.sha256, "reason": batch.last_reason,
             "attempts": batch.attempts, "step": result.get("step") if batch.attempts else None,
             "total_steps": result.get("total_steps") if batch.attempts else None,
@@ -256,7 +289,8 @@ class Filing:
                                error=str(e), errno=errno.errorcode.get(e.errno or 0, e.errno),
                                hint="it is left in the inbox, unread; remove it by hand")
             return
-        atomic_write_json(self.layout.failed / f"{dest_name}.error.json", {
+        self.filed("originals", self.layout.failed / dest_name)
+        self._note(self.layout.failed / f"{dest_name}.error.json", {
             "file": rej.name, "reason": rej.reason, "kind": rej.kind, "failed_at": now})
         self.log.error("inbox_entry_rejected", file=rej.name, kind=rej.kind, reason=rej.reason,
                        moved_to=str(self.layout.failed / dest_name))

@@ -12,6 +12,10 @@ Runs once at start-up, before READY and before the first scan:
 - an end that was decided but not finished (finished_at set, state not final yet): file it
   (adapter visible, ``current`` switched, original moved — every step idempotent), then
   finish the state. A final state in the ledger always means its files are in place.
+
+All of it looks at the live part of the ledger only (the unfinished batches, the newest finished
+ones and versions): a start costs the same after ten batches or ten thousand. ``trainerd fsck``
+compares the whole.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from trainerd.child import ExitStatus
 from trainerd.contract import Outcome, RootLayout, StopReason
 from trainerd.fsutil import read_json_or_none
 from trainerd.ledger import AttemptRecord, Ledger, decided_end
-from trainerd.states import BatchState
+from trainerd.states import FINAL_STATES, BatchState
 from trainerd.supervisor import accounting
 from trainerd.supervisor.attempts import Attempts
 from trainerd.supervisor.policy import AttemptEnd
 
 __all__ = ["find_leftover_workers", "reconcile"]
+
+LIVE_FINAL = 8  # the newest final batches (and versions) whose filing a start checks again
 
 
 def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any, log: Any, now: float, *,
@@ -67,27 +73,49 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
                                                         now, blog))
             blog.warning("batch_requeued", reason=StopReason.SUPERVISOR_RESTART.value,
                          hint="resumes from its newest checkpoint")
-    # Roots written before ends were decided first (schema 1, until this release) may hold a
-    # final batch whose files were never filed: the filing steps are idempotent, so repeat them.
+    # The newest final batches' filing is repeated where it is not complete (an original still in
+    # the batch folder, a version's folder missing, a checkpoint folder half removed): the steps
+    # are idempotent. Roots from before ends were decided first (schema 1) could hold older ones:
+    # `trainerd fsck` finds those.
     filing = attempts.filing
-    removed = {v.n for v in ledger.adapter_versions() if v.removed_at is not None}  # retention's, on purpose
-    for b in ledger.batches(BatchState.DONE):
-        if os.path.lexists(layout.batch(b.id).claimed(b.name)) or (
-                b.adapter_version not in removed and not layout.adapter_dir(b.adapter_version).exists()):
-            filing.finish_done(b)
-    for b in ledger.batches(BatchState.FAILED, BatchState.SKIPPED, BatchState.CANCELLED):
-        if os.path.lexists(layout.batch(b.id).claimed(b.name)):
+    for b in ledger.batches(*FINAL_STATES, limit=LIVE_FINAL, newest_first=True):
+        files = layout.batch(b.id)
+        version = ledger.version(b.adapter_version) if b.state is BatchState.DONE else None
+        if os.path.lexists(files.claimed(b.name)) or (
+                version is not None and version.removed_at is None and not layout.adapter_dir(version.n).exists()) or (
+                not attempts.settings.train.keep_finished_checkpoints and os.path.lexists(files.checkpoints)):
             attempts.end_filing(b)
-    for v in ledger.adapter_versions():
+    for v in ledger.versions(limit=LIVE_FINAL, newest_first=True):
         # (a rollback version retention removed is gone on purpose: never copied back)
         if v.kind == "rollback" and v.removed_at is None and not layout.adapter_dir(v.n).exists():
             log.warning("rollback_resumed", version=v.n, rollback_of=v.source)
             chain.publish_rollback(v)
-    filing.switch_current()
-    for stray in layout.adapters.glob(".current.tmp-*"):
-        stray.unlink(missing_ok=True)
+    filing.switch_current()  # (a temporary link a crash left, .current.tmp, goes at the next switch)
     latest = ledger.latest_version()
     log.info("reconciled", counts=ledger.counts(), adapter_version=latest.n if latest else None)
+
+
+def _command_lines() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every process: /proc's cmdline files read directly where there is a /proc
+    (psutil's process_iter builds a Process, parsing its stat file, for each of the machine's
+    processes: ~1 ms apiece, and this runs before every worker start)."""
+    try:
+        pids = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            out.append((p.info["pid"], p.info["cmdline"] or []))
+        return out
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if b"--publish" in raw:  # the cheap filter; the decoding is for the few that pass it
+            out.append((pid, [a.decode(errors="replace") for a in raw.split(b"\0") if a]))
+    return out
 
 
 def find_leftover_workers(layout: RootLayout) -> list[psutil.Process]:
@@ -95,11 +123,13 @@ def find_leftover_workers(layout: RootLayout) -> list[psutil.Process]:
     of this root as an argument of its own (an operator's `less batches/000001/...` is not)."""
     prefix = str(layout.batches) + os.sep
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for pid, cmd in _command_lines():
+        ours = "--publish" in cmd and any(a.startswith(prefix) and a[len(prefix):].isdigit() for a in cmd[1:])
+        if not ours or pid == os.getpid():
+            continue
         try:
-            cmd = p.info["cmdline"] or []
-            ours = "--publish" in cmd and any(a.startswith(prefix) and a[len(prefix):].isdigit() for a in cmd[1:])
-            if ours and p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             continue

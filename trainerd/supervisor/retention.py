@@ -11,20 +11,33 @@ the operator's choice. When on:
 - ``keep_batch_dirs``: the folders of the newest N finished batches stay; older ones go. A rejected
   batch's candidate (``adapters/rejected/<id>``) goes with its folder, never alone: a promote needs
   both (the candidate, and the folder's figures, new set and replay lines), so a rejected batch is
-  promotable exactly while its folder is kept.
+  promotable exactly while its folder is kept;
+- ``keep_curves``: the TensorBoard runs (``tensorboard/<id>/``) of the newest N finished batches stay;
+- ``keep_attempt_rows``: the ledger's attempt rows of the newest N finished batches stay; older ones
+  are deleted (the batch rows stay, and the running totals of tokens, steps and restarts do not
+  move: trainerd/aggregates.py). Done by the daemon itself, a bounded chunk at a time.
+
+Bounded without retention: a finished batch's checkpoints (``train.keep_finished_checkpoints``),
+the log (``log.rotate_bytes``, ``log.keep_files``).
+
+A plan costs what is new since the last, not the chain's length: the versions retention has not
+removed (at most the kept ones plus the newly published), and for the folders and runs the finished
+batches above a mark in the ledger's counters (``retention:<kind>_through``: every finished batch at
+or below it has been dealt with), which moves up as they are.
 
 Never deleted: ``current``; an adapter a batch in progress continues (its ``parent_version``); what a
 pending request needs (a rollback's version, a promote's candidate and folder); what a pending publish
-hook still has to show; a batch in progress (not finished); ``evalsets/``, ``replay/``, the curves and
-the logs.
+hook still has to show; a batch in progress (not finished); ``evalsets/`` and ``replay/`` (the gate's
+memory: their bounds are the gate's).
 
 Applied by the daemon: the plan is made in its loop (ledger queries and one directory listing of
 ``done/`` and ``failed/``: milliseconds), versions are marked removed in the ledger first, then
-``python -m trainerd.diskuse`` deletes the paths and measures the disk use for ``trainerd status``.
-Automatically after every worker ends and at least once an hour, between workers (it holds the next
-start while it deletes, seconds at most); at once on ``trainerd gc`` (a request; it may run beside a worker: nothing it deletes is
-anything a worker reads). Without a daemon, ``trainerd gc`` applies it itself under the root's lock.
-The disk use alone is re-measured every 10 minutes (that child only reads).
+``python -m trainerd.diskuse`` deletes the paths and reports the bytes freed by kind, which the
+daemon's disk book (supervisor/diskbook.py) takes off. Automatically after every worker ends and at
+least once an hour, between workers (it holds the next start while it deletes, seconds at most); at
+once on ``trainerd gc`` (a request; it may run beside a worker: nothing it deletes is anything a
+worker reads). Without a daemon, ``trainerd gc`` applies it itself under the root's lock. The same
+child walks the whole root once a day (``--measure``), correcting the book.
 """
 
 from __future__ import annotations
@@ -39,21 +52,21 @@ from trainerd.child import Child
 from trainerd.contract import RootLayout
 from trainerd.diskuse import apply_plan, write_usage
 from trainerd.fsutil import atomic_write_json, fmt_bytes, read_json_or_none, unlink_quietly
-from trainerd.ledger import Ledger
+from trainerd.ledger import Batch, Ledger
 from trainerd.states import FINAL_STATES, BatchState
 from trainerd.supervisor import hooks
 from trainerd.supervisor.chain import Waiting
+from trainerd.supervisor.diskbook import FULL_EVERY_S
 
 __all__ = ["Item", "Retention", "plan"]
 
 APPLY_EVERY_S = 3600.0
-MEASURE_EVERY_S = 600.0
 DAY_S = 86400.0
 
 
 @dataclass(frozen=True)
 class Item:
-    kind: str            # original | adapter | batch | rejected
+    kind: str            # original | adapter | batch | rejected | curves
     path: str
     why: str
     version: int | None = None
@@ -61,7 +74,8 @@ class Item:
 
 
 def enabled(rs: Any) -> bool:
-    return bool(rs.done_days or rs.failed_days or rs.keep_adapters or rs.keep_batch_dirs)
+    return bool(rs.done_days or rs.failed_days or rs.keep_adapters or rs.keep_batch_dirs or rs.keep_curves
+                or rs.keep_attempt_rows)
 
 
 def _requested(layout: RootLayout) -> tuple[set[int], set[int]]:
@@ -82,7 +96,13 @@ def _requested(layout: RootLayout) -> tuple[set[int], set[int]]:
 
 def plan(layout: RootLayout, ledger: Ledger, rs: Any, now: float) -> list[Item]:
     """What retention would delete now, and why (see the module docstring for the rules)."""
+    return _plan(layout, ledger, rs, now)[0]
+
+
+def _plan(layout: RootLayout, ledger: Ledger, rs: Any, now: float) -> tuple[list[Item], dict[str, int]]:
+    """(the items, the marks to record once they are removed: ``retention:<kind>_through``)."""
     items: list[Item] = []
+    marks: dict[str, int] = {}
     for folder, days, key in ((layout.done, rs.done_days, "retention.done_days"),
                               (layout.failed, rs.failed_days, "retention.failed_days")):
         if not days:
@@ -100,35 +120,85 @@ def plan(layout: RootLayout, ledger: Ledger, rs: Any, now: float) -> list[Item]:
                 items.append(Item("original", e.path, f"filed {age / DAY_S:.1f} days ago ({key} = {days:g})"))
     req_versions, req_batches = _requested(layout)
     hook_versions, hook_batches = hooks.pending_refs(layout)
-    in_progress = [b for b in ledger.batches() if b.state not in FINAL_STATES or b.finished_at is None]
+    in_progress = ledger.unfinished()
     if rs.keep_adapters:
         try:
             current = int(os.readlink(layout.current))
         except (OSError, ValueError):
             current = None
         keep = {current, *req_versions, *hook_versions, *(b.parent_version for b in in_progress)}
-        versions = sorted(ledger.adapter_versions(), key=lambda v: v.n, reverse=True)
-        newest = {v.n for v in versions if v.removed_at is None}
-        newest = set(sorted(newest, reverse=True)[: rs.keep_adapters])
-        for v in versions:
-            if v.n in newest or v.n in keep or not os.path.lexists(layout.adapter_dir(v.n)):
+        versions = ledger.versions(kept=True, newest_first=True)  # the kept ones and the newly published
+        for v in versions[rs.keep_adapters:]:
+            if v.n in keep or not os.path.lexists(layout.adapter_dir(v.n)):
                 continue
             items.append(Item("adapter", str(layout.adapter_dir(v.n)), f"older than the newest {rs.keep_adapters} "
                               f"versions (retention.keep_adapters)", version=v.n))
+    floor = min((b.id for b in in_progress), default=None)  # a mark never passes a batch still to finish
     if rs.keep_batch_dirs:
-        finished = [b for b in ledger.batches(*FINAL_STATES, newest_first=True) if b.finished_at is not None]
-        for b in finished[rs.keep_batch_dirs:]:
-            if b.id in req_batches or b.id in hook_batches:
-                continue
-            why = f"older than the newest {rs.keep_batch_dirs} finished batches (retention.keep_batch_dirs)"
-            if os.path.lexists(layout.batch_dir(b.id)):
-                items.append(Item("batch", str(layout.batch_dir(b.id)), why, batch=b.id))
+        why = f"older than the newest {rs.keep_batch_dirs} finished batches (retention.keep_batch_dirs)"
+        held = req_batches | hook_batches
+
+        def batch_items(b: Batch) -> list[Item] | None:
+            if b.id in held:
+                return None
+            out = [Item("batch", str(layout.batch_dir(b.id)), why, batch=b.id)] \
+                if os.path.lexists(layout.batch_dir(b.id)) else []
             if b.state is BatchState.REJECTED and os.path.lexists(layout.rejected_dir(b.id)):
-                items.append(Item("rejected", str(layout.rejected_dir(b.id)), why + "; no longer promotable",
-                                  batch=b.id))
-    return items
+                out.append(Item("rejected", str(layout.rejected_dir(b.id)), why + "; no longer promotable", batch=b.id))
+            return out
+
+        marks["batch_dirs"] = _aged_out(ledger, rs.keep_batch_dirs, "batch_dirs", floor, batch_items, items)
+    if rs.keep_curves:
+        why = f"older than the newest {rs.keep_curves} finished batches (retention.keep_curves)"
+
+        def curve_items(b: Batch) -> list[Item]:
+            run = layout.tensorboard / layout.batch_name(b.id)
+            return [Item("curves", str(run), why, batch=b.id)] if os.path.lexists(run) else []
+
+        marks["curves"] = _aged_out(ledger, rs.keep_curves, "curves", floor, curve_items, items)
+    return items, marks
 
 
+def _cutoff(ledger: Ledger, keep: int) -> int | None:
+    """The id of the keep-th newest finished batch (the older ones are past the bound), or None."""
+    newest = ledger.batches(*FINAL_STATES, limit=keep, newest_first=True)
+    return newest[-1].id if len(newest) == keep else None
+
+
+def _aged_out(ledger: Ledger, keep: int, what: str, floor: int | None,
+              items_of: Callable[[Batch], list[Item] | None], items: list[Item]) -> int:
+    """Add the items of the finished batches past the newest ``keep`` and above the mark; return
+    the new mark: the highest id below which every finished batch was dealt with (a held one, or a
+    batch still to finish, stops it there: it is looked at again next time)."""
+    through = ledger.counter(f"retention:{what}_through")
+    cutoff = _cutoff(ledger, keep)
+    if cutoff is None:
+        return through
+    mark, blocked = through, False
+    for b in ledger.batches_between(through, cutoff, *FINAL_STATES):
+        blocked = blocked or (floor is not None and b.id > floor)
+        got = items_of(b)
+        if got is None:
+            blocked = True
+            continue
+        items.extend(got)
+        mark = mark if blocked else b.id
+    return mark
+
+
+def prune_attempt_rows(ledger: Ledger, keep: int, *, chunk: int = 2000) -> int:
+    """``retention.keep_attempt_rows``: delete the attempt rows of finished batches past the newest
+    ``keep``, at most ``chunk`` batches' worth per call (the loop's turn stays short); returns the
+    rows deleted. The running totals stay (they count what happened, not the rows)."""
+    cutoff = _cutoff(ledger, keep)
+    if cutoff is None:
+        return 0
+    floor = min((b.id for b in ledger.unfinished()), default=cutoff)
+    through = ledger.counter("retention:attempt_rows_through")
+    upto = min(cutoff, floor, through + chunk + 1)
+    if upto <= through + 1:
+        return 0
+    return ledger.delete_attempts(through, upto, FINAL_STATES, mark="retention:attempt_rows_through")
 def describe(items: list[dict[str, Any]], sizes: list[int] | None = None) -> str:
     if not items:
         return "nothing to remove"
@@ -141,21 +211,22 @@ def describe(items: list[dict[str, Any]], sizes: list[int] | None = None) -> str
 
 
 class Retention:
-    """The daemon's (or, with ``direct``, a command's) side of retention and disk measurement."""
+    """The daemon's (or, with ``direct``, a command's) side of retention, and the child that walks
+    the root for the disk book (``book``: the daemon's; supervisor/diskbook.py)."""
 
     def __init__(self, layout: RootLayout, ledger: Ledger, log: Any, *, settings: Any = None,
                  settings_of: Callable[[], Any] | None = None, env: dict[str, str] | None = None,
-                 direct: bool = False):
+                 direct: bool = False, book: Any = None):
         self.layout, self.ledger, self.log, self.env, self.direct = layout, ledger, log, env, direct
         self.settings_of = settings_of or (lambda: settings)
+        self.book = book
         self.child: Child | None = None
         self._deleting = False          # the child runs a plan (no worker starts meanwhile)
         self._for_request = False       # ... asked by `trainerd gc`
+        self._marks: dict[str, int] = {}  # recorded once the plan's child succeeded
         self._answer: dict[str, Any] | None = None
         self._next_apply = 0.0
         self._was_idle = True
-        usage = read_json_or_none(layout.disk_usage) or {}
-        self._next_measure = float(usage.get("measured_at") or 0.0) + MEASURE_EVERY_S
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -177,17 +248,19 @@ class Retention:
         settings = self.settings_of()
         if idle and enabled(settings.retention) and now >= self._next_apply:
             self._next_apply = now + APPLY_EVERY_S
-            items = plan(self.layout, self.ledger, settings.retention, now)
+            self._prune_rows(settings.retention)
+            items, marks = _plan(self.layout, self.ledger, settings.retention, now)
             if items:
-                self._start(items, now)
+                self._start(items, now, marks=marks)
                 return
-        if now >= self._next_measure:
-            self._start([], now)
+            self._record(marks)
+        if self.book is not None and self.book.full_due(now):
+            self._start([], now, measure=True)
 
     def wake_times(self, now: float) -> list[float]:
         if self.child is not None:
             return [now + 1.0]  # SIGCHLD wakes the loop when it ends; a backstop
-        times = [self._next_measure]
+        times = [] if self.book is None else [max(now, self.book.full_at + FULL_EVERY_S)]
         if enabled(self.settings_of().retention):
             times.append(self._next_apply)
         return times
@@ -197,6 +270,8 @@ class Retention:
             self.child.kill_group()  # every removal is one rename-free unlink/rmtree: safe to cut
             self.child.wait(5.0)
             self.child = None
+            if self.book is not None and self.book.walking:
+                self.book.walk_ended(False)
 
     # --- `trainerd gc` ---------------------------------------------------------------------
 
@@ -209,11 +284,14 @@ class Retention:
             return {"message": describe(items) if enabled(rs) else "retention is off (every retention.* is 0)",
                     "items": items, "retention": asdict(rs), "min_free_bytes": settings.disk.min_free_bytes}
         if self.direct:
-            items = plan(self.layout, self.ledger, rs, now)
+            self._prune_rows(rs)
+            items, marks = _plan(self.layout, self.ledger, rs, now)
             self.ledger.mark_removed([i.version for i in items if i.version is not None], now)
-            removed, freed = apply_plan(self.layout, [asdict(i) for i in items],
-                                        lambda ev, **kw: self.log.info(ev, **kw))
+            removed, freed_by = apply_plan(self.layout, [asdict(i) for i in items],
+                                           lambda ev, **kw: self.log.info(ev, **kw))
+            self._record(marks)
             write_usage(self.layout, settings.disk.min_free_bytes, time.monotonic())
+            freed = sum(freed_by.values())
             self.log.info("retention_applied", removed=removed, freed_bytes=freed, requested=True)
             return {"message": f"removed {removed} item(s), freed {fmt_bytes(freed) if freed else '0 B'}",
                     "removed": removed, "freed_bytes": freed}
@@ -226,15 +304,31 @@ class Retention:
         if not enabled(rs):
             return {"message": "retention is off (every retention.* is 0): nothing removed", "removed": 0,
                     "freed_bytes": 0}
-        items = plan(self.layout, self.ledger, rs, now)
+        self._prune_rows(rs)
+        items, marks = _plan(self.layout, self.ledger, rs, now)
         if not items:
+            self._record(marks)
             return {"message": "nothing to remove", "removed": 0, "freed_bytes": 0}
-        self._start(items, now, for_request=True)
+        self._start(items, now, for_request=True, marks=marks)
         raise Waiting(f"removing {len(items)} item(s)")
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _start(self, items: list[Item], now: float, *, for_request: bool = False) -> None:
+    def _prune_rows(self, rs: Any) -> None:
+        if rs.keep_attempt_rows:
+            n = prune_attempt_rows(self.ledger, rs.keep_attempt_rows)
+            if n:
+                self.log.info("retention_rows_removed", table="attempts", rows=n,
+                              why=f"older than the newest {rs.keep_attempt_rows} finished batches "
+                                  "(retention.keep_attempt_rows)")
+
+    def _record(self, marks: dict[str, int]) -> None:
+        for what, through in marks.items():
+            if through > self.ledger.counter(f"retention:{what}_through"):
+                self.ledger.set_counter(f"retention:{what}_through", through)
+
+    def _start(self, items: list[Item], now: float, *, for_request: bool = False, measure: bool = False,
+               marks: dict[str, int] | None = None) -> None:
         settings = self.settings_of()
         argv = [sys.executable, "-m", "trainerd.diskuse", str(self.layout.root),
                 "--min-free-bytes", str(settings.disk.min_free_bytes)]
@@ -249,16 +343,20 @@ class Retention:
             argv += ["--plan", str(plan_file)]
             self.log.info("retention_started", items=len(items), requested=for_request,
                           kinds=sorted({i.kind for i in items}))
+        if measure:
+            argv.append("--measure")
         try:
             self.child = Child(argv, stderr_path=self.layout.logs / "diskuse.stderr",
                                log=self.log.bind(task="retention" if items else "disk_usage"), env=self.env,
                                cwd=self.layout.root)
         except OSError as e:
             self.log.error("retention_start_failed", error=str(e))
-            self._next_measure = now + MEASURE_EVERY_S
+            if measure and self.book is not None:
+                self.book.walk_ended(False)
             return
-        self._deleting, self._for_request = bool(items), for_request
-        self._next_measure = now + MEASURE_EVERY_S
+        self._deleting, self._for_request, self._marks = bool(items), for_request, dict(marks or {})
+        if measure and self.book is not None:
+            self.book.walk_started()
 
     def _ended(self, st: Any, now: float) -> None:
         deleting, for_request = self._deleting, self._for_request
@@ -266,9 +364,15 @@ class Retention:
         if not deleting:
             if st.code != 0:
                 self.log.error("disk_usage_failed", exit=st.describe(), stderr=str(self.layout.logs / "diskuse.stderr"))
+            if self.book is not None:
+                self.book.walk_ended(st.code == 0)
             return
         result = read_json_or_none(self.layout.root / ".retention-result.json") or {}
         removed, freed = result.get("removed", 0), result.get("freed_bytes", 0)
+        if self.book is not None:
+            self.book.take(result.get("freed_by_kind") or {})
+        if st.code == 0:
+            self._record(self._marks)
         (self.log.info if st.code == 0 else self.log.error)(
             "retention_applied", exit=st.describe(), removed=removed, freed_bytes=freed, requested=for_request)
         unlink_quietly(self.layout.root / ".retention-plan.json")

@@ -11,17 +11,20 @@ stays exact):
     evaluation_done  eval/<kind>/<set>/candidate|champion   (the gate's inputs, at the last step)
 
 The step axis continues across the chain: a batch's step k is ``offset + k``, where ``offset``
-is the steps of every adapter its init adapter descends from (each adapter folder's
-``trainerd.json`` names its steps and its own init adapter). A resumed attempt writes a purge
+is the steps of every adapter its init adapter descends from: the running total ``chain_steps``
+in the init adapter's ``trainerd.json`` (each adapter writes its own, its offset + its steps), so
+one file is read whatever the chain's length (an adapter from before the total existed: its
+``init_adapter`` chain is walked instead). A resumed attempt writes a purge
 marker at the step it resumes from, so TensorBoard hides what an interrupted attempt logged
 after its last checkpoint. The file is flushed at every checkpoint (and every 10 s), so what a
 SIGKILL loses of the curves is what it loses of the training.
 
 Each published version's gate figures (from ``adapters/<n>/lineage.json``: per set champion,
 candidate, change and allowed; ``version/blessed``) go to the run ``tensorboard/versions/`` at
-step n, one event file per version. The supervisor, which decides, stays free of tensorboardX
-(it imports torch when present), so the next worker to start writes them, or
-``python -m trainerd.worker.curves ROOT`` does at once.
+step n, appended to its one event file (under a lock); ``.written.json`` there says up to which
+version, so a worker looks only at the versions published since (never lists ``adapters/``).
+The supervisor, which decides, stays free of tensorboardX (it imports torch when present), so
+the next worker to start writes them, or ``python -m trainerd.worker.curves ROOT`` does at once.
 
 The writer is tensorboardX's own record writer used synchronously (no queue, no thread: its
 SummaryWriter's queue would block training once its writer thread died, e.g. on a full disk).
@@ -30,9 +33,11 @@ Any failure is logged once (``curves_failed``) and the curves go quiet; training
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -41,12 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.contract import BatchFiles, RootLayout
-from trainerd.fsutil import read_json_or_none
+from trainerd.fsutil import atomic_write_json, read_json_or_none
 from trainerd.logs import LOGGER_NAME
 
 __all__ = ["Curves", "chain_offset", "recording", "write_versions"]
 
 VERSIONS_RUN = "versions"
+# TensorBoard reads a run's event files in name order and watches only the last for new events:
+# this name sorts after any timestamped file (older trainerds wrote one file per version).
+VERSIONS_FILE = "events.out.tfevents.9999999999.trainerd-versions"
+VERSIONS_DONE = ".written.json"
 _FLUSH_S = 10.0
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.\-/]+")
 
@@ -56,7 +65,8 @@ def _tag(*parts: Any) -> str:
 
 
 def chain_offset(init_adapter: Path | None, limit: int = 100_000) -> int:
-    """Optimizer steps of the whole chain behind ``init_adapter`` (0 for the base model)."""
+    """Optimizer steps of the whole chain behind ``init_adapter`` (0 for the base model): its
+    running total, or (an adapter from before the total) the sum walked up its init adapters."""
     total, seen, cur = 0, set(), init_adapter
     while cur is not None and len(seen) < limit:
         key = os.path.realpath(cur)
@@ -64,6 +74,8 @@ def chain_offset(init_adapter: Path | None, limit: int = 100_000) -> int:
             break  # a cycle: a hand-made folder; stop rather than loop
         seen.add(key)
         meta = read_json_or_none(Path(cur) / "trainerd.json") or {}
+        if isinstance(meta.get("chain_steps"), int):
+            return total + meta["chain_steps"]
         total += int(meta.get("steps") or 0)
         cur = Path(meta["init_adapter"]) if meta.get("init_adapter") else None
     return total
@@ -163,28 +175,66 @@ class Curves(logging.Handler):
         super().close()
 
 
+def _version_event(n: int, lin: dict[str, Any]) -> bytes:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    values: dict[str, Any] = {"version/blessed": 1.0 if lin.get("kind") in ("blessed", None) else 0.0,
+                              "version/steps": lin.get("steps"), "version/tokens": lin.get("tokens")}
+    for s in (lin.get("gate") or {}).get("sets") or []:
+        for field in ("candidate", "champion", "change", "allowed"):
+            values[_tag("gate", s.get("kind"), s.get("name"), field)] = s.get(field)
+    summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
+                             if isinstance(v, (int, float))])
+    return Event(wall_time=time.time(), step=n, summary=summary).SerializeToString()
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, the data, its masked CRC (what EventsWriter writes)."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("Q", len(data))
+    return header + struct.pack("I", masked_crc32c(header)) + data + struct.pack("I", masked_crc32c(data))
+
+
+def _written_through(run: Path) -> int:
+    done = read_json_or_none(run / VERSIONS_DONE)
+    if done is not None:
+        return int(done.get("through") or 0)
+    # A root from before the marker: one file per version, ``...v<n>``; listed this once.
+    return max((int(v) for p in run.glob("events.out.tfevents.*.v*")
+                if (v := p.name.rsplit(".v", 1)[-1]).isdigit()), default=0)
+
+
 def write_versions(layout: RootLayout) -> list[int]:
-    """Each published version's gate figures, once, into the ``versions`` run; returns the versions written."""
+    """The gate figures of every version published since the last call, appended to the ``versions``
+    run; returns the versions written. Costs the new versions only, never the chain's length."""
+    try:
+        newest = int(os.readlink(layout.current))
+    except (OSError, ValueError):
+        return []  # no version yet
     run = layout.tensorboard / VERSIONS_RUN
-    done = {p.name.rsplit(".v", 1)[-1] for p in run.glob("events.out.tfevents.*.v*")} if run.is_dir() else set()
-    written = []
-    for d in sorted((p for p in layout.adapters.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) \
-            if layout.adapters.is_dir() else []:
-        if d.name in done:
-            continue
-        lin = read_json_or_none(d / "lineage.json")
-        if lin is None:
-            continue  # being published right now: the next worker writes it
-        n = int(d.name)
-        values: dict[str, Any] = {"version/blessed": 1.0 if lin.get("kind") in ("blessed", None) else 0.0,
-                                  "version/steps": lin.get("steps"), "version/tokens": lin.get("tokens")}
-        for s in (lin.get("gate") or {}).get("sets") or []:
-            for field in ("candidate", "champion", "change", "allowed"):
-                values[_tag("gate", s.get("kind"), s.get("name"), field)] = s.get(field)
-        w = _Writer(run, f".v{n}")
-        w.scalars(n, values)
-        w.close()
-        written.append(n)
+    if run.is_dir() and (read_json_or_none(run / VERSIONS_DONE) or {}).get("through", 0) >= newest:
+        return []  # the common case: nothing published since the last worker
+    run.mkdir(parents=True, exist_ok=True)
+    written: list[int] = []
+    with open(run / VERSIONS_FILE, "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # one writer at a time (a worker, or the command)
+        through = _written_through(run)
+        if through >= newest:
+            return []
+        if f.tell() == 0:
+            from tensorboardX.proto.event_pb2 import Event
+
+            f.write(_record(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()))
+        for n in range(through + 1, newest + 1):
+            lin = read_json_or_none(layout.adapter_dir(n) / "lineage.json")
+            if lin is not None:  # (none: its folder was removed, or it was adopted without one)
+                f.write(_record(_version_event(n, lin)))
+                written.append(n)
+        f.flush()
+        os.fsync(f.fileno())
+        atomic_write_json(run / VERSIONS_DONE, {"through": newest})
     return written
 
 

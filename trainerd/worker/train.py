@@ -377,9 +377,13 @@ class Trainer:
 
     def _write_final_adapter(self) -> Path:
         """The batch's adapter at ``--publish`` (or final_adapter/), complete before it appears."""
+        from trainerd.worker.curves import chain_offset
+
         return write_adapter(self.model, self.publish or self.files.final_adapter, {
             "base_model": self.s.model.path,
             "init_adapter": str(self.init_adapter) if self.init_adapter else None,
+            # The chain's running total of steps (TensorBoard's step axis reads one file, not the chain).
+            "chain_steps": chain_offset(self.init_adapter) + self.step,
             "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
             "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
             "precision": self.precision.name}, self.files.checkpoints, self.log)
