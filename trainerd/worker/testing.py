@@ -64,3 +64,35 @@ def build_tiny_model(dest: str | Path, *, vocab_size: int = 512, hidden: int = 6
     model = LlamaForCausalLM(config)
     model.save_pretrained(dest)
     return dest
+
+
+def build_random_model(dest: str | Path, shape: dict, *, tokenizer_from: str | Path | None = None,
+                       seed: int = 0) -> Path:
+    """A Llama of ``shape`` (LlamaConfig fields) with random weights, saved in bf16 as most released
+    checkpoints are, with ``tokenizer_from``'s tokenizer (else the tiny one). Kept when ``dest``
+    already holds one (building a 1 B model takes about a minute)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dest = Path(dest)
+    if (dest / "config.json").is_file() and any(dest.glob("*.safetensors")):
+        return dest
+    tok_dir = Path(tokenizer_from) if tokenizer_from else build_tiny_model(dest.parent / f"{dest.name}.tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tmp = dest.with_name(dest.name + ".tmp")
+    tok.save_pretrained(str(tmp))
+    cfg = LlamaConfig(**{"max_position_embeddings": 8192, "tie_word_embeddings": True, **shape},
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    # Built in bf16 (half the memory and time of an fp32 init), on the GPU where there is one.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.save_pretrained(str(tmp))
+    del model
+    tmp.rename(dest)  # complete before it appears: a cached half-written model would be reused
+    return dest
