@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from trainerd import ladder as ladder_mod
 from trainerd import planning
 from trainerd.config import TrainSettings
-from trainerd.planning import back_off, estimate_training_bytes, plan_micro_batch
+from trainerd.planning import back_off, estimate_training_bytes
+
+
+def plan_micro_batch(shape, train, lora=None, *, limit_bytes, baseline_bytes, available_bytes, soft,
+                     precision="float32", ranks=1):
+    """The ladder's plan over the micro-batch walk alone (the layout of the precision)."""
+    rungs = ladder_mod.ladder(shape, train, lora, precision=precision, base_weights=planning.default_weights(precision),
+                              ranks=ranks)
+    rungs.sort(key=lambda r: -r.estimate_bytes)  # the walk, largest first (speed order puts gc last anyway)
+    return ladder_mod.plan(rungs, limit_bytes=min(limit_bytes, baseline_bytes + available_bytes),
+                           guard_limit_bytes=limit_bytes, baseline_bytes=baseline_bytes, soft=soft)
 
 MiB = 1 << 20
 # SmolLM2-135M's numbers (what read_model_shape gives for it; see test_memguard)
@@ -66,7 +77,8 @@ def test_plan_options_are_the_back_off_ladder(start):
 
 @pytest.mark.parametrize("limit_mib, expected", [
     (100_000, ((8, 2, False), True)),      # room to spare: the configured setting is kept
-    (3000, ((2, 8, False), True)),         # halved twice
+    (3000, ((4, 4, False), True)),         # halved once
+    (2500, ((2, 8, False), True)),         # halved twice
     (2000, ((1, 16, False), True)),        # halved three times
     (1400, ((1, 16, True), True)),         # only the last rung fits
     (600, ((1, 16, True), False)),         # nothing fits: the last rung, marked so

@@ -23,7 +23,7 @@ Base-weight layouts (what the worker loads; :mod:`trainerd.worker.weights` carri
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from trainerd.planning import PRECISIONS, back_off, estimate_training_bytes
@@ -144,7 +144,8 @@ class Plan:
     fits: bool
     never_fits: bool = False
     why: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
+    guard_limit_bytes: int = 0
+    baseline_bytes: int = 0
 
     @property
     def smallest(self) -> Rung:
@@ -177,12 +178,14 @@ def plan(rungs: Sequence[Rung], *, limit_bytes: int, guard_limit_bytes: int, bas
             why = ("the configured settings fit" if r is fastest else
                    f"faster rungs need more than the budget (the fastest, {fastest.describe()}, "
                    f"an estimated {fastest.estimate_bytes} bytes)")
-            return Plan(r, tuple(rungs), limit_bytes, budget, guard_budget, True, why=why)
+            return Plan(r, tuple(rungs), limit_bytes, budget, guard_budget, True, why=why,
+                        guard_limit_bytes=guard_limit_bytes, baseline_bytes=baseline_bytes)
     small = min(rungs, key=lambda r: r.estimate_bytes)
     never = small.estimate_bytes > guard_budget
     why = ("no rung fits soft x the memory limit, not even the smallest" if never else
            "no rung fits what the host can give now: starting on the smallest")
-    return Plan(small, tuple(rungs), limit_bytes, budget, guard_budget, False, never_fits=never, why=why)
+    return Plan(small, tuple(rungs), limit_bytes, budget, guard_budget, False, never_fits=never, why=why,
+                guard_limit_bytes=guard_limit_bytes, baseline_bytes=baseline_bytes)
 
 
 def next_rung(rungs: Sequence[Rung], current: tuple[str, int, int, bool], current_bytes: int | None = None
@@ -203,7 +206,3 @@ def estimated_tokens_per_s(shape: dict[str, int], rung: Rung, precision: str, de
     flops = (6 if rung.gradient_checkpointing else 4) * shape["params"]
     rate = FLOPS.get((device, precision), FLOPS[("cpu", "float32")])
     return rate / max(1, flops) * SPEED_LAYOUT.get((rung.weights, precision), 1.0)
-
-
-def with_estimate(r: Rung, estimate_bytes: int) -> Rung:
-    return replace(r, estimate_bytes=estimate_bytes)

@@ -32,6 +32,7 @@ __all__ = [
     "cpu_flags",
     "estimate_training_bytes",
     "expected_precision",
+    "gpu_may_train",
     "read_model_shape",
     "weight_bytes",
 ]
@@ -86,13 +87,20 @@ def expected_precision(dtype: str, device: str, recorded: str | None = None, *,
         return recorded
     if dtype in PRECISIONS:
         return dtype
-    if device != "cpu":
-        try:
-            if any(Path(gpus).iterdir()):
-                return "float32"
-        except OSError:
-            pass
+    if gpu_may_train(device, gpus):
+        return "float32"
     return "bfloat16" if cpu_flags(cpuinfo) & set(CPU_BF16_FLAGS) else "float32"
+
+
+def gpu_may_train(device: str, gpus: str | Path = "/proc/driver/nvidia/gpus") -> bool:
+    """Whether the worker may put the step on a GPU: ``device`` is not ``cpu`` and the NVIDIA
+    driver lists one (then host memory is not where the weights live during training)."""
+    if device == "cpu":
+        return False
+    try:
+        return any(Path(gpus).iterdir())
+    except OSError:
+        return False
 
 
 def back_off(micro_batch_size: int, grad_accum_steps: int, gradient_checkpointing: bool

@@ -57,6 +57,7 @@ class Batch:
     decision: str | None = None       # blessed | rejected | forced | cancelled
     gate_json: str | None = None
     priority: int = 0                 # its lane: 1 high, 0 normal, -1 low (contract.LANES)
+    base_weights: str | None = None   # the plan's base-weight layout (trainerd/ladder.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":

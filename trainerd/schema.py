@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The schema as this release writes it (a new root gets this, then user_version = SCHEMA_VERSION).
 _SCHEMA = """
@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS batches (
     micro_batch_size       INTEGER,                -- NULL = not planned yet
     grad_accum_steps       INTEGER,
     gradient_checkpointing INTEGER,
+    base_weights           TEXT,                   -- the plan's base-weight layout (trainerd/ladder.py), NULL = before layouts
     next_attempt_at        REAL NOT NULL DEFAULT 0,
     last_reason            TEXT,
     last_step              INTEGER,
@@ -102,7 +103,13 @@ def _to_3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE adapter_versions ADD COLUMN removed_at REAL")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3}
+def _to_4(db: sqlite3.Connection) -> None:
+    """The memory ladder (issue 19): the base-weight layout a batch's plan chose. NULL on older
+    rows: their worker held the layout of their precision (float32, or bfloat16 projections)."""
+    db.execute("ALTER TABLE batches ADD COLUMN base_weights TEXT")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_2, 3: _to_3, 4: _to_4}
 
 
 
