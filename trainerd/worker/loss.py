@@ -139,7 +139,7 @@ def row_losses(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
             for r in range(hidden.shape[0]):
                 keep = (shift[r] != IGNORE_INDEX).nonzero().squeeze(1)
                 total = linear_cross_entropy(hidden[r].index_select(0, keep), weight, bias, shift[r].index_select(0, keep),
-                                             compute_dtype=autocast_dtype or rows.dtype,
+                                             compute_dtype=autocast_dtype or hidden.dtype,
                                              chunk=chunk_rows(weight.shape[0]))
                 out.append((float(total), int(keep.numel())))
             return out
