@@ -256,8 +256,8 @@ def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_le
     A step holds: runtime + the base (:func:`weight_bytes`) + adapter (weights, grads, two AdamW
     moments, always fp32) + activations saved for backward + the loss's logits (the fused loss:
     one chunk; else LOGIT_COPIES x all of them) + the lm-head cast to the compute dtype when it
-    is stored otherwise (the fused loss casts it once per call) + one projection upcast to fp32
-    (an fp32 batch on bf16 weights). The base's bytes are known exactly; everything else is
+    is stored otherwise (the fused loss casts it once per call) + the fp32 buffers of an fp32
+    batch on bf16 weights (one per projection size, shared by every layer: worker/weights.py). The base's bytes are known exactly; everything else is
     padded by ESTIMATE_MARGIN (SDPA attention: no seq x seq matrix). Per token and layer a Llama
     block keeps ~11 x hidden + 4 x intermediate floats for backward (x BF16_ACTIVATION_FACTOR under
     bf16); with gradient checkpointing only the layer inputs are kept and one layer is
@@ -292,6 +292,8 @@ def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_le
     head_stored = 2 if (weights != "float32" and shape.get("bf16_checkpoint", 0)) else 4
     head_compute = 2 if precision == "bfloat16" else 4
     head_copy = vocab * h * head_compute if head_stored != head_compute else 0
-    upcast = shape.get("max_linear", 0) * 4 if (precision == "float32" and weights != "float32") else 0
+    upcast = 0
+    if precision == "float32" and weights != "float32":
+        upcast = 4 * max(shape.get("max_linear", 0), sum({h * heads * hd, h * kvh * hd, h * inter}))
     step = RUNTIME_BYTES + adapter * 4 * 4 + act + logits + head_copy + upcast
     return int(max(load + RUNTIME_BYTES * ESTIMATE_MARGIN, held + step * ESTIMATE_MARGIN))

@@ -81,12 +81,12 @@ def build_random_model(dest: str | Path, shape: dict, *, tokenizer_from: str | P
     """A Llama of ``shape`` (LlamaConfig fields) with random weights, saved in bf16 as most released
     checkpoints are, with ``tokenizer_from``'s tokenizer (else the tiny one). Kept when ``dest``
     already holds one."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     dest = Path(dest)
     if any(dest.glob("*.safetensors")) and _same_shape(dest, shape):
         return dest
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     shutil.rmtree(dest, ignore_errors=True)  # another shape under that name: made again
     tok_dir = Path(tokenizer_from) if tokenizer_from else build_tiny_model(dest.parent / f"{dest.name}.tokenizer")
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -106,6 +106,7 @@ def build_random_model(dest: str | Path, shape: dict, *, tokenizer_from: str | P
     finally:
         torch.set_default_dtype(old)
     model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")
+    model.tie_weights()  # to_empty gives the head its own tensor: saved twice, 0.1 B parameters more
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # each tied weight once
