@@ -118,6 +118,9 @@ def test_bf16_model_larger_than_the_cgroup_in_fp32_trains_to_an_adapter(memcg, d
     (result,) = _attempt_results(d.root)
     assert result["total_steps"] == 1, result["total_steps"]  # what the test's cost is sized on
     peak = result["peak_rss_bytes"]
+    print(f"limit {limit / MiB:.0f} MiB (rung needs {need / MiB:.0f}, fp32 weights {fp32 / MiB:.0f}); cgroup peak "
+          f"{cg.max_usage_bytes() / MiB:.0f} MiB; worker peak RSS {peak / MiB:.0f} MiB, estimate "
+          f"{plan['estimate_bytes'] / MiB:.0f} MiB ({plan['estimate_bytes'] / peak:.3f}x)")
     assert peak <= plan["estimate_bytes"] <= 1.6 * peak, (peak / MiB, plan["estimate_bytes"] / MiB)
     meta = json.loads((d.root / "adapters" / "1" / "trainerd.json").read_text())
     assert (meta["base_weights"], meta["quantized"], meta["numerics_changes"]) == ("bfloat16", False, [])
@@ -188,4 +191,5 @@ def test_estimates_hold_on_a_second_shape(tmp_path):
         assert code == 0 and result["base_weights"] == layout, (code, result)
         est = estimate_training_bytes(shape, 2, 64, precision="float32", weights=layout)
         peak = result["peak_rss_bytes"]
+        print(f"{layout}: peak RSS {peak / MiB:.0f} MiB, estimate {est / MiB:.0f} MiB ({est / peak:.3f}x)")
         assert peak <= est <= 1.6 * peak, (layout, peak / MiB, est / MiB)
