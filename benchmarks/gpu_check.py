@@ -11,6 +11,10 @@ about 2 minutes, so the script works the first time it meets a GPU.
 3. For each: ``benchmarks/throughput.py --device cuda --precisions best`` (the bf16 matmul peak
    of the same run, then worker, plain loop and HF Trainer in bf16): tokens/s, model FLOPs/s,
    MFU, peak GPU memory.
+5. (issue 19) QLoRA vs LoRA: an 8B-shaped random Llama (Llama-3.1-8B's shape), the worker with
+   its base in bf16 (LoRA) and in 4-bit NF4 (QLoRA, bitsandbytes: carry its wheel, see
+   gpu_wheels.sh): peak GPU memory and tokens/s of each, beside torchtune's published 16.2 GiB /
+   7.4 GiB (Llama-3.1-8B LoRA / QLoRA on one RTX 4090). Skipped, saying why, without bitsandbytes.
 4. A real CUDA out-of-memory: the worker on the 1.2B shape with a micro-batch far too large
    for 141 GB; it must back off (halving, same step, same tokens) until a step fits, and the
    adapter after that step must match, within bf16 tolerance, a run started directly at the
@@ -42,6 +46,11 @@ SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
+# Llama-3.1-8B's shape (vocab 128256, untied), for the QLoRA check: only built when that part runs.
+QLORA_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+DRY_QLORA_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False)
 DRY_SHAPES = {
     "smollm2-135m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
@@ -51,34 +60,18 @@ DRY_SHAPES = {
 
 
 def build_model(dest: Path, shape: dict[str, Any]) -> Path:
-    """A Llama with random weights and ``shape``, saved in bf16 (half the disk and write time; the
-    worker loads it as fp32 and narrows what its precision says), with the tiny test tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A Llama with random weights and ``shape``, saved in bf16 (as most checkpoints are; the worker
+    loads it as its layout keeps it), with the tiny test tokenizer; on the GPU where there is one."""
+    from trainerd.worker.testing import build_random_model
 
-    from trainerd.worker.testing import build_tiny_model
-
-    if (dest / "config.json").is_file():
-        return dest
-    tok_dir = build_tiny_model(dest.parent / "tiny-tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    tok.save_pretrained(str(dest))
-    cfg = LlamaConfig(**shape, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    # Random init of 1.2B floats takes ~30 s on CPU cores and a second on the GPU.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(str(dest))
-    del model
-    return dest
+    return build_random_model(dest, shape)
 
 
 def env_info() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
-    for pkg in ("transformers", "peft", "accelerate", "structlog"):
+    for pkg in ("transformers", "peft", "accelerate", "structlog", "bitsandbytes"):
         try:
             info[pkg] = __import__(pkg).__version__
         except Exception as e:  # noqa: BLE001 - report what is missing, do not stop here
@@ -193,24 +186,61 @@ def oom_check(a: argparse.Namespace, model: Path, work: Path) -> dict[str, Any]:
     return out
 
 
+def qlora_check(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The same batch on an 8B-shaped model with the base in bf16 (LoRA) and in NF4 (QLoRA)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed (benchmarks/gpu_wheels.sh fetches its wheel into .whl/)"}
+    from benchmarks.common import worker_settings
+
+    p = a.plan["qlora"]
+    model = build_model(work / "model-llama-8b", DRY_QLORA_SHAPE if a.dry_run else QLORA_SHAPE)
+    data = work / "qlora-data.jsonl"
+    _data(data, model, p["micro"] * p["seq"] * p["steps"])
+    out: dict[str, Any] = {"seq_len": p["seq"], "micro_batch": p["micro"], "steps": p["steps"],
+                           "torchtune_gib": {"bfloat16": 16.2, "nf4": 7.4}}
+    for layout in ("bfloat16", "nf4"):
+        batch = work / f"qlora-{layout}"
+        shutil.rmtree(batch, ignore_errors=True)
+        s = worker_settings(root=work / "root", model=model, seq_len=p["seq"], micro_batch=p["micro"], grad_accum=1,
+                            threads=a.threads, seed=1234, lr=2e-4, warmup_steps=0, max_grad_norm=1.0, lora_r=8,
+                            lora_alpha=16, lora_dropout=0.0, targets=["q_proj", "v_proj"], dtype="bfloat16",
+                            device=a.device)
+        s["model"]["base_weights"] = layout
+        s["train"]["gradient_checkpointing"] = True  # as torchtune's recipes run
+        s["eval"] = {"max_tokens": 0}
+        write_batch(batch, s, data)
+        rc, res, _ = _worker(batch, a, {})
+        out[layout] = {"exit_code": rc, "status": res.get("status"), "base_weights": res.get("base_weights"),
+                       "tokens_per_s": res.get("tokens_per_s"), "cuda_peak_bytes": res.get("cuda_peak_allocated_bytes"),
+                       "peak_rss_bytes": res.get("peak_rss_bytes"), "last_loss": res.get("last_loss")}
+        if rc != 0:
+            out[layout]["stderr_tail"] = (batch / "worker.stderr").read_text(errors="replace")[-2000:]
+    out["ok"] = all(out[x]["exit_code"] == 0 and out[x]["base_weights"] == x for x in ("bfloat16", "nf4"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, injected OOM: check the script itself")
     p.add_argument("--work", type=Path, default=Path("/tmp/trainerd-gpu-check"))
     p.add_argument("--out", type=Path, default=REPO / "bench-out" / "gpu_check.json")
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--skip", nargs="*", default=[], choices=("smollm2-135m", "llama-1b", "oom"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("smollm2-135m", "llama-1b", "oom", "qlora"))
     a = p.parse_args(argv)
     a.device = "cpu" if a.dry_run else "cuda"
     a.oom_timeout_s = 240.0
     if a.dry_run:
         a.plan = {"smollm2-135m": dict(seq=64, micro=4, steps=3), "llama-1b": dict(seq=64, micro=4, steps=3),
-                  "oom": dict(seq=64, micro=8, steps=1, fake_fit=2)}
+                  "oom": dict(seq=64, micro=8, steps=1, fake_fit=2), "qlora": dict(seq=64, micro=2, steps=2)}
     else:
         # Sized for ~6 min on one H200: ~0.3-2 s a step, a few hundred thousand tokens each.
         a.plan = {"smollm2-135m": dict(seq=2048, micro=16, steps=10), "llama-1b": dict(seq=2048, micro=8, steps=8),
                   # 64 x 2048 tokens of a 1.2B model need ~200 GB of activations: OOM, then 32, 16...
-                  "oom": dict(seq=2048, micro=64, steps=1, fake_fit=0)}
+                  "oom": dict(seq=2048, micro=64, steps=1, fake_fit=0),
+                  # Llama-3.1-8B at seq 2048 x micro 2, checkpointing: ~1-2 s a step on one H100
+                  "qlora": dict(seq=2048, micro=2, steps=4)}
     t0 = time.monotonic()
     a.work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"benchmark": "gpu_check", "dry_run": a.dry_run, "env": env_info(), "plan": a.plan}
@@ -233,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if "oom" not in a.skip:
         print("== CUDA out-of-memory back-off" + (" (injected: dry run)" if a.dry_run else ""), flush=True)
         report["oom"] = oom_check(a, models["llama-1b"], a.work)
+        write_json(a.out, report)
+    if "qlora" not in a.skip:
+        print("== QLoRA vs LoRA on an 8B shape (issue 19)", flush=True)
+        report["qlora"] = qlora_check(a, a.work)
         write_json(a.out, report)
     report["total_s"] = round(time.monotonic() - t0, 1)
     write_json(a.out, report)
@@ -267,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
               f"GPU peak {gib(o['cuda_peak_bytes']) if o.get('cuda_peak_bytes') else '-'}; vs a run at micro "
               f"{o.get('reference_micro_batch')}: loss rel diff {o.get('loss_rel_diff')}, adapter max rel diff "
               f"{o.get('adapter_max_rel_diff')} -> {'OK' if o.get('ok') else 'FAILED'}")
+    q = report.get("qlora")
+    if q and "skipped" in q:
+        print(f"QLoRA: skipped: {q['skipped']}")
+    elif q:
+        ok &= bool(q.get("ok"))
+        for layout in ("bfloat16", "nf4"):
+            x = q[layout]
+            peak = x.get("cuda_peak_bytes")
+            print(f"QLoRA check {layout:<8}: {x.get('tokens_per_s') or 0:8.0f} tokens/s, GPU peak "
+                  f"{gib(peak) if peak else '-'} (torchtune: {q['torchtune_gib'][layout]} GiB), exit {x['exit_code']}")
     print(f"wrote {a.out}")
     return 0 if ok else 1
 

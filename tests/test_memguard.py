@@ -464,7 +464,10 @@ def _smollm2_like(d: Path) -> Path:
     (d / "config.json").write_text(json.dumps({
         "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
         "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}))
-    header = json.dumps({"model.weights": {"dtype": "F32", "shape": [134515008], "data_offsets": [0, 538060032]},
+    # SmolLM2's parameters by role: tied embedding, the decoder's projections, the norms
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [49152, 576], "data_offsets": [0, 0]},
+                         "model.layers.weight": {"dtype": "F32", "shape": [184320, 576], "data_offsets": [0, 0]},
+                         "model.norm.weight": {"dtype": "F32", "shape": [35136], "data_offsets": [0, 0]},
                          "__metadata__": {"format": "pt"}}).encode()
     (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     return d
@@ -501,7 +504,7 @@ def test_plan_tiny_limit_gives_micro_batch_1_with_checkpointing(tmp_path, tiny_m
     log = ListLog()
     g = MemoryGuard(MemorySettings(limit=500 * MiB), log=log, cgroup=None)
     train = TrainSettings(seq_len=2048, micro_batch_size=8, grad_accum_steps=2)
-    p = g.plan_micro_batch(tiny_model_dir, train)
+    p = g.plan(tiny_model_dir, train)
     assert (p.micro_batch_size, p.grad_accum_steps, p.gradient_checkpointing) == (1, 16, True)
     assert p.limit_bytes <= 500 * MiB
     fields = (log.find("memory_plan_reduced") or log.find("memory_plan_does_not_fit"))[0]
@@ -512,7 +515,7 @@ def test_plan_big_limit_keeps_configuration(tmp_path, tiny_model_dir):
     """With room to spare the configured micro-batch and accumulation are kept."""
     log = ListLog()
     g = MemoryGuard(MemorySettings(limit=16 << 30), log=log)
-    p = g.plan_micro_batch(tiny_model_dir, TrainSettings(seq_len=64, micro_batch_size=4, grad_accum_steps=4))
+    p = g.plan(tiny_model_dir, TrainSettings(seq_len=64, micro_batch_size=4, grad_accum_steps=4))
     assert (p.micro_batch_size, p.grad_accum_steps, p.gradient_checkpointing, p.fits) == (4, 4, False, True)
     assert p.estimate_bytes < p.budget_bytes and log.find("memory_plan_kept")
 
@@ -520,7 +523,7 @@ def test_plan_big_limit_keeps_configuration(tmp_path, tiny_model_dir):
 def test_plan_halves_and_keeps_effective_batch(tmp_path):
     """SmolLM2 at micro 8 under 3.5 GiB halves to what fits, doubling accumulation: micro x accum unchanged."""
     g = MemoryGuard(MemorySettings(limit=7 << 29))
-    p = g.plan_micro_batch(_smollm2_like(tmp_path / "m"), TrainSettings(seq_len=256, micro_batch_size=8,
+    p = g.plan(_smollm2_like(tmp_path / "m"), TrainSettings(seq_len=256, micro_batch_size=8,
                                                                        grad_accum_steps=3))
     # micro 4 since the fused loss (it was 1 or 2 while the estimate carried the full logits)
     assert p.micro_batch_size in (2, 4) and p.micro_batch_size * p.grad_accum_steps == 24

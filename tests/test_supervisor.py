@@ -341,8 +341,11 @@ class ScriptedGuard:
     def kernel_oom_kills(self):
         return 0
 
-    def plan_micro_batch(self, model_dir, train, lora=None, *, precision="float32"):
-        return self.real.plan_micro_batch(model_dir, train, lora, precision=precision)
+    def plan(self, model_dir, train, lora=None, **kw):
+        return self.real.plan(model_dir, train, lora, **kw)
+
+    def ladder(self, *a, **kw):
+        return self.real.ladder(*a, **kw)
 
 
 @pytest.mark.parametrize("action", ["term", "kill"])

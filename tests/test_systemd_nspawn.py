@@ -387,7 +387,7 @@ def test_memory_max_too_low_for_the_micro_batch_is_met_by_a_graceful_stop(contai
     ev = _events(c)
     stops = [e for e in ev if e.get("event") == "worker_exited" and e.get("batch") == 1]
     print("guard:", [(e["event"], e.get("reason")) for e in ev if str(e.get("event", "")).startswith("memory_")
-                     and e["event"] not in ("memory_plan_kept", "memory_limit_detected")])
+                     and e["event"] not in ("memory_plan", "memory_plan_kept", "memory_limit_detected")])
     print("exits:", [(e.get("exit"), e.get("result_reason")) for e in stops])
     assert any(e.get("result_reason") == "memory" and e.get("exit_code") == 75 for e in stops), stops
     assert any(e.get("event") == "memory_back_off" for e in ev)
@@ -411,7 +411,7 @@ def test_memory_max_set_too_low_from_the_start_never_starts_an_oversized_worker(
     wait_for("a first step", lambda: any(e.get("event") == "step" and e.get("batch") == 1 for e in _events(c)),
              400, c, every_s=1)
     ev = _events(c)
-    plans = [e for e in ev if str(e.get("event", "")).startswith("memory_plan")]
+    plans = [e for e in ev if str(e.get("event", "")).startswith("memory_plan_")]
     starts = [e for e in ev if e.get("event") == "worker_started"]
     print("plan:", [(e["event"], e.get("micro_batch_size"), e.get("limit_bytes"), e.get("source")) for e in plans])
     assert plans and plans[0]["event"] == "memory_plan_reduced", plans

@@ -81,6 +81,10 @@ class ModelSettings:
     path: str = field(default="models/SmolLM2-135M-Instruct", metadata=_check("str", nonempty=True))
     dtype: str = field(default="auto", metadata=_check("choice", choices=("auto", "float32", "bfloat16")))
     device: str = field(default="auto", metadata=_check("choice", choices=("auto", "cpu", "cuda")))
+    # How the frozen base is held (trainerd/ladder.py): auto = the memory plan picks the fastest
+    # layout that fits (nf4 last, CUDA only); unquantized = never nf4; or pin one layout.
+    base_weights: str = field(default="auto", metadata=_check(
+        "choice", choices=("auto", "unquantized", "float32", "bfloat16", "nf4")))
 
 
 @dataclass

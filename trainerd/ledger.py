@@ -344,12 +344,12 @@ class Ledger:
         return self.finish_claims([(batch_id, sha256, size_bytes)], now)[0]  # CLAIMING -> QUEUED
 
     def set_plan(self, batch_id: int, micro_batch_size: int, grad_accum_steps: int,
-                 gradient_checkpointing: bool, now: float) -> Batch:
-        """Record the micro-batch settings the next attempt runs with (planning)."""
+                 gradient_checkpointing: bool, now: float, base_weights: str | None = None) -> Batch:
+        """Record the memory rung the next attempt runs with (planning)."""
         with self.transaction() as db:
             db.execute("UPDATE batches SET micro_batch_size=?, grad_accum_steps=?, gradient_checkpointing=?,"
-                       " updated_at=? WHERE id=?",
-                       (micro_batch_size, grad_accum_steps, int(gradient_checkpointing), now, batch_id))
+                       " base_weights=?, updated_at=? WHERE id=?",
+                       (micro_batch_size, grad_accum_steps, int(gradient_checkpointing), base_weights, now, batch_id))
             return self._get(db, batch_id)
 
     def start_attempt(self, batch_id: int, now: float, init_adapter: str | None) -> Batch:

@@ -62,6 +62,7 @@ class Batch:
     crash_streak: int = 0             # crashes in a row without getting further: the retry budget
     reached_step: int | None = None   # the furthest step any attempt completed
     goodput_json: str | None = None   # trainerd/goodput.py: useful and wall seconds, seconds lost to faults
+    base_weights: str | None = None   # the plan's base-weight layout (trainerd/ladder.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":

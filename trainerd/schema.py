@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS batches (
     micro_batch_size       INTEGER,                -- NULL = not planned yet
     grad_accum_steps       INTEGER,
     gradient_checkpointing INTEGER,
+    base_weights           TEXT,                   -- the plan's base-weight layout (trainerd/ladder.py), NULL = before layouts
     next_attempt_at        REAL NOT NULL DEFAULT 0,
     last_reason            TEXT,
     last_step              INTEGER,
@@ -112,16 +113,18 @@ def _to_3(db: sqlite3.Connection) -> None:
 
 
 def _to_4(db: sqlite3.Connection) -> None:
-    """This release's ledger (issues 17, 18 and 24). The gate over thousands of batches: a batch's
+    """This release's ledger (issues 17, 18, 19 and 24). The gate over thousands of batches: a batch's
     healing tries (the root's files, the evaluation memory built from evalsets/batches/, follow at
     the daemon's start). Faults are weather: crashes counted by progress, the high-water step,
-    goodput. Weeks on one disk: running totals kept by triggers (trainerd/aggregates.py), filled
+    goodput. The memory ladder: the base-weight layout a batch's plan chose (NULL on older rows:
+    their worker held the layout of their precision). Weeks on one disk: running totals kept by triggers (trainerd/aggregates.py), filled
     from the rows once here, and the index status pages the newest finished batches by."""
     for stmt in ("ALTER TABLE batches ADD COLUMN heals INTEGER NOT NULL DEFAULT 0",
                  "ALTER TABLE batches ADD COLUMN faults_survived INTEGER NOT NULL DEFAULT 0",
                  "ALTER TABLE batches ADD COLUMN crash_streak INTEGER NOT NULL DEFAULT 0",
                  "ALTER TABLE batches ADD COLUMN reached_step INTEGER",
                  "ALTER TABLE batches ADD COLUMN goodput_json TEXT",
+                 "ALTER TABLE batches ADD COLUMN base_weights TEXT",
                  "ALTER TABLE attempts ADD COLUMN account_json TEXT",
                  "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts(ended_at)"):
         db.execute(stmt)

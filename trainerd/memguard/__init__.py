@@ -15,13 +15,13 @@ The rooms:
 - :mod:`~trainerd.memguard.rules`: pure: samples and time in, a ``Decision`` out (the rungs);
 - :mod:`~trainerd.memguard.guard`: ``MemoryGuard``, the sampler + the rules + the log.
 
-Planning a first attempt's micro-batch is :mod:`trainerd.planning` (the worker may use it too).
+Planning a first attempt is :mod:`trainerd.ladder` (estimates: :mod:`trainerd.planning`).
 """
 
 from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup, parse_psi
 from trainerd.memguard.guard import MemoryGuard
 from trainerd.memguard.rules import Decision, Sample
-from trainerd.planning import Plan
+from trainerd.ladder import Plan
 
 __all__ = [
     "Cgroup",

@@ -14,7 +14,8 @@ from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup
 from trainerd.memguard.procfs import mem_available
 from trainerd.memguard.rules import Decision, Rules, Sample
 from trainerd.memguard.sampler import AVAILABLE_SOURCE, Sampler
-from trainerd.planning import Plan, plan_micro_batch, read_model_shape
+from trainerd.ladder import Plan, Rung, estimated_tokens_per_s, ladder, plan, quantization_available
+from trainerd.planning import read_model_shape
 
 __all__ = ["MemoryGuard"]
 
@@ -70,6 +71,7 @@ class MemoryGuard:
         self._batch_dir: Path | None = None
         self._started_at = 0.0
         self._lock = threading.RLock()
+        self.peak_bytes: int | None = None  # the attempt's highest sample (a failure names it)
         self.log.info(
             "memory_limit_detected", limit_bytes=self.limit_bytes, source=self.source,
             configured_bytes=self.configured_bytes, cgroup_limit_bytes=self.cgroup_limit_bytes,
@@ -98,6 +100,7 @@ class MemoryGuard:
         """Start watching a worker (its whole process tree); ``batch_dir`` names it in the log."""
         with self._lock:
             self._pid, self._batch_dir, self._started_at = int(pid), Path(batch_dir), float(started_at)
+            self.peak_bytes = None
             self.sampler.watch(pid)
             self.rules.start(started_at)
 
@@ -137,6 +140,8 @@ class MemoryGuard:
 
     def _decide(self, s: Sample, now: float) -> Decision:
         d = self.rules.decide(s, now)
+        if s.alive:
+            self.peak_bytes = max(self.peak_bytes or 0, s.usage_bytes)
         if d.action == "none":
             return d
         extra = {"by": "memory_guard"} if d.action == "kill" else {}
@@ -155,31 +160,43 @@ class MemoryGuard:
 
     # --- planning ----------------------------------------------------------------------
 
-    def plan_micro_batch(self, model_dir: Path, train: TrainSettings, lora: LoraSettings | None = None, *,
-                         precision: str = "float32") -> Plan:
-        """Start at the largest micro-batch estimated to fit under the soft limit in ``precision``
-        (see :func:`trainerd.planning.plan_micro_batch`), logged as memory_plan_kept / _reduced /
-        _does_not_fit with the numbers behind it."""
-        with self._lock:
+    def plan(self, model_dir: Path, train: TrainSettings, lora: LoraSettings | None = None, *,
+             precision: str = "float32", base_weights: str = "auto", device: str = "cpu") -> Plan:
+        """The fastest rung of the batch's ladder (:func:`trainerd.ladder.ladder`) estimated to fit
+        under the soft limit in ``precision``, logged as ``memory_plan`` (the rung, why, every rung's
+        estimate and speed, the estimated tokens/s) and, as before, memory_plan_kept / _reduced /
+        _does_not_fit. Reads config.json and the safetensors headers only: milliseconds."""
+        with self._lock:  # the guard's thread samples beside this
             self.sampler.refresh_limit(force=True)
             limit, baseline = self.limit_bytes, self.sampler.baseline_bytes()
         shape = read_model_shape(model_dir)
-        plan = plan_micro_batch(shape, train, lora, limit_bytes=limit,
-                                baseline_bytes=baseline, available_bytes=mem_available(),
-                                soft=self.settings.soft, precision=precision, ranks=train.nproc_per_node)
-        mb0, acc0 = train.micro_batch_size, train.grad_accum_steps
-        mb, gc = plan.micro_batch_size, plan.gradient_checkpointing
-        fields = dict(micro_batch_size=mb, grad_accum_steps=plan.grad_accum_steps, gradient_checkpointing=gc,
-                      estimate_bytes=plan.estimate_bytes, budget_bytes=plan.budget_bytes,
-                      limit_bytes=plan.limit_bytes,
-                      source=self.source if plan.limit_bytes == limit else AVAILABLE_SOURCE,
-                      configured_micro_batch_size=mb0, configured_grad_accum_steps=acc0, effective_batch=mb0 * acc0,
-                      seq_len=train.seq_len, params=shape["params"], fits=plan.fits, precision=precision,
+        rungs = self.ladder(shape, train, lora, precision=precision, base_weights=base_weights, device=device)
+        p = plan(rungs, limit_bytes=min(limit, baseline + mem_available()),
+                 guard_limit_bytes=limit, baseline_bytes=baseline, soft=self.settings.soft)
+        r = p.rung
+        tps = estimated_tokens_per_s(shape, r, precision, device)
+        fields = dict(micro_batch_size=r.micro_batch_size, grad_accum_steps=r.grad_accum_steps,
+                      gradient_checkpointing=r.gradient_checkpointing, base_weights=r.weights,
+                      estimate_bytes=r.estimate_bytes, budget_bytes=p.budget_bytes, limit_bytes=p.limit_bytes,
+                      source=self.source if p.limit_bytes == limit else AVAILABLE_SOURCE,
+                      configured_micro_batch_size=train.micro_batch_size,
+                      configured_grad_accum_steps=train.grad_accum_steps,
+                      effective_batch=train.micro_batch_size * train.grad_accum_steps, seq_len=train.seq_len,
+                      params=shape["params"], fits=p.fits, precision=precision,
                       ranks_on_this_node=train.nproc_per_node)
-        if not plan.fits:
+        self.log.info("memory_plan", rung=r.describe(), why=p.why, speed=round(r.speed, 3),
+                      estimated_tokens_per_s=round(tps, 1), never_fits=p.never_fits,
+                      slow=r.speed < 0.9, rungs=[x.as_dict() for x in rungs], **fields)
+        if not p.fits:
             (self.log.warning if hasattr(self.log, "warning") else self.log.info)("memory_plan_does_not_fit", **fields)
-        elif (mb, gc) != (mb0, train.gradient_checkpointing):
+        elif r is not rungs[0]:
             self.log.info("memory_plan_reduced", **fields)
         else:
             self.log.info("memory_plan_kept", **fields)
-        return plan
+        return p
+
+    def ladder(self, shape: dict[str, int], train: TrainSettings, lora: LoraSettings | None = None, *,
+               precision: str, base_weights: str = "auto", device: str = "cpu") -> list[Rung]:
+        """The batch's rungs, fastest first (the plan's and the memory back-off's)."""
+        return ladder(shape, train, lora, precision=precision, base_weights=base_weights,
+                      quantize=base_weights == "auto" and quantization_available(device), ranks=train.nproc_per_node)

@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from trainerd import config as config_mod
-from trainerd import planning
 from trainerd.basemodel import Watched
 from trainerd.child import Child, ExitStatus
 from trainerd.config import Settings
 from trainerd.contract import BatchFiles, ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none, unlink_quietly
 from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
-from trainerd.modelref import local_dir
 from trainerd.states import FINAL_STATES, BatchState
-from trainerd.supervisor import accounting, forensics, heal, hooks, policy
+from trainerd.supervisor import accounting, forensics, heal, hooks, memplan, policy
 from trainerd.supervisor.claims import Claims
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
@@ -89,18 +87,19 @@ class Attempts:
             self._fail(batch, BatchState.QUEUED, f"the claimed data is missing: {files.claimed(batch.name)}", now, log)
             return None
         if not batch.planned:
-            # The guard logs the plan with its numbers (memory_plan_kept / _reduced / _does_not_fit).
-            recorded = (read_json_or_none(files.precision) or {}).get("precision")
-            precision = planning.expected_precision(self.settings.model.dtype, self.settings.model.device, recorded)
-            model_dir = local_dir(self.settings.model.path) or Path(self.settings.model.path)  # a hub id: its snapshot
-            plan = self.guard.plan_micro_batch(model_dir, self.settings.train, self.settings.lora,
-                                               precision=precision)
+            # The ladder's fastest rung that fits, from the model's files; or fail now, with the
+            # figures, when none ever can (never a worker killed mid-load).
+            plan = memplan.plan_batch(files, self.settings, self.guard)
+            if plan.never_fits:
+                self._fail(batch, BatchState.QUEUED, memplan.never_fits_reason(plan, self.settings.memory.soft), now, log)
+                return None
             batch = self.ledger.set_plan(batch.id, plan.micro_batch_size, plan.grad_accum_steps,
-                                         plan.gradient_checkpointing, now)
+                                         plan.gradient_checkpointing, now, memplan.planned_weights(plan, self.settings))
         settings = copy.deepcopy(self.settings)
         settings.train.micro_batch_size = batch.micro_batch_size
         settings.train.grad_accum_steps = batch.grad_accum_steps
         settings.train.gradient_checkpointing = bool(batch.gradient_checkpointing)
+        settings.model.base_weights = batch.base_weights or settings.model.base_weights
         config_mod.dump_json(settings, files.settings)
         # Leftovers of the previous attempt would be misread as this one's answer (or account).
         unlink_quietly(files.result)
@@ -145,6 +144,7 @@ class Attempts:
                   micro_batch_size=settings.train.micro_batch_size,
                   grad_accum_steps=settings.train.grad_accum_steps,
                   gradient_checkpointing=settings.train.gradient_checkpointing,
+                  base_weights=settings.model.base_weights,
                   fault_rate=rate.as_dict(), crash_streak=batch.crash_streak, faults_survived=batch.faults_survived)
         unlink_quietly(files.heartbeat)  # the last attempt's sign of life is not this one's
         world = settings.train.nproc_per_node * settings.train.nnodes if distributed(settings) else 1
@@ -188,7 +188,9 @@ class Attempts:
             kernel_oom = forensics.kernel_oom_killed(r.child.pid, r.oom_kills_at_start)
         end = policy.AttemptEnd(st, result, cause=r.stop.cause, sender=sender,
                                 adapter_staged=r.files.published.is_dir(), kernel_oom=kernel_oom,
-                                limit_bytes=getattr(self.guard, "limit_bytes", None), stalled=r.stop.stalled)
+                                limit_bytes=getattr(self.guard, "limit_bytes", None), stalled=r.stop.stalled,
+                                peak_bytes=getattr(self.guard, "peak_bytes", None),
+                                ladder=memplan.batch_ladder(r.batch, r.files, self.settings, self.guard))
         return self.settle(r.batch, r.attempt, end, now, r.log, stopping=stopping, pid=r.child.pid,
                            oom_kills_before=r.oom_kills_at_start)
 
@@ -291,7 +293,8 @@ class Attempts:
                           guard_oom_kills=_safe(lambda: self.guard.kernel_oom_kills()),
                           hint="the memory guard did not stop the worker in time; backing off")
             elif event == "memory_back_off":
-                log.warning(event, micro_batch_size=v.updates["micro_batch_size"],
+                log.warning(event, base_weights=v.updates.get("base_weights"), previous_base_weights=batch.base_weights,
+                            micro_batch_size=v.updates["micro_batch_size"],
                             grad_accum_steps=v.updates["grad_accum_steps"],
                             gradient_checkpointing=bool(v.updates["gradient_checkpointing"]),
                             previous_micro_batch_size=batch.micro_batch_size or self.settings.train.micro_batch_size,

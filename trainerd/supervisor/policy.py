@@ -19,8 +19,10 @@ tests/test_policy.py; the process-level tests prove the pieces fit.
     SIGKILL nobody here sent, otherwise           -> kernel_oom_kill: a memory stop
     anything else                  -> crash
 
-    stopped memory   -> back off (half the micro-batch, double accumulation, then gradient
-                        checkpointing), or fail when nothing smaller is left / too many stops
+    stopped memory   -> back off to the fastest rung of the batch's ladder that needs less memory
+                        (trainerd/ladder.py; without one: half the micro-batch, double
+                        accumulation, then checkpointing), or fail when nothing smaller is left /
+                        too many stops, naming the peak measured and the limit
     stopped disk_full-> requeue after backoff_s (the start check waits for space)
     stopped other    -> requeue at once
     crash            -> a fault survived when the attempt made progress (trainerd/goodput.py:
@@ -42,6 +44,7 @@ from trainerd.config import Settings
 from trainerd.contract import ExitCode, Outcome, StopReason
 from trainerd.fsutil import fmt_bytes
 from trainerd.ledger import Batch
+from trainerd.ladder import Rung, next_rung
 from trainerd.planning import back_off
 from trainerd.supervisor.gate import GateDecision
 from trainerd.supervisor.stopping import Sender
@@ -74,6 +77,8 @@ class AttemptEnd:
     progressed: bool = False             # a newer checkpoint and a step further than ever (goodput.py)
     reached_step: int | None = None      # the furthest optimizer step it completed
     traceback: str | None = None         # the last traceback in its stderr, for a crash's reason
+    peak_bytes: int | None = None        # the guard's highest sample of the attempt (a failure names it)
+    ladder: tuple[Rung, ...] | None = None  # the batch's memory rungs, fastest first (the back-off walks them)
 
     @property
     def result_reason(self) -> str | None:
@@ -198,18 +203,35 @@ def _memory_stop(batch: Batch, attempt_reason: str, end: AttemptEnd, settings: S
     t = settings.train
     cur = (batch.micro_batch_size or t.micro_batch_size, batch.grad_accum_steps or t.grad_accum_steps,
            bool(batch.gradient_checkpointing))
-    nxt = back_off(*cur)
+    if end.ladder and batch.base_weights:
+        rung = next_rung(end.ladder, (batch.base_weights, *cur))
+        nxt = None if rung is None else (rung.micro_batch_size, rung.grad_accum_steps, rung.gradient_checkpointing)
+        weights = {} if rung is None else {"base_weights": rung.weights}
+        last = "even on the smallest rung of its memory ladder"
+    else:
+        nxt, weights = back_off(*cur), {}
+        last = "even at micro_batch_size 1 with gradient checkpointing"
     if nxt is None or stops > settings.retry.max_memory_stops:
-        peak = (end.result or {}).get("peak_rss_bytes")
-        why = ("needs more memory than the limit even at micro_batch_size 1 with gradient checkpointing"
-               if nxt is None else f"{stops} memory stops (retry.max_memory_stops)")
+        why = f"needs more memory than the limit {last}" if nxt is None else \
+            f"{stops} memory stops (retry.max_memory_stops)"
         return Verdict(Outcome.STOPPED, attempt_reason, Action.FAIL,
-                       batch_reason=f"{why}: peak RSS {fmt_bytes(peak)} against a limit of {fmt_bytes(end.limit_bytes)}",
+                       batch_reason=f"{why}: {_peak(end)} against a limit of {fmt_bytes(end.limit_bytes)}",
                        updates={"memory_stops": stops}, stop=StopReason.MEMORY)
     return Verdict(Outcome.STOPPED, attempt_reason, Action.REQUEUE, batch_reason=StopReason.MEMORY.value,
                    updates={"memory_stops": stops, "micro_batch_size": nxt[0], "grad_accum_steps": nxt[1],
-                            "gradient_checkpointing": int(nxt[2])},
+                            "gradient_checkpointing": int(nxt[2]), **weights},
                    events=("memory_back_off",), stop=StopReason.MEMORY)
+
+
+def _peak(end: AttemptEnd) -> str:
+    """The attempt's peak: the worker's own (result.json) or, when it was killed before it could
+    write one, the guard's highest sample."""
+    rss = (end.result or {}).get("peak_rss_bytes")
+    if rss:
+        return f"peak RSS {fmt_bytes(rss)}"
+    if end.peak_bytes:
+        return f"peak {fmt_bytes(end.peak_bytes)} (the memory guard's highest sample)"
+    return "peak unknown (no result.json and no sample)"
 
 
 def crash(batch: Batch, reason: str, settings: Settings, now: float, end: AttemptEnd | None = None) -> Verdict:

@@ -75,7 +75,7 @@ def loss_path(model: Any, *, fused: bool = True) -> LossPath:
         decoder, head = base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError) as e:
         return LossPath("full", f"no decoder/lm-head split: {e}")
-    if decoder is None or type(head) is not torch.nn.Linear:
+    if decoder is None or (type(head) is not torch.nn.Linear and not getattr(type(head), "plain_linear", False)):
         # e.g. a LoRA-wrapped lm_head: its own module must run, so the full path is used
         return LossPath("full", f"lm-head is {type(head).__name__}, not a plain Linear")
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
@@ -110,7 +110,7 @@ def token_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
             weight, bias = path.head.weight, path.head.bias
             loss = linear_cross_entropy(rows, weight, bias, shift.index_select(0, keep), scale=1.0 / divide_by,
-                                        compute_dtype=autocast_dtype or weight.dtype,
+                                        compute_dtype=autocast_dtype or rows.dtype,
                                         chunk=chunk or chunk_rows(weight.shape[0]))
             if n == 0 and rows.requires_grad:
                 loss = loss + hidden.sum() * 0.0  # keeps backward() valid for a block with no labels
@@ -139,7 +139,7 @@ def row_losses(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
             for r in range(hidden.shape[0]):
                 keep = (shift[r] != IGNORE_INDEX).nonzero().squeeze(1)
                 total = linear_cross_entropy(hidden[r].index_select(0, keep), weight, bias, shift[r].index_select(0, keep),
-                                             compute_dtype=autocast_dtype or weight.dtype,
+                                             compute_dtype=autocast_dtype or hidden.dtype,
                                              chunk=chunk_rows(weight.shape[0]))
                 out.append((float(total), int(keep.numel())))
             return out

@@ -21,13 +21,11 @@ from trainerd.config import Settings
 from trainerd.fsutil import atomic_write_json, read_json
 from trainerd.modelref import hub_cache, is_hub_id, local_dir
 from trainerd.planning import CPU_BF16_FLAGS, PRECISIONS, cpu_flags
+from trainerd.worker import weights as wt
+from trainerd.worker.weights import ConfigProblem
 
 __all__ = ["BFLOAT16", "FLOAT32", "ConfigProblem", "Loaded", "Precision", "auto_precision", "batch_precision", "build_peft",
            "cpu_features", "load", "make_optimizer", "pick_device", "resolve_precision"]
-
-
-class ConfigProblem(Exception):
-    """The settings cannot work (exit 78)."""
 
 
 def pick_device(settings: Settings) -> torch.device:
@@ -160,19 +158,20 @@ def hold_frozen_linears_in_bf16(model: Any) -> int:
 
 @dataclass
 class Loaded:
-    """The base model and its tokenizer, and where they live."""
+    """The base model and its tokenizer, where they live, and how its weights are held."""
 
     tokenizer: Any
     base: Any
     device: torch.device
     load_s: float
+    weights: str = "float32"  # the base-weight layout (trainerd/ladder.py)
 
 
-def load(settings: Settings, log: Any) -> Loaded:
-    """Load the tokenizer and the base model of ``model.path`` (ConfigProblem when it cannot).
-
-    The base is loaded in fp32 whatever the precision: a bf16 batch narrows only the frozen
-    Linear weights, after the adapter is attached (:func:`build_peft`).
+def load(settings: Settings, log: Any, *, precision: Precision | None = None,
+         device: torch.device | None = None) -> Loaded:
+    """Load the tokenizer and the base model of ``model.path`` (ConfigProblem when it cannot),
+    its weights held in the attempt's layout (:func:`trainerd.worker.weights.resolve_layout`):
+    loaded in the dtype that layout keeps, never an fp32 copy of a bf16 checkpoint first.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,7 +183,9 @@ def load(settings: Settings, log: Any) -> Loaded:
         raise ConfigProblem(f"model.path: no model folder at {settings.model.path} (run scripts/fetch-model?)")
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
-    device = pick_device(settings)
+    device = device or pick_device(settings)
+    name = precision.name if precision is not None else FLOAT32
+    layout = wt.resolve_layout(settings, name, device, log)
     t0 = time.monotonic()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(mp))
@@ -193,13 +194,15 @@ def load(settings: Settings, log: Any) -> Loaded:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer_s = time.monotonic() - t0
+    kwargs = wt.load_kwargs(layout, name, mp, device)
     try:
-        base = AutoModelForCausalLM.from_pretrained(str(mp), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(str(mp), **kwargs)
     except Exception as e:
-        raise ConfigProblem(f"model.path: cannot load the model from {mp}: {e}") from e
-    loaded = Loaded(tokenizer, base, device, time.monotonic() - t0)
+        raise ConfigProblem(f"model.path: cannot load the model from {mp} ({layout} weights): {e}") from e
+    loaded = Loaded(tokenizer, base, device, time.monotonic() - t0, layout)
     log.info("model_loaded", path=str(mp), device=str(device), threads=torch.get_num_threads(),
-             load_s=round(loaded.load_s, 2), tokenizer_s=round(tokenizer_s, 2))
+             load_s=round(loaded.load_s, 2), tokenizer_s=round(tokenizer_s, 2), base_weights=layout,
+             load_dtype=str(kwargs["dtype"]).removeprefix("torch."))
     return loaded
 
 
@@ -233,12 +236,14 @@ def build_peft(loaded: Loaded, settings: Settings, adapter_dir: Path | None, pre
     if precision.name == BFLOAT16:
         narrowed = hold_frozen_linears_in_bf16(model)
         log.info("base_linears_in_bf16", params=narrowed)
+    wt.shape_base(model, precision.name, log)
     if settings.train.compile:
         compile_layers(model, settings, log)
     bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     if bad:  # the adapter, its gradients and AdamW state are fp32 in every precision
         raise ConfigProblem(f"trainable parameters not in fp32: {bad[:3]}")
-    model.to(loaded.device)
+    if loaded.weights != "nf4":  # a quantized model is placed by from_pretrained and cannot be moved
+        model.to(loaded.device)
     model.train()
     return model
 

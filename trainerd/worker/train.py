@@ -33,6 +33,7 @@ from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import dist
 from trainerd.worker import evaluate as ev
 from trainerd.worker import heartbeat
+from trainerd.worker import weights as wt
 from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
 from trainerd.worker.evaluate import EarlyStopping
@@ -94,6 +95,7 @@ class Trainer:
             "grad_accum_steps": settings.train.grad_accum_steps,
         }
         self.loaded: mdl.Loaded | None = None
+        self.numerics_changes: list[dict[str, Any]] = []
         self.stepper: Stepper | None = None  # set once training starts
         self.eff = 0
         self.step = 0
@@ -137,8 +139,15 @@ class Trainer:
         self.stopper.install()
         if not self.files.data.is_file():
             raise DataError(f"data file missing: {self.files.data}")
+        # The precision first: the base is loaded in the dtype its layout keeps (weights.py).
+        device = mdl.pick_device(self.s)
+        self._resume = ckpt.complete(self.files.checkpoints)
+        self._state = ckpt.load_state(self._resume[0]) if self._resume else None
+        self.precision = mdl.batch_precision(self.files, self.s, device, self._state, record=self.ranks.lead,
+                                             log=self.log)
         heartbeat.phase("load")  # from_pretrained has no loop of ours: the watchdog allows it longer
-        self.loaded = mdl.load(self.s, self.log)
+        self.loaded = mdl.load(self.s, self.log, precision=self.precision, device=device)
+        self.numerics_changes = wt.numerics_changes(self._state, self.loaded.weights, self.precision.name, self.log)
         tally.phase_done("load")
         self.stopper.device = self.device
         encoder = Encoder(self.loaded.tokenizer)
@@ -213,13 +222,10 @@ class Trainer:
                                    "from_batches": (split.replay or {}).get("sources", {})})
         t = self.s.train
         eff = t.micro_batch_size * t.grad_accum_steps
-        resume = ckpt.complete(self.files.checkpoints)
-        state = ckpt.load_state(resume[0]) if resume else None
+        resume, state = self._resume, self._state
         if state is not None:
             eff = state["effective_batch"]
         self.total_steps = max(1, -(-sc.blocks_per_epoch * t.epochs // eff))
-        self.precision = mdl.batch_precision(self.files, self.s, self.device, state, record=self.ranks.lead,
-                                             log=self.log)
         self.model = mdl.build_peft(self.loaded, self.s, resume[0] if resume else self.init_adapter,
                                     self.precision, self.log)
         self.optimizer, self.scheduler = mdl.make_optimizer(self.model, self.s, self.total_steps)
@@ -235,7 +241,8 @@ class Trainer:
             cursor = Cursor(**state["cursor"])
         else:
             torch.manual_seed(t.seed + self.ranks.rank)
-        self.result.update(total_steps=self.total_steps, effective_batch=eff, precision=self.precision.name)
+        self.result.update(total_steps=self.total_steps, effective_batch=eff, precision=self.precision.name,
+                           base_weights=self.loaded.weights, numerics_changes=self.numerics_changes)
         for key in ("micro_batch_size", "grad_accum_steps"):  # summary() reports the live split now
             self.result.pop(key, None)
         self.log.info("training_started", resumed_from=str(resume[0].name) if resume else None,
@@ -370,6 +377,7 @@ class Trainer:
     def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool) -> None:
         state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
                  "effective_batch": self.eff, "micro_batch_size": self.micro, "precision": self.precision.name,
+                 "base_weights": self.loaded.weights, "numerics_changes": self.numerics_changes,
                  "first_loss": self.first_loss, "last_loss": self.last_loss,
                  "early": self.early.state(), "training_done": self.training_done}
         self.saver.save(self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
@@ -386,7 +394,9 @@ class Trainer:
             "chain_steps": chain_offset(self.init_adapter) + self.step,
             "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
             "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
-            "precision": self.precision.name}, self.files.checkpoints, self.log)
+            "precision": self.precision.name, "base_weights": self.loaded.weights,
+            "quantized": wt.quantized(self.loaded.weights, self.numerics_changes),
+            "numerics_changes": self.numerics_changes}, self.files.checkpoints, self.log)
 
     def _report(self, loss: float | None, log_step: bool = True) -> None:
         self.progress.report(step=self.step, total_steps=self.total_steps, loss=loss,
