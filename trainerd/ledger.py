@@ -218,8 +218,10 @@ class Ledger:
     def goodput_totals(self) -> dict[str, float]:
         """Every batch's goodput figures summed (trainerd/goodput.py names them), its crashes and the
         crashes it survived: the running totals (trainerd/aggregates.py), one indexed read at any size."""
-        g = self.totals("goodput:")
-        f = self.totals("faults:")
+        try:
+            g, f = self.totals("goodput:"), self.totals("faults:")
+        except sqlite3.OperationalError:  # a reader on a ledger the daemon has not brought to schema 4 yet
+            g, f = {}, {}
         return {**{k: g.get(f"{k}_ms", 0) / 1000.0 for k in aggregates.GOODPUT_FIGURES},
                 "crashes": f.get("crashes", 0), "faults_survived": f.get("survived", 0)}
 
