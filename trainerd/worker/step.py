@@ -44,6 +44,7 @@ class Stepper:
         self.ranks = ranks
         self.max_grad_norm = max_grad_norm
         self.last_tokens = 0  # real (unpadded) tokens of the last step
+        self.last_lr: float | None = None  # the learning rate the last step used (before the scheduler moved it)
         self._oom_above = faults.number("oom_above_micro")
 
     def step(self, blocks: list, step_rng: dict[str, Any], number: int) -> float:
@@ -72,6 +73,7 @@ class Stepper:
             raise StopRequested(agreed)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
