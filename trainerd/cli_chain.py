@@ -16,13 +16,18 @@ import sys
 import time
 from typing import Any
 
+from trainerd import heldout
 from trainerd.contract import ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none
 
 __all__ = ["add_commands", "collect_history"]
 
 
-def _fmt_loss(pair: Any) -> str:
+def _fmt_loss(pair: Any, fig: dict[str, Any] | None = None) -> str:
+    """``3.214->0.912 ±0.081 n12``: held-out loss before -> after, the change's standard error, examples."""
+    if fig and fig.get("change") is not None:
+        se = f" ±{fig['stderr']:.3f}" if fig.get("stderr") is not None else ""
+        return f"{fig['before']:.3f}->{fig['after']:.3f}{se} n{fig.get('examples')}"
     if not pair or pair[0] is None or pair[1] is None:
         return "-"
     return f"{pair[0]:.3f}->{pair[1]:.3f}"
@@ -60,6 +65,7 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
         rows.append({"version": v.n, "kind": v.kind, "parent": v.parent, "rollback_of": v.source,
                      "batch": v.batch_id, "file": b.name if b else None, "steps": lin.get("steps"),
                      "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
+                     "heldout": heldout.of_version(layout, lin, v.batch_id) if v.kind != "rollback" else None,
                      "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),
                      "at": v.created_at})
     for b in batches.values():
@@ -69,6 +75,7 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
             rows.append({"version": None, "kind": "rejected", "parent": b.parent_version, "rollback_of": None,
                          "batch": b.id, "file": b.name, "steps": res.get("step"), "tokens": res.get("tokens"),
                          "new_set_loss": new, "worst_earlier": worst, "decision": "rejected",
+                         "heldout": heldout.of_eval(read_json_or_none(layout.batch(b.id).eval_result)),
                          "reason": b.last_reason, "at": b.finished_at})
     rows.sort(key=lambda r: r["at"] or 0)
     return rows
@@ -76,7 +83,7 @@ def collect_history(root: Any) -> list[dict[str, Any]]:
 
 def _render(rows: list[dict[str, Any]]) -> str:
     out = [f"{'version':>7} {'kind':<9} {'parent':>6} {'batch':>6} {'steps':>6} {'tokens':>8} "
-           f"{'new set':<13} {'worst earlier':<22} {'when':<16} file"]
+           f"{'held-out loss (±se, n)':<27} {'worst earlier':<22} {'when':<16} file"]
     for r in rows:
         worst = r["worst_earlier"]
         w = f"{worst['change']:+.3f} ({worst['set']})"[:22] if worst else "-"
@@ -86,7 +93,7 @@ def _render(rows: list[dict[str, Any]]) -> str:
             parent = f"={r['rollback_of']}"
         out.append(f"{r['version'] if r['version'] is not None else '-':>7} {r['kind']:<9} {parent:>6} "
                    f"{r['batch'] or '-':>6} {r['steps'] if r['steps'] is not None else '-':>6} "
-                   f"{r['tokens'] if r['tokens'] is not None else '-':>8} {_fmt_loss(r['new_set_loss']):<13} "
+                   f"{r['tokens'] if r['tokens'] is not None else '-':>8} {_fmt_loss(r['new_set_loss'], r.get('heldout')):<27} "
                    f"{w:<22} {when:<16} {r['file'] or ''}")
         if r.get("reason"):
             out.append(f"{'':>8}{r['reason']}")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd import heldout
 from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
 from trainerd.ledger import AdapterVersion, Batch
@@ -125,6 +126,7 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
                   "champion": s["champion"]["mean_loss"], "candidate": s["candidate"]["mean_loss"]}
                  for s in ev.get("sets", [])],
         "replay": result.get("replay"),
+        "heldout": heldout.of_eval(ev),  # before/after on the batch's own new set, with the change's standard error
         "eval_measurements": ev.get("measurements"),
         "champion": (ev.get("champion") or {}).get("path"),
     }
