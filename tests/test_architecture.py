@@ -17,7 +17,7 @@ BASE = {"contract", "states", "fsutil", "faults", "config", "lines", "logs", "sd
 # What the worker process may use of the supervisor side's rooms: the base, nothing else. The
 # two processes talk through argv, files and exit codes.
 SUPERVISOR_ONLY = {"supervisor", "memguard", "ledger", "status", "cli", "cli_chain", "cli_logs", "cli_ask", "child",
-                   "inbox", "metrics", "__main__"}
+                   "inbox", "metrics", "heldout", "__main__"}
 
 
 def _room(module: str) -> str:
