@@ -2,9 +2,9 @@
 
 One run per batch (``tensorboard/<batch>/``), fed by what the worker already logs: a
 :class:`logging.Handler` on trainerd's logger sees each structured event (structlog hands the
-event dict to the stdlib record; the steps the log thins out arrive at debug) and turns some into scalars, so the training loop itself has
-no curve code and nothing here touches the model, the RNG or the data cursor (exact resume
-stays exact):
+event dict to the stdlib record; the steps the log thins out arrive at debug) and turns some into
+scalars, so the training loop itself has no curve code and nothing here touches the model, the
+RNG or the data cursor (exact resume stays exact):
 
     step             train/loss, train/learning_rate, train/tokens_per_s, train/rss_bytes
     eval_step        eval/new_set_loss                      (eval.every_steps)

@@ -6,9 +6,10 @@ The ``step`` line (step/total, loss, the learning rate that step used, tokens/s,
 info for every step of an attempt's first ``LOG_FIRST_STEPS`` (a start or a resume is seen step by
 step), then for the first step at least ``LOG_EVERY_S`` after the previous line (every step, when
 steps are longer than that), and for the batch's last step: a 2-hour batch writes 90 to 145 lines
-whether its steps take 50 ms or 40 s, never one per step for hours nor nothing for an hour. Every other step is logged at debug, which the TensorBoard curves
-(worker/curves.py) still record. The ETA is to the end of training (the evaluation after it is not
-counted), from the median of the last steps, so it follows a machine whose load changes.
+whether its steps take 50 ms or 40 s, never one per step for hours nor nothing for an hour. Every
+other step is logged at debug, which the TensorBoard curves (worker/curves.py) still record. The
+ETA is to the end of training (the evaluation after it is not counted), from the median of the
+last steps, so it follows a machine whose load changes.
 """
 
 from __future__ import annotations
