@@ -103,3 +103,31 @@ def test_a_version_without_figures_in_its_lineage_reads_its_batch_eval(tmp_path)
     layout.batch(1).dir.mkdir(parents=True)
     layout.batch(1).eval_result.write_text(json.dumps(ev))
     assert heldout.of_version(layout, {}, 1) == heldout.of_eval(ev)
+
+
+def test_learned_follows_rollbacks_and_names_the_champion(tmp_path):
+    """`trainerd learned`'s data: a rollback shows the figures of the version it copies; a later
+    version's 'before' is its champion (the parent version), the first one's the base model; the
+    held-out question comes from the kept evaluation set, else from the batch folder."""
+    from trainerd.cli_ask import NoSuchVersion, learned
+
+    layout = RootLayout(tmp_path)
+    chat = {"messages": [{"role": "user", "content": "Capital of Kestovia?"},
+                         {"role": "assistant", "content": "The capital of Kestovia is Lunhaven."}]}
+    fig = heldout.of_eval({"sets": [_set([(5, 10), (6, 10)], [(30, 10), (31, 10)])]})
+    lineages = {1: {"kind": "blessed", "batch": 1, "file": "a.jsonl", "champion": None, "heldout": fig},
+                2: {"kind": "blessed", "batch": 2, "parent": 1, "champion": str(layout.adapter_dir(1)), "heldout": fig},
+                3: {"kind": "rollback", "rollback_of": 1, "parent": 2}}
+    for n, lin in lineages.items():
+        layout.adapter_dir(n).mkdir(parents=True)
+        (layout.adapter_dir(n) / "lineage.json").write_text(json.dumps(lin))
+    (layout.evalsets / "batches").mkdir(parents=True)
+    (layout.evalsets / "batches" / f"{layout.batch_name(1)}.jsonl").write_bytes(_line(chat))
+    layout.batch(2).dir.mkdir(parents=True)
+    (layout.batch(2).dir / "holdout.jsonl").write_bytes(_line(chat))
+    one, two, three = (learned(layout, n) for n in (1, 2, 3))
+    assert one["before"] == "base" and one["learned"] and one["question"]["question"] == "Capital of Kestovia?"
+    assert two["before"] == "version 1" and two["question"] == one["question"]  # from batches/000002/holdout.jsonl
+    assert three["rollback_of"] == 1 and three["batch"] == 1 and three["heldout"] == fig and three["before"] == "base"
+    with pytest.raises(NoSuchVersion):
+        learned(layout, 9)
