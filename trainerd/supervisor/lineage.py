@@ -7,7 +7,8 @@
   new set of every published batch) and ``suites/<name>.<sha12>.jsonl`` (each version of each
   standing suite an operator placed in ``root/evals/``).
 - Every published version carries ``lineage.json``: parent, batch, file and sha256, steps,
-  tokens, seed and settings, library versions, the gate's figures and thresholds, the decision
+  tokens, seed and settings, library versions, the gate's figures and thresholds, the held-out loss
+  before and after with the change's standard error (trainerd/heldout.py), the decision
   (blessed / forced / rollback). Following ``parent`` always leads back to the base model.
 """
 
