@@ -52,7 +52,7 @@ def test_stderr_shrinks_with_more_examples_of_the_same_spread():
 
 
 def test_figures_and_verdicts():
-    """Before/after/change from a new set; 'learned' only for a fall beyond two standard errors;
+    """Before/after/change from a new set; 'learned' only for a fall beyond t standard errors;
     one example has no standard error; no set says so."""
     fell = heldout.of_eval({"sets": [_set([(5, 10), (6, 10), (4, 10)], [(30, 10), (31, 10), (29, 10)]),
                                      _set([(1, 10), (1, 10)], [(1, 10), (1, 10)], kind="earlier")]})
@@ -67,6 +67,21 @@ def test_figures_and_verdicts():
     one = heldout.of_eval({"sets": [_set([(1, 10)], [(9, 10)])]})
     assert one["stderr"] is None and not heldout.fell_clearly(one) and "too few examples" in heldout.describe(one)
     assert heldout.of_eval({"sets": []}) is None and heldout.describe(None).startswith("no held-out figures")
+
+
+@pytest.mark.parametrize("examples, bound", [(2, 12.706), (3, 4.303), (8, 2.365), (31, 2.042), (32, 2.0), (500, 2.0)])
+def test_the_bound_is_students_t_for_the_examples_there_are(examples, bound):
+    """Few examples need a larger multiple of the standard error (t at 97.5 %, n - 1 degrees of freedom)."""
+    assert heldout.t_bound(examples) == bound
+
+
+def test_a_small_fall_on_three_examples_is_not_called_learned():
+    """The production defaults on the quickstart's sample (measured): 0.009 nats/token, 2.9 standard
+    errors, but 3 examples: within noise; the quickstart's own 1.568 at 5.1 on 8 examples: learned."""
+    tiny = {"change": -0.009, "stderr": 0.0031, "examples": 3}
+    assert not heldout.fell_clearly(tiny) and heldout.describe(tiny).endswith("within noise")
+    real = {"change": -1.568, "stderr": 0.309, "examples": 8}
+    assert heldout.fell_clearly(real) and heldout.describe(real).endswith("learned, not noise")
 
 
 def _line(obj) -> bytes:

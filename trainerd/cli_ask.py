@@ -231,7 +231,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("version", nargs="?", type=int, help="an adapter version (default: current)")
     s.add_argument("--no-ask", action="store_true", help="only the figures (no model is loaded)")
     s.add_argument("--check", action="store_true",
-                   help=f"exit 1 unless the held-out loss fell by more than {heldout.CLEAR_SE:g} standard errors")
+                   help="exit 1 unless the held-out loss fell beyond noise (by more than t standard errors, "
+                        "Student's t at 97.5 %% with n - 1 degrees of freedom: 2.36 for 8 examples)")
     s.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens (default 48)")
     s.add_argument("--model", help="the base model folder (default: the version's lineage, else model.path)")
     s.add_argument("--json", action="store_true", help="machine-readable output")

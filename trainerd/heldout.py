@@ -5,7 +5,11 @@ the base model for the first one) and the candidate on the batch's new set: cont
 held out of training (or the eval file that came with it). From the per-example figures this module
 derives the change of the token-weighted mean loss and its standard error, treating each example
 as one independent draw (a ratio estimator: the tokens of one example are not independent of each
-other). ``fell_clearly`` is the quickstart's proof: the loss fell by more than two standard errors.
+other). ``fell_clearly`` is the quickstart's proof: the loss fell beyond noise, i.e. by more than
+t standard errors, t the 97.5 % quantile of Student's t with n - 1 degrees of freedom (12.7 for 2
+examples, 2.36 for 8, 2.04 for 31, 2 beyond): with a handful of examples the standard error itself
+is a rough guess, and two of them would bless a fall of 0.009 nats/token on 3 examples (measured
+with the production defaults on the quickstart's sample).
 
 It also picks the question the proof asks: the first held-out example, in the evaluation's
 content-hash order, that has one (a chat's last user turn, or a prompt). Stdlib only: the
@@ -22,9 +26,11 @@ from typing import Any
 from trainerd.contract import RootLayout
 from trainerd.fsutil import open_regular, read_json_or_none
 
-__all__ = ["change_stderr", "describe", "fell_clearly", "figures", "of_eval", "of_version", "question"]
+__all__ = ["change_stderr", "describe", "fell_clearly", "figures", "of_eval", "of_version", "question", "t_bound"]
 
-CLEAR_SE = 2.0  # a fall of more than this many standard errors is not noise (about 2.3 % one-sided)
+# Student's t, 97.5 % quantile (one-sided 2.5 %), for 1..30 degrees of freedom; 2.0 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def change_stderr(candidate: list[dict[str, Any]], champion: list[dict[str, Any]]) -> float | None:
@@ -67,11 +73,17 @@ def of_version(layout: RootLayout, lineage: dict[str, Any], batch_id: int | None
     return of_eval(read_json_or_none(layout.batch(batch_id).eval_result))
 
 
+def t_bound(examples: int) -> float:
+    """How many standard errors a fall must exceed, with ``examples`` paired examples (>= 2)."""
+    df = max(1, examples - 1)
+    return _T975[df - 1] if df <= len(_T975) else 2.0
+
+
 def fell_clearly(fig: dict[str, Any] | None) -> bool:
-    """The held-out loss fell by more than ``CLEAR_SE`` standard errors."""
-    if not fig or fig.get("change") is None or fig.get("stderr") is None:
+    """The held-out loss fell by more than ``t_bound(examples)`` standard errors."""
+    if not fig or fig.get("change") is None or fig.get("stderr") is None or not fig.get("examples"):
         return False
-    return fig["change"] < -CLEAR_SE * fig["stderr"]
+    return fig["change"] < -t_bound(fig["examples"]) * fig["stderr"]
 
 
 def describe(fig: dict[str, Any] | None) -> str:
@@ -81,11 +93,13 @@ def describe(fig: dict[str, Any] | None) -> str:
     change, se = fig["change"], fig.get("stderr")
     if se is None:
         return f"changed by {change:+.3f} nats/token; too few examples ({fig.get('examples')}) for a standard error"
-    z = f"{abs(change) / se:.1f} standard errors" if se > 0 else "no spread at all"
+    n = fig.get("examples") or 0
+    z = (f"{abs(change) / se:.1f} standard errors" if se > 0 else "no spread at all") + f", {n} examples"
+    bound = f"more than {t_bound(n):.2f} needed" if n else "no examples"
     if fell_clearly(fig):
         return f"fell by {-change:.3f} nats/token ({z}): learned, not noise"
     if change < 0:
-        return f"fell by {-change:.3f} nats/token, only {z}: within noise"
+        return f"fell by {-change:.3f} nats/token ({z}; {bound}): within noise"
     return f"rose by {change:.3f} nats/token ({z}): not learned"
 
 
