@@ -18,7 +18,8 @@ BASE = {"contract", "states", "fsutil", "faults", "config", "lines", "logs", "sd
 # What the worker process may use of the supervisor side's rooms: the base, nothing else. The
 # two processes talk through argv, files and exit codes.
 SUPERVISOR_ONLY = {"supervisor", "memguard", "ledger", "status", "cli", "cli_chain", "cli_logs", "cli_ask", "child",
-                   "inbox", "writers", "metrics", "__main__", "cli_root", "cli_check", "cli_ops", "health"}
+                   "inbox", "writers", "metrics", "__main__", "cli_root", "cli_check", "cli_ops", "health",
+                   "heldout"}
 
 
 def _room(module: str) -> str:

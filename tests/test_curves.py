@@ -52,8 +52,9 @@ def scalars(run: Path, tag: str) -> dict[int, float]:
 
 
 def test_a_worker_run_writes_loss_per_step_and_the_eval_figures(tmp_path, tiny_model_dir):
-    """The event file holds train/loss for every step the worker logged (same values), the
-    learning rate, tokens/s and memory, and the final evaluation's candidate and champion losses."""
+    """The event file holds train/loss for every step (the same values where the log has the step
+    line), the learning rate, tokens/s and memory, and the final evaluation's candidate and
+    champion losses."""
     batch = make_batch(tmp_path, tiny_model_dir, sample_lines(60), name="000007")
     rc, _, logs = run_worker(batch)
     assert rc == 0
@@ -63,16 +64,39 @@ def test_a_worker_run_writes_loss_per_step_and_the_eval_figures(tmp_path, tiny_m
     meta = json.loads((batch / "final_adapter" / "trainerd.json").read_text())
     assert meta["chain_steps"] == meta["steps"] == max(steps)  # no init adapter: the chain is this batch
     loss = scalars(run, "train/loss")
-    assert sorted(loss) == sorted(steps)
+    assert sorted(loss) == list(range(1, max(steps) + 1))
     assert all(abs(loss[s] - steps[s]) < 1e-5 for s in steps)
     for tag in ("train/learning_rate", "train/tokens_per_s", "train/rss_bytes"):
-        assert sorted(scalars(run, tag)) == sorted(steps), tag
+        assert sorted(scalars(run, tag)) == sorted(loss), tag
     done = next(e for e in logs if e["event"] == "evaluation_done")
     assert done["sets"]
     for s in done["sets"]:
         kind, name = s["kind"], s["name"].replace(":", "_")
         for model in ("candidate", "champion"):  # simple_value is a float32
             assert scalars(run, f"eval/{kind}/{name}/{model}") == {max(steps): pytest.approx(s[model], rel=1e-6)}
+
+
+def test_step_lines_carry_the_rate_each_step_used_and_thin_out_while_the_curves_keep_every_step(
+        tmp_path, tiny_model_dir):
+    """The ``step`` line's lr is the rate that step trained with (0 for the first step of a linear
+    warm-up, the last step's small positive rate, never the scheduler's next one); an attempt logs
+    its first 10 steps and its last at info (the others at debug, not on stdout), while TensorBoard
+    still gets every step with the same learning rates."""
+    lr, warmup = 1e-3, 2
+    batch = make_batch(tmp_path, tiny_model_dir, sample_lines(200), name="000009",
+                       train={"learning_rate": lr, "warmup_steps": warmup, "checkpoint_every_steps": 0})
+    rc, result, logs = run_worker(batch)
+    assert rc == 0
+    n = result["total_steps"]
+    assert n > 12, "enough steps to see the thinning"
+    lines = {e["step"]: e for e in logs if e["event"] == "step"}
+    assert sorted(lines) == [*range(1, 11), n]
+    assert all(e["level"] == "info" and e["total_steps"] == n and isinstance(e["eta"], str) for e in lines.values())
+    assert lines[1]["lr"] == 0.0 and lines[2]["lr"] == pytest.approx(lr / warmup) and lines[3]["lr"] == pytest.approx(lr)
+    assert lines[n]["lr"] == pytest.approx(lr / (n - warmup)) and lines[n]["eta_s"] == 0
+    shown = scalars(tmp_path / "root" / "tensorboard" / "000009", "train/learning_rate")
+    assert sorted(shown) == list(range(1, n + 1))
+    assert all(shown[s] == pytest.approx(lines[s]["lr"], rel=1e-6, abs=1e-12) for s in lines)
 
 
 def test_resume_purges_the_lost_steps_and_stays_exact(tmp_path, tiny_model_dir):

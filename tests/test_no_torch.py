@@ -41,3 +41,19 @@ def test_check_command_imports_no_torch(tmp_path):
     code = (f"import sys\nsys.argv = ['trainerd', 'check', '--root', {str(tmp_path)!r}]\n"
             "from trainerd.cli import main\nmain()")
     assert _heavy_modules(code) == []
+
+
+def test_learned_and_history_import_no_torch(tmp_path):
+    """`trainerd learned --no-ask` and `trainerd history` (a version with its held-out figures) load
+    none of the worker's libraries: only asking the model starts a child that does."""
+    from trainerd.ledger import Ledger
+
+    Ledger(tmp_path / "state.db").close()
+    (tmp_path / "adapters" / "1").mkdir(parents=True)
+    (tmp_path / "adapters" / "1" / "lineage.json").write_text(json.dumps(
+        {"version": 1, "kind": "blessed", "batch": 1, "heldout": {"before": 2.4, "after": 0.8, "change": -1.6,
+                                                                  "stderr": 0.08, "examples": 8, "tokens": 111}}))
+    for argv in (["learned", "1", "--no-ask"], ["history"]):
+        code = (f"import sys\nsys.argv = ['trainerd', *{argv!r}, '--root', {str(tmp_path)!r}]\n"
+                "from trainerd.cli import main\nmain()")
+        assert _heavy_modules(code) == [], argv

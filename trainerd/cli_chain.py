@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from trainerd import goodput, heldout
 from trainerd.cli_root import config_path, load_settings, subcommand
-from trainerd import goodput
 from trainerd.contract import ExitCode, RootLayout
 from trainerd.fsutil import read_json_or_none
 from trainerd.paging import DEFAULT_LIMIT, PAGE
@@ -29,7 +29,11 @@ from trainerd.paging import add_arguments as add_paging_arguments
 __all__ = ["add_commands", "collect_history", "history_totals"]
 
 
-def _fmt_loss(pair: Any) -> str:
+def _fmt_loss(pair: Any, fig: dict[str, Any] | None = None) -> str:
+    """``3.214->0.912 ±0.081 n12``: held-out loss before -> after, the change's standard error, examples."""
+    if fig and fig.get("change") is not None:
+        se = f" ±{fig['stderr']:.3f}" if fig.get("stderr") is not None else ""
+        return f"{fig['before']:.3f}->{fig['after']:.3f}{se} n{fig.get('examples')}"
     if not pair or pair[0] is None or pair[1] is None:
         return "-"
     return f"{pair[0]:.3f}->{pair[1]:.3f}"
@@ -72,6 +76,7 @@ def _version_row(layout: RootLayout, v: Any, b: Any) -> dict[str, Any]:
     return {"version": v.n, "kind": kind, "parent": v.parent, "rollback_of": v.source,
             "batch": v.batch_id, "file": b.name if b else None, "steps": lin.get("steps"),
             "tokens": lin.get("tokens"), "new_set_loss": new, "worst_earlier": worst,
+            "heldout": heldout.of_version(layout, lin, v.batch_id) if v.kind != "rollback" else None,
             "decision": v.kind if v.kind != "blessed" else (b.decision if b else "blessed"),
             "gated": None if gate is None else gate.get("verdict", "blessed") != "ungated",
             "heals": heals, "note": _gate_words(gate, heals, v.batch_id), "at": v.created_at,
@@ -84,6 +89,7 @@ def _rejected_row(layout: RootLayout, b: Any) -> dict[str, Any]:
     return {"version": None, "kind": "rejected", "parent": b.parent_version, "rollback_of": None,
             "batch": b.id, "file": b.name, "steps": res.get("step"), "tokens": res.get("tokens"),
             "new_set_loss": new, "worst_earlier": worst, "decision": "rejected", "gated": True,
+            "heldout": heldout.of_eval(read_json_or_none(layout.batch(b.id).eval_result)),
             "heals": b.heals, "note": _gate_words(None, b.heals, b.id, published=False),
             "reason": b.last_reason, "at": b.finished_at, **_faults(b)}
 
@@ -165,7 +171,7 @@ def history_totals(root: Any) -> dict[str, int]:
 
 def _render(rows: Any, totals: dict[str, int] | None = None, limit: int | None = None) -> str:
     out = [f"{'version':>7} {'kind':<9} {'parent':>6} {'batch':>6} {'steps':>6} {'tokens':>8} "
-           f"{'new set':<13} {'worst earlier':<22} {'faults/goodput':<14} {'when':<16} file"]
+           f"{'held-out loss (±se, n)':<27} {'worst earlier':<22} {'faults/goodput':<14} {'when':<16} file"]
     for r in rows:
         worst = r["worst_earlier"]
         w = f"{worst['change']:+.3f} ({worst['set']})"[:22] if worst else "-"
@@ -177,7 +183,7 @@ def _render(rows: Any, totals: dict[str, int] | None = None, limit: int | None =
             f"{r['faults_survived']}/{r['goodput']:.3f}" if r.get("goodput") is not None else f"{r['faults_survived']}/-"
         out.append(f"{r['version'] if r['version'] is not None else '-':>7} {r['kind']:<9} {parent:>6} "
                    f"{r['batch'] or '-':>6} {r['steps'] if r['steps'] is not None else '-':>6} "
-                   f"{r['tokens'] if r['tokens'] is not None else '-':>8} {_fmt_loss(r['new_set_loss']):<13} "
+                   f"{r['tokens'] if r['tokens'] is not None else '-':>8} {_fmt_loss(r['new_set_loss'], r.get('heldout')):<27} "
                    f"{w:<22} {fg:<14} {when:<16} {r['file'] or ''}")
         for line in (r.get("reason"), r.get("note")):
             if line:

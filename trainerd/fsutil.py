@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "fmt_bytes",
+    "fmt_duration",
     "free_bytes",
     "fsync_dir",
     "fsync_tree",
@@ -126,6 +127,20 @@ def fmt_bytes(n: Any) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def fmt_duration(s: Any) -> str:
+    """``42s``, ``12m05s``, ``1h52m``, ``3d04h``: as precise as a person reads an ETA; ``-`` if unknown."""
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or s != s or s < 0:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def fsync_tree(path: Path) -> None:

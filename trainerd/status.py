@@ -19,7 +19,7 @@ from typing import Any
 
 from trainerd import goodput
 from trainerd.contract import RootLayout, lane_name
-from trainerd.fsutil import fmt_bytes, free_bytes, read_json_or_none
+from trainerd.fsutil import fmt_bytes, fmt_duration, free_bytes, read_json_or_none
 from trainerd.ledger import Ledger
 from trainerd.paging import DEFAULT_LIMIT, PAGE
 from trainerd.states import BatchState
@@ -143,7 +143,8 @@ def _running(layout: RootLayout, b: Any, interrupted: bool, now: float) -> dict[
     return {
         "id": b.id, "file": b.name, "attempt": b.attempts, "healing_try": b.heals or None,
         "step": prog.get("step"), "total_steps": prog.get("total_steps"),
-        "tokens_per_s": prog.get("tokens_per_s"), "eta_s": prog.get("eta_s"),
+        "tokens_per_s": prog.get("tokens_per_s"), "eta_s": _eta_now(prog, now),
+        "phase": _phase(layout.batch(b.id)),
         "rss_bytes": prog.get("rss_bytes"), "loss": prog.get("loss"),
         "micro_batch_size": b.micro_batch_size, "grad_accum_steps": b.grad_accum_steps,
         "ranks": prog.get("world_size") or 1,  # torchrun ranks (progress and memory: rank 0's)
@@ -238,11 +239,23 @@ def _quiet_s(files: Any, prog: dict[str, Any], now: float) -> float | None:
     return round(quiet) if quiet >= max(10.0, 3 * (prog.get("median_step_s") or 0.0)) else None
 
 
-def _fmt_s(s: Any) -> str:
-    if not isinstance(s, (int, float)):
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def _eta_now(prog: dict[str, Any], now: float) -> float | None:
+    """The worker's ETA, counted down since it wrote it (a step may take minutes)."""
+    eta, at = prog.get("eta_s"), prog.get("updated")
+    if not isinstance(eta, (int, float)):
+        return None
+    return round(max(0.0, eta - max(0.0, now - at)) if isinstance(at, (int, float)) else eta, 1)
+
+
+def _phase(files: Any) -> str | None:
+    """What the worker is doing (load, split, scan, train, checkpoint, evaluate, publish): its heartbeat's text."""
+    try:
+        return files.heartbeat.read_text()[:32].strip() or None
+    except OSError:
+        return None
+
+
+_fmt_s = fmt_duration  # 42s, 12m05s, 1h52m, 3d04h
 
 
 def render_status(st: dict[str, Any]) -> str:
@@ -313,6 +326,10 @@ def _render_loop(loop: dict[str, Any] | None) -> str | None:
     return line
 
 
+_PHASES = {"load": "loading the model", "split": "splitting the file", "scan": "reading the file",
+           "evaluate": "evaluating against its champion", "publish": "writing the adapter"}
+
+
 def _render_running(r: dict[str, Any] | None) -> str:
     if not r:
         return "training  -"
@@ -320,10 +337,20 @@ def _render_running(r: dict[str, Any] | None) -> str:
     if r.get("interrupted"):
         return (f"training  #{r['id']} {r['file']} interrupted at step {step} "
                 "(the daemon is not running; it resumes at the next start)")
-    tps = f"{r['tokens_per_s']:.0f} tok/s" if isinstance(r.get("tokens_per_s"), (int, float)) else "- tok/s"
-    line = (f"training  #{r['id']} {r['file']} attempt {r['attempt']}: step {step}, {tps}, "
-            f"ETA {_fmt_s(r.get('eta_s'))}, memory {fmt_bytes(r.get('rss_bytes'))}, "
-            f"micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}")
+    head = f"training  #{r['id']} {r['file']} attempt {r['attempt']}: "
+    tail = f"memory {fmt_bytes(r.get('rss_bytes'))}, micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}"
+    phase = r.get("phase")
+    if r.get("step") is None:
+        line = head + f"starting ({_PHASES.get(phase, phase or 'launching')}), " + tail
+    else:
+        total = r.get("total_steps") or 0
+        pct = f" ({100 * r['step'] // total}%)" if total else ""
+        tps = f"{r['tokens_per_s']:.0f} tok/s" if isinstance(r.get("tokens_per_s"), (int, float)) else "- tok/s"
+        loss = f"loss {r['loss']:.3f}, " if isinstance(r.get("loss"), (int, float)) else ""
+        if phase in ("evaluate", "publish"):
+            line = head + f"step {step}, {_PHASES[phase]}, " + tail
+        else:
+            line = head + f"step {step}{pct}, {loss}{tps}, ETA {_fmt_s(r.get('eta_s'))}, " + tail
     if (r.get("ranks") or 1) > 1:
         line += f", on {r['ranks']} ranks (memory: rank 0's)"
     if r.get("healing_try"):

@@ -9,8 +9,10 @@
   trainerd/evalmemory.py) and ``suites/<name>.<sha12>.jsonl`` (each version of each standing
   suite an operator placed in ``root/evals/``).
 - Every published version carries ``lineage.json``: parent, batch, file and sha256, steps,
-  tokens, seed and settings, library versions, the gate's figures and thresholds, the decision
-  (blessed / forced / rollback), and its faults: how many it survived, its goodput and what each cost. Following ``parent`` always leads back to the base model.
+  tokens, seed and settings, library versions, the gate's figures and thresholds, the held-out loss
+  before and after with the change's standard error (trainerd/heldout.py), the decision
+  (blessed / forced / rollback), and its faults: how many it survived, its goodput and what each
+  cost. Following ``parent`` always leads back to the base model.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd import goodput, heldout
 from trainerd.config import EvalSettings
-from trainerd import goodput
 from trainerd.contract import RootLayout
 from trainerd.evalmemory import EvalMemory
 from trainerd.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
@@ -152,6 +154,7 @@ def lineage_of(layout: RootLayout, batch: Batch, version: AdapterVersion, *, kin
         "memory": memory,
         "heals": read_json_or_none(files.tries),
         "replay": result.get("replay"),
+        "heldout": heldout.of_eval(ev),  # before/after on the batch's own new set, with the change's standard error
         "eval_measurements": ev.get("measurements"),
         "champion": (ev.get("champion") or {}).get("path"),
         # How it got through its faults (issue 24): crashes counted by progress, goodput, seconds lost.

@@ -2,9 +2,9 @@
 
 One run per batch (``tensorboard/<batch>/``), fed by what the worker already logs: a
 :class:`logging.Handler` on trainerd's logger sees each structured event (structlog hands the
-event dict to the stdlib record) and turns some into scalars, so the training loop itself has
-no curve code and nothing here touches the model, the RNG or the data cursor (exact resume
-stays exact):
+event dict to the stdlib record; the steps the log thins out arrive at debug) and turns some into
+scalars, so the training loop itself has no curve code and nothing here touches the model, the
+RNG or the data cursor (exact resume stays exact):
 
     step             train/loss, train/learning_rate, train/tokens_per_s, train/rss_bytes
     eval_step        eval/new_set_loss                      (eval.every_steps)
@@ -117,7 +117,7 @@ class Curves(logging.Handler):
     """Turns the worker's log events into TensorBoard scalars for one batch's run."""
 
     def __init__(self, run_dir: Path, offset: int, log: Any):
-        super().__init__(level=logging.INFO)
+        super().__init__(level=logging.DEBUG)
         self.run_dir, self.offset, self.log = run_dir, offset, log
         self.writer: _Writer | None = None
         self.step = 0
@@ -250,13 +250,20 @@ def recording(files: BatchFiles, settings: Any, init_adapter: Path | None, log: 
         log.warning("curves_failed", error=f"{type(e).__name__}: {e}", run=str(layout.tensorboard),
                     action="no TensorBoard curves for this attempt; training goes on")
     logger = logging.getLogger(LOGGER_NAME)
+    level = logger.level
     if curves is not None:
+        # Every step is a point on the curve, but the log keeps only some step lines at info and
+        # the rest at debug (worker/progress.py): debug reaches this handler, the others keep their level.
+        for h in logger.handlers:
+            h.setLevel(max(h.level, level))
+        logger.setLevel(min(level, logging.DEBUG))
         logger.addHandler(curves)
     try:
         yield curves
     finally:
         if curves is not None:
             logger.removeHandler(curves)
+            logger.setLevel(level)
             curves.close()
 
 

@@ -1,6 +1,16 @@
-"""What a worker tells the outside while it trains: a ``step`` log line per optimizer step,
-``progress.json`` (for ``trainerd status``) at most twice a second, the numbers for
-``result.json``, and its own memory figures."""
+"""What a worker tells the outside while it trains: ``step`` log lines, ``progress.json`` (for
+``trainerd status``) at most twice a second, the numbers for ``result.json``, and its own memory
+figures.
+
+The ``step`` line (step/total, loss, the learning rate that step used, tokens/s, ETA) is logged at
+info for every step of an attempt's first ``LOG_FIRST_STEPS`` (a start or a resume is seen step by
+step), then for the first step at least ``LOG_EVERY_S`` after the previous line (every step, when
+steps are longer than that), and for the batch's last step: a 2-hour batch writes 90 to 145 lines
+whether its steps take 50 ms or 40 s, never one per step for hours nor nothing for an hour. Every
+other step is logged at debug, which the TensorBoard curves (worker/curves.py) still record. The
+ETA is to the end of training (the evaluation after it is not counted), from the median of the
+last steps, so it follows a machine whose load changes.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +20,13 @@ import time
 from typing import Any
 
 from trainerd.contract import BatchFiles
-from trainerd.fsutil import atomic_write_json
+from trainerd.fsutil import atomic_write_json, fmt_duration
 from trainerd.worker.checkpoint import no_space
 
-__all__ = ["Progress", "current_rss_bytes", "peak_rss_bytes"]
+__all__ = ["LOG_EVERY_S", "LOG_FIRST_STEPS", "Progress", "current_rss_bytes", "peak_rss_bytes", "step_line_due"]
+
+LOG_FIRST_STEPS = 10
+LOG_EVERY_S = 60.0
 
 
 def peak_rss_bytes() -> int:
@@ -26,6 +39,12 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def step_line_due(attempt_steps: int, step: int, total_steps: int, since_line_s: float | None) -> bool:
+    """Whether this step's ``step`` line goes to the log at info (see the module docstring)."""
+    return (attempt_steps <= LOG_FIRST_STEPS or step >= total_steps
+            or since_line_s is None or since_line_s >= LOG_EVERY_S)
 
 
 class Progress:
@@ -41,6 +60,7 @@ class Progress:
         self.steps = 0
         self._recent: list[float] = []  # the last steps' seconds (the stall watchdog scales with them)
         self._written_at = 0.0
+        self._line_at: float | None = None  # when the last info step line was logged
         self.checkpoint: dict[str, Any] | None = None  # the last one written: step, at (Unix time), seconds
 
     def add_step(self, tokens: int, seconds: float) -> None:
@@ -63,17 +83,23 @@ class Progress:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def eta_s(self, step: int, total_steps: int) -> float:
-        return (total_steps - step) * self.seconds / max(1, self.steps)
+        """Seconds to the last training step at the recent pace (median of the last steps)."""
+        return max(0, total_steps - step) * (self.median_step_s or 0.0)
 
     def report(self, *, step: int, total_steps: int, loss: float | None, lr: float | None, tokens: int,
                micro_batch_size: int, log_step: bool = True) -> None:
-        """Log the step and refresh progress.json at most twice a second (always when not a step)."""
+        """Log the step (``lr``: the rate that step used) and refresh progress.json at most twice a
+        second (always when not a step)."""
         now = time.monotonic()
         tps, eta = self.tokens_per_s, self.eta_s(step, total_steps)
         if log_step:
-            self.log.info("step", step=step, total_steps=total_steps, loss=None if loss is None else round(loss, 5),
-                          lr=lr, tokens=tokens, tokens_per_s=round(tps, 1), eta_s=round(eta, 1),
-                          rss_bytes=current_rss_bytes())
+            due = step_line_due(self.steps, step, total_steps, None if self._line_at is None else now - self._line_at)
+            if due:
+                self._line_at = now
+            (self.log.info if due else self.log.debug)(
+                "step", step=step, total_steps=total_steps, loss=None if loss is None else round(loss, 5),
+                lr=lr, tokens=tokens, tokens_per_s=round(tps, 1), eta=fmt_duration(eta), eta_s=round(eta, 1),
+                rss_bytes=current_rss_bytes())
         if not self.writes or (log_step and now - self._written_at < 0.5):
             return
         self._written_at = now

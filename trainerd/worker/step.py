@@ -44,6 +44,7 @@ class Stepper:
         self.ranks = ranks
         self.max_grad_norm = max_grad_norm
         self.last_tokens = 0  # real (unpadded) tokens of the last step
+        self.last_lr: float | None = None  # the learning rate the last step used (before the scheduler moved it)
         self._oom_above = faults.number("oom_above_micro")
         # Called right before the weights change (worker/saver.py: a background checkpoint's copy).
         self.before_update: Any = lambda: None
@@ -75,6 +76,7 @@ class Stepper:
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.before_update()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

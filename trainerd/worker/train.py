@@ -400,7 +400,7 @@ class Trainer:
 
     def _report(self, loss: float | None, log_step: bool = True) -> None:
         self.progress.report(step=self.step, total_steps=self.total_steps, loss=loss,
-                             lr=self.scheduler.get_last_lr()[0], tokens=self.tokens,
+                             lr=self.stepper.last_lr if self.stepper else None, tokens=self.tokens,
                              micro_batch_size=self.micro, log_step=log_step)
 
     def _stopped(self, reason: str) -> RunEnd:
