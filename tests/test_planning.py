@@ -77,7 +77,7 @@ def test_plan_options_are_the_back_off_ladder(start):
 
 @pytest.mark.parametrize("limit_mib, expected", [
     (100_000, ((8, 2, False), True)),      # room to spare: the configured setting is kept
-    (3000, ((4, 4, False), True)),         # halved once
+    (3100, ((4, 4, False), True)),         # halved once
     (2500, ((2, 8, False), True)),         # halved twice
     (2000, ((1, 16, False), True)),        # halved three times
     (1400, ((1, 16, True), True)),         # only the last rung fits
