@@ -187,7 +187,7 @@ def test_exit_codes_of_missing_input_and_usage(tmp_path):
 
 def test_the_root_search_order_is_the_documented_one(tmp_path, monkeypatch):
     """--root beats $TRAINERD_ROOT beats the config's root beats the current folder (when it is a root)
-    beats /var/lib/trainerd; --root's help, docs/cli.md and the README say that same order."""
+    beats /var/lib/trainerd; --root's help, docs/cli.md and docs/operating.md say that same order."""
     roots = {k: tmp_path / k for k in ("flag", "env", "config", "cwd")}
     for r in roots.values():
         RootLayout(r).make()
@@ -205,7 +205,7 @@ def test_the_root_search_order_is_the_documented_one(tmp_path, monkeypatch):
     assert find_root(ns(root=None, config=None))[0] == Path("/var/lib/trainerd")
     flat = lambda s: " ".join(s.replace("`", "").split())  # noqa: E731
     assert flat(ROOT_ORDER) in flat((REPO / "docs" / "cli.md").read_text())
-    assert flat(ROOT_ORDER) in flat((REPO / "README.md").read_text())
+    assert flat(ROOT_ORDER) in flat((REPO / "docs" / "operating.md").read_text())
     assert flat(ROOT_ORDER) in flat(_run("status", "--help").stdout)
 
 
