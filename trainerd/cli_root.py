@@ -8,7 +8,7 @@ refuses a folder that is not a trainerd root before anything is read or written:
 (EX_NOINPUT), naming the folder, where its name came from and what is missing. Only
 ``trainerd run`` creates a root.
 
-The search order, said once (``--root``'s help, the README and docs/cli.md quote it):
+The search order, said once (``--root``'s help, docs/operating.md and docs/cli.md quote it):
 ``--root``, else ``$TRAINERD_ROOT``, else the ``root`` of the config (``--config`` or
 ``$TRAINERD_CONFIG``), else the current folder when it is a trainerd root (systemd runs the
 daemon there, so an operator in it just types the command), else ``/var/lib/trainerd``.

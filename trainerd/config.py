@@ -261,7 +261,7 @@ class GateSettings:
 @dataclass
 class PublishSettings:
     # An executable run after every publish (promote and rollback too) and every rejection, as an
-    # argv list (no shell); [] = none. TRAINERD_* variables say what happened (README).
+    # argv list (no shell); [] = none. TRAINERD_* variables say what happened (docs/publish-hooks.md).
     hook: list = field(default_factory=list, metadata=_check("strlist"))
     hook_timeout_s: float = field(default=60.0, metadata=_check("float", min=1.0))
 

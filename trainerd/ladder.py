@@ -58,7 +58,7 @@ def quantization_available(device: str) -> bool:
     """Whether the nf4 layout can be offered: bitsandbytes is installed (found without importing
     it) and the device is CUDA. On CPU it is not offered: measured on a 2-core EPYC (bitsandbytes
     0.50.2, torch 2.13), a 4-bit load held more memory than the bf16 layout and a step was ~6x
-    slower than fp32 (README, "A model that does not fit")."""
+    slower than fp32 (docs/memory.md, "A model that does not fit")."""
     return device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
 
 

@@ -57,7 +57,7 @@ def never_fits_reason(p: Plan, soft: float) -> str:
             f"{fmt_bytes(small.estimate_bytes)}, over the {fmt_bytes(p.guard_budget_bytes)} it may use "
             f"({soft:g} x the memory limit of {fmt_bytes(p.guard_limit_bytes)}, less "
             f"{fmt_bytes(p.baseline_bytes)} already in use); nothing was loaded "
-            f"(README: \"A model that does not fit\")")
+            f"(docs/memory.md: \"A model that does not fit\")")
 
 
 def batch_ladder(batch: Batch, files: BatchFiles, settings: Settings, guard: Any) -> tuple[Rung, ...] | None:
