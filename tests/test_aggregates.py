@@ -90,9 +90,15 @@ def test_an_older_ledger_gets_its_totals_once_at_the_schema_step(tmp_path):
         led.finish(led.decide_done(bid, lambda n: tmp_path / str(n), now,
                                    attempt=AttemptRecord(2, "done", "done", result={"tokens": 9, "step": 2})), now)
     expected = _scan(led)
-    led.db.executescript("DROP TABLE aggregates; DROP INDEX batches_finished; PRAGMA user_version=3;")
     for t in [r[0] for r in led.db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]:
         led.db.execute(f"DROP TRIGGER {t}")
+    # Back to schema 3: without the totals, their index and the other columns schema 4 adds.
+    led.db.executescript("DROP TABLE aggregates; DROP INDEX batches_finished; DROP INDEX attempts_ended;"
+                         " ALTER TABLE attempts DROP COLUMN account_json;"
+                         + "".join(f" ALTER TABLE batches DROP COLUMN {c};" for c in
+                                   ("heals", "faults_survived", "crash_streak", "reached_step", "goodput_json",
+                                    "base_weights"))
+                         + " PRAGMA user_version=3;")
     led.close()
     led = Ledger(tmp_path / "state.db")
     try:
