@@ -59,6 +59,14 @@ def test_status_line_of_a_two_hour_batch():
         "memory 3.0 GiB, micro-batch 4x4")
 
 
+def test_status_line_names_the_memory_plans_rung():
+    """A batch planned on bf16 weights with recomputation says so after its micro-batch; the plain rung adds nothing."""
+    line = _render_running(_running(base_weights="bfloat16", gradient_checkpointing=True, micro_batch_size=1,
+                                    grad_accum_steps=16))
+    assert line.endswith("micro-batch 1x16 (bfloat16 weights, gradient checkpointing)")
+    assert _render_running(_running(base_weights="float32", gradient_checkpointing=False)).endswith("micro-batch 4x4")
+
+
 def test_status_line_before_and_after_training():
     """Before the first step it names what the worker does; after the last, the evaluation."""
     assert "starting (loading the model)" in _render_running(_running(step=None, total_steps=None, phase="load"))

@@ -33,6 +33,10 @@ from trainerd.states import FINAL_STATES, BatchState, check_transition
 __all__ = ["AdapterVersion", "Attempt", "AttemptRecord", "Batch", "Ledger", "LedgerConflict", "LedgerTooNew",
            "decided_end"]
 
+# BatchSummary's columns whose default is NULL, not 0 (a reader on an older ledger).
+_NULLABLE_SUMMARY = frozenset({"goodput_json", "gradient_checkpointing", "base_weights"})
+
+
 class LedgerConflict(RuntimeError):
     """A guarded update found the row in another state than expected: a bug, say it loudly."""
 
@@ -183,7 +187,8 @@ class Ledger:
         cols = getattr(self, "_summary_cols", None)
         if cols is None:
             have = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
-            cols = self._summary_cols = ", ".join(c if c in have else f"0 AS {c}" for c in BatchSummary._fields)
+            cols = self._summary_cols = ", ".join(
+                c if c in have else f"{'NULL' if c in _NULLABLE_SUMMARY else 0} AS {c}" for c in BatchSummary._fields)
         return cols
 
     def next_queued(self) -> Batch | None:

@@ -101,6 +101,8 @@ class BatchSummary(NamedTuple):
     crashes: int
     faults_survived: int
     goodput_json: str | None
+    gradient_checkpointing: int | None
+    base_weights: str | None
 
     @classmethod
     def columns(cls) -> str:

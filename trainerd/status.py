@@ -147,6 +147,7 @@ def _running(layout: RootLayout, b: Any, interrupted: bool, now: float) -> dict[
         "phase": _phase(layout.batch(b.id)),
         "rss_bytes": prog.get("rss_bytes"), "loss": prog.get("loss"),
         "micro_batch_size": b.micro_batch_size, "grad_accum_steps": b.grad_accum_steps,
+        "gradient_checkpointing": bool(b.gradient_checkpointing), "base_weights": b.base_weights,  # the plan's rung
         "ranks": prog.get("world_size") or 1,  # torchrun ranks (progress and memory: rank 0's)
         # The ledger says running but no daemon holds the lock: it died mid-attempt.
         "interrupted": interrupted,
@@ -339,6 +340,12 @@ def _render_running(r: dict[str, Any] | None) -> str:
                 "(the daemon is not running; it resumes at the next start)")
     head = f"training  #{r['id']} {r['file']} attempt {r['attempt']}: "
     tail = f"memory {fmt_bytes(r.get('rss_bytes'))}, micro-batch {r['micro_batch_size']}x{r['grad_accum_steps']}"
+    # The memory plan's rung where it is not the plain one (trainerd/ladder.py): bf16 or nf4
+    # weights, recomputation.
+    rung = ([f"{r['base_weights']} weights"] if r.get("base_weights") not in (None, "float32") else []) + \
+        (["gradient checkpointing"] if r.get("gradient_checkpointing") else [])
+    if rung:
+        tail += " (" + ", ".join(rung) + ")"
     phase = r.get("phase")
     if r.get("step") is None:
         line = head + f"starting ({_PHASES.get(phase, phase or 'launching')}), " + tail
