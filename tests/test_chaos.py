@@ -328,7 +328,9 @@ def test_crash_inside_checkpoint_and_publish_writes(daemon_factory, reference):
         assert (d.root / "adapters" / "3").is_dir() and safetensors_complete(d.root / "adapters" / "3" / WEIGHTS)
         assert os.readlink(d.root / "adapters" / "current") == "2", "current moved before the crash point"
         d.start()  # reconcile rolls the publish forward
-        d.wait_for(lambda: os.readlink(d.root / "adapters" / "current") == "3", 60)
+        # current moves when the version is filed, the batch's state a moment later (its end is
+        # committed after the filing): wait for both.
+        d.wait_for(lambda: os.readlink(d.root / "adapters" / "current") == "3" and d.state_of("c.jsonl") == "done", 60)
         watcher.stop()
         check_consistent(d, ["a.jsonl", "b.jsonl", "c.jsonl"])
         assert d.terminate() == 0
