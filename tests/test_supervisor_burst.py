@@ -163,14 +163,16 @@ def _working_set(cg) -> int:
 
 @pytest.mark.cgroup
 def test_guard_decides_on_time_while_the_loop_is_held_busy(memcg, daemon_factory, tmp_path):
-    """A real balloon worker in a real 400 MiB memory cgroup grows 100 MiB/s while the daemon's loop
+    """A real balloon worker in a real 700 MiB memory cgroup grows 200 MiB/s while the daemon's loop
     is held busy in pure Python for 10 s (fault supervisor_stall_loop): the guard, on its own thread,
     writes .stop within an interval of usage crossing soft, during the stall; the worker stops
     gracefully (exit 75) and the kernel OOM-kills nothing."""
-    limit = 400 * MiB
+    # 700 MiB: the batch's memory plan (the tiny model's smallest rung, ~480 MiB with the worker's
+    # runtime) must fit under soft, or the batch fails before any worker starts.
+    limit = 700 * MiB
     cg = memcg(limit)
     interval_ms = 100
-    worker = f"{sys.executable} {BALLOON} --rate-mib-s 100 --max-mib 600 --checkpoint-s 0.3 --max-s 60"
+    worker = f"{sys.executable} {BALLOON} --rate-mib-s 200 --max-mib 1000 --checkpoint-s 0.3 --max-s 60"
     d = daemon_factory(cgroup=cg, memory={"interval_ms": interval_ms},
                        env={"TRAINERD_WORKER_CMD": worker, "TRAINERD_FAULT": "supervisor_stall_loop:10"})
     d.start()
