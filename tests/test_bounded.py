@@ -98,7 +98,11 @@ def test_a_start_checks_the_live_part_and_fsck_finds_a_damaged_old_batch(shm_tmp
 
 
 def _usage(s: Supervisor) -> dict:
-    return json.loads(s.layout.disk_usage.read_text())
+    return _usage_of(s.layout)
+
+
+def _usage_of(layout) -> dict:
+    return json.loads(layout.disk_usage.read_text())
 
 
 def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
@@ -195,3 +199,49 @@ def test_status_and_history_page_by_default_and_stream_everything_on_request(tmp
     assert len(rows) == 10
     rows = json.loads(_cli(tmp_path, "history", "--json", "--all").stdout)
     assert len(rows) == 3000 and [r["batch"] for r in rows] == list(range(1, 3001))
+
+
+def test_the_disk_book_measures_a_burst_of_queued_batches_a_slice_per_write(tmp_path, monkeypatch):
+    """A queue of 200 batches is measured at most LIVE_SLICE batch folders per write (a loop turn
+    stays short in a burst), the book stays due until every one has a figure, and then its live
+    part equals a full measure of the unfinished batches; a finished batch leaves the live part."""
+    from trainerd.contract import RootLayout
+    from trainerd.diskuse import measure_live
+    from trainerd.ledger import Ledger
+    from trainerd.supervisor import diskbook
+
+    layout = RootLayout(tmp_path / "root")
+    layout.make()
+    layout.disk_usage.write_text(json.dumps({"settled": {}, "full_measure_at": time.time()}))
+    led = Ledger(layout.db)
+    now = time.time()
+    with led.transaction() as db:
+        for i in range(1, 201):
+            db.execute("INSERT INTO batches(id, name, sha256, state, created_at, updated_at) VALUES (?,?,?,?,?,?)",
+                       (i, f"q{i}.jsonl", f"{i:064x}", "queued", now, now))
+    for i in range(1, 201):
+        layout.batch_dir(i).mkdir(parents=True)
+        (layout.batch_dir(i) / "data.jsonl").write_bytes(b"x" * (4096 * (1 + i % 3)))
+    measured = []
+    real = diskbook.batch_live
+    monkeypatch.setattr(diskbook, "batch_live", lambda lay, bid: measured.append(bid) or real(lay, bid))
+    book = diskbook.DiskBook(layout, led, ListLog())
+    writes = 0
+    while True:
+        measured.clear()
+        book.tick(now, running=False, min_free_bytes=0)
+        if not measured:
+            break
+        writes += 1
+        assert len(measured) <= diskbook.LIVE_SLICE
+    assert writes == -(-200 // diskbook.LIVE_SLICE) and book.unmeasured == 0
+    assert book.wake_times(now, running=False) == []
+    full = measure_live(layout, list(range(1, 201)))
+    assert _usage_of(layout)["kinds"]["batches"] == full["batches"] > 200 * 4096
+    with led.transaction() as db:
+        db.execute("UPDATE batches SET state = 'done' WHERE id = 1")
+    book.dirty = True
+    book.tick(now, running=False, min_free_bytes=0)
+    assert 1 not in book.live
+    assert _usage_of(layout)["kinds"]["batches"] == measure_live(layout, list(range(2, 201)))["batches"]
+    led.close()

@@ -32,7 +32,8 @@ from typing import Any
 from trainerd.contract import RootLayout
 from trainerd.fsutil import atomic_write_json, free_bytes, read_json_or_none
 
-__all__ = ["KINDS", "apply_plan", "measure", "measure_live", "read_usage", "tree_bytes", "write_usage"]
+__all__ = ["KINDS", "apply_plan", "batch_live", "measure", "measure_live", "read_usage", "shared_live", "tree_bytes",
+           "write_usage"]
 
 # kind -> folders under the root (adapters/ excludes rejected/ and the current link)
 KINDS: dict[str, tuple[str, ...]] = {
@@ -95,12 +96,24 @@ def measure_live(layout: RootLayout, unfinished: list[int]) -> dict[str, int]:
     """The part that still changes, by kind: unfinished batches' folders and TensorBoard runs, the
     versions run (one appended file), the logs (bounded by their rotation), the standing suites'
     copies (the operator's few files). Bounded by the queue, not the chain."""
-    live = dict.fromkeys(KINDS, 0)
+    live = shared_live(layout)
     for bid in unfinished:
-        name = layout.batch_name(bid)
-        live["batches"] += tree_bytes(layout.batches / name)
-        live["curves"] += tree_bytes(layout.tensorboard / name)
-    live["curves"] += tree_bytes(layout.tensorboard / "versions")
+        folder, curves = batch_live(layout, bid)
+        live["batches"] += folder
+        live["curves"] += curves
+    return live
+
+
+def batch_live(layout: RootLayout, bid: int) -> tuple[int, int]:
+    """An unfinished batch's (folder, TensorBoard run) bytes."""
+    name = layout.batch_name(bid)
+    return tree_bytes(layout.batches / name), tree_bytes(layout.tensorboard / name)
+
+
+def shared_live(layout: RootLayout) -> dict[str, int]:
+    """The live part that belongs to no batch: the versions run, the logs, the standing suites."""
+    live = dict.fromkeys(KINDS, 0)
+    live["curves"] = tree_bytes(layout.tensorboard / "versions")
     live["logs"] = tree_bytes(layout.logs)
     live["evalsets"] = tree_bytes(layout.evalsets / "suites")
     return live
