@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_MODEL, REPO  # noqa: E402
+from common import DEFAULT_MODEL, REPO, write_json  # noqa: E402
 from continual import Daemon, cpu_name  # noqa: E402
 
 QUESTIONS = ["What is the capital of Zorbania?", "Name the capital city of Zorbania.",
@@ -136,8 +136,7 @@ def main() -> int:
     print(f"batch 1 holds out {out['batches'][0]['split']['heldout']} of {out['batches'][0]['split']['distinct']} "
           f"distinct; batch 2: {second['state']} / {second['decision']}: {second['reason']}")
     print(f"cpu: {out['cpu']}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2))
+    write_json(a.out, out)
     print(f"wrote {a.out}")
     return 0
 
