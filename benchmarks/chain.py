@@ -101,11 +101,33 @@ def _collect(root: Path, plan: list[tuple[str, int, str]]) -> list[dict[str, Any
                          "train_s": sum(timed), "train_s_last_try": timed[-1] if timed else None,
                          "eval_s_last_try": ev.get("seconds"),
                          "memory_examples": next((s["used"] for s in ev.get("sets", []) if s["kind"] == "memory"), 0),
+                         "history_changes": _history_changes(ev),
                          "new_set": (gate.get("new") or {}).get("change"),
                          "history": ((gate.get("history") or {}).get("pooled") or {}).get("change")})
         return rows
     finally:
         led.close()
+
+
+def _history_changes(ev: dict[str, Any]) -> list[float]:
+    """The candidate's per-example change of held-out loss (nats/token) on history (the memory,
+    earlier sets, suites), paired with the champion's as the gate pairs them: its spread is the
+    per-example noise the gate's error rates (README, benchmarks/gate_rates.py) are read against."""
+    from trainerd.supervisor.gate import HISTORY_KINDS, _changes
+
+    return [round(d, 5) for s in ev.get("sets", []) if s["kind"] in HISTORY_KINDS for d, _ in _changes(s)]
+
+
+def _spread(xs: list[float]) -> dict[str, Any]:
+    """Standard deviation and the MAD scaled to a normal's sd (x 1.4826): heavy tails part them."""
+    import statistics
+
+    if len(xs) < 2:
+        return {"examples": len(xs)}
+    med = statistics.median(xs)
+    return {"examples": len(xs), "mean": statistics.fmean(xs), "sd": statistics.stdev(xs),
+            "mad_sd": 1.4826 * statistics.median(abs(x - med) for x in xs),
+            "p05": sorted(xs)[len(xs) // 20], "p95": sorted(xs)[(19 * len(xs)) // 20]}
 
 
 def _score(model: Path, root: Path, fs: list[tuple[str, str]], rows: list[dict[str, Any]], quick: bool
@@ -179,6 +201,9 @@ def _summarize(heal: int, plan: list[tuple[str, int, str]], rows: list[dict[str,
     loss_deltas = [scores[last][f]["loss"] - scores[v][f]["loss"] for f, v in taught if v != last]
     shares = [v["eval_share"] for v in versions if v["eval_share"] is not None]
     contra = next((r for r in rows if "contradicts" in r["file"]), None)
+    # The spread of history over every published candidate's evaluation (benign changes: a refused
+    # candidate's include the contradiction's own effect, which is not noise).
+    spread = _spread([d for r in rows if r["version"] for d in r["history_changes"]])
     summary = {"heal_attempts": heal, "versions": versions, "rows": rows,
                "bwt_answered": sum(deltas) / len(deltas) if deltas else None,
                "bwt_loss": sum(loss_deltas) / len(loss_deltas) if loss_deltas else None,
@@ -186,10 +211,12 @@ def _summarize(heal: int, plan: list[tuple[str, int, str]], rows: list[dict[str,
                "facts_taught": len(taught), "heals": sum(r["heals"] for r in rows),
                "decisions": {d: sum(1 for r in rows if r["decision"] == d) for d in {r["decision"] for r in rows}},
                "contradiction": None if contra is None else {k: contra[k] for k in ("state", "decision", "heals", "reason")},
+               "history_spread": spread,
                "eval_share_median": sorted(shares)[len(shares) // 2] if shares else None,
                "eval_share_max": max(shares) if shares else None}
     print(f"heal {heal}: {summary['facts_answered_at_end']:.2f}/{len(taught)} facts answered at the end, "
           f"BWT {summary['bwt_answered']} (answered) {summary['bwt_loss']} (loss), decisions {summary['decisions']}, "
           f"healing tries {summary['heals']}, evaluation/training median {summary['eval_share_median']}, "
           f"max {summary['eval_share_max']}; the contradiction: {summary['contradiction']}", flush=True)
+    print(f"heal {heal}: per-example change of history on published candidates: {spread}", flush=True)
     return summary

@@ -74,6 +74,36 @@ def test_past_its_bound_the_memory_is_a_uniform_sample_of_batches_old_and_new(tm
     assert abs(old - 200) < 4 * (400 * 0.25) ** 0.5, old
 
 
+def _select_steps(m: EvalMemory, cap: int) -> int:
+    """SQLite virtual-machine steps (in hundreds) one selection of ``cap`` members takes."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    m.db.set_progress_handler(tick, 100)
+    try:
+        assert len(m.select(cap, 10**9)) == cap
+    finally:
+        m.db.set_progress_handler(None, 0)
+    return steps[0]
+
+
+def test_a_selection_costs_the_same_at_50_and_at_2000_batches(tmp_path):
+    """Choosing 64 members walks the index in draw order and stops at the bound: the work is
+    the same (within 1.5x) with 50 batches of history as with 2,000, not a scan of every example."""
+    steps = {}
+    for n in (50, 2000):
+        m = _open(tmp_path / f"n{n}")
+        with m.bulk():
+            for b in range(1, n + 1):
+                publish(tmp_path / f"n{n}", m, b, 8)
+        steps[n] = _select_steps(m, 64)
+        m.close()
+    assert steps[2000] <= 1.5 * steps[50], steps
+
+
 def test_the_token_bound_holds(tmp_path, mem):
     """Examples of 20 tokens under a bound of 250 tokens: 12 members, 240 tokens."""
     for b in range(1, 11):
