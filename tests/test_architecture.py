@@ -9,39 +9,34 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "trainerd"
-HEAVY = {"torch", "transformers", "peft", "datasets", "accelerate", "tensorboardX"}
-# The shared vocabulary both processes use: stdlib (and yaml, structlog) only, no other room.
-BASE = {"contract", "states", "fsutil", "faults", "config", "lines", "logs", "sdnotify", "schema", "planning", "replay", "rows",
-        "evalmemory",
-        "compressed", "aggregates",
-        "basemodel", "modelref", "cadence", "goodput"}
-# What the worker process may use of the supervisor side's rooms: the base, nothing else. The
-# two processes talk through argv, files and exit codes.
-SUPERVISOR_ONLY = {"supervisor", "memguard", "ledger", "status", "cli", "cli_chain", "cli_logs", "cli_ask", "child",
-                   "inbox", "writers", "metrics", "__main__", "cli_root", "cli_check", "cli_ops", "health",
-                   "heldout"}
+HEAVY = {"torch", "transformers", "peft", "datasets", "accelerate", "tensorboardX", "huggingface_hub"}
 
 
-def _room(module: str) -> str:
-    """trainerd.supervisor.attempts -> supervisor; trainerd.fsutil -> fsutil."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else ""
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    return ".".join(rel.parts).removesuffix(".__init__")
+
+
+MODULES = {_module_of(p): p for p in PKG.rglob("*.py")}
 
 
 def _imports() -> dict[str, set[str]]:
-    """module (dotted) -> every module it imports (dotted; ``from trainerd import x`` -> trainerd.x)."""
+    """module (dotted) -> every module it imports (dotted). ``from trainerd.x import y`` names
+    trainerd.x, and trainerd.x.y too where y is a module; a relative import is made absolute."""
     out: dict[str, set[str]] = {}
-    for path in PKG.rglob("*.py"):
-        rel = path.relative_to(PKG.parent).with_suffix("")
-        mod = ".".join(rel.parts).removesuffix(".__init__")
+    for mod, path in MODULES.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-                if node.module == "trainerd":
-                    found.update(f"trainerd.{a.name}" for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
         out[mod] = found
     return out
 
@@ -49,34 +44,114 @@ def _imports() -> dict[str, set[str]]:
 IMPORTS = _imports()
 
 
+def _ours(imps: set[str]) -> set[str]:
+    return {i for i in imps if i in MODULES}
+
+
+def _loads(mod: str) -> set[str]:
+    """What importing ``mod`` may load, itself included: its packages' ``__init__`` and every module it
+    imports at any level (a lazy import too), transitively."""
+    seen: set[str] = set()
+    todo = [mod]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES]
+        if m in IMPORTS:
+            todo += sorted(IMPORTS[m] & set(MODULES) | {i for i in IMPORTS[m] if i.split(".")[0] in HEAVY})
+    return seen
+
+
+def _in(mod: str, *packages: str) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in packages)
+
+
+WORKER = "trainerd.worker"
+CORE = "trainerd.core"
+# The torch-free side: the supervisor process, its memory guard, the CLI's process, and the kernel.
+TORCH_FREE = sorted(m for m in MODULES if not _in(m, WORKER))
+
+
+def test_the_layout_is_by_process():
+    """trainerd/ holds the processes' packages and the kernel, and no loose module but the package's
+    version and ``python -m trainerd``: the tree says which process runs a file."""
+    loose = sorted(m for m, p in MODULES.items() if p.parent == PKG and p.name not in {"__init__.py", "__main__.py"})
+    packages = sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert loose == []
+    assert packages == ["cli", "core", "memguard", "supervisor", "worker"]
+
+
+@pytest.mark.parametrize("package", ["cli", "core", "memguard", "supervisor", "supervisor.ledger",
+                                     "supervisor.views", "worker"])
+def test_every_package_says_what_it_may_import(package):
+    """Each package's opening docstring says what the package is and what it may import."""
+    doc = ast.get_docstring(ast.parse(MODULES[f"trainerd.{package}"].read_text())) or ""
+    assert "import" in doc, f"trainerd/{package.replace('.', '/')}/__init__.py: no word on what it may import"
+
+
 def test_only_the_worker_imports_torch_and_co():
     """Nothing outside trainerd/worker/ imports torch, transformers, peft, datasets or accelerate."""
-    bad = {m: sorted(i for i in imps if i.split(".")[0] in HEAVY)
-           for m, imps in IMPORTS.items() if _room(m) != "worker"}
+    bad = {m: sorted(i for i in IMPORTS[m] if i.split(".")[0] in HEAVY) for m in TORCH_FREE}
     assert {m: v for m, v in bad.items() if v} == {}
 
 
-def test_the_worker_uses_only_the_shared_rooms():
-    """The worker imports no room of the supervisor side (supervisor, memguard, ledger, status, cli, ...)."""
-    bad = {m: sorted(i for i in imps if i.startswith("trainerd.") and _room(i) in SUPERVISOR_ONLY)
-           for m, imps in IMPORTS.items() if _room(m) == "worker"}
+@pytest.mark.parametrize("side", ["trainerd.supervisor", "trainerd.cli", "trainerd.memguard", "trainerd.core",
+                                  "trainerd.__main__"])
+def test_the_torch_free_side_reaches_no_torch_even_transitively(side):
+    """Every module of the supervisor side, the CLI and the kernel, with everything it may import (lazy
+    imports and packages' __init__ included, transitively), reaches neither the worker nor torch & co."""
+    bad = {}
+    for m in (m for m in TORCH_FREE if _in(m, side)):
+        reached = sorted(i for i in _loads(m) if _in(i, WORKER) or i.split(".")[0] in HEAVY)
+        if reached:
+            bad[m] = reached
+    assert bad == {}
+
+
+def test_the_worker_uses_only_the_kernel():
+    """The worker imports no room of the supervisor side (supervisor, memguard, cli): only trainerd.core.
+    The two processes talk through argv, files and exit codes."""
+    bad = {m: sorted(i for i in _ours(IMPORTS[m]) if not _in(i, WORKER, CORE, "trainerd") or i == "trainerd.__main__")
+           for m in MODULES if _in(m, WORKER)}
     assert {m: v for m, v in bad.items() if v} == {}
 
 
-@pytest.mark.parametrize("room", sorted(BASE))
-def test_shared_rooms_import_only_each_other(room):
-    """A shared room (contract, fsutil, config, ...) imports no room but the other shared ones."""
-    mods = [m for m in IMPORTS if _room(m) == room]
-    assert mods, f"no module for room {room}"
-    bad = {m: sorted(i for i in IMPORTS[m] if i.startswith("trainerd.") and _room(i) not in BASE)
-           for m in mods}
+def test_the_kernel_imports_only_itself():
+    """A kernel module (contract, fsutil, config, ...) imports nothing of trainerd but the kernel."""
+    bad = {m: sorted(i for i in _ours(IMPORTS[m]) if not _in(i, CORE)) for m in MODULES if _in(m, CORE)}
     assert {m: v for m, v in bad.items() if v} == {}
 
 
 def test_the_guard_decides_and_never_acts():
     """memguard imports nothing of the supervisor: it returns decisions, stopping.py carries them out."""
-    bad = {m: sorted(i for i in imps if i.startswith("trainerd.") and _room(i) in {"supervisor", "ledger", "child"})
-           for m, imps in IMPORTS.items() if _room(m) == "memguard"}
+    bad = {m: sorted(i for i in _ours(IMPORTS[m]) if not _in(i, "trainerd.memguard", CORE))
+           for m in MODULES if _in(m, "trainerd.memguard")}
+    assert {m: v for m, v in bad.items() if v} == {}
+
+
+def test_the_ledger_and_the_views_stand_below_the_daemon():
+    """The ledger imports only itself and the kernel; the views (status, health, ...) only the ledger, the
+    kernel and each other: ``trainerd status`` never loads the daemon's rooms. (``trainerd.supervisor``
+    itself, the package's __init__, imports nothing.)"""
+    ledger, views = "trainerd.supervisor.ledger", "trainerd.supervisor.views"
+    allowed = {ledger: (ledger, CORE), views: (ledger, views, CORE)}
+    bad = {m: sorted(i for i in _ours(IMPORTS[m]) if i != "trainerd.supervisor" and not _in(i, *allowed[room]))
+           for room in allowed for m in MODULES if _in(m, room)}
+    assert {m: v for m, v in bad.items() if v} == {}
+    assert _ours(IMPORTS["trainerd.supervisor"]) == set()
+
+
+def test_the_supervisor_never_imports_the_cli():
+    """The supervisor side serves the CLI and never imports it; a CLI command never imports the entry
+    point that assembles the commands (no circle through ``trainerd.cli.entry``)."""
+    bad = {m: sorted(i for i in _ours(IMPORTS[m]) if _in(i, "trainerd.cli"))
+           for m in MODULES if _in(m, "trainerd.supervisor", "trainerd.memguard", CORE)}
+    bad.update({m: ["trainerd.cli.entry"] for m in MODULES
+                if _in(m, "trainerd.cli") and m not in {"trainerd.cli", "trainerd.cli.entry"}
+                and "trainerd.cli.entry" in IMPORTS[m]})
     assert {m: v for m, v in bad.items() if v} == {}
 
 

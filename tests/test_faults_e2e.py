@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from trainerd import metrics
-from trainerd.ledger import Ledger
+from trainerd.supervisor import metrics
+from trainerd.supervisor.ledger import Ledger
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow

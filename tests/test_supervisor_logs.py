@@ -1,10 +1,10 @@
-"""trainerd.logs: JSON lines with timestamp/level/event, bound fields, and logrotate safety."""
+"""trainerd.core.logs: JSON lines with timestamp/level/event, bound fields, and logrotate safety."""
 
 import io
 import json
 import os
 
-from trainerd import logs
+from trainerd.core import logs
 
 
 def test_json_lines_have_required_fields(tmp_path):

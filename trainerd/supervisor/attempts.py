@@ -18,14 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trainerd import config as config_mod
-from trainerd.basemodel import Watched
-from trainerd.child import Child, ExitStatus
-from trainerd.config import Settings
-from trainerd.contract import BatchFiles, ExitCode, RootLayout
-from trainerd.fsutil import read_json_or_none, unlink_quietly
-from trainerd.ledger import AttemptRecord, Batch, Ledger, decided_end
-from trainerd.states import FINAL_STATES, BatchState
+from trainerd.core import config as config_mod
+from trainerd.supervisor.basemodel import Watched
+from trainerd.supervisor.child import Child, ExitStatus
+from trainerd.core.config import Settings
+from trainerd.core.contract import BatchFiles, ExitCode, RootLayout
+from trainerd.core.fsutil import read_json_or_none, unlink_quietly
+from trainerd.supervisor.ledger import AttemptRecord, Batch, Ledger, decided_end
+from trainerd.supervisor.ledger.states import FINAL_STATES, BatchState
 from trainerd.supervisor import accounting, forensics, heal, hooks, memplan, policy
 from trainerd.supervisor.claims import Claims
 from trainerd.supervisor import gate as gate_mod

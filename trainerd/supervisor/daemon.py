@@ -33,17 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd import config as config_mod
-from trainerd import faults
-from trainerd.child import worker_command
-from trainerd.config import ConfigError, Settings
-from trainerd.contract import RootLayout
-from trainerd.inbox import Inbox
-from trainerd.ledger import Ledger, LedgerTooNew
-from trainerd.logs import get_logger
+from trainerd.core import config as config_mod
+from trainerd.core import faults
+from trainerd.supervisor.child import worker_command
+from trainerd.core.config import ConfigError, Settings
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.inbox import Inbox
+from trainerd.supervisor.ledger import Ledger, LedgerTooNew
+from trainerd.core.logs import get_logger
 from trainerd.memguard import MemoryGuard
-from trainerd.metrics import Metrics
-from trainerd.sdnotify import Notifier
+from trainerd.supervisor.metrics import Metrics
+from trainerd.supervisor.sdnotify import Notifier
 from trainerd.supervisor.attempts import Attempts, Running
 from trainerd.supervisor.chain import Chain
 from trainerd.supervisor.claimpool import ClaimPool
@@ -142,7 +142,7 @@ class Supervisor:
         self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
         self.backups: recovery.Backups | None = None
         self.book: DiskBook | None = None
-        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
+        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/supervisor/metrics.py)
         self.health = LoopHealth(self.log)
         self.guard_thread = GuardThread(self.log)
         self._stalled = False  # the supervisor_stall_loop fault, done once

@@ -27,11 +27,11 @@ from typing import Any
 
 import psutil
 
-from trainerd.child import ExitStatus
-from trainerd.contract import Outcome, RootLayout, StopReason
-from trainerd.fsutil import read_json_or_none
-from trainerd.ledger import AttemptRecord, Ledger, decided_end
-from trainerd.states import FINAL_STATES, BatchState
+from trainerd.supervisor.child import ExitStatus
+from trainerd.core.contract import Outcome, RootLayout, StopReason
+from trainerd.core.fsutil import read_json_or_none
+from trainerd.supervisor.ledger import AttemptRecord, Ledger, decided_end
+from trainerd.supervisor.ledger.states import FINAL_STATES, BatchState
 from trainerd.supervisor import accounting
 from trainerd.supervisor.attempts import Attempts
 from trainerd.supervisor.policy import AttemptEnd

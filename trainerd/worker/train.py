@@ -25,10 +25,10 @@ from typing import Any, Iterator
 
 import torch
 
-from trainerd import faults
-from trainerd.config import Settings
-from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
-from trainerd.fsutil import atomic_write_json, free_bytes
+from trainerd.core import faults
+from trainerd.core.config import Settings
+from trainerd.core.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
+from trainerd.core.fsutil import atomic_write_json, free_bytes
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import dist
 from trainerd.worker import evaluate as ev
@@ -37,7 +37,7 @@ from trainerd.worker import weights as wt
 from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
 from trainerd.worker.evaluate import EarlyStopping
-from trainerd.lines import ScanReport
+from trainerd.core.lines import ScanReport
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker import tally

@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
-from trainerd import aggregates
+from trainerd.supervisor.ledger import aggregates
 
 __all__ = ["LedgerTooNew", "MIGRATIONS", "SCHEMA_VERSION", "upgrade", "version"]
 
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS batches (
     micro_batch_size       INTEGER,                -- NULL = not planned yet
     grad_accum_steps       INTEGER,
     gradient_checkpointing INTEGER,
-    base_weights           TEXT,                   -- the plan's base-weight layout (trainerd/ladder.py), NULL = before layouts
+    base_weights           TEXT,                   -- the plan's base-weight layout (trainerd/core/ladder.py), NULL = before layouts
     next_attempt_at        REAL NOT NULL DEFAULT 0,
     last_reason            TEXT,
     last_step              INTEGER,
@@ -117,7 +117,7 @@ def _to_4(db: sqlite3.Connection) -> None:
     healing tries (the root's files, the evaluation memory built from evalsets/batches/, follow at
     the daemon's start). Faults are weather: crashes counted by progress, the high-water step,
     goodput. The memory ladder: the base-weight layout a batch's plan chose (NULL on older rows:
-    their worker held the layout of their precision). Weeks on one disk: running totals kept by triggers (trainerd/aggregates.py), filled
+    their worker held the layout of their precision). Weeks on one disk: running totals kept by triggers (trainerd/supervisor/ledger/aggregates.py), filled
     from the rows once here, and the index status pages the newest finished batches by."""
     for stmt in ("ALTER TABLE batches ADD COLUMN heals INTEGER NOT NULL DEFAULT 0",
                  "ALTER TABLE batches ADD COLUMN faults_survived INTEGER NOT NULL DEFAULT 0",

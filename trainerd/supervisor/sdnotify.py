@@ -30,7 +30,8 @@ from typing import Any
 
 __all__ = ["Notifier", "WATCHDOG_ENV"]
 
-log = logging.getLogger(__name__)
+# Named for where it lived first: operators' log filters (and tests) name this logger.
+log = logging.getLogger("trainerd.sdnotify")
 
 # The variables systemd sets for the main process (and that children must not inherit: with
 # NotifyAccess=main their messages would be dropped anyway, and a child seeing WATCHDOG_USEC

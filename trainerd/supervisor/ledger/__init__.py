@@ -4,7 +4,7 @@ adapter versions.
 Single writer: the supervisor. Every state change is ``UPDATE ... WHERE id=? AND state=?``
 and raises :class:`LedgerConflict` when the row was not in the state the caller believed, so
 a logic error shows up as a loud failure instead of a batch trained twice. The transition
-table itself lives in :mod:`trainerd.states`. Every transition returns the row as it now is
+table itself lives in :mod:`trainerd.supervisor.ledger.states`. Every transition returns the row as it now is
 (a frozen :class:`Batch`): nobody re-reads what they just wrote.
 
 Durability: WAL with ``synchronous=FULL`` (every commit is fsynced before it returns; the
@@ -12,7 +12,12 @@ default NORMAL could lose the last commits on power loss, and a claim that is on
 rename but not in the ledger is exactly what reconcile must then guess at). Readers
 (``trainerd status``) open the file read-only and never block the writer (WAL).
 
-The tables, their version and the migrations between versions are in :mod:`trainerd.schema`.
+The tables, their version and the migrations between versions are in :mod:`trainerd.supervisor.ledger.schema`.
+
+This package is the ledger and what its rows mean: states.py (the transition table), rows.py (the
+frozen rows), schema.py and aggregates.py (tables, migrations, running totals), goodput.py (the
+accounts kept per batch). May import: the standard library (sqlite3) and :mod:`trainerd.core`;
+nothing of the daemon's loop (the views and the CLI open it read-only).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
-from trainerd import aggregates, schema
-from trainerd.rows import AdapterVersion, Attempt, AttemptRecord, Batch, BatchSummary, decided_end
-from trainerd.schema import LedgerTooNew
-from trainerd.states import FINAL_STATES, BatchState, check_transition
+from trainerd.supervisor.ledger import aggregates, schema
+from trainerd.supervisor.ledger.rows import AdapterVersion, Attempt, AttemptRecord, Batch, BatchSummary, decided_end
+from trainerd.supervisor.ledger.schema import LedgerTooNew
+from trainerd.supervisor.ledger.states import FINAL_STATES, BatchState, check_transition
 
 __all__ = ["AdapterVersion", "Attempt", "AttemptRecord", "Batch", "Ledger", "LedgerConflict", "LedgerTooNew",
            "decided_end"]
@@ -216,8 +221,8 @@ class Ledger:
             "SELECT started_at, ended_at, outcome, reason FROM attempts WHERE ended_at >= ?", (since,))]
 
     def goodput_totals(self) -> dict[str, float]:
-        """Every batch's goodput figures summed (trainerd/goodput.py names them), its crashes and the
-        crashes it survived: the running totals (trainerd/aggregates.py), one indexed read at any size."""
+        """Every batch's goodput figures summed (trainerd/supervisor/ledger/goodput.py names them), its crashes and the
+        crashes it survived: the running totals (trainerd/supervisor/ledger/aggregates.py), one indexed read at any size."""
         try:
             g, f = self.totals("goodput:"), self.totals("faults:")
         except sqlite3.OperationalError:  # a reader on a ledger the daemon has not brought to schema 4 yet
@@ -249,7 +254,7 @@ class Ledger:
                 "SELECT state, count(*) AS c FROM batches GROUP BY state")}
 
     def totals(self, prefix: str = "") -> dict[str, int]:
-        """The running totals named ``prefix...`` (trainerd/aggregates.py), the prefix cut off."""
+        """The running totals named ``prefix...`` (trainerd/supervisor/ledger/aggregates.py), the prefix cut off."""
         return aggregates.read(self.db, prefix)
 
     def batch_progress(self, batch_id: int) -> tuple[int, int]:

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from trainerd.contract import RootLayout, StopReason
-from trainerd.fsutil import fmt_bytes, free_bytes, read_json_or_none
-from trainerd.states import BatchState
+from trainerd.core.contract import RootLayout, StopReason
+from trainerd.core.fsutil import fmt_bytes, free_bytes, read_json_or_none
+from trainerd.supervisor.ledger.states import BatchState
 
 __all__ = ["CONDITIONS", "Condition", "Facts", "HealthWatch", "Severity", "Thresholds", "assess", "gather",
            "in_window", "ledger_events", "line", "worst"]
@@ -216,8 +216,8 @@ def _mtime(path: Any) -> float | None:
 def gather(layout: RootLayout, now: float, since: float, *, min_free_bytes: int | None) -> Facts:
     """The facts from a root, read-only (``trainerd check``). ``min_free_bytes``: the floor from the
     config; None: the one the daemon last recorded (disk-usage.json). sqlite3.Error propagates."""
-    from trainerd.ledger import Ledger
-    from trainerd.status import daemon_pid
+    from trainerd.supervisor.ledger import Ledger
+    from trainerd.supervisor.views.status import daemon_pid
 
     running = daemon_pid(layout.lock) is not None
     seen = None

@@ -168,10 +168,10 @@ class RootLayout:
         self.daemon = r / "daemon.json"         # what the supervisor is doing now (for status)
         self.disk_reserve = r / ".disk-reserve"  # ballast the supervisor frees so the ledger can commit
         self.suites = r / "evals"                # standing evaluation suites (the operator's *.jsonl)
-        self.evalsets = r / "evalsets"           # every set ever judged on, and the evaluation memory (trainerd/evalmemory.py)
+        self.evalsets = r / "evalsets"           # every set ever judged on, and the evaluation memory (trainerd/core/evalmemory.py)
         self.rejected = self.adapters / "rejected"  # candidates the gate refused, by batch id
         self.requests = r / "requests"           # promote/rollback/... asked of the running daemon (group-writable)
-        self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/replay.py)
+        self.replay = r / "replay"               # earlier batches' training lines, for replay (trainerd/core/replay.py)
         self.chain = r / "chain.json"            # a rebase: the base model the chain continues on, and since when
         # Issue 14 (operations): priority lanes, publish hooks, the disk-use cache.
         self.inbox_high = self.inbox / "high"    # claimed before the normal inbox ...

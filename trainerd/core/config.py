@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from trainerd.modelref import resolve_setting
+from trainerd.core.modelref import resolve_setting
 
 __all__ = [
     "ConfigError",
@@ -81,7 +81,7 @@ class ModelSettings:
     path: str = field(default="models/SmolLM2-135M-Instruct", metadata=_check("str", nonempty=True))
     dtype: str = field(default="auto", metadata=_check("choice", choices=("auto", "float32", "bfloat16")))
     device: str = field(default="auto", metadata=_check("choice", choices=("auto", "cpu", "cuda")))
-    # How the frozen base is held (trainerd/ladder.py): auto = the memory plan picks the fastest
+    # How the frozen base is held (trainerd/core/ladder.py): auto = the memory plan picks the fastest
     # layout that fits (nf4 last, CUDA only); unquantized = never nf4; or pin one layout.
     base_weights: str = field(default="auto", metadata=_check(
         "choice", choices=("auto", "unquantized", "float32", "bfloat16", "nf4")))
@@ -111,7 +111,7 @@ class TrainSettings:
     # 0 = by time alone. A stop always writes one.
     checkpoint_every_steps: int = field(default=0, metadata=_check("int", min=0))
     # auto = Young/Daly from the measured checkpoint cost and the supervisor's MTBF estimate
-    # (trainerd/cadence.py); a number = a fixed interval (0 disables).
+    # (trainerd/core/cadence.py); a number = a fixed interval (0 disables).
     checkpoint_every_s: Any = field(default="auto", metadata=_check("float_or_auto", min=0.0))
     # auto = write in a background thread (from a copy) when adapter + optimizer state is >= 64 MiB.
     checkpoint_async: Any = field(default="auto", metadata=_check("bool_or_auto"))
@@ -214,7 +214,7 @@ class EvalSettings:
     # Budget of the new set and the standing suites after training, both passes together.
     max_tokens: int = field(default=32768, metadata=_check("int", min=0))
     max_fraction: float = field(default=0.1, metadata=_check("float", min=0.0, max=10.0))
-    # The evaluation memory (trainerd/evalmemory.py): a stratified sample of every published
+    # The evaluation memory (trainerd/core/evalmemory.py): a stratified sample of every published
     # batch's held-out contents that every candidate is judged on, whole; its bound is the
     # evaluation's cost, whatever the length of the chain.
     memory_examples: int = field(default=512, metadata=_check("int", min=0))
@@ -290,7 +290,7 @@ class MetricsSettings:
 
 @dataclass
 class CheckSettings:
-    # `trainerd check` and the metrics' trainerd_health (trainerd/health.py, docs/cli.md).
+    # `trainerd check` and the metrics' trainerd_health (trainerd/supervisor/views/health.py, docs/cli.md).
     paused_warning_s: float = field(default=3600.0, metadata=_check("float", min=0.0))  # paused longer: WARNING
     # A quarantined batch or a kernel OOM kill is reported this long after it happened.
     window_s: float = field(default=3600.0, metadata=_check("float", min=1.0))
@@ -504,6 +504,6 @@ def to_dict(settings: Settings) -> dict[str, Any]:
 
 def dump_json(settings: Settings, path: str | os.PathLike[str]) -> None:
     """Write settings as JSON atomically (tmp + fsync + rename): a worker never reads half."""
-    from trainerd.fsutil import atomic_write_bytes
+    from trainerd.core.fsutil import atomic_write_bytes
 
     atomic_write_bytes(Path(path), json.dumps(to_dict(settings), indent=2, sort_keys=True).encode())

@@ -1,10 +1,10 @@
-"""``trainerd``: run | submit | status | check | pause | resume | validate (cli_chain.py: history,
-promote, rollback, rebase, fsck; cli_ops.py: cancel, gc; cli_logs.py: logs; cli_ask.py: ask;
-cli_check.py: check).
+"""``trainerd``: run | submit | status | check | pause | resume | validate (cli/chain.py: history,
+promote, rollback, rebase, fsck; cli/ops.py: cancel, gc; cli/logs.py: logs; cli/ask.py: ask;
+cli/check.py: check).
 
 Only ``run`` imports the supervisor (psutil, watchdog); ``status`` reads the ledger
 read-only and a few small files, so it answers in tens of milliseconds and never imports
-torch. Where the root is, and the check that it is one, for every command: trainerd/cli_root.py.
+torch. Where the root is, and the check that it is one, for every command: trainerd/cli/root.py.
 
 Exit codes (sysexits; docs/cli.md has the table, tests/test_cli_conventions.py holds the code
 to it): 0 ok, 1 failure (refused, not found, problems found), 2 usage, 65 a file would be
@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.cli_ask import add_commands as add_ask_commands
-from trainerd.cli_chain import add_commands as add_chain_commands
-from trainerd.cli_check import add_commands as add_check_commands
-from trainerd.cli_check import is_check_command
-from trainerd.cli_logs import add_commands as add_logs_commands
-from trainerd.cli_ops import add_commands as add_ops_commands
-from trainerd.cli_root import (
+from trainerd.cli.ask import add_commands as add_ask_commands
+from trainerd.cli.chain import add_commands as add_chain_commands
+from trainerd.cli.check import add_commands as add_check_commands
+from trainerd.cli.check import is_check_command
+from trainerd.cli.logs import add_commands as add_logs_commands
+from trainerd.cli.ops import add_commands as add_ops_commands
+from trainerd.cli.root import (
     DEFAULT_ROOT,
     ROOT_ORDER,
     NotARoot,
@@ -41,9 +41,9 @@ from trainerd.cli_root import (
     require_root,
     subcommand,
 )
-from trainerd.contract import LANES, ExitCode, RootLayout
-from trainerd.inbox import eval_partner, is_candidate_name
-from trainerd.paging import add_arguments as add_paging_arguments
+from trainerd.core.contract import LANES, ExitCode, RootLayout
+from trainerd.supervisor.inbox import eval_partner, is_candidate_name
+from trainerd.supervisor.views.paging import add_arguments as add_paging_arguments
 
 __all__ = ["DEFAULT_ROOT", "build_parser", "main"]
 
@@ -65,7 +65,7 @@ def _print_config_error(e: Exception) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from trainerd.config import ConfigError
+    from trainerd.core.config import ConfigError
 
     cfg = _config_path(args)
     if not cfg:
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = _load_settings(cfg)
     except ConfigError as e:
         return _print_config_error(e)
-    from trainerd.child import WORKER_CMD_ENV
+    from trainerd.supervisor.child import WORKER_CMD_ENV
 
     if not os.environ.get(WORKER_CMD_ENV):
         # Refuse to start without the model: otherwise every file dropped in would fail its
@@ -84,9 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rc = _model_ready(settings.model.path, cfg)
         if rc != ExitCode.OK:
             return rc
-    from trainerd import logs
-    from trainerd.schema import LedgerTooNew
-    from trainerd.supervisor import AlreadyRunning, Supervisor
+    from trainerd.core import logs
+    from trainerd.supervisor.ledger.schema import LedgerTooNew
+    from trainerd.supervisor.daemon import AlreadyRunning, Supervisor
     from trainerd.supervisor.recovery import LedgerUnrecoverable
 
     # Training data, adapters and logs are nobody else's business: no world (or group write)
@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _model_ready(value: str, cfg: str) -> int:
     """OK when ``model.path`` can be loaded offline (a hub id not cached yet is fetched now);
     78: no such folder; 69: the hub cannot give it now."""
-    from trainerd.modelref import fetch, is_hub_id
+    from trainerd.core.modelref import fetch, is_hub_id
 
     if not is_hub_id(value):
         if (Path(value) / "config.json").is_file():
@@ -144,7 +144,7 @@ def _model_ready(value: str, cfg: str) -> int:
 
 
 def _scan(path: str, settings: Any) -> Any:
-    from trainerd.lines import scan_file
+    from trainerd.core.lines import scan_file
 
     return scan_file(path, max_line_bytes=settings.data.max_line_bytes,
                      max_bad_fraction=settings.data.max_bad_fraction,
@@ -174,7 +174,7 @@ def _unreadable(path: str) -> str | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainerd.config import ConfigError
+    from trainerd.core.config import ConfigError
 
     try:
         settings = _load_settings(_config_path(args))
@@ -222,7 +222,7 @@ def _place(src: Path, inbox: Path, name: str | None = None) -> Path:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from trainerd.config import ConfigError
+    from trainerd.core.config import ConfigError
 
     if args.eval and len(args.files) != 1:
         print("trainerd submit: --eval goes with exactly one data file", file=sys.stderr)
@@ -299,8 +299,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from trainerd import paging
-    from trainerd.status import collect_status, render_status
+    from trainerd.supervisor.views import paging
+    from trainerd.supervisor.views.status import collect_status, render_status
 
     st = collect_status(args.layout.root, limit=paging.limit_of(args))
     if args.json:
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    examples=["trainerd status", "trainerd status --json | jq .queue"])
     s.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     add_paging_arguments(s, "queued and finished batches")
-    add_check_commands(sub, common)  # trainerd check (trainerd/cli_check.py, trainerd/health.py)
+    add_check_commands(sub, common)  # trainerd check (trainerd/cli/check.py, trainerd/supervisor/views/health.py)
     subcommand(sub, "pause", [common], cmd_pause, help="create root/.stop",
                description="Pause: create root/.stop. The running batch checkpoints and stops; nothing new starts "
                "until `trainerd resume` (or rm root/.stop).", examples=["trainerd pause --root /var/lib/trainerd"])
@@ -357,9 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                description="Resume: remove root/.stop; the queue goes on where it stopped.",
                examples=["trainerd resume"])
     add_chain_commands(sub, common)
-    add_ops_commands(sub, common)  # trainerd cancel, gc (trainerd/cli_ops.py)
-    add_logs_commands(sub, common)  # trainerd logs (trainerd/cli_logs.py)
-    add_ask_commands(sub, common)  # trainerd ask (trainerd/cli_ask.py, trainerd/worker/ask.py)
+    add_ops_commands(sub, common)  # trainerd cancel, gc (trainerd/cli/ops.py)
+    add_logs_commands(sub, common)  # trainerd logs (trainerd/cli/logs.py)
+    add_ask_commands(sub, common)  # trainerd ask (trainerd/cli/ask.py, trainerd/worker/ask.py)
     s = subcommand(sub, "validate", [common], cmd_validate, root=False,
                    help="line-level report; exit 65 if it would be rejected",
                    description="Check data files line by line as the daemon will, without a root: every bad line "
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainerd {args.command}: {e}", file=sys.stderr)
         return ExitCode.NOINPUT
     except ValueError as e:
-        config = sys.modules.get("trainerd.config")  # loaded only if a config was read
+        config = sys.modules.get("trainerd.core.config")  # loaded only if a config was read
         if config is not None and isinstance(e, config.ConfigError):
             return _print_config_error(e)
         raise

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote
 
-from trainerd.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, open_regular, read_json_or_none
-from trainerd.lines import content_hash, iter_lines, parse_line
-from trainerd.replay import content_fraction, line_bytes
+from trainerd.core.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, open_regular, read_json_or_none
+from trainerd.core.lines import content_hash, iter_lines, parse_line
+from trainerd.core.replay import content_fraction, line_bytes
 
 __all__ = ["EvalMemory", "MemoryRef", "h64", "read_version"]
 

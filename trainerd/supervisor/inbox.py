@@ -10,7 +10,7 @@ when all of these hold:
 - its size, mtime and inode have not changed for ``supervisor.settle_s``;
 - no process has it open for writing — so a slow ``cp`` straight into the inbox is not taken
   half-way, and a write-then-rename is taken as soon as it settles. Asked once per scan for all
-  the files in doubt (:mod:`trainerd.writers`): a file whose writer closed it (inotify's
+  the files in doubt (:mod:`trainerd.supervisor.writers`): a file whose writer closed it (inotify's
   close-after-write) and that has not changed since needs no look; the others share one walk of
   ``/proc/*/fd``. A writer under another user is invisible to an unprivileged daemon's walk
   (its close is not); settle_s covers that case.
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainerd.contract import COMPRESSED_SUFFIXES, data_suffix
-from trainerd.writers import CloseLog, FileId, WriterWalk, open_for_writing
+from trainerd.core.contract import COMPRESSED_SUFFIXES, data_suffix
+from trainerd.supervisor.writers import CloseLog, FileId, WriterWalk, open_for_writing
 
 __all__ = ["EVAL_SUFFIX", "Inbox", "Rejected", "ScanPass", "eval_partner", "is_candidate_name", "is_inbox_name",
            "open_for_writing"]

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainerd.modelref import is_hub_id, local_dir
+from trainerd.core.modelref import is_hub_id, local_dir
 
 __all__ = ["Watched", "identity", "short"]
 
@@ -64,7 +64,7 @@ def short(ident: dict[str, Any] | None) -> str:
 
 class Watched:
     """The identity of the configured base model (``model.path``: a folder, or a hub id whose
-    cached snapshot is read: trainerd/modelref.py), recomputed only when its files change (a stat
+    cached snapshot is read: trainerd/core/modelref.py), recomputed only when its files change (a stat
     of each per call), or None while it cannot be read."""
 
     def __init__(self, model_path: str | os.PathLike[str]):

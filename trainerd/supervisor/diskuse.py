@@ -1,6 +1,6 @@
 """Disk use under the root by kind, and the deleting half of retention: a child process's work.
 
-``python -m trainerd.diskuse ROOT [--plan PLAN.json] [--measure] [--min-free-bytes N]`` removes
+``python -m trainerd.supervisor.diskuse ROOT [--plan PLAN.json] [--measure] [--min-free-bytes N]`` removes
 every path of the plan the daemon made (supervisor/retention.py decides what may go; this only
 deletes, never following a symlink) and reports the bytes freed by kind; with ``--measure`` it
 walks the whole root and writes ``root/disk-usage.json`` from scratch.
@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json, free_bytes, read_json_or_none
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import atomic_write_json, free_bytes, read_json_or_none
 
 __all__ = ["KINDS", "apply_plan", "measure", "measure_live", "read_usage", "tree_bytes", "write_usage"]
 
@@ -111,7 +111,7 @@ def unfinished_ids(layout: RootLayout) -> list[int]:
     if not layout.db.exists():
         return []
     try:
-        from trainerd.ledger import Ledger
+        from trainerd.supervisor.ledger import Ledger
 
         led = Ledger.open_readonly(layout.db)
         try:
@@ -199,7 +199,7 @@ def write_usage(layout: RootLayout, min_free_bytes: int | None, elapsed_from: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainerd.diskuse", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainerd.supervisor.diskuse", description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
     p.add_argument("--plan", type=Path, help="a retention plan (JSON: items, result) to carry out first")
     p.add_argument("--measure", action="store_true", help="walk the whole root and write disk-usage.json")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
 
     def log(event: str, **kw: Any) -> None:
-        # JSON lines on stdout: the daemon relays them into its log (trainerd.child.Child).
+        # JSON lines on stdout: the daemon relays them into its log (trainerd.supervisor.child.Child).
         print(json.dumps({"event": event, "level": "info" if "failed" not in event else "error", **kw}), flush=True)
 
     removed, freed = 0, {}

@@ -2,7 +2,7 @@
 bounded memory, with every way an archive can be wrong turned into one clear :class:`ArchiveError`.
 
 Used where the content is read: ``trainerd validate``/``submit`` (through
-:func:`trainerd.lines.scan_file`) and the worker, whose first step :func:`expand` writes the batch's
+:func:`trainerd.core.lines.scan_file`) and the worker, whose first step :func:`expand` writes the batch's
 ``data.jsonl`` from the claimed ``data.jsonl.gz|zst`` before its first pass. Never in the
 supervisor's loop: it only renames the archive into the batch folder and hashes its bytes.
 
@@ -27,8 +27,8 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from trainerd.contract import COMPRESSED_SUFFIXES, data_suffix
-from trainerd.fsutil import fmt_bytes, free_bytes, fsync_dir, open_regular
+from trainerd.core.contract import COMPRESSED_SUFFIXES, data_suffix
+from trainerd.core.fsutil import fmt_bytes, free_bytes, fsync_dir, open_regular
 
 __all__ = ["ArchiveError", "expand", "is_compressed", "open_decompressed"]
 

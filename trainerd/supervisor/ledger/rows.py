@@ -1,6 +1,6 @@
 """The ledger's rows as frozen values: what a transition returns, what a reader gets.
 
-Stdlib only. ``trainerd.ledger`` (SQLite) makes them; the supervisor, ``trainerd status`` and
+Stdlib only. ``trainerd.supervisor.ledger`` (SQLite) makes them; the supervisor, ``trainerd status`` and
 the per-batch manifests (``batches/<id>/manifest.json``, the ledger's copy in the folders) use them.
 """
 
@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from trainerd.states import BatchState
+from trainerd.supervisor.ledger.states import BatchState
 
 __all__ = ["AdapterVersion", "Attempt", "AttemptRecord", "Batch", "BatchSummary", "decided_end"]
 
@@ -61,8 +61,8 @@ class Batch:
     faults_survived: int = 0          # crashes of attempts that had made progress (issue 24)
     crash_streak: int = 0             # crashes in a row without getting further: the retry budget
     reached_step: int | None = None   # the furthest step any attempt completed
-    goodput_json: str | None = None   # trainerd/goodput.py: useful and wall seconds, seconds lost to faults
-    base_weights: str | None = None   # the plan's base-weight layout (trainerd/ladder.py)
+    goodput_json: str | None = None   # trainerd/supervisor/ledger/goodput.py: useful and wall seconds, seconds lost to faults
+    base_weights: str | None = None   # the plan's base-weight layout (trainerd/core/ladder.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Batch":
@@ -124,7 +124,7 @@ class Attempt:
     outcome: str | None = None
     reason: str | None = None
     result: dict[str, Any] | None = None
-    account: dict[str, Any] | None = None   # trainerd/goodput.py: progress, restart, steps, checkpoints
+    account: dict[str, Any] | None = None   # trainerd/supervisor/ledger/goodput.py: progress, restart, steps, checkpoints
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Attempt":
@@ -161,7 +161,7 @@ class AttemptRecord:
     signal: int | None = None
     signal_sent_by: str | None = None
     result: dict[str, Any] | None = None
-    account: dict[str, Any] | None = None       # this attempt's (trainerd/goodput.py)
+    account: dict[str, Any] | None = None       # this attempt's (trainerd/supervisor/ledger/goodput.py)
     batch_goodput: dict[str, Any] | None = None  # the batch's totals with it
     reached_step: int | None = None             # the furthest step it completed
 

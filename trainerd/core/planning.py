@@ -9,7 +9,7 @@ Stdlib only (the supervisor and the worker may both use it), all of it in millis
   (:func:`expected_precision`: the worker's own rule, read from /proc/cpuinfo);
 - :func:`back_off`: the micro-batch walk (halve, keep the effective batch, then checkpointing).
 
-The ladder of settings and the choice among them are :mod:`trainerd.ladder`'s.
+The ladder of settings and the choice among them are :mod:`trainerd.core.ladder`'s.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the settings classes; importing trainerd.config would bring in yaml
-    from trainerd.config import LoraSettings
+if TYPE_CHECKING:  # the settings classes; importing trainerd.core.config would bring in yaml
+    from trainerd.core.config import LoraSettings
 
 __all__ = [
     "ESTIMATE_MARGIN",
@@ -223,7 +223,7 @@ def default_weights(precision: str) -> str:
 
 def weight_bytes(shape: dict[str, int], weights: str, precision: str) -> tuple[int, int]:
     """(peak while loading, held while training) bytes of the frozen base in layout ``weights``
-    (see :mod:`trainerd.ladder`). A load in the stored dtype is memory-mapped (no copy); a load
+    (see :mod:`trainerd.core.ladder`). A load in the stored dtype is memory-mapped (no copy); a load
     that converts (a bf16 checkpoint read as fp32) holds the converted copy and the mapped file
     at once: 5 bytes a parameter (measured: a 0.16 B model's fp32 load of its bf16 weights
     raised ru_maxrss by 813 MB, 4.9 bytes a parameter)."""
@@ -266,7 +266,7 @@ def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_le
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if lora is None:
-        from trainerd.config import LoraSettings  # the defaults live there (said once)
+        from trainerd.core.config import LoraSettings  # the defaults live there (said once)
 
         lora = LoraSettings()
     weights = weights or default_weights(precision)

@@ -2,7 +2,7 @@
 
 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (not a root, an unreadable ledger or config, a usage
 error): the conventions Nagios, Icinga, Sensu and a systemd ``OnFailure=`` unit all read. The
-conditions and their severities are trainerd/health.py's; the thresholds come from the flags,
+conditions and their severities are trainerd/supervisor/views/health.py's; the thresholds come from the flags,
 else the config's ``check.*`` keys, else their defaults. Read-only, unless ``--state-file`` is
 given: then that file (outside the root) remembers when the last check ran, and events count
 since then instead of over the window.
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.cli_root import NotARoot, config_path, load_settings, require_root, subcommand
-from trainerd.fsutil import atomic_write_json, read_json_or_none
+from trainerd.cli.root import NotARoot, config_path, load_settings, require_root, subcommand
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none
 
 __all__ = ["add_commands", "duration_s", "is_check_command"]
 
@@ -41,7 +41,7 @@ def is_check_command(argv: list[str]) -> bool:
 
 
 def _unknown(why: str) -> int:
-    from trainerd.health import Severity
+    from trainerd.supervisor.views.health import Severity
 
     print(f"TRAINERD UNKNOWN - {why}")
     return Severity.UNKNOWN
@@ -57,7 +57,7 @@ def _since(state_file: Path | None, root: Path, now: float, window_s: float) -> 
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from trainerd.health import Thresholds, assess, gather, line, worst
+    from trainerd.supervisor.views.health import Thresholds, assess, gather, line, worst
 
     now = time.time()
     try:

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainerd.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
-from trainerd.lines import RawLine, content_hash, iter_lines, parse_line
+from trainerd.core.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
+from trainerd.core.lines import RawLine, content_hash, iter_lines, parse_line
 
 __all__ = ["Store", "compact", "content_fraction"]
 
@@ -272,12 +272,12 @@ def _sweep_orphans(store: Store) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainerd.replay compact ROOT MAX_BYTES``: the supervisor's maintenance child."""
-    from trainerd import logs
+    """``python -m trainerd.core.replay compact ROOT MAX_BYTES``: the supervisor's maintenance child."""
+    from trainerd.core import logs
 
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 3 or args[0] != "compact":
-        print("usage: python -m trainerd.replay compact ROOT MAX_BYTES", file=sys.stderr)
+        print("usage: python -m trainerd.core.replay compact ROOT MAX_BYTES", file=sys.stderr)
         return 2
     logs.configure(fmt="json", stream=sys.stdout)
     compact(Path(args[1]), int(args[2]), logs.get_logger())  # one slice; the daemon starts the next

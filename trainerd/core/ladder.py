@@ -26,10 +26,10 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from trainerd.planning import PRECISIONS, back_off, estimate_training_bytes
+from trainerd.core.planning import PRECISIONS, back_off, estimate_training_bytes
 
 if TYPE_CHECKING:
-    from trainerd.config import LoraSettings, TrainSettings
+    from trainerd.core.config import LoraSettings, TrainSettings
 
 __all__ = ["LAYOUTS", "Plan", "Rung", "estimated_tokens_per_s", "ladder", "layouts", "next_rung", "plan",
            "quantization_available"]
@@ -111,7 +111,7 @@ class Rung:
 def ladder(shape: dict[str, int], train: TrainSettings, lora: LoraSettings | None = None, *,
            precision: str, base_weights: str = "auto", quantize: bool = False, ranks: int = 1) -> list[Rung]:
     """Every rung the batch may use, fastest first (ties: the smaller estimate first). The
-    micro-batch walk is :func:`trainerd.planning.back_off`'s (halve, keep micro x accum, then
+    micro-batch walk is :func:`trainerd.core.planning.back_off`'s (halve, keep micro x accum, then
     checkpointing at micro-batch 1), under each layout."""
     walk = [(train.micro_batch_size, train.grad_accum_steps, train.gradient_checkpointing)]
     while (nxt := back_off(*walk[-1])) is not None:

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainerd import heldout
-from trainerd.cli_root import config_path, load_settings, subcommand
-from trainerd.contract import ExitCode, RootLayout
-from trainerd.fsutil import read_json_or_none
-from trainerd.modelref import local_dir
+from trainerd.supervisor.views import heldout
+from trainerd.cli.root import config_path, load_settings, subcommand
+from trainerd.core.contract import ExitCode, RootLayout
+from trainerd.core.fsutil import read_json_or_none
+from trainerd.core.modelref import local_dir
 
 __all__ = ["add_commands", "learned", "plan"]
 

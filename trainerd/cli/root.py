@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
+from trainerd.core.contract import RootLayout
 
 __all__ = ["DEFAULT_ROOT", "ROOT_ORDER", "NotARoot", "VersionAction", "config_path", "enable_completion", "find_root",
            "load_settings", "require_root", "subcommand"]
@@ -46,7 +46,7 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 def load_settings(path: str | None) -> Any:
     """Settings from the config file, or the defaults when there is none. ConfigError propagates."""
-    from trainerd import config  # yaml costs ~20 ms: only when a config is read
+    from trainerd.core import config  # yaml costs ~20 ms: only when a config is read
 
     if path:
         return config.load(path)

@@ -1,7 +1,7 @@
 """``trainerd history | promote | rollback | rebase``: the adapter chain, read and changed by an operator.
 
 ``history`` only reads (the ledger read-only, the lineage.json of each version it shows): the newest
-entries by default, every one with ``--all`` (paged; trainerd/paging.py). ``promote`` and
+entries by default, every one with ``--all`` (paged; trainerd/supervisor/views/paging.py). ``promote`` and
 ``rollback`` change what the daemon owns: with a daemon running they are requests it carries
 out in its loop (``root/requests/``, group-writable like the inbox); with none they take the
 root's lock and apply directly. Never two writers.
@@ -19,12 +19,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from trainerd import goodput, heldout
-from trainerd.cli_root import config_path, load_settings, subcommand
-from trainerd.contract import ExitCode, RootLayout
-from trainerd.fsutil import read_json_or_none
-from trainerd.paging import DEFAULT_LIMIT, PAGE
-from trainerd.paging import add_arguments as add_paging_arguments
+from trainerd.supervisor.ledger import goodput
+from trainerd.supervisor.views import heldout
+from trainerd.cli.root import config_path, load_settings, subcommand
+from trainerd.core.contract import ExitCode, RootLayout
+from trainerd.core.fsutil import read_json_or_none
+from trainerd.supervisor.views.paging import DEFAULT_LIMIT, PAGE
+from trainerd.supervisor.views.paging import add_arguments as add_paging_arguments
 
 __all__ = ["add_commands", "collect_history", "history_totals"]
 
@@ -98,8 +99,8 @@ def collect_history(root: Any, *, limit: int | None = DEFAULT_LIMIT) -> list[dic
     """The newest ``limit`` entries of the chain (versions and rejected candidates), oldest first:
     a page of the ledger and one lineage.json per entry shown. ``limit`` None: every entry, read a
     page at a time as the iterator is consumed (``--all``)."""
-    from trainerd.ledger import Ledger
-    from trainerd.states import BatchState
+    from trainerd.supervisor.ledger import Ledger
+    from trainerd.supervisor.ledger.states import BatchState
 
     layout = RootLayout(root)
     if not layout.db.exists():
@@ -129,8 +130,8 @@ def _faults(b: Any) -> dict[str, Any]:
 
 def _every_entry(layout: RootLayout) -> Iterator[dict[str, Any]]:
     """Every version and rejected candidate, oldest first, merged as both are read in pages."""
-    from trainerd.ledger import Ledger
-    from trainerd.states import BatchState
+    from trainerd.supervisor.ledger import Ledger
+    from trainerd.supervisor.ledger.states import BatchState
 
     led = Ledger.open_readonly(layout.db)
 
@@ -155,7 +156,7 @@ def _every_entry(layout: RootLayout) -> Iterator[dict[str, Any]]:
 
 def history_totals(root: Any) -> dict[str, int]:
     """The chain's totals from the ledger's running totals: versions by kind, removed, rejected."""
-    from trainerd.ledger import Ledger
+    from trainerd.supervisor.ledger import Ledger
 
     layout = RootLayout(root)
     if not layout.db.exists():
@@ -201,7 +202,7 @@ def _render(rows: Any, totals: dict[str, int] | None = None, limit: int | None =
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from trainerd import paging
+    from trainerd.supervisor.views import paging
 
     root, limit = args.layout.root, paging.limit_of(args)
     try:
@@ -248,14 +249,14 @@ def _change(args: argparse.Namespace, op: str, arg: int) -> int:
 
 
 def _print_answer(op: str, ans: dict[str, Any]) -> None:
-    from trainerd.cli_ops import print_answer
+    from trainerd.cli.ops import print_answer
 
     print_answer(op, ans)
 
 
 def _configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
     """The config's settings (gc applies its retention keys) or the defaults, for this root."""
-    from trainerd.config import Settings
+    from trainerd.core.config import Settings
 
     settings = load_settings(config_path(args)) if config_path(args) else Settings()
     settings.root = str(layout.root)
@@ -264,7 +265,7 @@ def _configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
 
 def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
     """The base model of the config (``--config`` / $TRAINERD_CONFIG), for a rebase with no daemon."""
-    from trainerd.basemodel import Watched
+    from trainerd.supervisor.basemodel import Watched
 
     if not config_path(args):
         return None
@@ -273,9 +274,9 @@ def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None, *,
                     settings: Any = None) -> int:
-    from trainerd import logs
-    from trainerd.config import Settings
-    from trainerd.ledger import Ledger
+    from trainerd.core import logs
+    from trainerd.core.config import Settings
+    from trainerd.supervisor.ledger import Ledger
     from trainerd.supervisor.attempts import Attempts
     from trainerd.supervisor.chain import Chain, Refused, Waiting
     from trainerd.supervisor.desk import Desk
@@ -321,8 +322,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Report where the ledger and the root's folders disagree; --repair fixes what it can."""
-    from trainerd import logs
-    from trainerd.ledger import Ledger
+    from trainerd.core import logs
+    from trainerd.supervisor.ledger import Ledger
     from trainerd.supervisor import recovery
     from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
 

@@ -15,7 +15,7 @@ Counters survive a restart because they are derived from the ledger, not counted
   live progress beyond that. Steps redone after a crash (lost since the last checkpoint) are not
   counted again. Only a supervisor killed while its worker trained can make it step back (the
   lost attempt's live progress was never recorded): Prometheus reads that as a counter reset.
-  The ledger keeps these sums as running totals (trainerd/aggregates.py), so reading them costs
+  The ledger keeps these sums as running totals (trainerd/supervisor/ledger/aggregates.py), so reading them costs
   the same at any chain length, and pruning old attempt rows does not lower them.
 - ``trainerd_worker_restarts_total{reason}``: attempts that ended before their batch was through
   (stopped, crashed, lost), by why.
@@ -23,12 +23,12 @@ Counters survive a restart because they are derived from the ledger, not counted
 - ``trainerd_goodput_ratio``: useful step time over wall time, every batch together;
   ``trainerd_faults_survived_total``, ``trainerd_crashes_without_progress_total`` and
   ``trainerd_fault_lost_seconds_total{part}`` (recomputed, restart, backoff): the ledger's
-  per-batch figures summed (trainerd/goodput.py).
+  per-batch figures summed (trainerd/supervisor/ledger/goodput.py).
 - ``trainerd_guard_actions_total{action}``: the guard's stop / recycle / term / kill decisions on
   a running worker, counted by the daemon as it carries them out (the ledger's counters table,
   ``guard_actions:<action>``).
 - ``trainerd_health`` / ``trainerd_health_condition{condition}``: ``trainerd check``'s conditions
-  (trainerd/health.py) as the daemon sees them: 0 OK, 1 warning, 2 critical. ``daemon_down`` is
+  (trainerd/supervisor/views/health.py) as the daemon sees them: 0 OK, 1 warning, 2 critical. ``daemon_down`` is
   always 0 here (a down daemon writes nothing): alert on the file's age for that.
 
 Label sets are bounded: the same series every version (the per-batch gate figures are in each
@@ -51,12 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainerd import goodput, package_version
-from trainerd.contract import RootLayout, StopReason
-from trainerd.fsutil import read_json_or_none
-from trainerd.health import HealthWatch
-from trainerd.inbox import is_candidate_name
-from trainerd.states import BatchState
+from trainerd.supervisor.ledger import goodput
+from trainerd import package_version
+from trainerd.core.contract import RootLayout, StopReason
+from trainerd.core.fsutil import read_json_or_none
+from trainerd.supervisor.views.health import HealthWatch
+from trainerd.supervisor.inbox import is_candidate_name
+from trainerd.supervisor.ledger.states import BatchState
 
 __all__ = ["Metrics", "Snapshot", "textfile_path"]
 
@@ -328,7 +329,7 @@ class Metrics:
             self._checkpoint = (ck.get("seconds"), ck["at"])
 
     def _derived_totals(self, led: Any) -> dict[str, Any]:
-        """Tokens, steps and restarts by reason from the ledger's running totals (trainerd/aggregates.py:
+        """Tokens, steps and restarts by reason from the ledger's running totals (trainerd/supervisor/ledger/aggregates.py:
         kept by triggers as attempts end, so this is one indexed read at any ledger size); re-read
         only when the ledger changed."""
         key = led.db.total_changes

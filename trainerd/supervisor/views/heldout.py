@@ -23,8 +23,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import open_regular, read_json_or_none
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import open_regular, read_json_or_none
 
 __all__ = ["change_stderr", "describe", "fell_clearly", "figures", "of_eval", "of_version", "question", "t_bound"]
 
@@ -106,7 +106,7 @@ def describe(fig: dict[str, Any] | None) -> str:
 def question(path: Path, max_line_bytes: int = 1 << 20) -> dict[str, Any] | None:
     """The first held-out example with a question, in content-hash order (the evaluation's):
     ``{"question", "system", "expected"}``; None when the set has none (plain text only)."""
-    from trainerd.lines import content_hash, iter_lines, parse_line  # only here: `trainerd status` stays light
+    from trainerd.core.lines import content_hash, iter_lines, parse_line  # only here: `trainerd status` stays light
 
     found: dict[int, dict[str, Any]] = {}
     try:

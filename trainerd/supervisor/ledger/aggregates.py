@@ -16,7 +16,7 @@ drift from the rows (a write that changes a row changes its total, or neither ha
     restarts:stopped:<why>   ``lost``, or stopped with the stop reason (metrics bounds the labels)
     faults:crashes           every batch's crashes and the crashes of attempts that had made
     faults:survived          progress (issue 24), summed
-    goodput:<figure>_ms      every batch's goodput account (trainerd/goodput.py: useful_s, wall_s,
+    goodput:<figure>_ms      every batch's goodput account (trainerd/supervisor/ledger/goodput.py: useful_s, wall_s,
                              faults, recomputed_s, restart_s, backoff_s, checkpoint_s), summed, in
                              thousandths (the table holds integers)
 

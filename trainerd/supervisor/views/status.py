@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainerd import goodput
-from trainerd.contract import RootLayout, lane_name
-from trainerd.fsutil import fmt_bytes, fmt_duration, free_bytes, read_json_or_none
-from trainerd.ledger import Ledger
-from trainerd.paging import DEFAULT_LIMIT, PAGE
-from trainerd.states import BatchState
+from trainerd.supervisor.ledger import goodput
+from trainerd.core.contract import RootLayout, lane_name
+from trainerd.core.fsutil import fmt_bytes, fmt_duration, free_bytes, read_json_or_none
+from trainerd.supervisor.ledger import Ledger
+from trainerd.supervisor.views.paging import DEFAULT_LIMIT, PAGE
+from trainerd.supervisor.ledger.states import BatchState
 
 __all__ = ["collect_status", "daemon_pid", "render_status"]
 
@@ -176,7 +176,7 @@ def _pages(db: Path, page: Any, shape: Any, *, offset: bool = False) -> Iterator
 
 
 def _faults(totals: dict[str, float]) -> dict[str, Any]:
-    """Every batch's faults and goodput together (trainerd/goodput.py), from the running totals."""
+    """Every batch's faults and goodput together (trainerd/supervisor/ledger/goodput.py), from the running totals."""
     survived = int(totals["faults_survived"])
     return {"survived": survived, "crashes_without_progress": int(totals["crashes"]) - survived,
             **goodput.summary(totals)}

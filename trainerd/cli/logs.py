@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from trainerd.cli_root import subcommand
-from trainerd.contract import ExitCode
+from trainerd.cli.root import subcommand
+from trainerd.core.contract import ExitCode
 
 __all__ = ["add_commands", "follow", "rotated_files", "wanted"]
 

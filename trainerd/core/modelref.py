@@ -10,7 +10,7 @@ huggingface_hub lives on the worker's side), into the standard Hugging Face cach
 every process resolves it to the cached snapshot folder, read here without huggingface_hub (the
 supervisor never imports it): ``<cache>/models--org--name/refs/main`` holds the commit of the
 snapshot, ``<cache>/models--org--name/snapshots/<commit>/`` its files. So the worker loads a
-folder, offline, and the base model's identity (trainerd/basemodel.py) is that of the snapshot's
+folder, offline, and the base model's identity (trainerd/supervisor/basemodel.py) is that of the snapshot's
 files: a new revision of the model on the hub is a different base, held until ``trainerd rebase``.
 """
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
-from trainerd.fsutil import open_regular
+from trainerd.core.fsutil import open_regular
 
 __all__ = [
     "ROLES",
@@ -273,10 +273,10 @@ def scan_file(path: str | os.PathLike[str], *, max_line_bytes: int, max_bad_frac
 
     ``errors_out``: a binary file that gets every bad line as a JSON line, as it is found (a
     file of millions of bad lines must not grow this process); ``report.errors`` keeps the first
-    ``max_errors``. A ``*.jsonl.gz``/``*.jsonl.zst`` file is read decompressed (trainerd/compressed.py):
+    ``max_errors``. A ``*.jsonl.gz``/``*.jsonl.zst`` file is read decompressed (trainerd/core/compressed.py):
     a corrupt or truncated archive, or one past ``max_file_bytes`` decompressed, is rejected.
     """
-    from trainerd.compressed import ArchiveError, is_compressed, open_decompressed
+    from trainerd.core.compressed import ArchiveError, is_compressed, open_decompressed
 
     report = ScanReport(path=os.fspath(path))
     try:
