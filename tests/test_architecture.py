@@ -155,6 +155,41 @@ def test_the_supervisor_never_imports_the_cli():
     assert {m: v for m, v in bad.items() if v} == {}
 
 
+def test_no_import_circles():
+    """No two modules import each other, directly or round a longer loop (lazy imports count): every
+    room can be read after the rooms it imports. A package importing its own submodule is no circle."""
+    graph = {m: {i for i in _ours(IMPORTS[m]) if i != m and not m.startswith(i + ".")
+                 and not (MODULES[m].name == "__init__.py" and i.startswith(m + "."))} for m in MODULES}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for m in sorted(graph):
+        if m not in index:
+            visit(m)
+    assert circles == []
+
+
 def test_policy_is_pure():
     """The exit policy imports no I/O room (no ledger writes, no files, no processes beyond types)."""
     imps = IMPORTS["trainerd.supervisor.policy"]

@@ -21,7 +21,8 @@ from typing import Any
 
 from trainerd.supervisor.ledger import goodput
 from trainerd.supervisor.views import heldout
-from trainerd.cli.root import config_path, load_settings, subcommand
+from trainerd.cli.change import change
+from trainerd.cli.root import subcommand
 from trainerd.core.contract import ExitCode, RootLayout
 from trainerd.core.fsutil import read_json_or_none
 from trainerd.supervisor.views.paging import DEFAULT_LIMIT, PAGE
@@ -218,106 +219,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _change(args: argparse.Namespace, op: str, arg: int) -> int:
-    """Apply directly under the root's lock when no daemon runs, else ask the daemon."""
-    from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
-    from trainerd.supervisor.requests import submit, wait_answer
-
-    layout = args.layout
-    if not layout.db.exists():
-        print(f"trainerd {op}: no ledger at {layout.db} yet (no daemon has started on this root)", file=sys.stderr)
-        return ExitCode.NOINPUT
-    try:
-        # Only the flock: a refused change leaves trainerd.pid (and everything else) as it was.
-        fd = take_root_lock(layout, write_pid=False)
-    except AlreadyRunning:
-        fd = None
-    if fd is not None:
-        try:
-            return _apply_directly(layout, op, arg, _configured_base(args) if op == "rebase" else None,
-                                   settings=_configured_settings(args, layout))
-        finally:
-            os.close(fd)
-    req = submit(layout, op, arg)
-    ans = wait_answer(req, args.wait)
-    if ans is None:
-        print(f"trainerd {op}: the daemon has not answered yet; the request stays in {req} and is "
-              "carried out when it gets to it", file=sys.stderr)
-        return ExitCode.TEMPFAIL
-    _print_answer(op, ans)
-    return {"done": ExitCode.OK, "refused": ExitCode.FAIL}.get(ans["state"], ExitCode.TEMPFAIL)
-
-
-def _print_answer(op: str, ans: dict[str, Any]) -> None:
-    from trainerd.cli.ops import print_answer
-
-    print_answer(op, ans)
-
-
-def _configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
-    """The config's settings (gc applies its retention keys) or the defaults, for this root."""
-    from trainerd.core.config import Settings
-
-    settings = load_settings(config_path(args)) if config_path(args) else Settings()
-    settings.root = str(layout.root)
-    return settings
-
-
-def _configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The base model of the config (``--config`` / $TRAINERD_CONFIG), for a rebase with no daemon."""
-    from trainerd.supervisor.basemodel import Watched
-
-    if not config_path(args):
-        return None
-    return Watched(load_settings(config_path(args)).model.path).get()
-
-
-def _apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None, *,
-                    settings: Any = None) -> int:
-    from trainerd.core import logs
-    from trainerd.core.config import Settings
-    from trainerd.supervisor.ledger import Ledger
-    from trainerd.supervisor.attempts import Attempts
-    from trainerd.supervisor.chain import Chain, Refused, Waiting
-    from trainerd.supervisor.desk import Desk
-    from trainerd.supervisor.filing import Filing
-    from trainerd.supervisor.requests import submit
-    from trainerd.supervisor.retention import Retention
-
-    logs.configure(fmt="json", stream=sys.stderr, file=layout.log_file)
-    log = logs.get_logger(command=op)
-    settings = settings or Settings(root=str(layout.root))
-    led = Ledger(layout.db)
-    try:
-        filing = Filing(layout, led, log, settings_of=lambda: settings)
-        attempts = Attempts(layout, led, filing, log, settings=settings, guard=None, worker_cmd=[], env=None)
-        try:
-            desk = Desk(layout, led, attempts, Chain(layout, led, attempts, log), log,
-                        retention=Retention(layout, led, log, settings=settings, direct=True))
-            out = desk.apply(op, arg, time.time(), base=base)
-        except Refused as e:
-            print(f"{op}: refused: {e}", file=sys.stderr)
-            return ExitCode.FAIL
-        except Waiting as e:
-            req = submit(layout, op, arg)
-            print(f"{op}: waiting: {e}; no daemon runs now: {req} is carried out by the next one")
-            return ExitCode.TEMPFAIL
-    finally:
-        led.close()
-    _print_answer(op, {"state": "done", **out})
-    return ExitCode.OK
-
-
 def cmd_promote(args: argparse.Namespace) -> int:
-    return _change(args, "promote", args.batch)
+    return change(args, "promote", args.batch)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    return _change(args, "rollback", args.version)
+    return change(args, "rollback", args.version)
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    return _change(args, "rebase", 0)
+    return change(args, "rebase", 0)
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:

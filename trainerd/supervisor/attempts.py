@@ -31,6 +31,7 @@ from trainerd.supervisor.claims import Claims
 from trainerd.supervisor import gate as gate_mod
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import guarded
+from trainerd.supervisor.leftovers import stop_orphans
 from trainerd.supervisor.launch import distributed, launch_argv, launch_env
 from trainerd.supervisor.lineage import chain_base, freeze_inputs
 from trainerd.supervisor.stall import StallWatch
@@ -119,7 +120,7 @@ class Attempts:
         argv = launch_argv(settings, self.worker_cmd, worker_args)
         for stale in files.dir.glob("result.rank*.json"):
             stale.unlink(missing_ok=True)
-        _stop_orphans(self.layout, files, alog)
+        stop_orphans(self.layout, files, alog)
         oom_kills = forensics.vmstat_oom_kills()
         try:
             child = Child(argv, stderr_path=files.stderr, log=alog, env=launch_env(settings, self.env),
@@ -353,19 +354,3 @@ def ranks_status(files: BatchFiles, st: ExitStatus, world: int) -> ExitStatus:
     if codes and all(c == ExitCode.TEMPFAIL for c in codes):
         return ExitStatus(int(ExitCode.TEMPFAIL), None)
     return st
-
-
-def _stop_orphans(layout: RootLayout, files: BatchFiles, log: Any) -> None:
-    """Processes of an earlier attempt of this batch still alive (a rank orphaned when its torchrun
-    was killed from outside, checkpointing on its lifeline's EOF): SIGKILLed before a new attempt
-    writes the same folder. Their writes are atomic, so nothing is torn."""
-    from trainerd.supervisor.reconcile import find_leftover_workers
-
-    for p in find_leftover_workers(layout):
-        try:
-            if str(files.dir) in p.cmdline():
-                log.warning("orphan_worker_killed", pid=p.pid, cmdline=" ".join(p.cmdline()[:8]))
-                p.kill()
-                p.wait(5)
-        except Exception:  # psutil.Error, TimeoutExpired: it is gone or going
-            pass
