@@ -193,7 +193,7 @@ def timed_inproc(fn: Any, n: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from trainerd.cli.chain import collect_history
+    from trainerd.cli.history import collect_history
     from trainerd.supervisor.views.status import collect_status, render_status
 
     tmp = Path(tempfile.mkdtemp(prefix="trainerd-longrun-", dir=args.tmp))

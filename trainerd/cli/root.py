@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainerd.core.contract import RootLayout
+from trainerd.core.contract import ExitCode, RootLayout
 
 __all__ = ["DEFAULT_ROOT", "ROOT_ORDER", "NotARoot", "VersionAction", "config_path", "enable_completion", "find_root",
            "load_settings", "require_root", "subcommand"]
@@ -51,6 +52,12 @@ def load_settings(path: str | None) -> Any:
     if path:
         return config.load(path)
     return config.Settings()
+
+
+def print_config_error(e: Exception) -> int:
+    """A config that cannot be loaded: its message (file, key, reason) and exit 78."""
+    print(f"trainerd: {e}", file=sys.stderr)
+    return ExitCode.CONFIG
 
 
 def find_root(args: argparse.Namespace) -> tuple[Path, str]:
