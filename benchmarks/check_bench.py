@@ -39,7 +39,7 @@ class _Daemon:
     """What HealthWatch reads of a Supervisor: its ledger, layout and settings."""
 
     def __init__(self, root: Path):
-        from trainerd.core.config import Settings
+        from trainerd.core.settings import Settings
         from trainerd.core.contract import RootLayout
         from trainerd.supervisor.ledger import Ledger
 

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, child_env, run_child, synthetic_lines, write_batch, write_json  # noqa: E402
-from trainerd.core.config import TrainSettings  # noqa: E402
+from trainerd.core.settings import TrainSettings  # noqa: E402
 from trainerd.core.ladder import ladder  # noqa: E402
 from trainerd.core.planning import expected_precision, read_model_shape  # noqa: E402
 

@@ -138,7 +138,7 @@ def _batch() -> Batch:
 ])
 def test_policy_files_a_cancel_as_cancelled_whatever_the_exit(status, result, sender):
     """Cause cancelled: exit 75, exit 0, our SIGKILL or a crash all end in the CANCEL verdict."""
-    from trainerd.core.config import Settings
+    from trainerd.core.settings import Settings
 
     end = policy.AttemptEnd(status, result, cause=StopReason.CANCELLED, sender=sender, adapter_staged=True)
     v = policy.decide(end, _batch(), Settings(), 0.0)
@@ -147,7 +147,7 @@ def test_policy_files_a_cancel_as_cancelled_whatever_the_exit(status, result, se
 
 def test_policy_honours_a_cancelled_result_after_a_restart():
     """A result.json saying cancelled with no cause known (the supervisor restarted) is a cancel too."""
-    from trainerd.core.config import Settings
+    from trainerd.core.settings import Settings
 
     v = policy.decide(policy.AttemptEnd(ExitStatus(75, None), {"reason": "cancelled"}), _batch(), Settings(), 0.0)
     assert v.action is policy.Action.CANCEL

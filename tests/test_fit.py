@@ -66,7 +66,7 @@ def _drop_from_page_cache(model_dir: Path) -> None:
 def _window(model_dir: Path) -> tuple[int, int, int]:
     """(the bf16 rung's need, the cgroup limit, the model's fp32 size): the limit halfway between the
     need (the plan's estimate over the soft fraction, plus the supervisor) and the fp32 weights."""
-    from trainerd.core.config import MemorySettings, TrainSettings
+    from trainerd.core.settings import MemorySettings, TrainSettings
     from trainerd.core.ladder import ladder
     from trainerd.core.planning import read_model_shape
 

@@ -6,7 +6,7 @@ import pytest
 
 from trainerd.core import ladder as ladder_mod
 from trainerd.core import planning
-from trainerd.core.config import TrainSettings
+from trainerd.core.settings import TrainSettings
 from trainerd.core.planning import back_off, estimate_training_bytes
 
 

@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO, subprocess_env
 
 from trainerd.supervisor.views import heldout
-from trainerd.core.config import EvalSettings
+from trainerd.core.settings import EvalSettings
 from trainerd.worker.split import holdout_count
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from test_cancel import FAKE_ENV, plan_line, trainerd
 from test_supervisor import FAKE, FAKE_WORKER_CONFIG, drive, make_settings
-from trainerd.core.config import RetentionSettings
+from trainerd.core.settings import RetentionSettings
 from trainerd.supervisor.ledger import Ledger
 from trainerd.supervisor.views.status import collect_status, render_status
 from trainerd.supervisor.daemon import Supervisor

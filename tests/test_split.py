@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainerd.core.config import EvalSettings, from_dict
+from trainerd.core.config import from_dict
+from trainerd.core.settings import EvalSettings
 from trainerd.core.contract import BatchFiles
 from trainerd.core.evalmemory import EvalMemory
 from trainerd.core.lines import RawLine, content_hash, iter_lines, parse_line

@@ -163,7 +163,7 @@ def test_unit_has_the_required_settings():
 
 def test_timeout_stop_is_longer_than_the_stop_grace():
     """TimeoutStopSec exceeds the default supervisor.stop_grace_s, so a checkpoint is never SIGKILLed."""
-    from trainerd.core.config import Settings
+    from trainerd.core.settings import Settings
 
     timeout = _unit_keys(UNIT.read_text())["TimeoutStopSec"][0]
     assert timeout.endswith("s")

@@ -53,7 +53,7 @@ def change(args: argparse.Namespace, op: str, arg: int) -> int:
 
 def configured_settings(args: argparse.Namespace, layout: RootLayout) -> Any:
     """The config's settings (gc applies its retention keys) or the defaults, for this root."""
-    from trainerd.core.config import Settings
+    from trainerd.core.settings import Settings
 
     settings = load_settings(config_path(args)) if config_path(args) else Settings()
     settings.root = str(layout.root)
@@ -72,7 +72,7 @@ def configured_base(args: argparse.Namespace) -> dict[str, Any] | None:
 def apply_directly(layout: RootLayout, op: str, arg: int, base: dict[str, Any] | None = None, *,
                     settings: Any = None) -> int:
     from trainerd.core import logs
-    from trainerd.core.config import Settings
+    from trainerd.core.settings import Settings
     from trainerd.supervisor.ledger import Ledger
     from trainerd.supervisor.attempts import Attempts
     from trainerd.supervisor.chain import Chain, Refused, Waiting

@@ -47,11 +47,13 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 def load_settings(path: str | None) -> Any:
     """Settings from the config file, or the defaults when there is none. ConfigError propagates."""
-    from trainerd.core import config  # yaml costs ~20 ms: only when a config is read
-
     if path:
+        from trainerd.core import config  # yaml costs ~20 ms: only when a config is read
+
         return config.load(path)
-    return config.Settings()
+    from trainerd.core.settings import Settings
+
+    return Settings()
 
 
 def print_config_error(e: Exception) -> int:

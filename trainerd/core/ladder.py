@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 from trainerd.core.planning import PRECISIONS, back_off, estimate_training_bytes
 
 if TYPE_CHECKING:
-    from trainerd.core.config import LoraSettings, TrainSettings
+    from trainerd.core.settings import LoraSettings, TrainSettings
 
 __all__ = ["LAYOUTS", "Plan", "Rung", "estimated_tokens_per_s", "ladder", "layouts", "next_rung", "plan",
            "quantization_available"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the settings classes; importing trainerd.core.config would bring in yaml
-    from trainerd.core.config import LoraSettings
+    from trainerd.core.settings import LoraSettings
 
 __all__ = [
     "ESTIMATE_MARGIN",
@@ -266,7 +266,7 @@ def estimate_training_bytes(shape: dict[str, int], micro_batch_size: int, seq_le
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if lora is None:
-        from trainerd.core.config import LoraSettings  # the defaults live there (said once)
+        from trainerd.core.settings import LoraSettings  # the defaults live there (said once)
 
         lora = LoraSettings()
     weights = weights or default_weights(precision)

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from trainerd.core.config import LoraSettings, MemorySettings, TrainSettings
+from trainerd.core.settings import LoraSettings, MemorySettings, TrainSettings
 from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup
 from trainerd.memguard.procfs import mem_available
 from trainerd.memguard.rules import Decision, Rules, Sample

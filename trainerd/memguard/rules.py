@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainerd.core.config import MemorySettings
+from trainerd.core.settings import MemorySettings
 from trainerd.core.contract import StopReason
 
 __all__ = ["ACTIONS", "Decision", "History", "Leak", "Rules", "Sample", "StopTiming", "predict_from"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from trainerd.core.config import MemorySettings
+from trainerd.core.settings import MemorySettings
 from trainerd.memguard.cgroup import Cgroup, parse_psi
 from trainerd.memguard.procfs import OpenFiles, mem_available, meminfo, proc_status, process_tree, read_text
 from trainerd.memguard.rules import Sample, predict_from

@@ -21,7 +21,7 @@ from typing import Any
 from trainerd.core import config as config_mod
 from trainerd.supervisor.basemodel import Watched
 from trainerd.supervisor.child import Child, ExitStatus
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.contract import BatchFiles, ExitCode, RootLayout
 from trainerd.core.fsutil import read_json_or_none, unlink_quietly
 from trainerd.supervisor.ledger import AttemptRecord, Batch, Ledger, decided_end

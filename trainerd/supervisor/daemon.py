@@ -36,7 +36,8 @@ from typing import Any
 from trainerd.core import config as config_mod
 from trainerd.core import faults
 from trainerd.supervisor.child import worker_command
-from trainerd.core.config import ConfigError, Settings
+from trainerd.core.config import ConfigError
+from trainerd.core.settings import Settings
 from trainerd.core.contract import RootLayout
 from trainerd.supervisor.inbox import Inbox
 from trainerd.supervisor.ledger import Ledger, LedgerTooNew

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.contract import RootLayout
 from trainerd.core.evalmemory import EvalMemory
 from trainerd.core.fsutil import atomic_write_json, read_json_or_none

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.core import faults
-from trainerd.core.config import EvalSettings
+from trainerd.core.settings import EvalSettings
 from trainerd.core.contract import RootLayout, data_suffix
 from trainerd.core.fsutil import atomic_write_json, fsync_dir, read_json_or_none, unlink_quietly
 from trainerd.supervisor.inbox import Rejected, eval_partner

@@ -27,7 +27,7 @@ from typing import Any
 
 from trainerd.supervisor.ledger import goodput
 from trainerd.supervisor.views import heldout
-from trainerd.core.config import EvalSettings
+from trainerd.core.settings import EvalSettings
 from trainerd.core.contract import RootLayout
 from trainerd.core.evalmemory import EvalMemory
 from trainerd.core.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trainerd.core import planning
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.contract import BatchFiles
 from trainerd.core.fsutil import fmt_bytes, read_json_or_none
 from trainerd.core.ladder import Plan, Rung

@@ -40,7 +40,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from trainerd.supervisor.child import ExitStatus
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.contract import ExitCode, Outcome, StopReason
 from trainerd.core.fsutil import fmt_bytes
 from trainerd.supervisor.ledger import Batch

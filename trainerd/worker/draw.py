@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.contract import BatchFiles, RootLayout
 from trainerd.core.evalmemory import EvalMemory
 from trainerd.core.fsutil import open_regular

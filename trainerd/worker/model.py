@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.fsutil import atomic_write_json, read_json
 from trainerd.core.modelref import hub_cache, is_hub_id, local_dir
 from trainerd.core.planning import CPU_BF16_FLAGS, PRECISIONS, cpu_flags

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from trainerd.core.config import EvalSettings, Settings
+from trainerd.core.settings import EvalSettings, Settings
 from trainerd.core.contract import BatchFiles, RootLayout
 from trainerd.core.evalmemory import EvalMemory
 from trainerd.core.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none, unlink_quietly

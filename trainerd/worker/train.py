@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from trainerd.core import faults
-from trainerd.core.config import Settings
+from trainerd.core.settings import Settings
 from trainerd.core.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
 from trainerd.core.fsutil import atomic_write_json, free_bytes
 from trainerd.worker import checkpoint as ckpt
