@@ -20,7 +20,8 @@ from trainerd.core.config import from_dict
 from trainerd.core.contract import RootLayout
 from trainerd.supervisor.ledger import Ledger
 from trainerd.memguard import MemoryGuard
-from trainerd.supervisor.metrics import Metrics, parse, restart_reason
+from trainerd.supervisor.metrics import Metrics
+from trainerd.supervisor.prometheus import parse, restart_reason
 
 
 def _value(m: dict, name: str, **labels: str) -> float | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from trainerd.supervisor.ledger import Ledger
-from trainerd.supervisor.metrics import parse
+from trainerd.supervisor.prometheus import parse
 from trainerd.supervisor.views.status import render_status
 
 REPO = Path(__file__).resolve().parent.parent
