@@ -16,7 +16,7 @@ from trainerd.core.contract import RootLayout
 from trainerd.supervisor.views.health import Facts, Severity, Thresholds, assess, line
 from trainerd.supervisor.ledger import AttemptRecord, Ledger
 from trainerd.supervisor.ledger.states import BatchState
-from trainerd.supervisor.daemon import take_root_lock
+from trainerd.supervisor.rootlock import take_root_lock
 
 HOUR = 3600.0
 

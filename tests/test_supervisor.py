@@ -306,7 +306,7 @@ def test_relay_adds_batch_and_attempt(tmp_path, capsys):
 
 def test_second_supervisor_refused(sup, tmp_path):
     """A second supervisor on the same root refuses to start (single writer)."""
-    from trainerd.supervisor.daemon import AlreadyRunning
+    from trainerd.supervisor.rootlock import AlreadyRunning
 
     other = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
     with pytest.raises(AlreadyRunning):

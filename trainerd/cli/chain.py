@@ -40,7 +40,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from trainerd.core import logs
     from trainerd.supervisor.ledger import Ledger
     from trainerd.supervisor import recovery
-    from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
+    from trainerd.supervisor.rootlock import AlreadyRunning, take_root_lock
 
     layout = args.layout
     if not args.repair:

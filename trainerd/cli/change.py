@@ -23,7 +23,7 @@ __all__ = ["apply_directly", "change", "print_answer"]
 
 def change(args: argparse.Namespace, op: str, arg: int) -> int:
     """Apply directly under the root's lock when no daemon runs, else ask the daemon."""
-    from trainerd.supervisor.daemon import AlreadyRunning, take_root_lock
+    from trainerd.supervisor.rootlock import AlreadyRunning, take_root_lock
     from trainerd.supervisor.requests import submit, wait_answer
 
     layout = args.layout

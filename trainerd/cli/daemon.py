@@ -43,8 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return rc
     from trainerd.core import logs
     from trainerd.supervisor.ledger.schema import LedgerTooNew
-    from trainerd.supervisor.daemon import AlreadyRunning, Supervisor
+    from trainerd.supervisor.daemon import Supervisor
     from trainerd.supervisor.recovery import LedgerUnrecoverable
+    from trainerd.supervisor.rootlock import AlreadyRunning
 
     # Training data, adapters and logs are nobody else's business: no world (or group write)
     # access for anything the daemon or its workers create (SQLite's -wal/-shm, the log file).
