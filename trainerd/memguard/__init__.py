@@ -15,6 +15,7 @@ The rooms:
 - :mod:`~trainerd.memguard.cgroup`: the memory cgroup, v1 or v2, and PSI parsing;
 - :mod:`~trainerd.memguard.sampler`: the effective limit and one ``Sample`` per poll
   (what is measured, and what it costs);
+- :mod:`~trainerd.memguard.decision`: the values: a ``Sample`` in, a ``Decision`` out;
 - :mod:`~trainerd.memguard.rules`: pure: samples and time in, a ``Decision`` out (the rungs);
 - :mod:`~trainerd.memguard.guard`: ``MemoryGuard``, the sampler + the rules + the log.
 
@@ -23,7 +24,7 @@ Planning a first attempt is :mod:`trainerd.core.ladder` (estimates: :mod:`traine
 
 from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup, parse_psi
 from trainerd.memguard.guard import MemoryGuard
-from trainerd.memguard.rules import Decision, Sample
+from trainerd.memguard.decision import Decision, Sample
 from trainerd.core.ladder import Plan
 
 __all__ = [

@@ -1,6 +1,6 @@
 """MemoryGuard: the sampler and the rules for the worker being watched, and a log line for each
 decision. It never writes a file or sends a signal: the supervisor hands each
-:class:`~trainerd.memguard.rules.Decision` to its ``Escalation``, which does both.
+:class:`~trainerd.memguard.decision.Decision` to its ``Escalation``, which does both.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 from trainerd.core.settings import LoraSettings, MemorySettings, TrainSettings
 from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup
 from trainerd.memguard.procfs import mem_available
-from trainerd.memguard.rules import Decision, Rules, Sample
+from trainerd.memguard.decision import Decision, Sample
+from trainerd.memguard.rules import Rules
 from trainerd.memguard.sampler import AVAILABLE_SOURCE, Sampler
 from trainerd.core.ladder import Plan, Rung, estimated_tokens_per_s, ladder, plan, quantization_available
 from trainerd.core.planning import read_model_shape
