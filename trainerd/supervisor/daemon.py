@@ -42,8 +42,9 @@ from trainerd.memguard import MemoryGuard
 from trainerd.supervisor.metrics import Metrics
 from trainerd.supervisor.sdnotify import Notifier
 from trainerd.supervisor.assembly import Assembly
-from trainerd.supervisor.attempts import Attempts, Running
+from trainerd.supervisor.attempts import Attempts
 from trainerd.supervisor.control import Control
+from trainerd.supervisor.settle import Running
 from trainerd.supervisor.chain import Chain
 from trainerd.supervisor.guardthread import GuardThread
 from trainerd.supervisor.loophealth import LoopHealth
