@@ -4,6 +4,7 @@ every module, function-level ones included, so a lazy import cannot slip past.""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,48 @@ def test_policy_is_pure():
     imps = IMPORTS["trainerd.supervisor.policy"]
     assert not {"os", "subprocess", "shutil", "psutil", "trainerd.supervisor.filing",
                 "trainerd.supervisor.attempts", "trainerd.supervisor.forensics"} & imps
+
+
+# --- the package map in docs/architecture.md ------------------------------------------------
+
+MAP_DOC = PKG.parent / "docs" / "architecture.md"
+MAP_MARK = "<!-- package map: checked by tests/test_architecture.py -->"
+# Where each process's rooms live (the map's second column).
+PROCESS_HOME = {"cli": ("trainerd.cli", "trainerd.__main__"), "both": (CORE, "trainerd"),
+                "supervisor": ("trainerd.supervisor", "trainerd.memguard"),
+                "supervisor+cli": ("trainerd.supervisor.views",), "worker": (WORKER,)}
+
+
+def _package_map() -> list[tuple[str, str, list[Path]]]:
+    """(the line's paths, its process, the files it names) for every line of the map."""
+    text = MAP_DOC.read_text().split(MAP_MARK, 1)[1]
+    block = text.split("```", 2)[1].strip("\n").splitlines()
+    out = []
+    for ln in block:
+        cols = re.split(r"\s{2,}", ln.strip(), maxsplit=2)
+        assert len(cols) == 3, f"a map line is `PATHS  PROCESS  what it holds`: {ln!r}"
+        paths, process = cols[0], cols[1]
+        m = re.fullmatch(r"(.*/)\{([\w,]+)\}(\.py)", paths)
+        names = [m[1] + n + m[3] for n in m[2].split(",")] if m else [paths]
+        out.append((paths, process, [PKG.parent / n for n in names]))
+    return out
+
+
+def test_the_package_map_is_the_tree():
+    """docs/architecture.md's package map names only rooms that exist, with a process they may run in,
+    and every module of trainerd/ is on exactly one line of it (a file's own line over its folder's)."""
+    lines = _package_map()
+    assert 15 <= len(lines) <= 30, "about twenty lines, one a room"
+    owner: dict[str, list[str]] = {}
+    for paths, process, files in lines:
+        assert process in PROCESS_HOME, f"{paths}: unknown process {process!r}"
+        for f in files:
+            assert f.exists(), f"{paths}: no {f.relative_to(PKG.parent)}"
+            mods = [_module_of(p) for p in f.rglob("*.py")] if f.is_dir() else [_module_of(f)]
+            for mod in mods:
+                assert _in(mod, *PROCESS_HOME[process]), f"{mod} is on a {process!r} line but lives elsewhere"
+                owner.setdefault(mod, []).append(f"{'dir' if f.is_dir() else 'file'}:{paths}")
+    twice = {m: o for m, o in owner.items() if sum(x.startswith("file:") for x in o) > 1
+             or (not any(x.startswith("file:") for x in o) and len(o) > 1)}
+    assert twice == {}, "a module on two lines"
+    assert sorted(set(MODULES) - set(owner)) == [], "modules on no line of the map"
