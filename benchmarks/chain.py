@@ -81,7 +81,7 @@ def run_chains(model: Path, threads: int, train: dict[str, Any], *, batches: int
 
 def _collect(root: Path, plan: list[tuple[str, int, str]]) -> list[dict[str, Any]]:
     """Per batch: decision, healing tries, version, evaluation and training seconds (every try)."""
-    from trainerd.ledger import Ledger
+    from trainerd.supervisor.ledger import Ledger
 
     led = Ledger.open_readonly(root / "state.db")
     try:

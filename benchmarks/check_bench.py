@@ -39,9 +39,9 @@ class _Daemon:
     """What HealthWatch reads of a Supervisor: its ledger, layout and settings."""
 
     def __init__(self, root: Path):
-        from trainerd.config import Settings
-        from trainerd.contract import RootLayout
-        from trainerd.ledger import Ledger
+        from trainerd.core.settings import Settings
+        from trainerd.core.contract import RootLayout
+        from trainerd.supervisor.ledger import Ledger
 
         self.layout = RootLayout(root)
         self.ledger = Ledger(self.layout.db)
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "check.json")
     args = ap.parse_args()
-    from trainerd.health import HealthWatch, ledger_events
+    from trainerd.supervisor.views.health import HealthWatch, ledger_events
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"

@@ -27,7 +27,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as benchmarks/x.py from anywhere, or on the GPU machine's copy
     sys.path.insert(0, str(REPO))
-from trainerd.planning import CPU_BF16_FLAGS, cpu_flags  # noqa: E402 (stdlib only; the worker's rule)
+from trainerd.core.planning import CPU_BF16_FLAGS, cpu_flags  # noqa: E402 (stdlib only; the worker's rule)
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 
 # A fixed word list: the synthetic text is reproducible without any download.
@@ -165,7 +165,7 @@ def worker_settings(*, root: Path, model: Path, seq_len: int, micro_batch: int, 
                     threads: int, seed: int, lr: float, warmup_steps: int, max_grad_norm: float,
                     lora_r: int, lora_alpha: float, lora_dropout: float, targets: list[str],
                     chunk_lines: int = 1000, dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
-    """The settings.json body for a benchmark batch (validated by ``trainerd.config.from_dict``)."""
+    """The settings.json body for a benchmark batch (validated by ``trainerd.core.config.from_dict``)."""
     return {
         "root": str(root),
         "model": {"path": str(model), "dtype": dtype, "device": device},
@@ -185,7 +185,7 @@ def worker_settings(*, root: Path, model: Path, seq_len: int, micro_batch: int, 
 
 def write_batch(batch_dir: Path, settings: dict[str, Any], data_src: Path) -> None:
     """A batch folder as the supervisor leaves it: data.jsonl + settings.json (validated)."""
-    from trainerd.config import dump_json, from_dict
+    from trainerd.core.config import dump_json, from_dict
 
     batch_dir.mkdir(parents=True, exist_ok=True)
     dst = batch_dir / "data.jsonl"

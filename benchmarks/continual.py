@@ -107,7 +107,7 @@ class Daemon:
 
     def ended(self, name: str) -> dict[str, Any] | None:
         sys.path.insert(0, str(REPO))
-        from trainerd.status import collect_status
+        from trainerd.supervisor.views.status import collect_status
 
         b = next((b for b in collect_status(self.root, limit=None)["batches"] if b["file"] == name), None)
         return b if b and b["state"] in ("done", "rejected", "failed") else None

@@ -26,9 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, child_env, run_child, synthetic_lines, write_batch, write_json  # noqa: E402
-from trainerd.config import TrainSettings  # noqa: E402
-from trainerd.ladder import ladder  # noqa: E402
-from trainerd.planning import expected_precision, read_model_shape  # noqa: E402
+from trainerd.core.settings import TrainSettings  # noqa: E402
+from trainerd.core.ladder import ladder  # noqa: E402
+from trainerd.core.planning import expected_precision, read_model_shape  # noqa: E402
 
 SHAPES = {
     "0.92b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,

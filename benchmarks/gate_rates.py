@@ -27,7 +27,7 @@ from common import REPO, write_json  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_gate import benign_chain  # noqa: E402  (the one generator, shared with the test)
-from trainerd.config import GateSettings  # noqa: E402
+from trainerd.core.settings import GateSettings  # noqa: E402
 from trainerd.supervisor.gate import judge  # noqa: E402
 
 FAMILIES = [("normal", 0.02), ("normal", 0.05), ("normal", 0.1), ("normal", 0.2), ("laplace", 0.05),

@@ -42,10 +42,10 @@ from common import REPO, write_json  # noqa: E402
 from continual import cpu_name  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
-from trainerd import logs  # noqa: E402
-from trainerd.config import from_dict  # noqa: E402
-from trainerd.contract import RootLayout  # noqa: E402
-from trainerd.ledger import Ledger  # noqa: E402
+from trainerd.core import logs  # noqa: E402
+from trainerd.core.config import from_dict  # noqa: E402
+from trainerd.core.contract import RootLayout  # noqa: E402
+from trainerd.supervisor.ledger import Ledger  # noqa: E402
 
 LINE = '{{"prompt": "Q: what is fact {i} of batch {b}? A:", "completion": " answer {b} {i} is {w}."}}'
 
@@ -127,7 +127,7 @@ class Chain:
     """One root with its supervisor open in this process."""
 
     def __init__(self, root: Path, model: Path):
-        from trainerd.supervisor import Supervisor
+        from trainerd.supervisor.daemon import Supervisor
 
         self.layout = RootLayout(root)
         t0 = time.perf_counter()

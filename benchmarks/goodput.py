@@ -17,7 +17,7 @@ wall time is printed; a contender that finished before its faults says so). ``re
 is lifted to 1000: a period shorter than a restart would otherwise end in quarantine (correctly: no
 attempt can progress), and its goodput is the figure wanted here.
 
-Per contender, from the ledger (trainerd/goodput.py accounts every attempt) and the files:
+Per contender, from the ledger (trainerd/supervisor/ledger/goodput.py accounts every attempt) and the files:
 goodput (useful step time / wall time, the whole batch, load and evaluation included), seconds
 lost per fault split into recomputed work, restart and back-off, the restart's phases, checkpoint
 overhead (checkpoint stalls / step time), the measured checkpoint cost C, and whether the adapter
@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import DEFAULT_MODEL, child_env, synthetic_lines  # noqa: E402
 
-from trainerd import cadence  # noqa: E402
-from trainerd.fsutil import read_json_or_none  # noqa: E402
+from trainerd.core import cadence  # noqa: E402
+from trainerd.core.fsutil import read_json_or_none  # noqa: E402
 
 WEIGHTS = "adapter_model.safetensors"
 FIXED = {"checkpoint_every_steps": 50, "checkpoint_every_s": 600}  # the defaults before issue 24
@@ -106,7 +106,7 @@ class Run:
         return ((read_json_or_none(self.root / "daemon.json") or {}).get("running") or {}).get("pid")
 
     def state(self) -> str | None:
-        from trainerd.status import collect_status
+        from trainerd.supervisor.views.status import collect_status
 
         rows = collect_status(self.root)["batches"]
         return rows[0]["state"] if rows else None
@@ -164,8 +164,8 @@ class Run:
                 pass
 
     def figures(self, ref_weights: bytes | None, period: float | None) -> dict[str, Any]:
-        from trainerd import goodput
-        from trainerd.ledger import Ledger
+        from trainerd.supervisor.ledger import goodput
+        from trainerd.supervisor.ledger import Ledger
 
         led = Ledger.open_readonly(self.root / "state.db")
         try:

@@ -52,8 +52,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from common import machine_info, write_json  # noqa: E402
-from trainerd.contract import RootLayout  # noqa: E402
-from trainerd.diskuse import measure  # noqa: E402
+from trainerd.core.contract import RootLayout  # noqa: E402
+from trainerd.supervisor.diskuse import measure  # noqa: E402
 
 FAKE = REPO / "tests" / "bin" / "fake_worker.py"
 PROJECT_TO = 10_000
@@ -193,8 +193,8 @@ def timed_inproc(fn: Any, n: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from trainerd.cli_chain import collect_history
-    from trainerd.status import collect_status, render_status
+    from trainerd.cli.history import collect_history
+    from trainerd.supervisor.views.status import collect_status, render_status
 
     tmp = Path(tempfile.mkdtemp(prefix="trainerd-longrun-", dir=args.tmp))
     if args.mode == "real":
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "bytes_per_batch": round((size - w0["tree"][0]) / max(1, w)),
                     "files_per_batch": round((files - w0["tree"][1]) / max(1, w), 2),
                     "root_bytes": size, "root_files": files,
-                    # where a batch's bytes go (trainerd.diskuse's kinds: the README's formula, measured)
+                    # where a batch's bytes go (trainerd.supervisor.diskuse's kinds: the README's formula, measured)
                     "kind_bytes_per_batch": {k: round((v - w0["kinds"].get(k, 0)) / max(1, w)) for k, v in kinds.items()},
                     "ledger_bytes": (d.root / "state.db").stat().st_size,
                     "ledger_wal_bytes": sum(p.stat().st_size for p in d.root.glob("state.db-wal") if p.is_file()),

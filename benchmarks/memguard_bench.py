@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from tests import cgroups  # noqa: E402
 from tests.support.guarded import start_worker, supervise  # noqa: E402
-from trainerd.config import MemorySettings  # noqa: E402
+from trainerd.core.settings import MemorySettings  # noqa: E402
 from trainerd.memguard import MemoryGuard  # noqa: E402
 
 MiB = 1 << 20

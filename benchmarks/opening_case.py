@@ -57,7 +57,7 @@ def batch_view(root: Path, bid: int) -> dict[str, Any]:
 
 
 def decision(root: Path, bid: int) -> dict[str, Any]:
-    from trainerd.ledger import Ledger
+    from trainerd.supervisor.ledger import Ledger
 
     led = Ledger.open_readonly(root / "state.db")
     try:

@@ -32,9 +32,9 @@ from common import machine_info, write_json  # noqa: E402
 
 
 def make_big_root(root: Path, n: int) -> None:
-    from trainerd.contract import RootLayout
-    from trainerd.fsutil import atomic_write_json
-    from trainerd.ledger import Ledger
+    from trainerd.core.contract import RootLayout
+    from trainerd.core.fsutil import atomic_write_json
+    from trainerd.supervisor.ledger import Ledger
 
     layout = RootLayout(root)
     layout.make()
@@ -55,7 +55,7 @@ def make_big_root(root: Path, n: int) -> None:
 
 
 def bench_status(n: int) -> dict:
-    from trainerd.status import collect_status, render_status
+    from trainerd.supervisor.views.status import collect_status, render_status
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
@@ -77,8 +77,9 @@ def bench_status(n: int) -> dict:
 
 def bench_hooks(ticks: int) -> dict:
     from support.config import config_dict
-    from trainerd.config import from_dict
-    from trainerd.supervisor import Supervisor, hooks
+    from trainerd.core.config import from_dict
+    from trainerd.supervisor.daemon import Supervisor
+    from trainerd.supervisor import hooks
 
     fake = REPO / "tests" / "bin" / "fake_worker.py"
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +88,7 @@ def bench_hooks(ticks: int) -> dict:
                                          supervisor={"settle_s": 0, "rescan_s": 3600},
                                          publish={"hook": ["/bin/sleep", "30"], "hook_timeout_s": 600},
                                          log={"file": False, "level": "error"}))
-        # The measuring child runs `python -m trainerd.diskuse`: it must import this checkout.
+        # The measuring child runs `python -m trainerd.supervisor.diskuse`: it must import this checkout.
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         sup = Supervisor(settings, worker_cmd=[sys.executable, str(fake)], env=env)
         sup.open()

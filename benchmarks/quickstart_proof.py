@@ -45,7 +45,7 @@ CONFIGS = {"quickstart": REPO / "configs" / "quickstart.yaml", "defaults": REPO 
 
 def _config(src: Path, root: Path, seed: int | None, lr: float | None, dest: Path) -> Path:
     """``src`` with the root moved under ``root`` and the paths absolute (the copy lives elsewhere)."""
-    from trainerd.config import load
+    from trainerd.core.config import load
 
     raw = yaml.safe_load(src.read_text()) or {}
     raw["root"] = str(root)

@@ -135,11 +135,11 @@ def metrics_write_cost(tmp: Path, rows: int) -> dict:
     a periodic write (the derived totals cached) and a write after a ledger change (recomputed)."""
     from types import SimpleNamespace
 
-    from trainerd.config import from_dict
-    from trainerd.contract import RootLayout
-    from trainerd.ledger import Ledger
+    from trainerd.core.config import from_dict
+    from trainerd.core.contract import RootLayout
+    from trainerd.supervisor.ledger import Ledger
     from trainerd.memguard import MemoryGuard
-    from trainerd.metrics import Metrics
+    from trainerd.supervisor.metrics import Metrics
 
     settings = from_dict({"root": str(tmp / "root")})
     layout = RootLayout(settings.root)
@@ -180,7 +180,7 @@ WINDOW_S = 60.0  # the daemon's loop figures: the last minute (trainerd/supervis
 
 
 def _counts(root: Path) -> dict[str, int]:
-    from trainerd.ledger import Ledger
+    from trainerd.supervisor.ledger import Ledger
 
     try:
         led = Ledger.open_readonly(root / "state.db")

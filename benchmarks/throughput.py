@@ -65,7 +65,7 @@ from benchmarks.common import (  # noqa: E402
     write_batch,
     write_json,
 )
-from trainerd.planning import read_model_shape  # noqa: E402
+from trainerd.core.planning import read_model_shape  # noqa: E402
 
 CONTENDERS = ("worker", "plain", "hf")
 # --cross: the headline pair run step by step in one lock-step group, with the plain

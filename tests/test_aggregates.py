@@ -1,4 +1,4 @@
-"""The ledger's running totals (trainerd/aggregates.py): after any sequence of real ledger writes
+"""The ledger's running totals (trainerd/supervisor/ledger/aggregates.py): after any sequence of real ledger writes
 they equal what a full scan of the rows says; an older ledger gets them filled once at its schema
 step; pruning attempt rows never lowers the trained tokens."""
 
@@ -10,10 +10,10 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainerd import aggregates
-from trainerd.contract import RootLayout
-from trainerd.ledger import AttemptRecord, Ledger
-from trainerd.states import BatchState
+from trainerd.supervisor.ledger import aggregates
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.ledger import AttemptRecord, Ledger
+from trainerd.supervisor.ledger.states import BatchState
 
 
 def _scan(led: Ledger) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Bad configurations: every bad key named with its path, and a daemon that refuses to start.
 
 The loader's message for each kind of mistake is checked in-process, from a table
-(``trainerd.config.load`` raising ``ConfigError``: what ``trainerd run`` prints to stderr).
+(``trainerd.core.config.load`` raising ``ConfigError``: what ``trainerd run`` prints to stderr).
 A handful of cases then start the real daemon (`trainerd run --config FILE`) to prove what the
 operator sees: exit 78, every bad key named on stderr, no traceback, and nothing created (no
 root, no ledger). tests/test_config.py checks the loader's rules themselves.
@@ -20,7 +20,7 @@ import yaml
 
 from conftest import subprocess_env
 from support.config import config_dict
-from trainerd.config import ConfigError, load
+from trainerd.core.config import ConfigError, load
 
 EX_CONFIG = 78
 

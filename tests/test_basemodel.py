@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import subprocess_env
-from trainerd.basemodel import Watched, identity
+from trainerd.supervisor.basemodel import Watched, identity
 from trainerd.worker.testing import build_tiny_model
 
 

@@ -14,7 +14,7 @@ import time
 from conftest import subprocess_env
 from support.log import ListLog
 from test_supervisor import FAKE, drive, drop, make_settings
-from trainerd.supervisor import Supervisor
+from trainerd.supervisor.daemon import Supervisor
 
 
 def _checkpoints(s: Supervisor, bid: int) -> list[str]:
@@ -110,7 +110,7 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
     disk-usage.json is rewritten at once and agrees with a full walk of the root; retention
     (keep_batch_dirs 2, keep_curves 1, keep_attempt_rows 1) removes folders, runs and attempt rows
     a bounded step at a time, the book follows, the token total stays; the file keeps a fixed shape."""
-    from trainerd.diskuse import measure
+    from trainerd.supervisor.diskuse import measure
 
     s = Supervisor(make_settings(shm_tmp, retention={"keep_batch_dirs": 2, "keep_curves": 1, "keep_attempt_rows": 1}),
                    worker_cmd=[sys.executable, str(FAKE)], log=ListLog())
@@ -142,8 +142,8 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
 def _big_root(root, n: int) -> None:
     """A ledger of ``n`` done batches with ``n`` versions, every 10th batch rejected instead, and 30
     queued in three lanes (rows straight in: the figures, not the training, are under test)."""
-    from trainerd.contract import RootLayout
-    from trainerd.ledger import Ledger
+    from trainerd.core.contract import RootLayout
+    from trainerd.supervisor.ledger import Ledger
 
     layout = RootLayout(root)
     layout.make()
@@ -205,9 +205,9 @@ def test_the_disk_book_measures_a_burst_of_queued_batches_a_slice_per_write(tmp_
     """A queue of 200 batches is measured at most LIVE_SLICE batch folders per write (a loop turn
     stays short in a burst), the book stays due until every one has a figure, and then its live
     part equals a full measure of the unfinished batches; a finished batch leaves the live part."""
-    from trainerd.contract import RootLayout
-    from trainerd.diskuse import measure_live
-    from trainerd.ledger import Ledger
+    from trainerd.core.contract import RootLayout
+    from trainerd.supervisor.diskuse import measure_live
+    from trainerd.supervisor.ledger import Ledger
     from trainerd.supervisor import diskbook
 
     layout = RootLayout(tmp_path / "root")

@@ -15,11 +15,12 @@ import pytest
 
 from conftest import subprocess_env
 from test_supervisor import FAKE, FAKE_WORKER_CONFIG, drive, make_settings
-from trainerd.child import ExitStatus
-from trainerd.contract import StopReason
-from trainerd.ledger import Batch
-from trainerd.states import BatchState
-from trainerd.supervisor import Supervisor, policy
+from trainerd.supervisor.child import ExitStatus
+from trainerd.core.contract import StopReason
+from trainerd.supervisor.ledger import Batch
+from trainerd.supervisor.ledger.states import BatchState
+from trainerd.supervisor.daemon import Supervisor
+from trainerd.supervisor import policy
 from trainerd.supervisor.stopping import Sender
 
 FAKE_ENV = {"TRAINERD_WORKER_CMD": f"{sys.executable} {FAKE}"}
@@ -137,7 +138,7 @@ def _batch() -> Batch:
 ])
 def test_policy_files_a_cancel_as_cancelled_whatever_the_exit(status, result, sender):
     """Cause cancelled: exit 75, exit 0, our SIGKILL or a crash all end in the CANCEL verdict."""
-    from trainerd.config import Settings
+    from trainerd.core.settings import Settings
 
     end = policy.AttemptEnd(status, result, cause=StopReason.CANCELLED, sender=sender, adapter_staged=True)
     v = policy.decide(end, _batch(), Settings(), 0.0)
@@ -146,7 +147,7 @@ def test_policy_files_a_cancel_as_cancelled_whatever_the_exit(status, result, se
 
 def test_policy_honours_a_cancelled_result_after_a_restart():
     """A result.json saying cancelled with no cause known (the supervisor restarted) is a cancel too."""
-    from trainerd.config import Settings
+    from trainerd.core.settings import Settings
 
     v = policy.decide(policy.AttemptEnd(ExitStatus(75, None), {"reason": "cancelled"}), _batch(), Settings(), 0.0)
     assert v.action is policy.Action.CANCEL

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from support.daemon import Daemon
-from trainerd.ledger import Ledger
+from trainerd.supervisor.ledger import Ledger
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from trainerd.cli import main
-from trainerd.contract import RootLayout
-from trainerd.health import Facts, Severity, Thresholds, assess, line
-from trainerd.ledger import AttemptRecord, Ledger
-from trainerd.states import BatchState
-from trainerd.supervisor.daemon import take_root_lock
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.views.health import Facts, Severity, Thresholds, assess, line
+from trainerd.supervisor.ledger import AttemptRecord, Ledger
+from trainerd.supervisor.ledger.states import BatchState
+from trainerd.supervisor.rootlock import take_root_lock
 
 HOUR = 3600.0
 
@@ -215,7 +215,7 @@ def test_the_metrics_carry_the_same_conditions(tmp_path):
     from test_metrics import _FakeDaemon, _read, _value  # the metrics tests' stand-in for a Supervisor
 
     from support.log import ListLog
-    from trainerd.metrics import Metrics, textfile_path
+    from trainerd.supervisor.metrics import Metrics, textfile_path
 
     d = _FakeDaemon(tmp_path)
     d.settings.disk.min_free_bytes = 0

@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 
 from support.log import ListLog
-from trainerd.child import Child, ExitStatus, describe_signal, worker_command
-from trainerd.contract import BatchFiles, StopReason
+from trainerd.supervisor.child import Child, ExitStatus, describe_signal, worker_command
+from trainerd.core.contract import BatchFiles, StopReason
 from trainerd.supervisor.stopping import Escalation, Sender
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from conftest import subprocess_env
 from trainerd.cli import main
-from trainerd.status import collect_status
-from trainerd.contract import RootLayout as Layout
-from trainerd.ledger import AttemptRecord, Ledger
+from trainerd.supervisor.views.status import collect_status
+from trainerd.core.contract import RootLayout as Layout
+from trainerd.supervisor.ledger import AttemptRecord, Ledger
 
 GOOD = '{"text": "hello"}\n{"prompt": "2+2?", "completion": "4"}\n'
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import subprocess_env
-from trainerd.cli import build_parser, main
-from trainerd.cli_root import ROOT_ORDER, find_root
-from trainerd.contract import ExitCode, RootLayout
-from trainerd.ledger import AttemptRecord, Ledger
+from trainerd.cli.entry import build_parser, main
+from trainerd.cli.root import ROOT_ORDER, find_root
+from trainerd.core.contract import ExitCode, RootLayout
+from trainerd.supervisor.ledger import AttemptRecord, Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = '{"text": "hello"}\n'
@@ -156,12 +156,12 @@ def test_the_exit_code_table_is_the_codes_the_cli_uses():
     """docs/cli.md's exit-code table lists exactly the codes the CLI's modules return (plus argparse's
     2), each under its ExitCode name; check's table is Nagios' four states."""
     used = {2}
-    for path in (REPO / "trainerd").glob("cli*.py"):
+    for path in (REPO / "trainerd" / "cli").glob("*.py"):
         used |= {ExitCode[name].value for name in re.findall(r"ExitCode\.([A-Z]+)", path.read_text())}
     table = _doc_table("## Exit codes")
     assert set(table) == used
     assert all(ExitCode(code).name == name for code, name in table.items())
-    from trainerd.health import Severity
+    from trainerd.supervisor.views.health import Severity
 
     assert _doc_table("## `trainerd check`") == {s.value: s.name for s in Severity}
 

@@ -187,7 +187,7 @@ def test_follow_waits_for_a_log_that_does_not_exist_yet(tmp_path):
 
 WRITER = """
 import sys, time
-from trainerd import logs
+from trainerd.core import logs
 path, rotate, keep, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 logs.configure(fmt="json", stream=open("/dev/null", "w"), file=path, rotate_bytes=rotate, keep_files=keep)
 log = logs.get_logger()

@@ -17,9 +17,9 @@ import zstandard
 
 from conftest import subprocess_env
 from trainerd.cli import main
-from trainerd.compressed import ArchiveError, expand, open_decompressed
-from trainerd.contract import RootLayout
-from trainerd.lines import iter_lines
+from trainerd.core.compressed import ArchiveError, expand, open_decompressed
+from trainerd.core.contract import RootLayout
+from trainerd.core.lines import iter_lines
 from workerutil import make_batch, run_worker, sample_lines
 
 DATA = ("\n".join(sample_lines(40)) + "\n").encode()
@@ -57,7 +57,7 @@ def test_a_bomb_stays_in_bounded_memory(tmp_path, kind):
         c = __import__("zlib").compressobj(9, 8, 31)
         bomb.write_bytes(b"".join(c.compress(b"\0" * (16 << 20)) for _ in range(64)) + c.flush())
     # VmHWM, not ru_maxrss: the latter survives exec and would report the test process's own peak.
-    code = ("import re, sys; from trainerd.compressed import open_decompressed;"
+    code = ("import re, sys; from trainerd.core.compressed import open_decompressed;"
             "r = open_decompressed(open(sys.argv[1], 'rb'), sys.argv[1]); n = 0\n"
             "while (c := r.read(1 << 20)): n += len(c)\n"
             "print(n, re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
@@ -86,7 +86,7 @@ def test_expand_stops_before_the_disk_is_low_and_leaves_nothing(tmp_path, monkey
         free["left"] -= 8 << 20
         return free["left"]
 
-    monkeypatch.setattr("trainerd.compressed.free_bytes", fake_free)
+    monkeypatch.setattr("trainerd.core.compressed.free_bytes", fake_free)
     with pytest.raises(ArchiveError, match="would leave less than disk.min_free_bytes"):
         expand(src, dest, name="a.jsonl.gz", max_bytes=1 << 30, min_free_bytes=10 << 20)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl.gz"]

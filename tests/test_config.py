@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainerd.config import ConfigError, load, parse_size
+from trainerd.core.config import ConfigError, load, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 

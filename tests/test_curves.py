@@ -17,7 +17,7 @@ from conftest import subprocess_env
 from support.log import ListLog
 from workerutil import adapter_bytes, make_batch, run_worker, sample_lines
 
-from trainerd.contract import RootLayout
+from trainerd.core.contract import RootLayout
 from trainerd.worker.curves import Curves, chain_offset, write_versions
 
 

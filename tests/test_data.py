@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainerd.lines import iter_lines, parse_line
+from trainerd.core.lines import iter_lines, parse_line
 from trainerd.worker.data import (IGNORE_INDEX, BlockStream, Cursor, DataError, Encoder, TrainSource, iter_encoded,
                                   scan)
 

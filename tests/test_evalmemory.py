@@ -1,4 +1,4 @@
-"""The evaluation memory (trainerd/evalmemory.py): bounded, stratified, uniform over old and new,
+"""The evaluation memory (trainerd/core/evalmemory.py): bounded, stratified, uniform over old and new,
 updated at publish in O(memory), rolled back exactly, and the shared index of held-out contents."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from support.log import ListLog
-from trainerd.evalmemory import EvalMemory, read_version
-from trainerd.lines import RawLine, content_hash, parse_line
+from trainerd.core.evalmemory import EvalMemory, read_version
+from trainerd.core.lines import RawLine, content_hash, parse_line
 
 
 def _line(b: int, i: int) -> str:

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from trainerd import metrics
-from trainerd.ledger import Ledger
+from trainerd.supervisor.prometheus import parse
+from trainerd.supervisor.ledger import Ledger
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_killed_after_progress_more_often_than_max_attempts_finishes_bit_identic
     lineage = json.loads((d.root / "adapters" / "1" / "lineage.json").read_text())
     assert lineage["faults"]["survived"] == 3 and lineage["faults"]["goodput"] == st["faults"]["goodput"]
     assert d.terminate() == 0
-    prom = metrics.parse((d.root / "metrics" / "trainerd.prom").read_text())
+    prom = parse((d.root / "metrics" / "trainerd.prom").read_text())
     assert prom["trainerd_faults_survived_total"][()] == 3
     assert prom["trainerd_crashes_without_progress_total"][()] == 0
     assert prom["trainerd_goodput_ratio"][()] == pytest.approx(st["faults"]["goodput"], abs=1e-3)

@@ -66,9 +66,9 @@ def _drop_from_page_cache(model_dir: Path) -> None:
 def _window(model_dir: Path) -> tuple[int, int, int]:
     """(the bf16 rung's need, the cgroup limit, the model's fp32 size): the limit halfway between the
     need (the plan's estimate over the soft fraction, plus the supervisor) and the fp32 weights."""
-    from trainerd.config import MemorySettings, TrainSettings
-    from trainerd.ladder import ladder
-    from trainerd.planning import read_model_shape
+    from trainerd.core.settings import MemorySettings, TrainSettings
+    from trainerd.core.ladder import ladder
+    from trainerd.core.planning import read_model_shape
 
     shape = read_model_shape(model_dir)
     rungs = ladder(shape, TrainSettings(**ONE_STEP["train"]), precision="float32")
@@ -178,7 +178,7 @@ def test_estimates_hold_on_a_second_shape(tmp_path):
     """A 0.14 B bf16 model (hidden 1024, 8 layers, grouped-query attention) trained by the real worker in an fp32
     batch at micro-batch 2 x seq 64 on each exact layout: the measured peak RSS (result.json) is under the
     estimate of its rung and the estimate within 1.6x of it."""
-    from trainerd.planning import estimate_training_bytes, read_model_shape
+    from trainerd.core.planning import estimate_training_bytes, read_model_shape
     from trainerd.worker.testing import build_random_model
 
     model = build_random_model(Path(tempfile.gettempdir()) / "trainerd-test-models" / "llama-0.14b-bf16", SECOND_SHAPE)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from trainerd.config import GateSettings
+from trainerd.core.settings import GateSettings
 from trainerd.supervisor.evidence import holm, t_quantile, t_sf
 from trainerd.supervisor.gate import judge
 

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from conftest import subprocess_env
-from trainerd import cadence, goodput
+from trainerd.core import cadence
+from trainerd.supervisor.ledger import goodput
 from trainerd.supervisor.forensics import last_traceback
 
 
@@ -146,7 +147,7 @@ def test_the_worker_clock_follows_measured_cost_and_mtbf():
     """The worker's clock (worker/saver.py; imports torch): auto starts from the prior cost (or the
     resumed checkpoint's), re-aims after each measured checkpoint, counts from the last state taken,
     and a step cadence still adds checkpoints; a number is a fixed interval."""
-    from trainerd.config import from_dict
+    from trainerd.core.config import from_dict
     from trainerd.worker.saver import Clock
 
     class Log:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from support.log import ListLog
-from trainerd.child import Child
-from trainerd.contract import BatchFiles
-from trainerd.faults import spin
+from trainerd.supervisor.child import Child
+from trainerd.core.contract import BatchFiles
+from trainerd.core.faults import spin
 from trainerd.memguard import Decision
 from trainerd.supervisor.guardthread import GuardThread
 from trainerd.supervisor.loophealth import LoopHealth, RecentIntervals

@@ -10,11 +10,11 @@ import pytest
 
 from support.log import ListLog
 from test_gate import LEARNED, memory, s
-from trainerd.child import ExitStatus
-from trainerd.config import from_dict
-from trainerd.contract import BatchFiles
-from trainerd.ledger import Batch
-from trainerd.states import BatchState
+from trainerd.supervisor.child import ExitStatus
+from trainerd.core.config import from_dict
+from trainerd.core.contract import BatchFiles
+from trainerd.supervisor.ledger import Batch
+from trainerd.supervisor.ledger.states import BatchState
 from trainerd.supervisor import heal
 from trainerd.supervisor.gate import judge
 from trainerd.supervisor.policy import Action, AttemptEnd, decide

@@ -16,9 +16,9 @@ import pytest
 
 from conftest import subprocess_env
 from support.log import ListLog
-from trainerd.contract import BatchFiles
-from trainerd.rows import Batch
-from trainerd.states import BatchState
+from trainerd.core.contract import BatchFiles
+from trainerd.supervisor.ledger.rows import Batch
+from trainerd.supervisor.ledger.states import BatchState
 from trainerd.supervisor import heal
 from workerutil import adapter_bytes, clean_runs, finish, make_batch, run_worker, start_worker, wait_for_event
 

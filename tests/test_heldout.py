@@ -1,4 +1,4 @@
-"""The held-out figures a version's proof shows (trainerd/heldout.py): the change of the token-weighted
+"""The held-out figures a version's proof shows (trainerd/supervisor/views/heldout.py): the change of the token-weighted
 loss and its standard error, the verdict, the question picked from a held-out set, and the
 fallback to a batch's eval.json for versions whose lineage predates the figures."""
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainerd import heldout
-from trainerd.contract import RootLayout
-from trainerd.lines import content_hash, parse_line, RawLine
+from trainerd.supervisor.views import heldout
+from trainerd.core.contract import RootLayout
+from trainerd.core.lines import content_hash, parse_line, RawLine
 
 
 def _per_example(rows):
@@ -124,7 +124,7 @@ def test_learned_follows_rollbacks_and_names_the_champion(tmp_path):
     """`trainerd learned`'s data: a rollback shows the figures of the version it copies; a later
     version's 'before' is its champion (the parent version), the first one's the base model; the
     held-out question comes from the kept evaluation set, else from the batch folder."""
-    from trainerd.cli_ask import NoSuchVersion, learned
+    from trainerd.cli.ask import NoSuchVersion, learned
 
     layout = RootLayout(tmp_path)
     chat = {"messages": [{"role": "user", "content": "Capital of Kestovia?"},

@@ -20,7 +20,7 @@ import pytest
 from conftest import subprocess_env
 from test_cancel import FAKE_ENV, plan_line, trainerd
 from test_supervisor import FAKE_WORKER_CONFIG
-from trainerd.ledger import Ledger
+from trainerd.supervisor.ledger import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).parent / "bin" / "hook_probe.py"

@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from support.daemon import NOBODY, Daemon, unprivileged_prefix
-from trainerd.ledger import Ledger
+from trainerd.supervisor.ledger import Ledger
 from workerutil import sample_lines
 
 pytestmark = pytest.mark.slow

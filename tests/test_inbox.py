@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support.log import ListLog
-from trainerd.inbox import Inbox, is_candidate_name, is_inbox_name, open_for_writing
-from trainerd.writers import WriterWalk
+from trainerd.supervisor.inbox import Inbox, is_candidate_name, is_inbox_name, open_for_writing
+from trainerd.supervisor.writers import WriterWalk
 
 
 @contextlib.contextmanager
@@ -120,7 +120,7 @@ def _counting_inbox(tmp_path, **kw):
 
 def test_writer_check_throttled_per_file(tmp_path):
     """A settled file that stays open is walked for again at most every WRITER_RECHECK_S."""
-    from trainerd.inbox import WRITER_RECHECK_S
+    from trainerd.supervisor.inbox import WRITER_RECHECK_S
 
     box, walks = _counting_inbox(tmp_path)
     f = box.dir / "held.jsonl"
@@ -188,7 +188,7 @@ def test_closed_file_needs_no_walk(tmp_path):
 def test_data_waits_for_its_eval_file_and_a_lone_one_is_reported(tmp_path):
     """name.jsonl waits while name.eval.jsonl is still changing, and both are ready together; an
     eval file alone is never ready and is reported once; a compressed eval file is reported."""
-    from trainerd.inbox import LONE_EVAL_REPORT_S
+    from trainerd.supervisor.inbox import LONE_EVAL_REPORT_S
 
     d = tmp_path / "inbox"
     d.mkdir()
@@ -215,7 +215,7 @@ def test_data_waits_for_its_eval_file_and_a_lone_one_is_reported(tmp_path):
 def test_name_rules_follow_the_contract(name):
     """The inbox's name rules (compiled for speed) say what the contract's suffixes say: a data
     suffix, not a dot-file, something before the suffix; a candidate is not an eval file."""
-    from trainerd.contract import data_suffix
+    from trainerd.core.contract import data_suffix
 
     suffix = data_suffix(name)
     inbox_name = suffix is not None and not name.startswith(".") and len(name) > len(suffix)

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from trainerd import schema
-from trainerd.ledger import AttemptRecord, Ledger, LedgerConflict, LedgerTooNew
-from trainerd.states import BatchState, InvalidTransition
+from trainerd.supervisor.ledger import schema
+from trainerd.supervisor.ledger import AttemptRecord, Ledger, LedgerConflict, LedgerTooNew
+from trainerd.supervisor.ledger.states import BatchState, InvalidTransition
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from conftest import subprocess_env
 from support.log import ListLog
 from test_supervisor import FAKE, drive, drop, make_settings
-from trainerd.supervisor import Supervisor
+from trainerd.supervisor.daemon import Supervisor
 
 
 def run_two(tmp_path, log=None):

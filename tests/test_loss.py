@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainerd.config import from_dict  # noqa: E402
+from trainerd.core.config import from_dict  # noqa: E402
 from trainerd.worker import model as mdl  # noqa: E402
 from trainerd.worker.loss import chunk_rows, loss_path, token_loss  # noqa: E402
 

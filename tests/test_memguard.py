@@ -16,10 +16,10 @@ import pytest
 from conftest import subprocess_env
 from support.guarded import start_worker, stopping, supervise
 from support.log import ListLog
-from trainerd.config import MemorySettings, TrainSettings
-from trainerd.contract import StopReason
+from trainerd.core.settings import MemorySettings, TrainSettings
+from trainerd.core.contract import StopReason
 from trainerd.memguard import Cgroup, MemoryGuard, Sample, find_memory_cgroup, parse_psi
-from trainerd.planning import estimate_training_bytes, read_model_shape
+from trainerd.core.planning import estimate_training_bytes, read_model_shape
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -59,7 +59,7 @@ def worker(tmp_path):
 def test_v1_limit_detected_from_inside_a_real_cgroup(memcg, tmp_path):
     """A process placed in a v1 cgroup with a 300 MiB limit detects that limit and its source itself."""
     cg = memcg(300 * MiB)
-    code = ("import json; from trainerd.memguard import MemoryGuard; from trainerd.config import MemorySettings\n"
+    code = ("import json; from trainerd.memguard import MemoryGuard; from trainerd.core.settings import MemorySettings\n"
             "g = MemoryGuard(MemorySettings())\n"
             "print(json.dumps({'limit': g.limit_bytes, 'source': g.source, 'v': g.cgroup.version}))")
     out = subprocess.run([sys.executable, "-c", code], preexec_fn=cg.enter, env=subprocess_env(),

@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from trainerd.config import MemorySettings
+from trainerd.core.settings import MemorySettings
 from trainerd.memguard import Sample
 from trainerd.memguard.rules import Rules
 

@@ -16,11 +16,12 @@ import pytest
 from support.log import ListLog
 from workerutil import sample_lines
 
-from trainerd.config import from_dict
-from trainerd.contract import RootLayout
-from trainerd.ledger import Ledger
+from trainerd.core.config import from_dict
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.ledger import Ledger
 from trainerd.memguard import MemoryGuard
-from trainerd.metrics import Metrics, parse, restart_reason
+from trainerd.supervisor.metrics import Metrics
+from trainerd.supervisor.prometheus import parse, restart_reason
 
 
 def _value(m: dict, name: str, **labels: str) -> float | None:
@@ -113,7 +114,7 @@ def test_guard_actions_are_counted_by_the_daemon_and_kept_in_the_ledger(tmp_path
     poll) in the ledger's counters; the metrics file reports them, also from a new Metrics (a
     restarted daemon)."""
     from test_supervisor import FAKE, ScriptedGuard, drive, drop, make_settings
-    from trainerd.supervisor import Supervisor
+    from trainerd.supervisor.daemon import Supervisor
 
     s = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)], log=ListLog())
     s.open()
@@ -213,7 +214,7 @@ def test_the_series_stay_the_same_across_50_versions(tmp_path):
     earlier batch's set than the last (and a standing suite), the first batch restarted once: from
     the second version on the textfile holds the same series every time; the earlier sets are one
     averaged series, not one per batch, and the current version is a gauge, not a label."""
-    from trainerd.ledger import AttemptRecord
+    from trainerd.supervisor.ledger import AttemptRecord
 
     d = _FakeDaemon(tmp_path)
     m = Metrics(ListLog())

@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 from conftest import subprocess_env
-from trainerd.basemodel import Watched, identity, short
-from trainerd.config import load
-from trainerd.modelref import is_hub_id, local_dir, resolve_setting
+from trainerd.supervisor.basemodel import Watched, identity, short
+from trainerd.core.config import load
+from trainerd.core.modelref import is_hub_id, local_dir, resolve_setting
 from trainerd.worker.fetch import files_to_fetch
 from workerutil import make_batch, run_worker, sample_lines
 

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from trainerd import schema
-from trainerd.contract import LANES, RootLayout
-from trainerd.ledger import AttemptRecord, Ledger
-from trainerd.states import BatchState, InvalidTransition, check_transition
+from trainerd.supervisor.ledger import schema
+from trainerd.core.contract import LANES, RootLayout
+from trainerd.supervisor.ledger import AttemptRecord, Ledger
+from trainerd.supervisor.ledger.states import BatchState, InvalidTransition, check_transition
 from trainerd.supervisor import recovery
 
 

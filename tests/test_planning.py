@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from trainerd import ladder as ladder_mod
-from trainerd import planning
-from trainerd.config import TrainSettings
-from trainerd.planning import back_off, estimate_training_bytes
+from trainerd.core import ladder as ladder_mod
+from trainerd.core import planning
+from trainerd.core.settings import TrainSettings
+from trainerd.core.planning import back_off, estimate_training_bytes
 
 
 def plan_micro_batch(shape, train, lora=None, *, limit_bytes, baseline_bytes, available_bytes, soft,

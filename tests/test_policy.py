@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from trainerd.child import ExitStatus
-from trainerd.config import from_dict
-from trainerd.contract import StopReason
-from trainerd.ledger import Batch
-from trainerd.states import BatchState
+from trainerd.supervisor.child import ExitStatus
+from trainerd.core.config import from_dict
+from trainerd.core.contract import StopReason
+from trainerd.supervisor.ledger import Batch
+from trainerd.supervisor.ledger.states import BatchState
 from trainerd.supervisor.policy import Action, AttemptEnd, crash_delay_s, decide
 from trainerd.supervisor.stopping import Sender
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import test_supervisor
 from test_supervisor import drive
 from trainerd.cli import main
-from trainerd.status import collect_status, render_status
-from trainerd.supervisor import Supervisor
+from trainerd.supervisor.views.status import collect_status, render_status
+from trainerd.supervisor.daemon import Supervisor
 
 sup = test_supervisor.sup  # the supervisor fixture with fake workers, shared
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainerd.fsutil import fmt_duration
-from trainerd.status import _eta_now, _render_running
+from trainerd.core.fsutil import fmt_duration
+from trainerd.supervisor.views.status import _eta_now, _render_running
 from trainerd.worker.progress import LOG_EVERY_S, LOG_FIRST_STEPS, step_line_due
 
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import REPO, subprocess_env
 
-from trainerd import heldout
-from trainerd.config import EvalSettings
+from trainerd.supervisor.views import heldout
+from trainerd.core.settings import EvalSettings
 from trainerd.worker.split import holdout_count
 
 pytestmark = pytest.mark.slow

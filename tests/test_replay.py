@@ -14,10 +14,10 @@ import pytest
 from conftest import subprocess_env
 from support.config import config_dict
 from support.log import ListLog
-from trainerd.config import from_dict
-from trainerd.contract import BatchFiles, RootLayout
-from trainerd.lines import content_hash, iter_lines, parse_line
-from trainerd.replay import Entry, Store, compact, content_fraction
+from trainerd.core.config import from_dict
+from trainerd.core.contract import BatchFiles, RootLayout
+from trainerd.core.lines import content_hash, iter_lines, parse_line
+from trainerd.core.replay import Entry, Store, compact, content_fraction
 from trainerd.worker.split import first_split, load_split
 from workerutil import adapter_bytes, clean_runs, finish, make_batch, run_worker, sample_lines, start_worker, \
     wait_for_event, write_settings
@@ -192,7 +192,7 @@ def test_the_daemon_compacts_an_oversized_store_before_the_next_worker(tmp_path)
     """A store past replay.max_bytes is compacted by a maintenance child before the next worker
     starts (never beside one); the batch then trains as usual."""
     from test_supervisor import FAKE, drive, drop, state
-    from trainerd.supervisor import Supervisor
+    from trainerd.supervisor.daemon import Supervisor
 
     root = tmp_path / "root"
     for b in range(1, 4):
@@ -262,7 +262,7 @@ def test_the_supervisors_add_during_a_slice_is_kept(tmp_path):
     root = tmp_path / "root"
     for b in (1, 2):
         put(root, b, [json.dumps({"text": f"b{b} l{i} " + "w" * 300}) for i in range(300)])
-    from trainerd import replay
+    from trainerd.core import replay
 
     real = replay._thin
 

@@ -13,10 +13,11 @@ import pytest
 
 from test_cancel import FAKE_ENV, plan_line, trainerd
 from test_supervisor import FAKE, FAKE_WORKER_CONFIG, drive, make_settings
-from trainerd.config import RetentionSettings
-from trainerd.ledger import Ledger
-from trainerd.status import collect_status, render_status
-from trainerd.supervisor import Supervisor, hooks, retention
+from trainerd.core.settings import RetentionSettings
+from trainerd.supervisor.ledger import Ledger
+from trainerd.supervisor.views.status import collect_status, render_status
+from trainerd.supervisor.daemon import Supervisor
+from trainerd.supervisor import hooks, retention
 from trainerd.supervisor.requests import submit
 
 

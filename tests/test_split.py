@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainerd.config import EvalSettings, from_dict
-from trainerd.contract import BatchFiles
-from trainerd.evalmemory import EvalMemory
-from trainerd.lines import RawLine, content_hash, iter_lines, parse_line
+from trainerd.core.config import from_dict
+from trainerd.core.settings import EvalSettings
+from trainerd.core.contract import BatchFiles
+from trainerd.core.evalmemory import EvalMemory
+from trainerd.core.lines import RawLine, content_hash, iter_lines, parse_line
 from trainerd.worker.data import BlockStream, Encoder, TrainSource
 from trainerd.worker.split import choose_holdout, first_split, holdout_count, load_split
 

@@ -12,7 +12,7 @@ import pytest
 
 from support.log import ListLog
 from test_supervisor import FAKE, drive, drop, make_settings
-from trainerd.supervisor import Supervisor
+from trainerd.supervisor.daemon import Supervisor
 from trainerd.supervisor.stall import timeout_s
 from workerutil import adapter_bytes, run_worker, sample_lines
 

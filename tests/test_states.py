@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainerd.states import FINAL_STATES, TRANSITIONS, BatchState, InvalidTransition, check_transition
+from trainerd.supervisor.ledger.states import FINAL_STATES, TRANSITIONS, BatchState, InvalidTransition, check_transition
 
 
 def test_states_are_lowercase_str_enums():

@@ -15,9 +15,10 @@ import psutil
 import pytest
 
 from support.config import config_dict
-from trainerd.config import from_dict
-from trainerd.planning import back_off
-from trainerd.supervisor import Supervisor, forensics
+from trainerd.core.config import from_dict
+from trainerd.core.planning import back_off
+from trainerd.supervisor.daemon import Supervisor
+from trainerd.supervisor import forensics
 
 FAKE = Path(__file__).parent / "bin" / "fake_worker.py"
 
@@ -285,7 +286,7 @@ def test_disk_low_waits_without_failing(tmp_path):
 
 def test_relay_adds_batch_and_attempt(tmp_path, capsys):
     """Worker JSON lines are relayed with batch and attempt; non-JSON lines are logged as text."""
-    from trainerd import logs
+    from trainerd.core import logs
 
     logs.configure(fmt="json", file=tmp_path / "log.jsonl")
     s = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
@@ -305,7 +306,7 @@ def test_relay_adds_batch_and_attempt(tmp_path, capsys):
 
 def test_second_supervisor_refused(sup, tmp_path):
     """A second supervisor on the same root refuses to start (single writer)."""
-    from trainerd.supervisor import AlreadyRunning
+    from trainerd.supervisor.rootlock import AlreadyRunning
 
     other = Supervisor(make_settings(tmp_path), worker_cmd=[sys.executable, str(FAKE)])
     with pytest.raises(AlreadyRunning):
@@ -371,7 +372,7 @@ def test_sighup_reload_applies_to_next_attempt_and_keeps_old_on_error(tmp_path):
             "supervisor": {"settle_s": 0, "rescan_s": 0.2}, "disk": {"min_free_bytes": 0},
             "train": {"seq_len": 64}}
     cfg.write_text(json.dumps(base))
-    from trainerd.config import load
+    from trainerd.core.config import load
 
     s = Supervisor(load(cfg), config_path=cfg, worker_cmd=[sys.executable, str(FAKE)])
     s.open()

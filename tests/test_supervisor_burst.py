@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from trainerd.ledger import Ledger
-from trainerd.metrics import parse
-from trainerd.status import render_status
+from trainerd.supervisor.ledger import Ledger
+from trainerd.supervisor.prometheus import parse
+from trainerd.supervisor.views.status import render_status
 
 REPO = Path(__file__).resolve().parent.parent
 BALLOON = REPO / "tests" / "bin" / "balloon.py"

@@ -1,10 +1,10 @@
-"""trainerd.logs: JSON lines with timestamp/level/event, bound fields, and logrotate safety."""
+"""trainerd.core.logs: JSON lines with timestamp/level/event, bound fields, and logrotate safety."""
 
 import io
 import json
 import os
 
-from trainerd import logs
+from trainerd.core import logs
 
 
 def test_json_lines_have_required_fields(tmp_path):
@@ -46,7 +46,7 @@ def test_broken_stdout_pipe_goes_quiet(tmp_path):
 
     from conftest import subprocess_env
 
-    code = ("import time, sys\nfrom trainerd import logs\nlogs.configure(fmt='json')\nlog = logs.get_logger()\n"
+    code = ("import time, sys\nfrom trainerd.core import logs\nlogs.configure(fmt='json')\nlog = logs.get_logger()\n"
             "log.info('first')\ntime.sleep(0.5)\nfor i in range(50): log.info('after_reader_died', i=i)\n"
             "print('survived', file=sys.stderr)\n")
     p = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,

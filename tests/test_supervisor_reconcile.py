@@ -14,7 +14,7 @@ import pytest
 
 from conftest import subprocess_env
 from test_supervisor import FAKE, FAKE_WORKER_CONFIG, drive, drop, make_settings, state
-from trainerd.supervisor import Supervisor
+from trainerd.supervisor.daemon import Supervisor
 
 
 def new_sup(tmp_path, **over) -> Supervisor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trainerd.sdnotify import Notifier
+from trainerd.supervisor.sdnotify import Notifier
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "trainerd.service"
@@ -163,7 +163,7 @@ def test_unit_has_the_required_settings():
 
 def test_timeout_stop_is_longer_than_the_stop_grace():
     """TimeoutStopSec exceeds the default supervisor.stop_grace_s, so a checkpoint is never SIGKILLed."""
-    from trainerd.config import Settings
+    from trainerd.core.settings import Settings
 
     timeout = _unit_keys(UNIT.read_text())["TimeoutStopSec"][0]
     assert timeout.endswith("s")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from trainerd.config import dump_json, from_dict
+from trainerd.core.config import dump_json, from_dict
 
 from conftest import subprocess_env
 from support.config import config_dict

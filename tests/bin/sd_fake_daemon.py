@@ -1,4 +1,4 @@
-"""A stand-in for the supervisor under a real systemd: Type=notify through trainerd.sdnotify.
+"""A stand-in for the supervisor under a real systemd: Type=notify through trainerd.supervisor.sdnotify.
 
 Sleeps READY_DELAY_S (default 2) before READY=1 (so a test can see that `systemctl start`
 waits for it), then pings WATCHDOG=1 every half interval until SIGTERM, which it answers with
@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from trainerd.sdnotify import Notifier
+from trainerd.supervisor.sdnotify import Notifier
 
 stop = False
 

@@ -1,7 +1,7 @@
 """The one test config: a trainerd config dict for a root and a model, fast on the tiny model.
 
 Every test that needs a config builds it here, as a daemon's YAML (``Daemon`` writes it),
-as in-process ``Settings`` (``trainerd.config.from_dict(config_dict(...))``) or as a worker's
+as in-process ``Settings`` (``trainerd.core.config.from_dict(config_dict(...))``) or as a worker's
 settings.json (tests/workerutil.py). Overrides are deep-merged section by section; an
 override of ``None`` drops the key, so the product's default applies (the fake-worker tests
 keep the real ``train`` defaults, whose back-off ladder they check).

@@ -24,7 +24,7 @@ from typing import Any
 
 from conftest import subprocess_env
 from support.config import config_dict
-from trainerd.status import collect_status
+from trainerd.supervisor.views.status import collect_status
 
 __all__ = ["NOBODY", "Daemon", "unprivileged_prefix"]
 

@@ -1,5 +1,5 @@
 """Acting on the memory guard's decisions as the supervisor does, for the guard's tests and its
-benchmark: the worker is a real :class:`trainerd.child.Child` (its own session and group), and
+benchmark: the worker is a real :class:`trainerd.supervisor.child.Child` (its own session and group), and
 every decision goes to a real ``Escalation``, which writes ``.stop`` and sends the signals.
 """
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainerd.child import Child, ExitStatus
-from trainerd.contract import BatchFiles
+from trainerd.supervisor.child import Child, ExitStatus
+from trainerd.core.contract import BatchFiles
 from trainerd.supervisor import stopping
 
 __all__ = ["Acted", "Run", "start_worker", "stopping", "supervise"]

@@ -1,6 +1,6 @@
 """MemoryGuard: the sampler and the rules for the worker being watched, and a log line for each
 decision. It never writes a file or sends a signal: the supervisor hands each
-:class:`~trainerd.memguard.rules.Decision` to its ``Escalation``, which does both.
+:class:`~trainerd.memguard.decision.Decision` to its ``Escalation``, which does both.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from trainerd.config import LoraSettings, MemorySettings, TrainSettings
+from trainerd.core.settings import LoraSettings, MemorySettings, TrainSettings
 from trainerd.memguard.cgroup import Cgroup, find_memory_cgroup
 from trainerd.memguard.procfs import mem_available
-from trainerd.memguard.rules import Decision, Rules, Sample
+from trainerd.memguard.decision import Decision, Sample
+from trainerd.memguard.rules import Rules
 from trainerd.memguard.sampler import AVAILABLE_SOURCE, Sampler
-from trainerd.ladder import Plan, Rung, estimated_tokens_per_s, ladder, plan, quantization_available
-from trainerd.planning import read_model_shape
+from trainerd.core.ladder import Plan, Rung, estimated_tokens_per_s, ladder, plan, quantization_available
+from trainerd.core.planning import read_model_shape
 
 __all__ = ["MemoryGuard"]
 
@@ -162,7 +163,7 @@ class MemoryGuard:
 
     def plan(self, model_dir: Path, train: TrainSettings, lora: LoraSettings | None = None, *,
              precision: str = "float32", base_weights: str = "auto", device: str = "cpu") -> Plan:
-        """The fastest rung of the batch's ladder (:func:`trainerd.ladder.ladder`) estimated to fit
+        """The fastest rung of the batch's ladder (:func:`trainerd.core.ladder.ladder`) estimated to fit
         under the soft limit in ``precision``, logged as ``memory_plan`` (the rung, why, every rung's
         estimate and speed, the estimated tokens/s) and, as before, memory_plan_kept / _reduced /
         _does_not_fit. Reads config.json and the safetensors headers only: milliseconds."""

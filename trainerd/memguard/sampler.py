@@ -1,4 +1,4 @@
-"""Measuring: the effective limit and one :class:`~trainerd.memguard.rules.Sample` per poll.
+"""Measuring: the effective limit and one :class:`~trainerd.memguard.decision.Sample` per poll.
 
 Under a cgroup with a limit the kernel compares the *cgroup's* usage with its limit, so that
 is what we compare too: v2 ``memory.current`` / v1 ``memory.usage_in_bytes`` minus
@@ -24,10 +24,11 @@ from typing import Any
 
 import psutil
 
-from trainerd.config import MemorySettings
+from trainerd.core.settings import MemorySettings
 from trainerd.memguard.cgroup import Cgroup, parse_psi
 from trainerd.memguard.procfs import OpenFiles, mem_available, meminfo, proc_status, process_tree, read_text
-from trainerd.memguard.rules import Sample, predict_from
+from trainerd.memguard.decision import Sample
+from trainerd.memguard.rules import predict_from
 
 __all__ = ["AVAILABLE_SOURCE", "Sampler"]
 

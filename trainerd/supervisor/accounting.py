@@ -1,7 +1,7 @@
 """The supervisor's side of fault accounting: what it reads to decide and to count (goodput.py is
 the pure arithmetic; policy.py decides).
 
-- At a start: the fault rate over the last days (trainerd/cadence.py) from the ledger's ended
+- At a start: the fault rate over the last days (trainerd/core/cadence.py) from the ledger's ended
   attempts, handed to the worker as ``--mtbf-s`` (its Young/Daly checkpoint interval).
 - At an end: the attempt's ``tally.json`` says whether it made progress and how far it got; the
   last traceback in its stderr goes into a crash's reason; its account and the batch's new goodput
@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from trainerd import cadence, goodput
-from trainerd.contract import BatchFiles, ExitCode, RootLayout
-from trainerd.fsutil import read_json_or_none
-from trainerd.ledger import AttemptRecord, Batch, Ledger
+from trainerd.core import cadence
+from trainerd.supervisor.ledger import goodput
+from trainerd.core.contract import BatchFiles, ExitCode, RootLayout
+from trainerd.core.fsutil import read_json_or_none
+from trainerd.supervisor.ledger import AttemptRecord, Batch, Ledger
 from trainerd.supervisor import forensics
 from trainerd.supervisor.policy import AttemptEnd
 

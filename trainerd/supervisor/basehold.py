@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainerd.basemodel import Watched, short
-from trainerd.contract import RootLayout
-from trainerd.fsutil import read_json_or_none
+from trainerd.supervisor.basemodel import Watched, short
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import read_json_or_none
 from trainerd.supervisor.lineage import chain_base
 
 __all__ = ["BaseHold"]

@@ -19,12 +19,12 @@ import os
 import shutil
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import publish_dir
-from trainerd.ledger import AdapterVersion, Ledger
-from trainerd.replay import Store
-from trainerd.states import BatchState
-from trainerd.fsutil import read_json_or_none
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import publish_dir
+from trainerd.supervisor.ledger import AdapterVersion, Ledger
+from trainerd.core.replay import Store
+from trainerd.supervisor.ledger.states import BatchState
+from trainerd.core.fsutil import read_json_or_none
 from trainerd.supervisor import hooks
 from trainerd.supervisor.lineage import abandon_sets, chain_base, write_lineage, write_rebase
 

@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from trainerd.ledger import Batch, Ledger
+from trainerd.supervisor.ledger import Batch, Ledger
 from trainerd.supervisor.claims import Cancelled, Claims, sha256_of
 
 __all__ = ["ClaimPool", "GROUP_MAX", "THREADS"]

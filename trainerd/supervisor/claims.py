@@ -21,12 +21,12 @@ import stat
 import threading
 from typing import Any, Callable
 
-from trainerd import faults
-from trainerd.contract import BatchFiles, RootLayout, lane_name
-from trainerd.fsutil import fsync_dir, open_regular
-from trainerd.inbox import eval_partner
-from trainerd.ledger import Batch, Ledger
-from trainerd.states import ACTIVE_STATES, BatchState
+from trainerd.core import faults
+from trainerd.core.contract import BatchFiles, RootLayout, lane_name
+from trainerd.core.fsutil import fsync_dir, open_regular
+from trainerd.supervisor.inbox import eval_partner
+from trainerd.supervisor.ledger import Batch, Ledger
+from trainerd.supervisor.ledger.states import ACTIVE_STATES, BatchState
 
 __all__ = ["Cancelled", "Claims", "sha256_of"]
 

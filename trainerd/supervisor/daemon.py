@@ -25,28 +25,27 @@ Never imports torch: it must stay small and never be the process the kernel kill
 
 from __future__ import annotations
 
-import fcntl
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from trainerd import config as config_mod
-from trainerd import faults
-from trainerd.child import worker_command
-from trainerd.config import ConfigError, Settings
-from trainerd.contract import RootLayout
-from trainerd.inbox import Inbox
-from trainerd.ledger import Ledger, LedgerTooNew
-from trainerd.logs import get_logger
+from trainerd.core import faults
+from trainerd.supervisor.child import worker_command
+from trainerd.core.settings import Settings
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.inbox import Inbox
+from trainerd.supervisor.ledger import Ledger, LedgerTooNew
+from trainerd.core.logs import get_logger
 from trainerd.memguard import MemoryGuard
-from trainerd.metrics import Metrics
-from trainerd.sdnotify import Notifier
-from trainerd.supervisor.attempts import Attempts, Running
+from trainerd.supervisor.metrics import Metrics
+from trainerd.supervisor.sdnotify import Notifier
+from trainerd.supervisor.assembly import Assembly
+from trainerd.supervisor.attempts import Attempts
+from trainerd.supervisor.control import Control
+from trainerd.supervisor.settle import Running
 from trainerd.supervisor.chain import Chain
-from trainerd.supervisor.claimpool import ClaimPool
 from trainerd.supervisor.guardthread import GuardThread
 from trainerd.supervisor.loophealth import LoopHealth
 from trainerd.supervisor.desk import Desk
@@ -54,10 +53,8 @@ from trainerd.supervisor.hooks import Hooks
 from trainerd.supervisor.retention import Retention
 from trainerd.supervisor.disk import DiskSpace
 from trainerd.supervisor.diskbook import DiskBook
-from trainerd.supervisor.evalupgrade import upgrade_root
 from trainerd.supervisor.filing import Filing
 from trainerd.supervisor.intake import Intake
-from trainerd.supervisor.reconcile import reconcile
 from trainerd.supervisor import heap, recovery
 from trainerd.supervisor import stall
 from trainerd.supervisor.basehold import BaseHold
@@ -66,7 +63,7 @@ from trainerd.supervisor.report import StateReport
 from trainerd.supervisor.requests import Requests
 from trainerd.supervisor.wakeup import Wakeup
 
-__all__ = ["AlreadyRunning", "SLICE_S", "Supervisor", "take_root_lock"]
+__all__ = ["SLICE_S", "Supervisor"]
 
 # The most a turn spends on the inbox (scan, /proc walk, claims) and on requests, each: the
 # rest waits for the next turn, which comes at once.
@@ -77,32 +74,10 @@ SLICE_S = 0.05
 SWITCH_INTERVAL_S = 0.001
 
 
-class AlreadyRunning(RuntimeError):
-    """Another supervisor holds the root's lock: two writers would corrupt the ledger's story."""
-
-
-def take_root_lock(layout: RootLayout, *, write_pid: bool = True) -> int:
-    """The root's lock (an exclusive flock on ``trainerd.pid``, holding our pid): the one writer of
-    the ledger holds it, the daemon or a command applying a change with no daemon running.
-    Released when the fd closes or the process dies. AlreadyRunning when another holds it.
-
-    A command (``write_pid=False``) only flocks: the file keeps the last daemon's pid, so a command
-    that ends up refusing has changed nothing on disk (status, meanwhile, names that pid)."""
-    fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise AlreadyRunning(f"another trainerd (pid {other or '?'}) is running on {layout.root}")
-    if write_pid:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-class Supervisor:
-    """Owns ``root``: the single writer of the ledger and the parent of every worker."""
+class Supervisor(Assembly, Control):
+    """Owns ``root``: the single writer of the ledger and the parent of every worker. Here: the loop and
+    the one worker; its rooms made and closed in assembly.py, signals, reload, pause and its state told
+    in control.py, the root's lock in rootlock.py."""
 
     def __init__(self, settings: Settings, *, config_path: str | os.PathLike[str] | None = None,
                  worker_cmd: list[str] | str | None = None, log: Any = None,
@@ -142,89 +117,10 @@ class Supervisor:
         self.base_hold = BaseHold(settings.model.path, self.layout, self.log)
         self.backups: recovery.Backups | None = None
         self.book: DiskBook | None = None
-        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/metrics.py)
+        self.metrics = Metrics(self.log)  # the Prometheus textfile (trainerd/supervisor/metrics.py)
         self.health = LoopHealth(self.log)
         self.guard_thread = GuardThread(self.log)
         self._stalled = False  # the supervisor_stall_loop fault, done once
-
-    # --- derived state -------------------------------------------------------------------
-
-    @property
-    def paused(self) -> bool:
-        """``root/.stop`` exists (the operator's pause)."""
-        return os.path.lexists(self.layout.stop)
-
-    @property
-    def disk_low(self) -> bool:
-        """Free space under the root is below ``disk.min_free_bytes``: no attempt starts."""
-        return self.disk.low(self.settings.disk.min_free_bytes)
-
-    # --- life cycle ----------------------------------------------------------------------
-
-    def open(self, now: float | None = None) -> None:
-        """Create the folders, take the root's lock, open the ledger and reconcile."""
-        now = time.time() if now is None else now
-        self.layout.make()
-        self._take_lock()
-        self.ledger = recovery.open_ledger(self.layout, self.log)
-        self.backups = recovery.Backups(self.ledger, self.layout, self.log,
-                                        every_batch=not self.settings.supervisor.ledger_backup_s)
-        self.ledger.on_change = self._batch_changed
-        self.filing = Filing(self.layout, self.ledger, self.log, settings_of=lambda: self.settings)
-        self.book = DiskBook(self.layout, self.ledger, self.log)  # disk use by kind, kept as things are filed
-        self.filing.book = self.book
-        self.attempts = Attempts(self.layout, self.ledger, self.filing, self.log, settings=self.settings,
-                                 guard=self.guard, worker_cmd=self.worker_cmd, env=self.env)
-        self.attempts.base = self.base_hold.base
-        self.intake.pool = ClaimPool(self.attempts.claims, self.ledger, self.log, self.wakeup.poke,
-                                     manifest=self.backups.changed)
-        self.chain = Chain(self.layout, self.ledger, self.attempts, self.log)
-        # Issue 14: publish hooks (children the loop polls), retention and disk use (a child between
-        # workers), and the desk that serves cancel and gc requests besides the chain's.
-        self.hooks = Hooks(self.layout, self.log, settings_of=lambda: self.settings, bump=self.ledger.bump,
-                           env=self.env)
-        self.retention = Retention(self.layout, self.ledger, self.log, settings_of=lambda: self.settings, env=self.env,
-                                   book=self.book)
-        self.desk = Desk(self.layout, self.ledger, self.attempts, self.chain, self.log, retention=self.retention)
-        self.guard_thread.start()
-        self.log.info("supervisor_starting", root=str(self.layout.root), pid=os.getpid(),
-                      worker_cmd=" ".join(self.worker_cmd))
-        upgrade_root(self.layout, self.ledger, self.settings, self.log, self.notifier)  # issue 17: the memory
-        reconcile(self.layout, self.ledger, self.attempts, self.chain, self.log, now,
-                  stop_grace_s=self.settings.supervisor.stop_grace_s, notifier=self.notifier)
-
-    def _batch_changed(self, batch: Any) -> None:
-        """The ledger committed a change of ``batch``: its folder's manifest (recovery.py), after
-        any manifest of its claim still being written on the claim pool's threads."""
-        if self.intake.pool is not None:
-            self.intake.pool.wait_manifest(batch.id)
-        if self.backups is not None:
-            self.backups.changed(batch)
-
-    def close(self) -> None:
-        for side in (self.hooks, self.retention):  # issue 14: a running hook / remover ends here
-            if side is not None:
-                side.close()
-        self.inbox.stop_watching()
-        self.guard_thread.stop()
-        if self.intake.pool is not None:
-            self.intake.pool.close()  # before the ledger and the wakeup pipe its threads report to
-        if self.ledger is not None:
-            if self.backups is not None:
-                self.backups.final()  # a copy at a clean stop (periodic otherwise: it costs the ledger's size)
-            self.ledger.close()
-            self.ledger = None
-        if self._lock_fd is not None:
-            try:
-                os.unlink(self.layout.daemon)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
-        self.wakeup.close()
-
-    def _take_lock(self) -> None:
-        self._lock_fd = take_root_lock(self.layout)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 after a graceful stop)."""
@@ -350,99 +246,7 @@ class Supervisor:
                 times.append(head.next_attempt_at)
         return max(now, min(times))
 
-    def _handle_signals(self, now: float) -> None:
-        while self.wakeup.pending:
-            sig = self.wakeup.pending.pop(0)
-            if sig == signal.SIGHUP:
-                self.reload()
-            elif sig in (signal.SIGTERM, signal.SIGINT):
-                self.request_stop(now, signal.Signals(sig).name)
             # SIGCHLD is only a wake-up: _supervise reaps.
-
-    def request_stop(self, now: float, why: str = "request") -> None:
-        """First call: stop the worker gracefully (grace, then SIGKILL). Second call: at once."""
-        r = self.running
-        grace = self.settings.supervisor.stop_grace_s
-        if not self.stopping:
-            self.stopping = True
-            self.log.info("shutdown_requested", signal=why, worker_running=r is not None, stop_grace_s=grace)
-            self.notifier.stopping(status="stopping: checkpointing the running batch" if r else "stopping")
-            if r is not None:
-                # SIGTERM to the worker only (not its group): it checkpoints and exits 75, and
-                # stops its own helpers. The whole group gets SIGKILL if the grace runs out.
-                r.stop.shutdown(now, grace, at_once=False)
-            return
-        self.log.warning("shutdown_forced", signal=why)
-        if r is not None:
-            r.stop.shutdown(now, grace, at_once=True)
-
-    def reload(self) -> None:
-        """SIGHUP: load the config again for the next attempts; a bad file keeps the old one."""
-        if self.config_path is None:
-            self.log.warning("config_reload_skipped", reason="started without a config file")
-            return
-        self.notifier.reloading()
-        try:
-            new = config_mod.load(self.config_path)
-        except ConfigError as e:
-            self.log.error("config_reload_failed", config=str(self.config_path), problems=e.problems)
-            self.notifier.ready(status=self._describe_state())
-            return
-        new.root = str(Path(new.root).resolve())
-        if new.root != self.settings.root:
-            self.log.warning("config_root_change_ignored", root=self.settings.root, new_root=new.root,
-                             hint="restart trainerd to move its root")
-            new.root = self.settings.root
-        self.settings = new
-        if self.attempts is not None:
-            self.attempts.settings = new
-        self.inbox.settle_s = new.supervisor.settle_s
-        self.intake.rescan_s = new.supervisor.rescan_s
-        self.base_hold = BaseHold(new.model.path, self.layout, self.log)
-        if self.attempts is not None:
-            self.attempts.base = self.base_hold.base
-        self._guard_stale = True  # rebuilt with the new memory settings before the next attempt
-        self.log.info("config_reloaded", config=str(self.config_path))
-        self.notifier.ready(status=self._describe_state())
-
-    def _check_pause(self, now: float) -> None:
-        paused = self.paused
-        if paused == self._paused_seen:
-            return
-        self._paused_seen = paused
-        if paused:
-            self.log.info("paused", stop_file=str(self.layout.stop), worker_running=self.running is not None)
-        else:
-            self.log.info("resumed")
-        self.intake.look_soon(now)  # look at the queue again right away
-
-    # --- daemon state for status and systemd ---------------------------------------------
-
-    def _describe_state(self) -> str:
-        r = self.running
-        if self.stopping:
-            return "stopping"
-        if r is not None:
-            return f"training batch {r.batch.id} ({r.batch.name}), attempt {r.attempt}" + (
-                " (pausing)" if self.paused else "")
-        if self.paused:
-            return "paused (remove .stop to resume)"
-        if self.base_hold.held:
-            return self.base_hold.describe()
-        if self.disk_low:
-            return "waiting for free disk space"
-        head = self.ledger.next_queued() if self.ledger else None
-        if head is not None and head.next_attempt_at > time.time():
-            return f"waiting to retry batch {head.id} ({head.name})"
-        return "idle, watching the inbox"
-
-    def _write_daemon_state(self) -> None:
-        r = self.running
-        self.report.publish(self._describe_state(), {
-            "paused": self.paused, "stopping": self.stopping, "disk_low": self.disk_low, "base_held": self.base_hold.held,
-            "running": None if r is None else {"batch": r.batch.id, "attempt": r.attempt,
-                                               "pid": r.child.pid, "started_at": r.started_at},
-        }, refreshed={"loop": self.loop_figures})
 
     # --- one worker ----------------------------------------------------------------------
 

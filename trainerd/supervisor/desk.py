@@ -2,7 +2,7 @@
 
 ``trainerd promote | rollback | rebase | cancel | gc`` reach the one writer of the root either as a
 request the running daemon serves in its loop (:mod:`.requests`), or, with no daemon, under the
-root's lock (:func:`trainerd.cli_chain._change`). Both hand them here: the adapter chain's to
+root's lock (:func:`trainerd.cli.change.change`). Both hand them here: the adapter chain's to
 :class:`.chain.Chain`, a cancel to :meth:`Desk.cancel`, a garbage collection to
 :class:`.retention.Retention`. Each answers with a dict (``message`` and extra fields) or raises
 :class:`~.chain.Refused` (never possible) / :class:`~.chain.Waiting` (possible later; the request
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.ledger import Ledger
-from trainerd.states import FINAL_STATES, BatchState
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.ledger import Ledger
+from trainerd.supervisor.ledger.states import FINAL_STATES, BatchState
 from trainerd.supervisor.chain import Chain, Refused, Waiting
 
 __all__ = ["Desk"]

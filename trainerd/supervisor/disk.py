@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import free_bytes, write_ballast
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import free_bytes, write_ballast
 
 __all__ = ["DiskSpace"]
 

@@ -5,7 +5,7 @@ TensorBoard run, its kept evaluation set and replay file, a published version, a
 candidate, an original and its note in ``done/``/``failed/`` — each measured once, when it stops
 changing (:meth:`DiskBook.add`, called by filing and at a batch's end), less what retention
 removes (:meth:`DiskBook.take`, the bytes the deleting child reports). Only the live part is
-measured again when the book is written (the unfinished batches, the logs, the versions run):
+measured again when the book is written (``trainerd.supervisor.diskuse``: the unfinished batches, the logs, the versions run):
 bounded by the queue, not the chain. A queue of thousands (a burst) is not measured in one turn of
 the loop: each write measures at most :data:`LIVE_SLICE` unfinished batches — every one that is not
 merely queued (running, in back-off, decided: they change), then the queued ones never measured,
@@ -16,7 +16,7 @@ The book is written to ``root/disk-usage.json`` (totals by kind and the settled 
 size) whenever something was settled or removed — so ``trainerd status`` right after a publish
 shows the figures with it — and every :data:`LIVE_EVERY_S` while a worker runs. A crash between
 a filing and its entry leaves the book short by that entry: a full walk in a child process
-(``python -m trainerd.diskuse --measure``) replaces it every :data:`FULL_EVERY_S`, and before the
+(``python -m trainerd.supervisor.diskuse --measure``) replaces it every :data:`FULL_EVERY_S`, and before the
 book's first use on a root. While that walk runs the book waits (its entries would be counted
 twice or not at all), and takes the walk's figures when it ends.
 """
@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.diskuse import KINDS, batch_live, shared_live, tree_bytes
-from trainerd.fsutil import atomic_write_json, free_bytes, read_json_or_none
-from trainerd.ledger import Batch, Ledger
-from trainerd.replay import Store
-from trainerd.states import BatchState
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import atomic_write_json, free_bytes, read_json_or_none
+from trainerd.core.replay import Store
+from trainerd.supervisor.diskuse import KINDS, batch_live, shared_live, tree_bytes
+from trainerd.supervisor.ledger import Batch, Ledger
+from trainerd.supervisor.ledger.states import BatchState
 
 __all__ = ["DiskBook"]
 

@@ -3,7 +3,7 @@
 The ledger's own step (schema 4: a batch's healing tries) runs when it opens. The files follow
 here, once, at the daemon's start, before reconcile and before any worker:
 
-- the evaluation memory (trainerd/evalmemory.py) is built from ``evalsets/batches/<id>.jsonl``
+- the evaluation memory (trainerd/core/evalmemory.py) is built from ``evalsets/batches/<id>.jsonl``
   (every published batch's set, kept as it was), batch by batch; the batches a rollback left
   behind are marked abandoned as ``trainerd rollback`` would have; token counts come from each
   batch's eval.json where its folder is still there (else they are estimated until the next
@@ -22,12 +22,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trainerd.config import Settings
-from trainerd.contract import RootLayout
-from trainerd.evalmemory import EvalMemory
-from trainerd.fsutil import atomic_write_json, read_json_or_none
-from trainerd.ledger import Ledger
-from trainerd.states import BatchState
+from trainerd.core.settings import Settings
+from trainerd.core.contract import RootLayout
+from trainerd.core.evalmemory import EvalMemory
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none
+from trainerd.supervisor.ledger import Ledger
+from trainerd.supervisor.ledger.states import BatchState
 from trainerd.supervisor.lineage import EVALSETS_VERSION, measured_tokens
 
 __all__ = ["rolled_back", "upgrade_root"]

@@ -21,13 +21,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainerd import faults
-from trainerd.config import EvalSettings
-from trainerd.contract import RootLayout, data_suffix
-from trainerd.fsutil import atomic_write_json, fsync_dir, read_json_or_none, unlink_quietly
-from trainerd.inbox import Rejected, eval_partner
-from trainerd.ledger import Batch, Ledger
-from trainerd.replay import Entry, Store
+from trainerd.core import faults
+from trainerd.core.settings import EvalSettings
+from trainerd.core.contract import RootLayout, data_suffix
+from trainerd.core.fsutil import atomic_write_json, fsync_dir, read_json_or_none, unlink_quietly
+from trainerd.supervisor.inbox import Rejected, eval_partner
+from trainerd.supervisor.ledger import Batch, Ledger
+from trainerd.core.replay import Entry, Store
 from trainerd.supervisor.lineage import lineage_of, store_new_set, write_lineage
 
 __all__ = ["Filing", "free_name"]

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainerd.config import GateSettings
+from trainerd.core.settings import GateSettings
 from trainerd.supervisor.evidence import Bound, bound_check, group_pvalue, holm, robust_scale
 
 __all__ = ["GateDecision", "SetJudgement", "judge"]

@@ -6,7 +6,7 @@ long turn of it (a burst of files, a slow disk) used to blind the guard for as l
 OOM-killed a worker while a 71 s burst was claimed. Why a thread and not a process: the guard
 acts through the attempt's :class:`~trainerd.supervisor.stopping.Escalation` (the one record of
 why and how a worker was stopped, which the exit policy reads), and signals the worker through
-its :class:`~trainerd.child.Child` (which alone may, as its parent, know whether it is reaped); a
+its :class:`~trainerd.supervisor.child.Child` (which alone may, as its parent, know whether it is reaped); a
 second process would need both carried across, and another interpreter (~10 MB) beside the
 40 MB budget.
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from trainerd.contract import BatchFiles
-from trainerd.fsutil import atomic_write_json, read_json_or_none, unlink_quietly
-from trainerd.ledger import Batch
+from trainerd.core.contract import BatchFiles
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none, unlink_quietly
+from trainerd.supervisor.ledger import Batch
 
 __all__ = ["prepare", "record_try", "rejection_reason", "tries"]
 

@@ -42,10 +42,10 @@ from typing import Any, Callable
 
 import psutil
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json, read_json_or_none, unlink_quietly
-from trainerd.rows import Batch, decided_end
-from trainerd.states import BatchState
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none, unlink_quietly
+from trainerd.supervisor.ledger.rows import Batch, decided_end
+from trainerd.supervisor.ledger.states import BatchState
 
 __all__ = ["Hooks", "pending", "pending_refs", "record_end", "record_version"]
 

@@ -1,9 +1,9 @@
 """Intake: when to look at the inbox, and what to do with what is there — a slice per turn.
 
 inotify events (through :class:`~.wakeup.Wakeup`) are only hints; the periodic rescan finds
-every file regardless. A scan is a pass over every lane (:class:`~trainerd.inbox.ScanPass`, in
+every file regardless. A scan is a pass over every lane (:class:`~trainerd.supervisor.inbox.ScanPass`, in
 slices), then one walk of ``/proc`` for the files whose writer is in doubt (shared by all lanes;
-:class:`~trainerd.writers.WriterWalk`, in slices too), then the finished files go to the claim
+:class:`~trainerd.supervisor.writers.WriterWalk`, in slices too), then the finished files go to the claim
 pool (:mod:`.claimpool`: claimed in groups, the disk's work on its threads); a non-regular entry
 is moved, unread, to failed/ (:meth:`.filing.Filing.reject_entry`); a claim that hit an error
 (disk full, EIO) is finished at the next scan. :meth:`Intake.work` does what fits before a
@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from trainerd.contract import LANES, RootLayout
-from trainerd.inbox import Inbox, ScanPass
-from trainerd.states import BatchState
-from trainerd.writers import CloseLog, WriterWalk
+from trainerd.core.contract import LANES, RootLayout
+from trainerd.supervisor.inbox import Inbox, ScanPass
+from trainerd.supervisor.ledger.states import BatchState
+from trainerd.supervisor.writers import CloseLog, WriterWalk
 
 __all__ = ["Intake", "guarded"]
 

@@ -6,11 +6,11 @@
   change the decision). O(1) whatever the chain's length: one version, not N files.
 - The evaluation sets are kept by content under ``root/evalsets/``: ``batches/<id>.jsonl`` (the
   new set of every published batch, indexed into the evaluation memory at its publish:
-  trainerd/evalmemory.py) and ``suites/<name>.<sha12>.jsonl`` (each version of each standing
+  trainerd/core/evalmemory.py) and ``suites/<name>.<sha12>.jsonl`` (each version of each standing
   suite an operator placed in ``root/evals/``).
 - Every published version carries ``lineage.json``: parent, batch, file and sha256, steps,
   tokens, seed and settings, library versions, the gate's figures and thresholds, the held-out loss
-  before and after with the change's standard error (trainerd/heldout.py), the decision
+  before and after with the change's standard error (trainerd/supervisor/views/heldout.py), the decision
   (blessed / forced / rollback), and its faults: how many it survived, its goodput and what each
   cost. Following ``parent`` always leads back to the base model.
 """
@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd import goodput, heldout
-from trainerd.config import EvalSettings
-from trainerd.contract import RootLayout
-from trainerd.evalmemory import EvalMemory
-from trainerd.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
-from trainerd.ledger import AdapterVersion, Batch
+from trainerd.supervisor.ledger import goodput
+from trainerd.supervisor.views import heldout
+from trainerd.core.settings import EvalSettings
+from trainerd.core.contract import RootLayout
+from trainerd.core.evalmemory import EvalMemory
+from trainerd.core.fsutil import atomic_write_json, fsync_dir, open_regular, read_json_or_none
+from trainerd.supervisor.ledger import AdapterVersion, Batch
 
 __all__ = ["abandon_sets", "freeze_inputs", "lineage_of", "store_new_set", "write_lineage"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from trainerd.child import Child
-from trainerd.contract import RootLayout
-from trainerd.replay import Store
+from trainerd.supervisor.child import Child
+from trainerd.core.contract import RootLayout
+from trainerd.core.replay import Store
 
 __all__ = ["Maintenance"]
 
@@ -40,7 +40,7 @@ class Maintenance:
         max_bytes = settings.replay.max_bytes
         if now < self._blocked_until or not Store.open(self.layout.replay).over(max_bytes):
             return False
-        argv = [sys.executable, "-m", "trainerd.replay", "compact", str(self.layout.root), str(max_bytes)]
+        argv = [sys.executable, "-m", "trainerd.core.replay", "compact", str(self.layout.root), str(max_bytes)]
         self.child = Child(argv, stderr_path=self.layout.logs / "maintenance.stderr",
                            log=self.log.bind(task="replay_compaction"), env=self.env, cwd=self.layout.root)
         self.log.info("replay_compaction_started", max_bytes=max_bytes, pid=self.child.pid)

@@ -1,7 +1,7 @@
 """The memory plan of a batch's start, and the ladder its memory back-off walks (issue 19).
 
 Made before anything is loaded, from config.json and the safetensors headers (milliseconds,
-no torch): the fastest rung that fits (trainerd/ladder.py), recorded in the ledger and written
+no torch): the fastest rung that fits (trainerd/core/ladder.py), recorded in the ledger and written
 into the attempt's settings.json; or, when not even the smallest rung fits the memory limit,
 a reason to fail the batch at once, with the figures, instead of a worker killed mid-load.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainerd import planning
-from trainerd.config import Settings
-from trainerd.contract import BatchFiles
-from trainerd.fsutil import fmt_bytes, read_json_or_none
-from trainerd.ladder import Plan, Rung
-from trainerd.modelref import local_dir
-from trainerd.rows import Batch
+from trainerd.core import planning
+from trainerd.core.settings import Settings
+from trainerd.core.contract import BatchFiles
+from trainerd.core.fsutil import fmt_bytes, read_json_or_none
+from trainerd.core.ladder import Plan, Rung
+from trainerd.core.modelref import local_dir
+from trainerd.supervisor.ledger.rows import Batch
 
 __all__ = ["batch_ladder", "never_fits_reason", "plan_batch", "planned_weights"]
 

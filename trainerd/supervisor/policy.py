@@ -20,12 +20,12 @@ tests/test_policy.py; the process-level tests prove the pieces fit.
     anything else                  -> crash
 
     stopped memory   -> back off to the fastest rung of the batch's ladder that needs less memory
-                        (trainerd/ladder.py; without one: half the micro-batch, double
+                        (trainerd/core/ladder.py; without one: half the micro-batch, double
                         accumulation, then checkpointing), or fail when nothing smaller is left /
                         too many stops, naming the peak measured and the limit
     stopped disk_full-> requeue after backoff_s (the start check waits for space)
     stopped other    -> requeue at once
-    crash            -> a fault survived when the attempt made progress (trainerd/goodput.py:
+    crash            -> a fault survived when the attempt made progress (trainerd/supervisor/ledger/goodput.py:
                         a newer checkpoint, a step further than ever): requeue at once, the
                         retry budget untouched; else requeue after an exponential back-off, or
                         fail when retry.max_attempts crashes came in a row without getting further
@@ -39,13 +39,13 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
-from trainerd.child import ExitStatus
-from trainerd.config import Settings
-from trainerd.contract import ExitCode, Outcome, StopReason
-from trainerd.fsutil import fmt_bytes
-from trainerd.ledger import Batch
-from trainerd.ladder import Rung, next_rung
-from trainerd.planning import back_off
+from trainerd.supervisor.child import ExitStatus
+from trainerd.core.settings import Settings
+from trainerd.core.contract import ExitCode, Outcome, StopReason
+from trainerd.core.fsutil import fmt_bytes
+from trainerd.supervisor.ledger import Batch
+from trainerd.core.ladder import Rung, next_rung
+from trainerd.core.planning import back_off
 from trainerd.supervisor.gate import GateDecision
 from trainerd.supervisor.stopping import Sender
 

@@ -4,7 +4,7 @@ life of the supervisor died at, and stop any worker it left behind.
 Runs once at start-up, before READY and before the first scan:
 
 - a worker of the previous life is still checkpointing (it read EOF on its lifeline): let it
-  finish within the stop grace, then SIGKILL its whole group;
+  finish within the stop grace, then SIGKILL its whole group (leftovers.py);
 - CLAIMING: finish the claim (the rename and the hash are idempotent);
 - RUNNING: the worker's result.json, if it wrote one, is its last word and is settled as if we
   had watched it exit; otherwise the attempt is ``lost`` and the batch requeued (it resumes
@@ -21,22 +21,19 @@ compares the whole.
 from __future__ import annotations
 
 import os
-import signal
-import time
 from typing import Any
 
-import psutil
-
-from trainerd.child import ExitStatus
-from trainerd.contract import Outcome, RootLayout, StopReason
-from trainerd.fsutil import read_json_or_none
-from trainerd.ledger import AttemptRecord, Ledger, decided_end
-from trainerd.states import FINAL_STATES, BatchState
+from trainerd.supervisor.child import ExitStatus
+from trainerd.core.contract import Outcome, RootLayout, StopReason
+from trainerd.core.fsutil import read_json_or_none
+from trainerd.supervisor.ledger import AttemptRecord, Ledger, decided_end
+from trainerd.supervisor.ledger.states import FINAL_STATES, BatchState
 from trainerd.supervisor import accounting
 from trainerd.supervisor.attempts import Attempts
+from trainerd.supervisor.leftovers import stop_leftover_workers
 from trainerd.supervisor.policy import AttemptEnd
 
-__all__ = ["find_leftover_workers", "reconcile"]
+__all__ = ["reconcile"]
 
 LIVE_FINAL = 8  # the newest final batches (and versions) whose filing a start checks again
 
@@ -44,7 +41,7 @@ LIVE_FINAL = 8  # the newest final batches (and versions) whose filing a start c
 def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any, log: Any, now: float, *,
               stop_grace_s: float, notifier: Any) -> None:
     """Make the ledger and the folders agree; see the module docstring for what each state gets."""
-    _stop_leftover_workers(layout, log, stop_grace_s, notifier)
+    stop_leftover_workers(layout, log, stop_grace_s, notifier)
     for b in ledger.decided():
         # Its end was decided, then the supervisor died before the files were all filed.
         log.warning("batch_end_resumed", batch=b.id, file=b.name, state=b.state.value, to=decided_end(b).value)
@@ -93,80 +90,3 @@ def reconcile(layout: RootLayout, ledger: Ledger, attempts: Attempts, chain: Any
     filing.switch_current()  # (a temporary link a crash left, .current.tmp, goes at the next switch)
     latest = ledger.latest_version()
     log.info("reconciled", counts=ledger.counts(), adapter_version=latest.n if latest else None)
-
-
-def _command_lines() -> list[tuple[int, list[str]]]:
-    """(pid, argv) of every process: /proc's cmdline files read directly where there is a /proc
-    (psutil's process_iter builds a Process, parsing its stat file, for each of the machine's
-    processes: ~1 ms apiece, and this runs before every worker start)."""
-    try:
-        pids = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
-        out = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            out.append((p.info["pid"], p.info["cmdline"] or []))
-        return out
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                raw = f.read()
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if b"--publish" in raw:  # the cheap filter; the decoding is for the few that pass it
-            out.append((pid, [a.decode(errors="replace") for a in raw.split(b"\0") if a]))
-    return out
-
-
-def find_leftover_workers(layout: RootLayout) -> list[psutil.Process]:
-    """Our workers from an earlier life: a command line with ``--publish`` and a batch folder
-    of this root as an argument of its own (an operator's `less batches/000001/...` is not)."""
-    prefix = str(layout.batches) + os.sep
-    found = []
-    for pid, cmd in _command_lines():
-        ours = "--publish" in cmd and any(a.startswith(prefix) and a[len(prefix):].isdigit() for a in cmd[1:])
-        if not ours or pid == os.getpid():
-            continue
-        try:
-            p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _stop_leftover_workers(layout: RootLayout, log: Any, stop_grace_s: float, notifier: Any) -> None:
-    """A worker from the previous life read EOF on its lifeline and is checkpointing: let it
-    finish within the stop grace, then SIGKILL its whole group."""
-    procs = find_leftover_workers(layout)
-    if not procs:
-        return
-    for p in procs:
-        log.warning("leftover_worker_found", pid=p.pid, cmdline=" ".join(p.cmdline()[:6]))
-    # Before READY: ask systemd for the time this may take instead of failing the start.
-    notifier.extend_timeout(stop_grace_s + 30)
-    deadline = time.monotonic() + stop_grace_s
-    pending = list(procs)
-    while pending and time.monotonic() < deadline:
-        pending = [p for p in pending if _alive(p)]
-        if pending:
-            time.sleep(0.1)  # start-up, before the loop exists: nothing else to do meanwhile
-    for p in procs:
-        was_alive = _alive(p)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the leader's pid is its group id
-        except (ProcessLookupError, PermissionError):
-            pass
-        log.warning("leftover_worker_stopped", pid=p.pid,
-                    how="SIGKILL after the stop grace" if was_alive else "exited by itself")
-    deadline = time.monotonic() + 5.0
-    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)

@@ -38,12 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd import aggregates
-from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json, read_json_or_none
-from trainerd.ledger import Ledger, LedgerTooNew
-from trainerd.rows import AdapterVersion, Batch
-from trainerd.states import FINAL_STATES
+from trainerd.supervisor.ledger import aggregates
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none
+from trainerd.supervisor.ledger import Ledger, LedgerTooNew
+from trainerd.supervisor.ledger.rows import AdapterVersion, Batch
+from trainerd.supervisor.ledger.states import FINAL_STATES
 
 __all__ = ["Backups", "LedgerUnrecoverable", "backup", "compare", "open_ledger", "repair", "write_manifest"]
 

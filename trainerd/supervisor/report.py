@@ -8,9 +8,9 @@ import os
 import time
 from typing import Any, Callable
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json
-from trainerd.sdnotify import Notifier
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import atomic_write_json
+from trainerd.supervisor.sdnotify import Notifier
 from trainerd.supervisor.intake import guarded
 
 __all__ = ["REFRESH_S", "StateReport"]

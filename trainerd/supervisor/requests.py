@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import RootLayout
-from trainerd.fsutil import atomic_write_json, read_json_or_none, unlink_quietly
+from trainerd.core.contract import RootLayout
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none, unlink_quietly
 
 __all__ = ["Requests", "submit", "wait_answer"]
 

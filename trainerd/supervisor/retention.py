@@ -15,7 +15,7 @@ the operator's choice. When on:
 - ``keep_curves``: the TensorBoard runs (``tensorboard/<id>/``) of the newest N finished batches stay;
 - ``keep_attempt_rows``: the ledger's attempt rows of the newest N finished batches stay; older ones
   are deleted (the batch rows stay, and the running totals of tokens, steps and restarts do not
-  move: trainerd/aggregates.py). Done by the daemon itself, a bounded chunk at a time.
+  move: trainerd/supervisor/ledger/aggregates.py). Done by the daemon itself, a bounded chunk at a time.
 
 Bounded without retention: a finished batch's checkpoints (``train.keep_finished_checkpoints``),
 the log (``log.rotate_bytes``, ``log.keep_files``).
@@ -32,7 +32,7 @@ memory: their bounds are the gate's).
 
 Applied by the daemon: the plan is made in its loop (ledger queries and one directory listing of
 ``done/`` and ``failed/``: milliseconds), versions are marked removed in the ledger first, then
-``python -m trainerd.diskuse`` deletes the paths and reports the bytes freed by kind, which the
+``python -m trainerd.supervisor.diskuse`` deletes the paths and reports the bytes freed by kind, which the
 daemon's disk book (supervisor/diskbook.py) takes off. Automatically after every worker ends and at
 least once an hour, between workers (it holds the next start while it deletes, seconds at most); at
 once on ``trainerd gc`` (a request; it may run beside a worker: nothing it deletes is anything a
@@ -48,12 +48,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from trainerd.child import Child
-from trainerd.contract import RootLayout
-from trainerd.diskuse import apply_plan, write_usage
-from trainerd.fsutil import atomic_write_json, fmt_bytes, read_json_or_none, unlink_quietly
-from trainerd.ledger import Batch, Ledger
-from trainerd.states import FINAL_STATES, BatchState
+from trainerd.supervisor.child import Child
+from trainerd.core.contract import RootLayout
+from trainerd.supervisor.diskuse import apply_plan, write_usage
+from trainerd.core.fsutil import atomic_write_json, fmt_bytes, read_json_or_none, unlink_quietly
+from trainerd.supervisor.ledger import Batch, Ledger
+from trainerd.supervisor.ledger.states import FINAL_STATES, BatchState
 from trainerd.supervisor import hooks
 from trainerd.supervisor.chain import Waiting
 from trainerd.supervisor.diskbook import FULL_EVERY_S
@@ -330,7 +330,7 @@ class Retention:
     def _start(self, items: list[Item], now: float, *, for_request: bool = False, measure: bool = False,
                marks: dict[str, int] | None = None) -> None:
         settings = self.settings_of()
-        argv = [sys.executable, "-m", "trainerd.diskuse", str(self.layout.root),
+        argv = [sys.executable, "-m", "trainerd.supervisor.diskuse", str(self.layout.root),
                 "--min-free-bytes", str(settings.disk.min_free_bytes)]
         if items:
             # Decide, then act: the ledger says the versions are gone on purpose before they are.

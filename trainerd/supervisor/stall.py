@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from trainerd.contract import BatchFiles
-from trainerd.fsutil import read_json_or_none
+from trainerd.core.contract import BatchFiles
+from trainerd.core.fsutil import read_json_or_none
 
 __all__ = ["Stall", "StallWatch", "timeout_s", "watch"]
 

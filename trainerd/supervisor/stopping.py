@@ -16,7 +16,7 @@ Two threads make requests: the memory guard's own (supervisor/guardthread.py, so
 loop never delays a memory stop) and the supervisor's loop (shutdown, cancel, stall, the grace's
 SIGKILL). Every rung runs under the escalation's lock, so the ladder, the cause and the record of
 signals sent stay one consistent story; the worker itself is signalled through
-:meth:`trainerd.child.Child.send`, which never reaches a reaped pid.
+:meth:`trainerd.supervisor.child.Child.send`, which never reaches a reaped pid.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import threading
 from enum import Enum
 from typing import Any, Callable, TypeVar
 
-from trainerd.contract import BatchFiles, StopReason
-from trainerd.fsutil import atomic_write_bytes
+from trainerd.core.contract import BatchFiles, StopReason
+from trainerd.core.fsutil import atomic_write_bytes
 
 __all__ = ["Escalation", "Sender"]
 
@@ -58,7 +58,7 @@ def _locked(fn: _F) -> _F:
 
 
 class Escalation:
-    """The stop requests made to one running worker (``child``: a :class:`trainerd.child.Child`)."""
+    """The stop requests made to one running worker (``child``: a :class:`trainerd.supervisor.child.Child`)."""
 
     def __init__(self, child: Any, files: BatchFiles, log: Any):
         self.child = child

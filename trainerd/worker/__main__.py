@@ -31,7 +31,7 @@ def _rank() -> tuple[int, int]:
 
 
 def _logger(rank: int, world: int):
-    from trainerd import logs
+    from trainerd.core import logs
 
     # JSON lines on stdout whatever stdout is: the supervisor relays and re-tags them. Under
     # torchrun every rank's stdout is the launcher's: rank 0 tells the story, the others speak
@@ -49,7 +49,7 @@ def _first_split(files, settings, log):
     The same line rules and verdict as ``trainerd validate``; the tokenizing pass can only find
     more bad lines, never fewer. Done once: split.json freezes it for every later attempt; a
     healing try only draws its replay again (once)."""
-    from trainerd.fsutil import atomic_write_json, read_json_or_none
+    from trainerd.core.fsutil import atomic_write_json, read_json_or_none
     from trainerd.worker.split import first_split, heal_split
 
     if files.split.exists():
@@ -77,8 +77,8 @@ def _expand(files, settings, log) -> None:
     Here, in the worker, not in the supervisor: it can take minutes, its memory and disk are this
     attempt's (the guard watches them), and a bad archive is this batch's bad data (exit 65).
     Done once; an attempt killed half-way leaves only a temporary that the next one replaces."""
-    from trainerd.compressed import ArchiveError, expand
-    from trainerd.contract import ExitCode, Outcome
+    from trainerd.core.compressed import ArchiveError, expand
+    from trainerd.core.contract import ExitCode, Outcome
 
     src = files.compressed()
     if src is None or files.data.exists():
@@ -103,7 +103,7 @@ class _Finish(Exception):
 
 def _write_result(files, log, end: _Finish) -> int:
     """result.json (the worker's last word), then the exit code."""
-    from trainerd.fsutil import atomic_write_json
+    from trainerd.core.fsutil import atomic_write_json
 
     body = {"status": end.status, "reason": end.reason, "exit_code": int(end.code), **end.extra}
     # Free the reserve first: on a full disk it is the room result.json is written into, so the
@@ -124,9 +124,9 @@ def _write_result(files, log, end: _Finish) -> int:
 
 def _settings(files, init_adapter: Path | None, log):
     """The attempt's settings from settings.json; _Finish (exit 78) naming every problem."""
-    from trainerd.config import ConfigError, from_dict
-    from trainerd.contract import ExitCode, Outcome
-    from trainerd.fsutil import read_json
+    from trainerd.core.config import ConfigError, from_dict
+    from trainerd.core.contract import ExitCode, Outcome
+    from trainerd.core.fsutil import read_json
 
     def bad(reason: str, **extra) -> _Finish:
         return _Finish(Outcome.BAD_CONFIG, reason, ExitCode.CONFIG, **extra)
@@ -152,8 +152,8 @@ def _settings(files, init_adapter: Path | None, log):
 
 def _train(files, settings, args, log) -> _Finish:
     """Run the trainer; every way it can end, as a _Finish."""
-    from trainerd.contract import ExitCode, Outcome
-    from trainerd.fsutil import write_ballast
+    from trainerd.core.contract import ExitCode, Outcome
+    from trainerd.core.fsutil import write_ballast
 
     # torch, transformers and peft: seconds (tens on a loaded machine) with no loop of ours to
     # beat the heartbeat, like the model load itself: the stall watchdog's longer "load" timeout.
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _rank()
     log = _logger(rank, world)
 
-    from trainerd.contract import BatchFiles, ExitCode, Outcome
+    from trainerd.core.contract import BatchFiles, ExitCode, Outcome
 
     files = BatchFiles(args.batch_dir.resolve())
     if files.dir.is_dir() and rank == 0:

@@ -1,6 +1,6 @@
 """``python -m trainerd.worker.ask``: answer one question with the base model and some adapters.
 
-Started by ``trainerd ask`` (trainerd/cli_ask.py) in the operator's own process tree, never by
+Started by ``trainerd ask`` (trainerd/cli/ask.py) in the operator's own process tree, never by
 the daemon: the model's memory is the caller's, not the training budget's. Reads one JSON request
 on stdin::
 
@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from trainerd.contract import ExitCode
+from trainerd.core.contract import ExitCode
 
 __all__ = ["main", "prompt_ids"]
 
@@ -70,7 +70,7 @@ def _answer(model: Any, tokenizer: Any, ids: Any, mask: Any, max_new_tokens: int
 
 
 def run(req: dict[str, Any]) -> int:
-    from trainerd.config import from_dict
+    from trainerd.core.config import from_dict
     from trainerd.worker import model as mdl
 
     settings = from_dict({"root": "/", "model": req["model"]})

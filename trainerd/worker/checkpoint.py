@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from trainerd import faults
-from trainerd.fsutil import free_bytes, publish_dir
+from trainerd.core import faults
+from trainerd.core.fsutil import free_bytes, publish_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",

@@ -45,9 +45,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import BatchFiles, RootLayout
-from trainerd.fsutil import atomic_write_json, read_json_or_none
-from trainerd.logs import LOGGER_NAME
+from trainerd.core.contract import BatchFiles, RootLayout
+from trainerd.core.fsutil import atomic_write_json, read_json_or_none
+from trainerd.core.logs import LOGGER_NAME
 
 __all__ = ["Curves", "chain_offset", "recording", "write_versions"]
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from trainerd.worker.source import Cursor, DataError, Pos, TrainSource
-from trainerd.replay import content_fraction, line_bytes
-from trainerd.lines import Example, LineError, RawLine, ScanReport, content_hash, judge
+from trainerd.core.replay import content_fraction, line_bytes
+from trainerd.core.lines import Example, LineError, RawLine, ScanReport, content_hash, judge
 
 IGNORE_INDEX = -100
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trainerd.contract import StopReason
+from trainerd.core.contract import StopReason
 
 __all__ = ["Ranks", "agree", "backend_for", "close", "gather_objects", "init", "lead_writes", "reduce_step",
            "restore_rng", "same_start"]

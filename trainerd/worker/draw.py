@@ -1,8 +1,8 @@
 """The replay draw: which earlier batches' lines a batch rehearses (torch-free, in its first pass).
 
 ``replay.fraction`` x the batch's own training lines, uniformly from the replay store
-(trainerd/replay.py) — never an evaluation content (the shared index of held-out contents,
-trainerd/evalmemory.py, and this batch's own skip set), never one of the batch's own contents,
+(trainerd/core/replay.py) — never an evaluation content (the shared index of held-out contents,
+trainerd/core/evalmemory.py, and this batch's own skip set), never one of the batch's own contents,
 never a line of a damaged store file. A healing try (supervisor/heal.py) adds
 ``gate.heal_replay`` x try x its own lines drawn from the batches it regressed on (all of their
 eligible lines, repeated, where they are fewer).
@@ -25,12 +25,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainerd.config import Settings
-from trainerd.contract import BatchFiles, RootLayout
-from trainerd.evalmemory import EvalMemory
-from trainerd.fsutil import open_regular
-from trainerd.lines import RawLine, content_hash, iter_lines, parse_line
-from trainerd.replay import MAX_LINE, Store, content_fraction, line_bytes, read_checked
+from trainerd.core.settings import Settings
+from trainerd.core.contract import BatchFiles, RootLayout
+from trainerd.core.evalmemory import EvalMemory
+from trainerd.core.fsutil import open_regular
+from trainerd.core.lines import RawLine, content_hash, iter_lines, parse_line
+from trainerd.core.replay import MAX_LINE, Store, content_fraction, line_bytes, read_checked
 from trainerd.worker import heartbeat
 
 __all__ = ["draw_replay", "own_prefixes"]

@@ -3,7 +3,7 @@ the standing suites — never more than those, whatever the length of the chain.
 
 - *The new set*: the batch's held-out slice (``holdout.jsonl``), the eval file that came with
   it, or its one distinct content ("seen", a file that could hold nothing out).
-- *The memory* (trainerd/evalmemory.py): the version frozen in evalsets.json at the batch's first
+- *The memory* (trainerd/core/evalmemory.py): the version frozen in evalsets.json at the batch's first
   start, read once, its bytes checked against the frozen sha256 (else skipped, and the decision
   says history was not judged); every example carries the batch it came from.
 - *The suites* (``root/evals/*.jsonl`` as frozen; in a batch frozen before the memory existed,
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import BatchFiles, RootLayout
-from trainerd.evalmemory import read_version
-from trainerd.fsutil import open_regular
-from trainerd.lines import RawLine, content_hash, iter_lines, parse_line
+from trainerd.core.contract import BatchFiles, RootLayout
+from trainerd.core.evalmemory import read_version
+from trainerd.core.fsutil import open_regular
+from trainerd.core.lines import RawLine, content_hash, iter_lines, parse_line
 from trainerd.worker.data import IGNORE_INDEX, Encoder
 from trainerd.worker.split import EvalSetRef, frozen_memory, read_evalsets
 

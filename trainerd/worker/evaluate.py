@@ -12,7 +12,7 @@ memory's size and ``eval.max_tokens``, never by the length of the chain.
 The champion's figures are reused, example by example, from its lineage
 (``adapters/<n>/lineage.json``: every example it was measured on as a candidate, with the same
 seq_len and precision). Every member of the memory it is judged against was measured so
-(trainerd/evalmemory.py: the memory only loses members as batches join), so the champion pass
+(trainerd/core/evalmemory.py: the memory only loses members as batches join), so the champion pass
 covers only the new set, the suites and whatever a rollback brought back.
 """
 
@@ -26,9 +26,9 @@ from typing import Any, Iterator
 
 import torch
 
-from trainerd import faults
-from trainerd.contract import BatchFiles
-from trainerd.fsutil import read_json_or_none
+from trainerd.core import faults
+from trainerd.core.contract import BatchFiles
+from trainerd.core.fsutil import read_json_or_none
 from trainerd.worker.data import IGNORE_INDEX, Encoder
 from trainerd.worker.evalsets import EvalSet, Example, allocate, load_new_set, load_sets
 from trainerd.worker.loss import loss_path, row_losses

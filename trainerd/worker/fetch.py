@@ -1,7 +1,7 @@
 """``python -m trainerd.worker.fetch ORG/NAME``: download a Hugging Face model into the local cache.
 
 ``trainerd run`` starts this once when ``model.path`` is a hub id that is not cached yet
-(trainerd/modelref.py): huggingface_hub (a dependency of transformers) lives on the worker's
+(trainerd/core/modelref.py): huggingface_hub (a dependency of transformers) lives on the worker's
 side, never in the supervisor. Only the top-level files a causal LM loads from are fetched: the
 JSON files (config, tokenizer, generation config), the tokenizer's own files, and the weights in
 safetensors (``*.bin`` only where there is no safetensors file): not the ONNX, GGUF or training
@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 
-from trainerd.contract import ExitCode
+from trainerd.core.contract import ExitCode
 
 __all__ = ["files_to_fetch", "main"]
 

@@ -11,10 +11,10 @@ import os
 import time
 from typing import Any
 
-from trainerd.contract import BatchFiles, RootLayout
-from trainerd.fsutil import atomic_write_json, read_json
-from trainerd.lines import ScanReport
-from trainerd.replay import Store
+from trainerd.core.contract import BatchFiles, RootLayout
+from trainerd.core.fsutil import atomic_write_json, read_json
+from trainerd.core.lines import ScanReport
+from trainerd.core.replay import Store
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker.data import DataError, Encoder, Interrupted, TrainSource, scan
 from trainerd.worker.split import Split, load_split

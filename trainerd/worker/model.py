@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from trainerd.config import Settings
-from trainerd.fsutil import atomic_write_json, read_json
-from trainerd.modelref import hub_cache, is_hub_id, local_dir
-from trainerd.planning import CPU_BF16_FLAGS, PRECISIONS, cpu_flags
+from trainerd.core.settings import Settings
+from trainerd.core.fsutil import atomic_write_json, read_json
+from trainerd.core.modelref import hub_cache, is_hub_id, local_dir
+from trainerd.core.planning import CPU_BF16_FLAGS, PRECISIONS, cpu_flags
 from trainerd.worker import weights as wt
 from trainerd.worker.weights import ConfigProblem
 
@@ -164,7 +164,7 @@ class Loaded:
     base: Any
     device: torch.device
     load_s: float
-    weights: str = "float32"  # the base-weight layout (trainerd/ladder.py)
+    weights: str = "float32"  # the base-weight layout (trainerd/core/ladder.py)
 
 
 def load(settings: Settings, log: Any, *, precision: Precision | None = None,

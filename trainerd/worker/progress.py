@@ -19,8 +19,8 @@ import resource
 import time
 from typing import Any
 
-from trainerd.contract import BatchFiles
-from trainerd.fsutil import atomic_write_json, fmt_duration
+from trainerd.core.contract import BatchFiles
+from trainerd.core.fsutil import atomic_write_json, fmt_duration
 from trainerd.worker.checkpoint import no_space
 
 __all__ = ["LOG_EVERY_S", "LOG_FIRST_STEPS", "Progress", "current_rss_bytes", "peak_rss_bytes", "step_line_due"]

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainerd import faults
-from trainerd.fsutil import atomic_write_json, publish_dir
+from trainerd.core import faults
+from trainerd.core.fsutil import atomic_write_json, publish_dir
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker.checkpoint import DiskFull
 

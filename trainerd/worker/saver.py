@@ -3,7 +3,7 @@
 :class:`Clock` says when a periodic checkpoint is due: every ``train.checkpoint_every_steps``
 optimizer steps (0: never by count) and every interval of training time: a fixed
 ``train.checkpoint_every_s``, or with ``auto`` the Young/Daly interval from this attempt's own
-measured checkpoint cost and the supervisor's MTBF estimate (``--mtbf-s``; trainerd/cadence.py),
+measured checkpoint cost and the supervisor's MTBF estimate (``--mtbf-s``; trainerd/core/cadence.py),
 recomputed after every checkpoint. The interval counts from the moment the last checkpoint's
 state was taken (what a fault would fall back to), and from the start of training after a resume.
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd import cadence
+from trainerd.core import cadence
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import heartbeat
 from trainerd.worker.checkpoint import DiskFull

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from trainerd.fsutil import open_regular
-from trainerd.lines import Example, LineError, RawLine, content_hash, iter_lines, parse_line
+from trainerd.core.fsutil import open_regular
+from trainerd.core.lines import Example, LineError, RawLine, content_hash, iter_lines, parse_line
 
 __all__ = ["Cursor", "DataError", "Pos", "TrainSource"]
 

@@ -5,7 +5,7 @@ One streamed read of ``data.jsonl`` (bounded memory whatever its size):
 - every line is validated (the same rules and verdict as ``trainerd validate``); a file that
   must be rejected is rejected here, in a fraction of a second instead of after the imports;
 - the batch's *distinct* good contents are split by a hash of their content
-  (:func:`trainerd.lines.content_hash`): ``k`` of them are held out for evaluation
+  (:func:`trainerd.core.lines.content_hash`): ``k`` of them are held out for evaluation
   (:func:`holdout_count`: ``eval.holdout_fraction`` of them, at least ``eval.holdout_min`` once
   there are two, at most ``eval.holdout_max``, never all), the smallest hashes, taken alike from
   the contents written more than once and from those written once (:func:`choose_holdout`: a
@@ -13,7 +13,7 @@ One streamed read of ``data.jsonl`` (bounded memory whatever its size):
   question held out). So the split depends neither on the order of the lines nor on the file's
   name, and every copy of a line goes the same way. A file with one distinct content holds
   nothing out: it is judged on that content, trained, as its *seen* set, and every decision says so;
-- a content that any published batch held out (the shared index, trainerd/evalmemory.py), or
+- a content that any published batch held out (the shared index, trainerd/core/evalmemory.py), or
   that a standing suite or this batch's own eval file holds, is excluded from training: what
   trainerd evaluates on, it never trains on. A lookup, not a copy: the folder records only the
   batch's own excluded contents.
@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from trainerd.config import EvalSettings, Settings
-from trainerd.contract import BatchFiles, RootLayout
-from trainerd.evalmemory import EvalMemory
-from trainerd.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none, unlink_quietly
-from trainerd.lines import LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
+from trainerd.core.settings import EvalSettings, Settings
+from trainerd.core.contract import BatchFiles, RootLayout
+from trainerd.core.evalmemory import EvalMemory
+from trainerd.core.fsutil import atomic_write_bytes, atomic_write_json, open_regular, read_json_or_none, unlink_quietly
+from trainerd.core.lines import LineError, RawLine, ScanReport, content_hash, iter_lines, judge, parse_line
 from trainerd.worker import heartbeat
 from trainerd.worker.draw import draw_replay, own_prefixes
 

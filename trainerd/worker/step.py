@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from trainerd import faults
-from trainerd.contract import StopReason
+from trainerd.core import faults
+from trainerd.core.contract import StopReason
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import dist
 from trainerd.worker.loss import IGNORE_INDEX, loss_path, token_loss

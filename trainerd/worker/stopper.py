@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainerd.contract import StopReason
+from trainerd.core.contract import StopReason
 from trainerd.worker import dist, heartbeat
 
 __all__ = ["DEBOUNCE_S", "Deferred", "Stopper", "StopRequested"]

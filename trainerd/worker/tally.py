@@ -3,7 +3,7 @@
 Where the attempt resumed from, the furthest optimizer step it completed, the time it spent in
 steps and in checkpoints, its newest checkpoint, and how long its restart took (process start to
 the first optimizer step, by phase). The supervisor reads it once the worker is gone
-(trainerd/goodput.py) to tell a crash that made progress from one that did not, and to count
+(trainerd/supervisor/ledger/goodput.py) to tell a crash that made progress from one that did not, and to count
 the seconds each fault cost.
 
 Written after every optimizer step, so it must cost nothing: one ``pwrite`` of a fixed-size

@@ -19,35 +19,34 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from trainerd import faults
-from trainerd.config import Settings
-from trainerd.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
-from trainerd.fsutil import atomic_write_json, free_bytes
+from trainerd.core import faults
+from trainerd.core.settings import Settings
+from trainerd.core.contract import BatchFiles, ExitCode, Outcome, RootLayout, StopReason
+from trainerd.core.fsutil import free_bytes
 from trainerd.worker import checkpoint as ckpt
 from trainerd.worker import dist
-from trainerd.worker import evaluate as ev
 from trainerd.worker import heartbeat
 from trainerd.worker import weights as wt
 from trainerd.worker import model as mdl
 from trainerd.worker.checkpoint import DiskFull
 from trainerd.worker.evaluate import EarlyStopping
-from trainerd.lines import ScanReport
+from trainerd.core.lines import ScanReport
 from trainerd.worker.data import BlockStream, Cursor, DataError, Encoder
 from trainerd.worker.model import ConfigProblem
 from trainerd.worker import tally
-from trainerd.worker.progress import Progress, peak_rss_bytes
+from trainerd.worker.progress import Progress
 from trainerd.worker.saver import Saver
 from trainerd.worker.tally import Tally
 from trainerd.worker.firstpass import first_pass, wait_for_lead
-from trainerd.worker.publish import write_adapter
 from trainerd.worker.step import Stepper
 from trainerd.worker.stopper import DEBOUNCE_S, Stopper, StopRequested
+from trainerd.worker.traineval import TrainEval
+from trainerd.worker.trainout import RunEnd, TrainOutput
 
 __all__ = ["ConfigProblem", "RunEnd", "Trainer"]
 
@@ -61,18 +60,9 @@ def set_oom_score_adj(value: int = 1000) -> None:
         pass
 
 
-@dataclass
-class RunEnd:
-    """How Trainer.run ended: result.json's status and reason, the exit code, extra fields."""
-
-    status: Outcome
-    reason: str
-    exit_code: ExitCode
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Trainer:
-    """Trains one batch folder (its data.jsonl and settings) to the end or to a stop."""
+class Trainer(TrainEval, TrainOutput):
+    """Trains one batch folder (its data.jsonl and settings) to the end or to a stop. Here: set-up, the
+    loop, resume; its evaluations in traineval.py, its checkpoints, adapter and result in trainout.py."""
 
     def __init__(self, batch_dir: Path, settings: Settings, *, init_adapter: Path | None,
                  publish: Path | None, log: Any, mtbf_s: float | None = None):
@@ -321,107 +311,3 @@ class Trainer:
             self._checkpoint(cursor, ckpt.rng_state(), now=True)
         return None
 
-    # -- evaluation --------------------------------------------------------------------------
-
-    def _watch_new_set(self) -> bool:
-        """Every eval.every_steps: the new set's loss, logged; True when it is the best so far."""
-        if not self.early.due(self.step) or not self.split.new_set:
-            return False
-        if self._new_set is None:
-            new = ev.load_new_set(self.files, self.split.new_set, self.split.new_set_kind, self.encoder,
-                                  self.s.train.seq_len, self.s.data.max_line_bytes)
-            if new is not None:
-                ev.allocate([new], int(self.s.eval.max_tokens) // 2)
-            self._new_set = new.chosen if new is not None else []
-        if not self._new_set:
-            return False
-        stopper = self.stopper.deferred() if self.ranks.on else self.stopper
-        evaluator = ev.Evaluator(self.model, self.loaded, stopper, batch_size=self.s.eval.batch_size,
-                                 pad_id=self.loaded.tokenizer.pad_token_id, autocast=self.precision.autocast)
-        loss = ev.figures(self._new_set, evaluator.losses(self._new_set))["mean_loss"]
-        best = self.early.observe(self.step, loss)
-        self.log.info("eval_step", step=self.step, new_set_loss=loss, best_step=self.early.best_step,
-                      best_loss=self.early.best_loss, evals_without_improvement=self.early.bad,
-                      early_stopped=self.early.stopped)
-        return best
-
-    def _restore_best(self) -> None:
-        """Early stopping: the candidate is the best step's adapter, from its kept checkpoint."""
-        ckpt.load_adapter(self.model, self.files.checkpoints / f"step-{self.early.best_step:08d}")
-        self.log.info("early_stopping_restored_best", step=self.step, best_step=self.early.best_step,
-                      best_loss=self.early.best_loss)
-
-    def _evaluate(self, train_tokens: int) -> None:
-        """Candidate against champion on every set; eval.json is the supervisor's input to the gate."""
-        result = ev.evaluate_candidate(self.model, self.loaded, self.stopper, self.files, self.s,
-                                       split=self.split, champion=self.init_adapter,
-                                       train_tokens=train_tokens, encoder=self.encoder,
-                                       precision=self.precision, log=self.log)
-        result["early_stopping"] = self.early.state() if self.early.every else None
-        atomic_write_json(self.files.eval_result, result)
-        self.log.info("evaluation_done", seconds=result["seconds"], sets=[
-            {"name": r["name"], "kind": r["kind"], "candidate": r["candidate"]["mean_loss"],
-             "champion": r["champion"]["mean_loss"], "used": r["used"]} for r in result["sets"]],
-            champion_reused_examples=result["champion"]["reused_examples"])
-
-    # -- checkpoints, the adapter, progress, result ---------------------------------------
-
-    def _checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool = True) -> None:
-        """``now``: on disk before this returns; else possibly in the background (worker/saver.py).
-        Under torchrun every rank calls this at the same step and rank 0 writes (dist.lead_writes)."""
-        if self.ranks.on:
-            dist.lead_writes(self.ranks, rng, lambda r: self._write_checkpoint(cursor, r, now=True), self.device)
-            return
-        self._write_checkpoint(cursor, rng, now=now)
-
-    def _write_checkpoint(self, cursor: Cursor, rng: dict[str, Any], *, now: bool) -> None:
-        state = {"tokens": self.tokens, "cursor": cursor.as_dict(), "total_steps": self.total_steps,
-                 "effective_batch": self.eff, "micro_batch_size": self.micro, "precision": self.precision.name,
-                 "base_weights": self.loaded.weights, "numerics_changes": self.numerics_changes,
-                 "first_loss": self.first_loss, "last_loss": self.last_loss,
-                 "early": self.early.state(), "training_done": self.training_done}
-        self.saver.save(self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
-                        state=state, protect=self.early.best_step, now=now)
-
-    def _write_final_adapter(self) -> Path:
-        """The batch's adapter at ``--publish`` (or final_adapter/), complete before it appears."""
-        from trainerd.worker.curves import chain_offset
-
-        return write_adapter(self.model, self.publish or self.files.final_adapter, {
-            "base_model": self.s.model.path,
-            "init_adapter": str(self.init_adapter) if self.init_adapter else None,
-            # The chain's running total of steps (TensorBoard's step axis reads one file, not the chain).
-            "chain_steps": chain_offset(self.init_adapter) + self.step,
-            "batch": self.batch_dir.name, "steps": self.step, "tokens": self.tokens,
-            "first_loss": self.first_loss, "last_loss": self.last_loss, "seed": self.s.train.seed,
-            "precision": self.precision.name, "base_weights": self.loaded.weights,
-            "quantized": wt.quantized(self.loaded.weights, self.numerics_changes),
-            "numerics_changes": self.numerics_changes}, self.files.checkpoints, self.log)
-
-    def _report(self, loss: float | None, log_step: bool = True) -> None:
-        self.progress.report(step=self.step, total_steps=self.total_steps, loss=loss,
-                             lr=self.stepper.last_lr if self.stepper else None, tokens=self.tokens,
-                             micro_batch_size=self.micro, log_step=log_step)
-
-    def _stopped(self, reason: str) -> RunEnd:
-        self.log.info("stopped", reason=reason, step=self.step, total_steps=self.total_steps)
-        return RunEnd(Outcome.STOPPED, reason, ExitCode.TEMPFAIL)
-
-    def _stopped_before_training(self) -> RunEnd:
-        reason = self.stopper.check() or StopReason.SHUTDOWN
-        self.log.info("stopped", reason=reason, step=0, during="scan")
-        return RunEnd(Outcome.STOPPED, reason, ExitCode.TEMPFAIL)
-
-    def summary(self) -> dict[str, Any]:
-        """What result.json reports; safe to call at any point of the run (even before set-up)."""
-        out = dict(self.result)
-        out.update(step=self.step, total_steps=self.total_steps, tokens=self.tokens, first_loss=self.first_loss,
-                   last_loss=self.last_loss, tokens_per_s=round(self.progress.tokens_per_s, 2),
-                   peak_rss_bytes=peak_rss_bytes(), elapsed_s=round(time.monotonic() - self.started, 2))
-        if self.micro:  # the CUDA OOM back-off may have changed the split: tell the supervisor
-            out.update(micro_batch_size=self.micro, grad_accum_steps=-(-self.eff // self.micro))
-        if self.ranks.on:
-            out.update(rank=self.ranks.rank, world_size=self.ranks.world)
-        if self.device is not None and self.device.type == "cuda":
-            out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        return out

@@ -1,4 +1,4 @@
-"""How the frozen base is held: the worker's side of a memory rung's layout (trainerd/ladder.py).
+"""How the frozen base is held: the worker's side of a memory rung's layout (trainerd/core/ladder.py).
 
 - :func:`resolve_layout`: the layout this attempt uses: the one the supervisor's plan wrote into
   settings.json (``model.base_weights``), or, where it left ``auto`` (a GPU may take the step,
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainerd.ladder import LAYOUTS, ladder, plan, quantization_available
-from trainerd.planning import default_weights, read_model_shape
+from trainerd.core.ladder import LAYOUTS, ladder, plan, quantization_available
+from trainerd.core.planning import default_weights, read_model_shape
 
 __all__ = ["ConfigProblem", "UpcastLinear", "load_kwargs", "numerics_changes", "quantized", "resolve_layout",
            "shape_base"]
