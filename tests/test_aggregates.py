@@ -129,3 +129,33 @@ def test_pruned_attempt_rows_keep_the_totals_and_counts_can_be_recounted(tmp_pat
         aggregates.recount_rows(db)
     assert led.counts() == {"done": 1} and led.totals("trained_tokens") == {"": 40}
     led.close()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5), st.integers(0, 5),
+                          st.one_of(st.none(), st.floats(0, 1e4, allow_nan=False))), min_size=1, max_size=12))
+def test_fault_and_goodput_totals_follow_every_rewrite_of_a_batch(tmp_path_factory, writes):
+    """Crashes, faults survived and a batch's goodput account, rewritten in any order: the running
+    totals equal the sum over the rows (status and the metrics read them instead of a scan)."""
+    led = Ledger(tmp_path_factory.mktemp("agg") / "state.db")
+    try:
+        now = time.time()
+        ids = []
+        for i in range(3):
+            b = led.begin_claim(f"{i}.jsonl", 1, now)
+            led.finish_claim(b.id, str(i), 1, now)
+            ids.append(b.id)
+        for which, crashes, survived, useful in writes:
+            account = None if useful is None else json.dumps(
+                {k: useful * (j + 1) for j, k in enumerate(aggregates.GOODPUT_FIGURES)})
+            with led.transaction() as db:
+                db.execute("UPDATE batches SET crashes=?, faults_survived=?, goodput_json=? WHERE id=?",
+                           (crashes, min(survived, crashes), account, ids[which]))
+        got = led.goodput_totals()
+        rows = led.db.execute("SELECT crashes, faults_survived, goodput_json FROM batches").fetchall()
+        assert got["crashes"] == sum(r[0] for r in rows) and got["faults_survived"] == sum(r[1] for r in rows)
+        for j, k in enumerate(aggregates.GOODPUT_FIGURES):
+            want = sum(json.loads(r[2])[k] for r in rows if r[2])
+            assert abs(got[k] - want) <= 0.001 * len(writes) + 1e-9, (k, got[k], want)
+    finally:
+        led.close()
