@@ -74,7 +74,7 @@ def run_chains(model: Path, threads: int, train: dict[str, Any], *, batches: int
                 rows = _collect(d.root, plan)
             finally:
                 d.stop()
-            scores = _score(model, d.root, fs, rows, quick)
+            scores = _score(model, d.root, fs, rows, quick, threads)
         out["runs"].append(_summarize(h, plan, rows, scores, fs))
     return out
 
@@ -130,10 +130,14 @@ def _spread(xs: list[float]) -> dict[str, Any]:
             "p05": sorted(xs)[len(xs) // 20], "p95": sorted(xs)[(19 * len(xs)) // 20]}
 
 
-def _score(model: Path, root: Path, fs: list[tuple[str, str]], rows: list[dict[str, Any]], quick: bool
-           ) -> dict[int, dict[int, dict[str, float]]]:
+def _score(model: Path, root: Path, fs: list[tuple[str, str]], rows: list[dict[str, Any]], quick: bool,
+           threads: int) -> dict[int, dict[int, dict[str, float]]]:
     """version (0 = base) -> fact -> {answered (0..1 over the unseen paraphrases), loss}."""
     import torch
+
+    # The run's threads, not torch's default: at nice 10 on a loaded 2-core machine two OpenMP
+    # threads waited on each other and scoring 8 versions ran over 26 min; with 1 it took 173 s.
+    torch.set_num_threads(threads)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
