@@ -54,7 +54,9 @@ def test_nothing_created_is_world_readable_and_root_is_not_needed(tiny_model_dir
     ddir = base / "d"
     ddir.mkdir(mode=0o755)
     # umask 000: the worst an init system or a shell could hand it.
-    d = Daemon(ddir, model, argv_prefix=prefix, umask=0, env={"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
+    # Checkpoints kept past the batch's end (dropped by default since issue 18): their modes are checked.
+    d = Daemon(ddir, model, argv_prefix=prefix, umask=0, env={"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"},
+               train={"keep_finished_checkpoints": True})
     if prefix is not None:
         os.chown(home, NOBODY, NOBODY)
         d.root.mkdir(mode=0o700)

@@ -79,7 +79,8 @@ def test_learned_prints_the_proof(quickstart_root):
     assert abs((after - before) - change) <= 0.0015 and se > 0
     assert re.fullmatch(r" {15}(fell|rose) by \d+\.\d{3} nats/token.*", out[2]), out[2]
     held = [json.loads(ln) for ln in (quickstart_root / "batches" / "000001" / "holdout.jsonl").read_text().splitlines()]
-    questions = {m["content"]: ex["messages"][-1]["content"] for ex in held for m in ex["messages"] if m["role"] == "user"}
+    questions = {m["content"]: ex["messages"][-1]["content"]  # (the held-out text lines ask nothing)
+                 for ex in held if "messages" in ex for m in ex["messages"] if m["role"] == "user"}
     q = out[3].removeprefix("held-out question (never trained on): ")
     assert q in questions, out[3]
     assert out[4] == f"  the file's answer: {questions[q]}"
