@@ -4,6 +4,7 @@ alone. Real processes and signals."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -70,7 +71,12 @@ def undisturbed(data, settings, tmp_path) -> bytes:
     ref = tmp_path / "undisturbed"
     ref.mkdir()
     (ref / "data.jsonl").write_bytes(data.read_bytes())
-    (ref / "settings.json").write_bytes(settings.read_bytes())
+    # Its own empty root: the daemon's root holds, since its publish, the batch's own lines in the
+    # replay store and its held-out set in the evaluation memory, which a first batch never saw.
+    conf = json.loads(settings.read_text())
+    conf["root"] = str(tmp_path / "undisturbed-root")
+    (tmp_path / "undisturbed-root").mkdir()
+    (ref / "settings.json").write_text(json.dumps(conf))
     rc, result, _ = run_worker(ref)
     assert rc == 0, result
     return adapter_bytes(ref / "final_adapter")
