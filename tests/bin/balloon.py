@@ -73,6 +73,7 @@ def main() -> int:
     ap.add_argument("batch_dir", nargs="?", help="as the daemon's worker: the batch folder (.stop in it)")
     ap.add_argument("--publish")
     ap.add_argument("--init-adapter")
+    ap.add_argument("--mtbf-s", help="as the daemon's worker: the fault-rate estimate (unused here)")
     a = ap.parse_args()
     if a.batch_dir and not a.stop_file:
         a.stop_file = os.path.join(a.batch_dir, ".stop")
