@@ -111,6 +111,7 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
     (keep_batch_dirs 2, keep_curves 1, keep_attempt_rows 1) removes folders, runs and attempt rows
     a bounded step at a time, the book follows, the token total stays; the file keeps a fixed shape."""
     from trainerd.supervisor.diskuse import measure
+    from trainerd.supervisor.retention import plan
 
     s = Supervisor(make_settings(shm_tmp, retention={"keep_batch_dirs": 2, "keep_curves": 1, "keep_attempt_rows": 1}),
                    worker_cmd=[sys.executable, str(FAKE)], log=ListLog())
@@ -122,7 +123,10 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
         for i in range(1, 6):
             published_at = time.time()
             drop(s, f"b{i}.jsonl", ["stop:memory", "done"])
-            drive(s, lambda i=i: s.ledger.counts().get("done") == i and s.retention.child is None)
+            # Done, and retention has nothing left to do (it starts on the tick after the worker ends,
+            # so "no child" alone can hold before it began).
+            drive(s, lambda i=i: s.ledger.counts().get("done") == i and s.retention.child is None
+                  and not plan(s.layout, s.ledger, s.settings.retention, time.time()))
             usage, walk = _usage(s), measure(s.layout)
             assert usage["measured_at"] >= published_at
             for kind, n in walk.items():

@@ -169,21 +169,27 @@ def _progress_step(batch: Path) -> int:
 def test_resume_is_exact_across_an_adaptive_interval_and_background_writes(tmp_path, tiny_model_dir):
     """checkpoint_every_s: auto with a short MTBF: checkpoints at steps only the clock chooses,
     written by the background writer from a copy; SIGKILL after the second one, then resume: the
-    adapter equals an uninterrupted run's (whose checkpoints land elsewhere) bit for bit."""
-    lines = sample_lines(3000)  # ~650 steps: several seconds, room for clock-chosen checkpoints
-    ref = make_batch(tmp_path, tiny_model_dir, lines, name="ref")
-    rc, _, _ = run_worker(ref)
-    assert rc == 0
+    adapter equals an uninterrupted run's (whose checkpoints land elsewhere) bit for bit.
+
+    The clock's interval is at least 2 s and grows with what a checkpoint costs here, so how many
+    lines give two clock-chosen checkpoints before the end depends on the machine: a run that ends
+    first (its final checkpoint, written in the loop, comes before the second background one) is
+    tried again with twice the lines."""
     adaptive = {"checkpoint_every_steps": 0, "checkpoint_every_s": "auto", "checkpoint_async": True}
-    batch = make_batch(tmp_path, tiny_model_dir, lines, train=adaptive)
-    proc = start_worker(batch, "--mtbf-s", "1")
-    interval = wait_for_event(proc, "checkpoint_interval")
-    assert interval["rule"] in ("min", "overhead") and interval["mtbf_s"] == 1.0
-    saved = []
-    while len(saved) < 2:
-        e = wait_for_event(proc, "checkpoint_saved")
-        assert e["background"], e  # only the final checkpoint is written in the loop
-        saved.append(e)
+    for n in (3000, 6000, 12000, 24000):
+        lines = sample_lines(n)
+        batch = make_batch(tmp_path / str(n), tiny_model_dir, lines, train=adaptive)
+        proc = start_worker(batch, "--mtbf-s", "1")
+        interval = wait_for_event(proc, "checkpoint_interval")
+        assert interval["rule"] in ("min", "overhead") and interval["mtbf_s"] == 1.0
+        saved = []
+        while len(saved) < 2 and (e := wait_for_event(proc, "checkpoint_saved"))["background"]:
+            saved.append(e)  # only the final checkpoint is written in the loop
+        if len(saved) == 2:
+            break
+        assert finish(proc) == 0  # too short for two clock-chosen checkpoints here: twice the lines
+    else:
+        pytest.fail("24000 lines never gave two clock-chosen checkpoints before the end")
     # Two steps past that checkpoint, read from progress.json (step lines thin out after the
     # first 10 steps: one a minute).
     deadline = time.monotonic() + 120
@@ -192,6 +198,9 @@ def test_resume_is_exact_across_an_adaptive_interval_and_background_writes(tmp_p
     proc.kill()
     assert finish(proc) == -signal.SIGKILL
     assert kill_after < json.loads((batch / "progress.json").read_text())["total_steps"], "finished before the kill"
+    ref = make_batch(tmp_path / str(n), tiny_model_dir, lines, name="ref")
+    rc, _, _ = run_worker(ref)
+    assert rc == 0
     rc, result, logs = run_worker(batch, "--mtbf-s", "1")
     assert rc == 0
     started = next(l for l in logs if l["event"] == "training_started")
