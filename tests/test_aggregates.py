@@ -34,15 +34,16 @@ def _scan(led: Ledger) -> dict[str, int]:
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["claim", "start", "stop", "crash", "publish", "fail", "restore",
-                                          "remove", "rollback"]), st.integers(0, 50), st.integers(1, 400)),
+                                          "remove", "rollback", "reject", "promote"]), st.integers(0, 50), st.integers(1, 400)),
                max_size=40)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_totals_equal_a_scan_after_any_sequence_of_writes(tmp_path_factory, ops):
-    """Claims, starts, stops with cumulative tokens, crashes, publishes, failures, a manifest put
-    back, a version marked removed, a rollback: the totals always equal the rows' full scan."""
+    """Claims, starts, stops with cumulative tokens, crashes, publishes (blessed or ungated),
+    refusals, a promote, failures, a manifest put back, a version marked removed, a rollback: the
+    totals (the decisions' among them) always equal the rows' full scan."""
     layout = RootLayout(tmp_path_factory.mktemp("agg"))
     led = Ledger(layout.root / "state.db")
     now = time.time()
@@ -61,8 +62,13 @@ def test_totals_equal_a_scan_after_any_sequence_of_writes(tmp_path_factory, ops)
                     b.attempts, outcome, why, result={"tokens": tokens, "step": tokens // 10} if op == "stop" else None))
             elif b.state is BatchState.RUNNING and op == "publish":
                 d = led.decide_done(b.id, layout.adapter_dir, now, attempt=AttemptRecord(
-                    b.attempts, "done", "done", result={"tokens": tokens, "step": tokens // 10}))
+                    b.attempts, "done", "done", result={"tokens": tokens, "step": tokens // 10}),
+                    decision="ungated" if tokens % 2 else "blessed")
                 led.finish(d, now)
+            elif b.state is BatchState.RUNNING and op == "reject":
+                led.finish(led.decide_rejected(b.id, "worse", "{}", now), now)
+            elif op == "promote" and (r := led.batches(BatchState.REJECTED)) and r[0].adapter_version is None:
+                led.decide_promote(r[0].id, layout.adapter_dir, now)
             elif op == "fail" and b.state in (BatchState.QUEUED, BatchState.RUNNING):
                 led.finish(led.decide_failed(b.id, b.state, "bad", now), now)
             elif op == "restore":

@@ -144,7 +144,7 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
 
 
 def _big_root(root, n: int) -> None:
-    """A ledger of ``n`` done batches with ``n`` versions, every 10th batch rejected instead, and 30
+    """A ledger of ``n`` done batches with ``n`` versions (every 7th ungated), every 10th batch rejected instead, and 30
     queued in three lanes (rows straight in: the figures, not the training, are under test)."""
     from trainerd.core.contract import RootLayout
     from trainerd.supervisor.ledger import Ledger
@@ -161,7 +161,8 @@ def _big_root(root, n: int) -> None:
             db.execute("INSERT INTO batches(id, name, sha256, state, attempts, adapter_version, decision, gate_json,"
                        " created_at, updated_at, finished_at) VALUES (?,?,?,?,1,?,?,?,?,?,?)",
                        (i, f"f{i:05d}.jsonl", f"{i:064x}", "rejected" if rejected else "done",
-                        None if rejected else i - i // 10, "rejected" if rejected else "blessed", gate,
+                        None if rejected else i - i // 10,
+                        "rejected" if rejected else "ungated" if i % 7 == 0 else "blessed", gate,
                         now + i, now + i, now + i))
             if not rejected:
                 db.execute("INSERT INTO adapter_versions(n, batch_id, path, created_at) VALUES (?,?,?,?)",
@@ -197,7 +198,8 @@ def test_status_and_history_page_by_default_and_stream_everything_on_request(tmp
     table = _cli(tmp_path, "status").stdout
     assert "queue     30 file(s)" in table and "... 20 more" in table and "totals    done 2700, rejected 300" in table
     hist = _cli(tmp_path, "history").stdout
-    assert "totals  2700 version(s) (2700 blessed), 300 rejected; the newest 10 shown" in hist
+    # An ungated publish is a version of kind blessed: the totals tell it apart (386 = multiples of 7, not of 10).
+    assert "totals  2700 version(s) (2314 blessed, 386 ungated), 300 rejected; the newest 10 shown" in hist
     rows = json.loads(_cli(tmp_path, "history", "--json").stdout)
     assert [(r["version"], r["batch"]) for r in rows][-3:] == [(2699, 2998), (2700, 2999), (None, 3000)]
     assert len(rows) == 10

@@ -150,7 +150,8 @@ def _every_entry(layout: RootLayout) -> Iterator[dict[str, Any]]:
 
 
 def history_totals(root: Any) -> dict[str, int]:
-    """The chain's totals from the ledger's running totals: versions by kind, removed, rejected."""
+    """The chain's totals from the ledger's running totals: versions by kind (blessed and ungated
+    apart), removed, rejected."""
     from trainerd.supervisor.ledger import Ledger
 
     layout = RootLayout(root)
@@ -158,7 +159,13 @@ def history_totals(root: Any) -> dict[str, int]:
         return {}
     led = Ledger.open_readonly(layout.db)
     try:
-        return {**led.totals("versions:"), "rejected": led.counts().get("rejected", 0)}
+        totals = {**led.totals("versions:"), "rejected": led.counts().get("rejected", 0)}
+        # An ungated publish is a version of kind blessed: the decisions' total tells them apart.
+        ungated = min(led.totals("decisions:").get("ungated", 0), totals.get("blessed", 0))
+        if ungated:
+            totals["blessed"] = totals.get("blessed", 0) - ungated
+            totals["ungated"] = ungated
+        return totals
     except sqlite3.Error:
         return {}
     finally:
@@ -185,8 +192,8 @@ def _render(rows: Any, totals: dict[str, int] | None = None, limit: int | None =
             if line:
                 out.append(f"{'':>8}{line}")
     if totals:
-        kinds = ", ".join(f"{totals[k]} {k}" for k in ("blessed", "forced", "rollback") if totals.get(k))
-        n = sum(totals.get(k, 0) for k in ("blessed", "forced", "rollback"))
+        kinds = ", ".join(f"{totals[k]} {k}" for k in ("blessed", "ungated", "forced", "rollback") if totals.get(k))
+        n = sum(totals.get(k, 0) for k in ("blessed", "ungated", "forced", "rollback"))
         line = f"totals  {n} version(s)" + (f" ({kinds})" if kinds else "") + f", {totals.get('rejected', 0)} rejected"
         if totals.get("removed"):
             line += f", {totals['removed']} folder(s) removed by retention"

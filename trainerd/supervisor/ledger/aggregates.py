@@ -10,6 +10,8 @@ drift from the rows (a write that changes a row changes its total, or neither ha
     batches:<state>          batches in each state (insert, delete, state change)
     versions:<kind>          adapter versions by kind (blessed, forced, rollback)
     versions:removed         versions whose folder retention removed
+    decisions:<decision>     batches by the gate's decision (blessed, ungated, refused, ...): an
+                             ungated publish is a version of kind blessed, told apart here
     trained_tokens           per batch the furthest any attempt got (results' ``tokens`` are
     training_steps           cumulative over a batch's attempts), summed: a resumed batch counts once
     restarts:<outcome>       attempts that ended before their batch was through: ``crashed``,
@@ -73,6 +75,19 @@ WHEN old.state IS NOT new.state BEGIN
     {_ADD.format(name="'batches:' || old.state", by=-1)}
     {_ADD.format(name="'batches:' || new.state", by=1)}
 END;
+CREATE TRIGGER IF NOT EXISTS agg_decision_insert AFTER INSERT ON batches WHEN new.decision IS NOT NULL BEGIN
+    {_ADD.format(name="'decisions:' || new.decision", by=1)}
+END;
+CREATE TRIGGER IF NOT EXISTS agg_decision_delete AFTER DELETE ON batches WHEN old.decision IS NOT NULL BEGIN
+    {_ADD.format(name="'decisions:' || old.decision", by=-1)}
+END;
+CREATE TRIGGER IF NOT EXISTS agg_decision_update AFTER UPDATE OF decision ON batches
+WHEN old.decision IS NOT new.decision BEGIN
+    INSERT INTO aggregates(name, value) SELECT 'decisions:' || old.decision, -1 WHERE old.decision IS NOT NULL
+     ON CONFLICT(name) DO UPDATE SET value = value + excluded.value;
+    INSERT INTO aggregates(name, value) SELECT 'decisions:' || new.decision, 1 WHERE new.decision IS NOT NULL
+     ON CONFLICT(name) DO UPDATE SET value = value + excluded.value;
+END;
 CREATE TRIGGER IF NOT EXISTS agg_version_insert AFTER INSERT ON adapter_versions BEGIN
     {_ADD.format(name="'versions:' || new.kind", by=1)}
     {_ADD.format(name="'versions:removed'", by="new.removed_at IS NOT NULL")}
@@ -109,6 +124,8 @@ END;
 """
 
 _ROW_COUNTS = ("SELECT 'batches:' || state, count(*) FROM batches GROUP BY state"
+               " UNION ALL SELECT 'decisions:' || decision, count(*) FROM batches WHERE decision IS NOT NULL"
+               " GROUP BY decision"
                " UNION ALL SELECT 'versions:' || kind, count(*) FROM adapter_versions GROUP BY kind"
                " UNION ALL SELECT 'versions:removed', count(*) FROM adapter_versions WHERE removed_at IS NOT NULL")
 
@@ -163,5 +180,6 @@ def row_counts(db: sqlite3.Connection) -> dict[str, int]:
 def recount_rows(db: sqlite3.Connection) -> None:
     """Set the batch and version counts from the rows again (``trainerd fsck --repair``); the
     token, step and restart totals are history and stay as they are."""
-    db.execute("DELETE FROM aggregates WHERE name LIKE 'batches:%' OR name LIKE 'versions:%'")
+    db.execute("DELETE FROM aggregates WHERE name LIKE 'batches:%' OR name LIKE 'versions:%'"
+               " OR name LIKE 'decisions:%'")
     db.execute(f"INSERT INTO aggregates(name, value) {_ROW_COUNTS}")
