@@ -179,3 +179,45 @@ def test_benign_chains_of_1000_batches_are_rarely_refused_and_a_contradiction_is
         d = judge({"sets": [benign_chain(rng, kind, scale, contradicted=1.5)]}, GATE)
         found += d.verdict == "refused" and 1 in d.targets
     assert refused / 60 <= 0.05 and found / 20 >= 0.95, (refused, found)
+
+
+# --- facts among text: what the real model's memory looks like (benchmarks/continual.py) ----------
+
+
+def facts_among_text(rng: random.Random, n: int = 200, forgotten: float | None = None) -> dict:
+    """The memory of ``n`` batches as SmolLM2 showed it (benchmarks/README.md, "the chain"): each
+    batch held out two lines of general text the model never could predict (5-7 nats/token, each
+    wobbling by Student-t5 noise of 0.2 nats/token from one version to the next; measured there:
+    0.12 around a drift of -0.1) and one
+    paraphrase of its made-up fact, learned (0.01-0.1 nats/token, wobbling by 0.03).
+    ``forgotten``: batch 1's fact's loss becomes that much (a fact forgotten or contradicted)."""
+    champ, cand, tags = [], [], []
+    for b in range(1, n + 1):
+        for _ in range(2):
+            c = rng.uniform(5.0, 7.0)
+            champ.append(c)
+            cand.append(c + _noise(rng, "t5", 0.2))
+        c = rng.uniform(0.01, 0.1)
+        champ.append(c)
+        cand.append(forgotten if b == 1 and forgotten is not None else max(0.001, c + rng.gauss(0, 0.03)))
+        tags += [b, b, b]
+    return s("memory", champ, cand, batches=tags)
+
+
+def test_a_forgotten_fact_among_unpredictable_text_is_found_by_what_the_model_knew():
+    """Batch 1's fact forgotten (0.03 -> 1.0 nats/token: p 0.97 -> 0.37 a token) among 200 batches
+    whose text wobbles by tenths of a nat: the loss tests alone cannot tell it from the wobble
+    (gate.max_forgetting 1.0 turns the probability test off), the probability test finds it and
+    names the batch, >= 95 % of memories; with nothing forgotten <= 5 % are refused."""
+    rng = random.Random("facts-among-text")
+    loss_only = GateSettings(max_forgetting=1.0)
+    found = missed_by_loss = 0
+    for _ in range(20):
+        sets = {"sets": [LEARNED, facts_among_text(rng, forgotten=1.0)]}
+        d = judge(sets, GATE)
+        found += d.verdict == "refused" and 1 in d.targets and d.healable
+        missed_by_loss += 1 not in judge(sets, loss_only).targets
+    refused = sum(judge({"sets": [LEARNED, facts_among_text(rng)]}, GATE).verdict == "refused" for _ in range(60))
+    assert found >= 19 and missed_by_loss >= 19 and refused <= 3, (found, missed_by_loss, refused)
+    d = judge({"sets": [LEARNED, facts_among_text(rng, forgotten=1.0)]}, GATE)
+    assert "forgot batch 000001: an example it was judged on fell from p 0.9" in d.rule and " to 0.368 " in d.rule

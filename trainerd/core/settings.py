@@ -187,6 +187,11 @@ class GateSettings:
     new_tolerance: float = field(default=0.02, metadata=_check("float", min=0.0))
     # nats/token it may be worse on earlier batches (each, and all together) and standing suites
     max_regression: float = field(default=0.05, metadata=_check("float", min=0.0))
+    # Probability (0..1) the candidate may lose, per token on average, on what an earlier batch (or
+    # a suite) was judged on: each example's exp(-loss per token), champion minus candidate. What a
+    # model knew (a fact's answer at p 0.97) shows here when it is forgotten; text it never could
+    # predict (p 0.004, its loss wobbling by tenths of a nat) does not.
+    max_forgetting: float = field(default=0.05, metadata=_check("float", min=0.0, max=1.0))
     # How sure a refusal must be (supervisor/gate.py): the history tests together refuse a candidate
     # that harmed no batch with probability at most 1 - confidence, whatever the chain's length.
     confidence: float = field(default=0.95, metadata=_check("float", min=0.5, max=0.9999))

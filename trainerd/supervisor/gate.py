@@ -13,8 +13,13 @@ eval.json). Two questions, each answered *pass*, *fail* or *thin* (the evidence 
   the chain's length):
   1. *pooled*: the mean change over every history example, refused when its lower bound is above
      ``gate.max_regression`` (broad forgetting, a little everywhere);
-  2. *per batch*: each earlier batch (and each suite) on its own, Holm–Bonferroni over all of
-     them (one contradicted fact among thousands of unharmed batches).
+  2. *per batch*: each earlier batch (and each suite) on its own, and each of their examples on
+     what the model knew: the probability it gives each token, exp(-loss per token), may fall by
+     at most ``gate.max_forgetting``; Holm–Bonferroni over all of these hypotheses (one
+     contradicted fact among thousands of unharmed batches). The second measure finds a fact
+     forgotten (p 0.97 -> 0.4 a token) among general text the model never could predict, whose
+     loss wobbles by tenths of a nat from one version to the next while its probability stays
+     near 0: in nats/token the two look alike (benchmarks/README.md, "the chain").
 
 The verdict: *refused* when a question fails (or a loss is NaN/inf); *blessed* when none fails and
 at least one passes; *ungated* when neither can tell — "too little held-out data to judge" is
@@ -107,24 +112,38 @@ def _finite(x: Any) -> bool:
 
 def _changes(s: dict[str, Any]) -> list[tuple[float, Any]]:
     """(per-example change, its batch) of one set, candidate and champion paired by position."""
+    return [(d, b) for d, _lost, b in _pairs(s)]
+
+
+def _pairs(s: dict[str, Any]) -> list[tuple[float, tuple[float, float], Any]]:
+    """(loss change in nats/token, (champion's, candidate's) probability, its batch) per example
+    of one set. The probability is exp(-loss per token): the geometric mean of what the model
+    gives each answer token."""
     out = []
     for a, b in zip((s.get("candidate") or {}).get("per_example") or [], (s.get("champion") or {}).get("per_example") or []):
         if a.get("tokens") and b.get("tokens"):
-            d = a["loss_sum"] / a["tokens"] - b["loss_sum"] / b["tokens"]
+            cand, champ = a["loss_sum"] / a["tokens"], b["loss_sum"] / b["tokens"]
+            d = cand - champ
             if _finite(d):
-                out.append((d, a.get("batch")))
+                out.append((d, (math.exp(-champ), math.exp(-cand)), a.get("batch")))
     return out
 
 
-def _groups(sets: list[dict[str, Any]]) -> dict[str, tuple[int | None, list[float]]]:
+Group = tuple[Any, list[float], list[tuple[float, float]]]  # (its batch, loss changes, probabilities)
+
+
+def _groups(sets: list[dict[str, Any]]) -> dict[str, Group]:
     """History groups: each earlier batch of the memory, each whole earlier set, each suite."""
-    groups: dict[str, tuple[int | None, list[float]]] = {}
+    groups: dict[str, Group] = {}
     for s in sets:
         if s["kind"] == "memory":
-            for d, b in _changes(s):
-                groups.setdefault(f"batch {int(b):06d}" if b is not None else "memory", (b, []))[1].append(d)
+            for d, pr, b in _pairs(s):
+                g = groups.setdefault(f"batch {int(b):06d}" if b is not None else "memory", (b, [], []))
+                g[1].append(d)
+                g[2].append(pr)
         elif s["kind"] in ("earlier", "suite"):
-            groups[s["name"]] = (s.get("batch"), [d for d, _ in _changes(s)])
+            pairs = _pairs(s)
+            groups[s["name"]] = (s.get("batch"), [d for d, _, _ in pairs], [pr for _, pr, _ in pairs])
     return groups
 
 
@@ -132,21 +151,37 @@ def _history(sets: list[dict[str, Any]], gate: GateSettings) -> tuple[dict[str, 
     """(the history check, the rule that failed or None, batches to heal from)."""
     alpha = 1.0 - gate.confidence
     groups = _groups(sets)
-    everything = [d for _, ds in groups.values() for d in ds]
+    everything = [d for _, ds, _ in groups.values() for d in ds]
     pooled = bound_check(everything, gate.max_regression, 1.0 - alpha / 2, min_examples=gate.min_examples,
                          noise_floor=gate.noise_floor)
-    mad = robust_scale(everything) if len(everything) >= gate.min_examples else None
-    names = list(groups)
-    means = {g: sum(ds) / len(ds) for g, (_, ds) in groups.items() if ds}
+    enough = len(everything) >= gate.min_examples
+    mad = robust_scale(everything) if enough else None
+    names = [g for g, (_, ds, _) in groups.items() if ds]
+    means = {g: sum(groups[g][1]) / len(groups[g][1]) for g in names}
+    # Two families of hypotheses, Holm over all of them at alpha/2: each group's loss rose beyond
+    # max_regression (Student's t, or the memory's robust spread); each example lost more than
+    # max_forgetting of its probability (the memory's robust spread of that, Laplace tails). The
+    # second finds a forgotten fact among text the model never could predict, whose loss wobbles.
+    examples = [(g, pr) for g in names for pr in groups[g][2]]
+    mad_lost = robust_scale([c - n for _, (c, n) in examples]) if enough else None
     p = [group_pvalue(groups[g][1], gate.max_regression, min_examples=gate.min_examples, pooled_mad=mad,
                       noise_floor=gate.noise_floor) for g in names]
-    rejected = [names[i] for i in holm(p, alpha / 2)]
+    p += [group_pvalue([c - n], gate.max_forgetting, min_examples=gate.min_examples, pooled_mad=mad_lost,
+                       noise_floor=gate.noise_floor) for _, (c, n) in examples]
+    found: dict[str, tuple[float, tuple[float, float] | None]] = {}  # group -> (p, the example) by strength
+    for i in holm(p, alpha / 2):
+        g, pr = (names[i], None) if i < len(names) else examples[i - len(names)]
+        found.setdefault(g, (p[i], pr))
+    rejected = list(found)
     pv = dict(zip(names, p))
+    for (g, _), q in zip(examples, p[len(names):]):
+        pv[g] = min(pv[g], q)
     worst = max(means, key=means.__getitem__) if means else None
     check: dict[str, Any] = {
-        "pooled": pooled.as_dict(), "groups": len(means), "alpha": alpha,
+        "pooled": pooled.as_dict(), "groups": len(means), "tests": len(p), "alpha": alpha,
         "regressed": [{"set": g, "batch": groups[g][0], "change": means[g], "examples": len(groups[g][1]),
-                       "p": pv[g]} for g in rejected[:MAX_LISTED]],
+                       "p": found[g][0], **({"probability": list(found[g][1])} if found[g][1] else {})}
+                      for g in rejected[:MAX_LISTED]],
         "regressed_count": len(rejected),
         "worst": None if worst is None else {"set": worst, "change": means[worst], "examples": len(groups[worst][1]),
                                              "allowed": gate.max_regression, "p": pv[worst]},
@@ -154,9 +189,14 @@ def _history(sets: list[dict[str, Any]], gate: GateSettings) -> tuple[dict[str, 
     rule = None
     if rejected:
         g = rejected[0]
+        q, pr = found[g]
         more = f"; {len(rejected) - 1} more batch(es) regressed too" if len(rejected) > 1 else ""
-        rule = (f"forgot {g}: worse by {means[g]:+.4f} nats/token over {len(groups[g][1])} example(s) "
-                f"(allowed {gate.max_regression}; p = {pv[g]:.1e}, Holm over {len(names)} at {alpha / 2:.3g}){more}")
+        if pr is None:
+            how, allowed = f"worse by {means[g]:+.4f} nats/token over {len(groups[g][1])} example(s)", gate.max_regression
+        else:
+            how, allowed = (f"an example it was judged on fell from p {pr[0]:.3f} to {pr[1]:.3f} a token",
+                            gate.max_forgetting)
+        rule = f"forgot {g}: {how} (allowed {allowed}; p = {q:.1e}, Holm over {len(p)} tests at {alpha / 2:.3g}){more}"
         targets = [groups[g][0] for g in rejected if groups[g][0] is not None]
     elif pooled.status == "fail":
         rule = (f"worse on history by {pooled.mean:+.4f} nats/token on average over {pooled.n} examples "
