@@ -14,8 +14,8 @@ eval.json). Two questions, each answered *pass*, *fail* or *thin* (the evidence 
   1. *pooled*: the mean change over every history example, refused when its lower bound is above
      ``gate.max_regression`` (broad forgetting, a little everywhere);
   2. *per batch*: each earlier batch (and each suite) on its own, and each of their examples on
-     what the model knew: the probability it gives each token, exp(-loss per token), may fall by
-     at most ``gate.max_forgetting``; Holm–Bonferroni over all of these hypotheses (one
+     what the model knew (the champion gave each token at least even odds): the probability it
+     gives each token, exp(-loss per token), may fall by at most ``gate.max_forgetting``; Holm–Bonferroni over all of these hypotheses (one
      contradicted fact among thousands of unharmed batches). The second measure finds a fact
      forgotten (p 0.97 -> 0.4 a token) among general text the model never could predict, whose
      loss wobbles by tenths of a nat from one version to the next while its probability stays
@@ -42,6 +42,7 @@ __all__ = ["GateDecision", "SetJudgement", "judge"]
 
 HISTORY_KINDS = ("memory", "earlier", "suite")  # "earlier": a whole set, from eval.json version 1
 NEW_KINDS = ("new", "seen")
+KNEW = 0.5  # an example the champion gave each token at least even odds (exp(-loss/token)): what it knew
 MAX_LISTED = 16  # regressed groups listed in a decision (and healed at once); the count is always given
 SEEN_NOTE = "its new set is its own trained lines (the file has one distinct content: nothing to hold out)"
 
@@ -162,8 +163,12 @@ def _history(sets: list[dict[str, Any]], gate: GateSettings) -> tuple[dict[str, 
     # max_regression (Student's t, or the memory's robust spread); each example lost more than
     # max_forgetting of its probability (the memory's robust spread of that, Laplace tails). The
     # second finds a forgotten fact among text the model never could predict, whose loss wobbles.
-    examples = [(g, pr) for g in names for pr in groups[g][2]]
-    mad_lost = robust_scale([c - n for _, (c, n) in examples]) if enough else None
+    # Only what the champion knew joins it (chosen by the champion alone, so the test stays valid):
+    # an example it gave p 0.1 a token cannot lose enough to be told from noise, and would only
+    # make the Holm family larger.
+    # The spread is every history example's (the floor where that is tiny: text it never knew).
+    mad_lost = robust_scale([c - n for g in names for c, n in groups[g][2]]) if enough else None
+    examples = [(g, pr) for g in names for pr in groups[g][2] if pr[0] >= KNEW]
     p = [group_pvalue(groups[g][1], gate.max_regression, min_examples=gate.min_examples, pooled_mad=mad,
                       noise_floor=gate.noise_floor) for g in names]
     p += [group_pvalue([c - n], gate.max_forgetting, min_examples=gate.min_examples, pooled_mad=mad_lost,
