@@ -71,6 +71,19 @@ def test_a_healing_try_starts_from_the_champion_once(tmp_path):
     assert (files.checkpoints / "step-00000002").is_dir()
 
 
+def test_a_healing_try_rehearses_every_batch_an_earlier_try_forgot(tmp_path):
+    """Try 1 rehearsed batch 3 and forgot batch 1 instead: try 2 rehearses both, the newest try's
+    first (rehearsing batch 1 alone would let batch 3 go again)."""
+    files = _folder(tmp_path)
+    heal.record_try(files, 0, FORGOT, {})
+    assert heal.prepare(files, batch(heals=1), 0.25, ListLog())
+    heal.record_try(files, 1, judge({"sets": [LEARNED, memory({**{b: [0.0] for b in range(2, 20)}, 1: [1.4]})]},
+                                    SETTINGS.gate), {})
+    log = ListLog()
+    assert heal.prepare(files, batch(heals=2), 0.25, log)
+    assert json.loads(files.heal.read_text())["targets"] == [1, 3] == log.find("healing_try_started")[0]["targets"]
+
+
 def test_tries_json_keeps_each_try_once_with_its_figures(tmp_path):
     """Recording a try again (reconcile repeats a settle) replaces it; every try keeps its verdict,
     rule, the batches it regressed on and the history figures."""

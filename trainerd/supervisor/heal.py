@@ -5,8 +5,8 @@ history as a whole, regressed beyond ``gate.max_regression``), the batch is not 
 once: while it has had fewer than ``gate.heal_attempts`` healing tries it goes back to the queue
 (the policy's HEAL; a healing try is a new attempt of the same batch, never a crash) and is
 trained again **from the same champion**, with its replay drawn again: the usual uniform draw
-plus ``gate.heal_replay`` x try x its own lines from the batches it regressed on (their training
-lines in the replay store; worker/draw.py). Only when the last try is still refused is it
+plus ``gate.heal_replay`` x try x its own lines from the batches it regressed on in any try so far
+(their training lines in the replay store; worker/draw.py). Only when the last try is still refused is it
 rejected, the reason naming the batch it conflicts with. A new set it did not learn, or a NaN,
 is not healed: replay cannot fix that.
 
@@ -55,12 +55,18 @@ def prepare(files: BatchFiles, batch: Batch, fraction: float, log: Any) -> bool:
     try from the champion, once (idempotent). True when it did."""
     if batch.heals <= 0 or (read_json_or_none(files.heal) or {}).get("try") == batch.heals:
         return False
-    previous = next((t for t in tries(files) if t.get("try") == batch.heals - 1), {})
+    earlier = sorted((t for t in tries(files) if t.get("try", 0) < batch.heals), key=lambda t: -t.get("try", 0))
+    previous = earlier[0] if earlier else {}
     shutil.rmtree(files.checkpoints, ignore_errors=True)
     shutil.rmtree(files.published, ignore_errors=True)
     for stale in (files.scan, files.eval_result, files.replay, files.progress):
         unlink_quietly(stale)
-    targets = list(previous.get("targets") or [])
+    # Every batch any try so far regressed on, the newest try's first: a try that rehearses one
+    # batch can make the candidate forget another (measured on SmolLM2: try 1 kept batches 2-5 and
+    # lost batch 1; rehearsing batch 1 alone, try 2 lost 2-5 again). Both are rehearsed next.
+    targets: list[int] = []
+    for t in earlier:
+        targets += [b for b in t.get("targets") or [] if b not in targets]
     atomic_write_json(files.heal, {"try": batch.heals, "targets": targets, "fraction": fraction})
     log.info("healing_try_started", batch=batch.id, heal_try=batch.heals, targets=targets, heal_replay=fraction,
              rule=previous.get("rule"))
