@@ -125,8 +125,15 @@ def test_the_disk_book_follows_publishes_and_retention_without_walking(shm_tmp):
             drop(s, f"b{i}.jsonl", ["stop:memory", "done"])
             # Done, and retention has nothing left to do (it starts on the tick after the worker ends,
             # so "no child" alone can hold before it began).
-            drive(s, lambda i=i: s.ledger.counts().get("done") == i and s.retention.child is None
-                  and not plan(s.layout, s.ledger, s.settings.retention, time.time()))
+            try:
+                drive(s, lambda i=i: s.ledger.counts().get("done") == i and s.retention.child is None
+                      and not plan(s.layout, s.ledger, s.settings.retention, time.time()))
+            except AssertionError:
+                r = s.retention
+                raise AssertionError(
+                    f"batch {i}: counts {s.ledger.counts()}, child {r.child}, next apply in "
+                    f"{r._next_apply - time.time():.1f} s, was idle {r._was_idle}, running {s.running}, "
+                    f"plan {[(x.kind, x.path) for x in plan(s.layout, s.ledger, s.settings.retention, time.time())]}")
             usage, walk = _usage(s), measure(s.layout)
             assert usage["measured_at"] >= published_at
             for kind, n in walk.items():

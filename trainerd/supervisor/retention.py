@@ -235,14 +235,16 @@ class Retention:
         return self.child is not None and self._deleting
 
     def tick(self, now: float, *, idle: bool, stopping: bool) -> None:
+        # Noticed before a child of ours is looked at: a worker that ends while a disk measurement
+        # runs still gets its retention when that ends (a missed edge waited an hour).
+        if idle and not self._was_idle:
+            self._next_apply = min(self._next_apply, now)  # a worker just ended: between workers now
+        self._was_idle = idle
         if self.child is not None:
             st = self.child.poll()
             if st is None:
                 return
             self._ended(st, now)
-        if idle and not self._was_idle:
-            self._next_apply = min(self._next_apply, now)  # a worker just ended: between workers now
-        self._was_idle = idle
         if stopping:
             return
         settings = self.settings_of()
