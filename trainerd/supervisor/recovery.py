@@ -296,7 +296,8 @@ def compare(layout: RootLayout, ledger: Ledger, *, full: bool = True) -> list[di
     if full:
         counted, scanned = ledger.totals(), aggregates.row_counts(ledger.db)
         wrong = {k: (counted.get(k, 0), n) for k, n in scanned.items() if counted.get(k, 0) != n}
-        wrong.update({k: (n, 0) for k, n in counted.items() if k.startswith(("batches:", "versions:", "decisions:")) and k not in scanned})
+        wrong.update({k: (n, 0) for k, n in counted.items()
+                      if k.startswith(("batches:", "versions:", "decisions:")) and k not in scanned})
         if wrong:
             out.append({"totals": wrong, "finding": "running totals differ from the rows: "
                         + ", ".join(f"{k} {a} (rows say {b})" for k, (a, b) in sorted(wrong.items())),
