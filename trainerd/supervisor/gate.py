@@ -17,10 +17,10 @@ eval.json). Two questions, each answered *pass*, *fail* or *thin* (the evidence 
      what the model knew (the champion gave each token at least even odds): the probability it
      gives each token, exp(-loss per token), may fall by at most ``gate.max_forgetting``;
      Holm–Bonferroni over all of these hypotheses (one contradicted fact among thousands of
-     unharmed batches). The second measure finds a fact
-     forgotten (p 0.97 -> 0.4 a token) among general text the model never could predict, whose
-     loss wobbles by tenths of a nat from one version to the next while its probability stays
-     near 0: in nats/token the two look alike (benchmarks/README.md, "the chain").
+     unharmed batches). The second measure finds a fact forgotten (p 0.97 -> 0.4 a token) among
+     general text the model never could predict, whose loss wobbles by tenths of a nat from one
+     version to the next while its probability stays near 0: in nats/token the two look alike
+     (benchmarks/README.md, "the chain").
 
 The verdict: *refused* when a question fails (or a loss is NaN/inf); *blessed* when none fails and
 at least one passes; *ungated* when neither can tell — "too little held-out data to judge" is
