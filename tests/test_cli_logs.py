@@ -102,8 +102,12 @@ class Follower:
     """`trainerd logs -f` in a subprocess; its lines arrive on a queue."""
 
     def __init__(self, root: Path, *args: str):
+        # SIGINT as a terminal's Ctrl-C gives it: a pytest started in the background (`cmd &` in a
+        # script) ignores SIGINT, its children inherit that, and Python then never raises
+        # KeyboardInterrupt — stop() would wait in vain.
         self.p = subprocess.Popen([sys.executable, "-m", "trainerd", "logs", "--root", str(root), "-f", *args],
-                                  env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.q: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
