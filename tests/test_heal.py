@@ -105,6 +105,28 @@ def test_the_final_rejection_names_the_batch_it_conflicts_with(tmp_path):
     assert heal.rejection_reason(files, "rejected: x", 0) == "rejected: x"
     named = heal.rejection_reason(files, "rejected: worse on its own new set", 2)
     assert "(after 2 healing tries)" in named and "conflicts with batch 000003" in named
-    assert "conflicts with batch 000009" in heal.rejection_reason(files, "rejected: y", 2, (9, 3))
+    # Batch 3 regressed in every try: it is the conflict, whatever else the last try named first.
+    assert "conflicts with batch 000003:" in heal.rejection_reason(files, "rejected: y", 2, (9, 3))
     already = heal.rejection_reason(files, "rejected: forgot batch 000003: worse", 2, (3,))
     assert "conflicts" not in already
+
+
+def test_the_conflict_is_every_batch_each_try_regressed_on(tmp_path):
+    """SmolLM2's chain: the contradiction of batch 2 regressed on 2 and 7 in every try (and on
+    others in some); the reason names the strongest (7) and the rejection adds batch 2. With no
+    batch common to every try, the last try's worst is named."""
+    def forgot(*batches):  # the first forgotten most
+        worse = {b: [2.0 - 0.2 * i] for i, b in enumerate(batches)}
+        return judge({"sets": [LEARNED, memory({**{b: [0.0] for b in range(1, 12)}, **worse})]}, SETTINGS.gate)
+
+    files = _folder(tmp_path)
+    for n, bs in enumerate([(2, 7, 6, 5), (2, 7), (7, 2, 3)]):
+        heal.record_try(files, n, forgot(*bs), {})
+    last = forgot(7, 2, 3)
+    reason = heal.rejection_reason(files, "rejected: " + last.rule, 2, last.targets)
+    assert "it conflicts with batch 000002: rehearsing that batch's lines did not keep both" in reason
+    assert "batch 000003" not in reason.split("(after 2 healing tries)")[1]
+    other = _folder(tmp_path / "other")
+    for n, bs in enumerate([(2,), (5,), (9,)]):
+        heal.record_try(other, n, forgot(*bs), {})
+    assert "it conflicts with batch 000009:" in heal.rejection_reason(other, "rejected: y", 2, (9,))

@@ -7,8 +7,8 @@ once: while it has had fewer than ``gate.heal_attempts`` healing tries it goes b
 trained again **from the same champion**, with its replay drawn again: the usual uniform draw
 plus ``gate.heal_replay`` x try x its own lines from the batches it regressed on in any try so far
 (their training lines in the replay store; worker/draw.py). Only when the last try is still refused is it
-rejected, the reason naming the batch it conflicts with. A new set it did not learn, or a NaN,
-is not healed: replay cannot fix that.
+rejected, the reason naming the batches it conflicts with (those every try regressed on). A new
+set it did not learn, or a NaN, is not healed: replay cannot fix that.
 
 The files (batches/<id>/), each written before the ledger moves on, so that a crash anywhere
 repeats a step instead of losing it:
@@ -74,13 +74,24 @@ def prepare(files: BatchFiles, batch: Batch, fraction: float, log: Any) -> bool:
 
 
 def rejection_reason(files: BatchFiles, reason: str, heals: int, last_targets: tuple[int, ...] = ()) -> str:
-    """The final rejection after healing tries: what failed last, and the batch it conflicts with
-    (the last try's worst regression; else the one its tries rehearsed most) unless named already."""
+    """The final rejection after healing tries: what failed last, and the batches it conflicts
+    with — those every refused try regressed on (rehearsing them never kept both), else the last
+    try's worst regression, else the one its tries rehearsed most — unless named already."""
     if heals <= 0:
         return reason
     out = f"{reason} (after {heals} healing tr{'y' if heals == 1 else 'ies'})"
-    named = [t for tr in tries(files) for t in (tr.get("targets") or [])]
-    top = last_targets[0] if last_targets else (max(sorted(set(named)), key=named.count) if named else None)
-    if top is not None and f"batch {top:06d}" not in reason:
-        out += f"; it conflicts with batch {top:06d}: rehearsing that batch's lines did not keep both"
+    every = tries(files)
+    refused = [set(t.get("targets") or []) for t in every if t.get("verdict") == "refused"]
+    persistent = set.intersection(*refused) if refused else set()
+    if persistent:
+        conflicts = [b for b in last_targets if b in persistent] + sorted(persistent - set(last_targets))
+    else:
+        named = [t for tr in every for t in (tr.get("targets") or [])]
+        top = last_targets[0] if last_targets else (max(sorted(set(named)), key=named.count) if named else None)
+        conflicts = [] if top is None else [top]
+    conflicts = [b for b in conflicts if f"batch {b:06d}" not in reason]
+    if conflicts:
+        which = ", ".join(f"batch {b:06d}" for b in conflicts)
+        whose = "that batch's" if len(conflicts) == 1 else "those batches'"
+        out += f"; it conflicts with {which}: rehearsing {whose} lines did not keep both"
     return out
