@@ -5,10 +5,10 @@ history as a whole, regressed beyond ``gate.max_regression``), the batch is not 
 once: while it has had fewer than ``gate.heal_attempts`` healing tries it goes back to the queue
 (the policy's HEAL; a healing try is a new attempt of the same batch, never a crash) and is
 trained again **from the same champion**, with its replay drawn again: the usual uniform draw
-plus ``gate.heal_replay`` x try x its own lines from the batches it regressed on in any try so far
-(their training lines in the replay store; worker/draw.py). Only when the last try is still refused is it
-rejected, the reason naming the batches it conflicts with (those every try regressed on). A new
-set it did not learn, or a NaN, is not healed: replay cannot fix that.
+plus ``gate.heal_replay`` x try x its own lines from the batches it regressed on in any try so
+far (their training lines in the replay store; worker/draw.py). Only when the last try is still
+refused is it rejected, the reason naming the batches it conflicts with (those every try
+regressed on). A new set it did not learn, or a NaN, is not healed: replay cannot fix that.
 
 The files (batches/<id>/), each written before the ledger moves on, so that a crash anywhere
 repeats a step instead of losing it:
