@@ -57,14 +57,16 @@ def drop(sup: Supervisor, name: str, plan: list[str], extra: str = "") -> Path:
     return sup.layout.inbox / name
 
 
-def drive(sup: Supervisor, until, *, timeout: float = 15.0, now=None) -> None:
-    """Tick with the real clock (or a fixed ``now``) until ``until()``; workers are real processes."""
+def drive(sup: Supervisor, until, *, timeout: float = 15.0, now=None, settle: bool = False) -> None:
+    """Tick with the real clock (or a fixed ``now``) until ``until()``; workers are real processes.
+    With ``settle`` a running worker is let exit before the next tick (a fast attempt begins and
+    ends between two ticks)."""
     deadline = time.monotonic() + timeout
     while not until():
         assert time.monotonic() < deadline, "condition not reached in time"
         sup.tick(time.time() if now is None else now)
         if sup.running is not None:
-            sup.running.child.wait(0.05)
+            sup.running.child.wait(max(0.05, deadline - time.monotonic()) if settle else 0.05)
 
 
 def state(sup: Supervisor, batch_id: int = 1) -> dict:

@@ -301,4 +301,5 @@ class Supervisor(Assembly, Control):
         self.guard_thread.detach()  # waits for a poll in progress: nothing acts on this attempt now
         self.running = None
         self.attempts.finish(r, status, now, stopping=self.stopping)
+        self.retention.worker_ended(now)
         heap.trim()  # what the attempt's relay freed goes back to the kernel: the RSS stays flat

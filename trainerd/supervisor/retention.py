@@ -226,7 +226,6 @@ class Retention:
         self._marks: dict[str, int] = {}  # recorded once the plan's child succeeded
         self._answer: dict[str, Any] | None = None
         self._next_apply = 0.0
-        self._was_idle = True
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -234,12 +233,13 @@ class Retention:
         """A deleting child runs: the daemon starts no worker until it ends (seconds)."""
         return self.child is not None and self._deleting
 
+    def worker_ended(self, now: float) -> None:
+        """Told by the daemon as it reaps a worker: between workers is when retention runs. An event,
+        not an edge seen by ``tick``: a worker that starts and ends between two of its ticks (a fast
+        attempt), or while a disk measurement of ours runs, would otherwise wait the hourly apply."""
+        self._next_apply = min(self._next_apply, now)
+
     def tick(self, now: float, *, idle: bool, stopping: bool) -> None:
-        # Noticed before a child of ours is looked at: a worker that ends while a disk measurement
-        # runs still gets its retention when that ends (a missed edge waited an hour).
-        if idle and not self._was_idle:
-            self._next_apply = min(self._next_apply, now)  # a worker just ended: between workers now
-        self._was_idle = idle
         if self.child is not None:
             st = self.child.poll()
             if st is None:
