@@ -182,7 +182,10 @@ def test_metrics_match_the_ledger_after_a_real_run_and_a_restart(daemon_factory)
     assert _value(got, "trainerd_last_publish_timestamp_seconds") == exp["publish_at"]
     assert _value(got, "trainerd_kernel_oom_kills_total") == exp["oom"] == 0
     assert _value(got, "trainerd_last_checkpoint_duration_seconds") > 0
-    ck = json.loads((d.root / "batches" / "000001" / "progress.json").read_text())["checkpoint"]
+    # By name: two files dropped together may share an mtime (kernels before fine-grained
+    # timestamps), and then the inbox's order is by name — bad.jsonl first.
+    good = d.batch("good.jsonl")["id"]
+    ck = json.loads((d.root / "batches" / f"{good:06d}" / "progress.json").read_text())["checkpoint"]
     assert _value(got, "trainerd_last_checkpoint_timestamp_seconds") == ck["at"]
     assert _value(got, "trainerd_memory_limit_bytes") > 0
     assert _value(got, "trainerd_paused") == 0 and _value(got, "trainerd_inbox_files") == 0

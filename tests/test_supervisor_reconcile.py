@@ -196,7 +196,8 @@ def test_sigkill_supervisor_process_then_restart(daemon_factory, tmp_path):
         time.sleep(0.05)
     (root / "inbox" / "a.jsonl").write_text(json.dumps({"plan": ["wait", "done"]}) + "\n")
     calls = root / "batches" / "000001" / "fake_calls.jsonl"
-    while not calls.exists():
+    # Until its first line is whole: the file exists (empty) a moment before the worker writes it.
+    while not (calls.exists() and calls.read_text().endswith("\n")):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     worker_pid = json.loads(calls.read_text().splitlines()[0])["pid"]

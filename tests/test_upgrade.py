@@ -63,7 +63,9 @@ def test_a_root_from_the_previous_release_upgrades_in_place(daemon_factory, tmp_
     assert finished(d, "a.jsonl") == "done"
     d.drop("b.jsonl", facts("red", 100))
     assert finished(d, "b.jsonl") == "done"
-    d.drop("c.jsonl", facts("red", 200))
+    # Four times the lines (the same 20 contents): ~100 steps, so the pause lands mid-training on a
+    # fast machine too (16 steps could all be done before the daemon saw .stop).
+    d.drop("c.jsonl", facts("red", 200) * 4)
     d.wait_for(lambda: d.progress_step(3) >= 2, 300)
     (root / ".stop").touch()
     d.wait_for(lambda: d.state_of("c.jsonl") == "queued", 300)

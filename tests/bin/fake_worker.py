@@ -149,8 +149,10 @@ def main() -> int:
             time.sleep(1)
     if name == "grandchild":
         gc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        with open(os.path.join(batch_dir, "grandchild.pid"), "w") as f:
+        with open(os.path.join(batch_dir, "grandchild.pid.tmp"), "w") as f:
             f.write(str(gc.pid))
+        # Renamed in whole: a test that sees the file can read the pid (never an empty file).
+        os.replace(os.path.join(batch_dir, "grandchild.pid.tmp"), os.path.join(batch_dir, "grandchild.pid"))
     # "wait", "wait:S" and "grandchild": honour every stop request of the contract.
     stop = {"reason": None}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(reason="shutdown"))
