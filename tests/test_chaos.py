@@ -270,6 +270,23 @@ def _checkpoint_names(bdir: Path, prefix: str) -> list[str]:
     return sorted(p.name for p in ck.iterdir() if p.name.startswith(prefix)) if ck.is_dir() else []
 
 
+def _frozen(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def _term_pending(pid: int) -> bool:
+    """SIGTERM waits in the (stopped) process's pending set: /proc/<pid>/status ShdPnd or SigPnd."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except OSError:
+        return False
+    return any(int(fields.get(k, "0"), 16) & (1 << (signal.SIGTERM - 1)) for k in ("ShdPnd", "SigPnd"))
+
+
 def _torn(bdir: Path) -> list[str]:
     return _checkpoint_names(bdir, ".tmp-")
 
@@ -288,11 +305,18 @@ def test_crash_inside_checkpoint_and_publish_writes(daemon_factory, reference):
     try:
         watcher.start()
         # --- a: die inside the second checkpoint write; the first complete one is used ---------
-        d.start()
+        # The worker freezes itself after step 4 (a checkpoint exists from step 2), so the daemon's
+        # stop lands mid-training on any machine (a 32-step batch can end within a test's poll).
+        d.start(env={"TRAINERD_FAULT": "freeze_at_step:4"})
         drop(d, "a.jsonl", 0)
         bdir = d.root / "batches" / "000001"
-        d.wait_for(lambda: (bdir / "checkpoints").is_dir() and len(_complete(bdir)) >= 1, 300)
-        assert d.terminate() == 0  # checkpoints and stops; the batch stays queued
+        pid = d.wait_for(lambda: (p := d.worker_pid()) and _frozen(p) and p, 300)
+        assert _complete(bdir), "no complete checkpoint by step 4"
+        d.send(signal.SIGTERM)
+        d.wait_for(lambda: _term_pending(pid) or not _frozen(pid), 60)  # the supervisor passed it on
+        os.kill(pid, signal.SIGCONT)
+        assert d.wait_exit(90) == 0  # checkpoints and stops
+        assert d.state_of("a.jsonl") == "queued", "the stop did not land mid-training"
         before = _complete(bdir)
         d.start(env={"TRAINERD_FAULT": "crash_in_checkpoint"})
         d.wait_for(lambda: d.batch("a.jsonl")["attempts"] >= 2 and _torn(bdir), 300)

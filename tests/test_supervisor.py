@@ -277,6 +277,9 @@ def test_disk_low_waits_without_failing(tmp_path):
     s.open()
     try:
         drop(s, "a.jsonl", ["done"])
+        # The claim is applied by a later tick once its threads are done: wait for it, then give
+        # the loop more turns in which nothing may start.
+        drive(s, lambda: s.ledger.batches() and state(s).state == "queued")
         for _ in range(3):
             s.tick(time.time())
         assert s.running is None and state(s).state == "queued" and s.disk_low
