@@ -20,7 +20,7 @@ from trainerd.core.config import from_dict
 from trainerd.core.contract import RootLayout
 from trainerd.supervisor.ledger import Ledger
 from trainerd.memguard import MemoryGuard
-from trainerd.supervisor.metrics import Metrics
+from trainerd.supervisor.metrics import Metrics, textfile_path
 from trainerd.supervisor.prometheus import parse, restart_reason
 
 
@@ -85,6 +85,30 @@ def test_unknown_group_warns_once_and_still_writes(tmp_path):
     assert m.writes == 3
     assert _value(_read(d.layout.root / "metrics" / "trainerd.prom"), "trainerd_paused") == 0
     d.ledger.close()
+
+
+def test_an_attempt_begun_and_ended_between_two_writes_still_gives_its_checkpoint(tmp_path):
+    """Writes at most once a second, so a fast attempt can start and end between two: its last
+    checkpoint still reaches the next write (the daemon tells the metrics as it reaps; an attempt
+    noticed only by being seen running was missed). Each attempt is let end before the next tick."""
+    import sys
+
+    from test_supervisor import FAKE, drive, drop, make_settings
+    from trainerd.supervisor.daemon import Supervisor
+
+    s = Supervisor(make_settings(tmp_path, metrics={"interval_s": 3600}), worker_cmd=[sys.executable, str(FAKE)],
+                   log=ListLog())
+    s.open()
+    try:
+        path = textfile_path(s.settings)
+        for i, name in enumerate(("a.jsonl", "b.jsonl"), 1):
+            drop(s, name, ["stop:memory", "done"])
+            drive(s, lambda i=i: s.ledger.counts().get("done") == i, settle=True)
+            at = json.loads((s.layout.batch_dir(i) / "progress.json").read_text())["checkpoint"]["at"]
+            s.metrics.tick(time.time(), s, force=True)
+            assert _value(_read(path), "trainerd_last_checkpoint_timestamp_seconds") == at, i
+    finally:
+        s.close()
 
 
 def test_written_on_change_and_on_interval_only(tmp_path):

@@ -78,6 +78,17 @@ def main() -> int:
         os.makedirs(ck, exist_ok=True)
         with open(os.path.join(ck, "state.json"), "w") as f:
             json.dump({"step": attempt}, f)
+        # progress.json names its newest checkpoint, as the real worker's does (the metrics read it).
+        prog = os.path.join(batch_dir, "progress.json")
+        try:
+            with open(prog) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data["checkpoint"] = {"step": attempt, "at": time.time(), "seconds": 0.001}
+        with open(prog + ".tmp", "w") as f:
+            json.dump(data, f)
+        os.replace(prog + ".tmp", prog)
 
     def write_eval():
         # The shape trainerd/worker/evaluate.py writes; one earlier set per earlier batch.

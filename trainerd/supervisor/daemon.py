@@ -302,4 +302,5 @@ class Supervisor(Assembly, Control):
         self.running = None
         self.attempts.finish(r, status, now, stopping=self.stopping)
         self.retention.worker_ended(now)
+        self.metrics.attempt_ended(r.files.progress)
         heap.trim()  # what the attempt's relay freed goes back to the kernel: the RSS stays flat

@@ -61,7 +61,7 @@ class Metrics:
         self._recorded_val: tuple[int, int] = (0, 0)
         self._lineage_key: Any = None
         self._lineage: dict[str, Any] = {}
-        self._last_attempt: tuple[Any, Path] | None = None  # the attempt seen running last, its progress.json
+        self._ended_progress: Path | None = None  # an attempt reaped since the last look: its progress.json
         self._checkpoint: tuple[float | None, float | None] | None = None  # (seconds, at); None: not looked
         self._health = HealthWatch()
         self._written_at = -math.inf
@@ -112,11 +112,10 @@ class Metrics:
         s.goodput, s.faults_survived = totals["goodput"], totals["faults_survived"]
         s.crashes_without_progress, s.fault_lost_s = totals["crashes_without_progress"], totals["fault_lost_s"]
         r = daemon.running
-        key = None if r is None else (r.batch.id, r.attempt)
-        if self._last_attempt is not None and self._last_attempt[0] != key:
+        if self._ended_progress is not None:
             # That attempt's last checkpoint (the final one, a stop's) came after our last look.
-            self._note_checkpoint(read_json_or_none(self._last_attempt[1]) or {})
-        self._last_attempt = None if r is None else (key, r.files.progress)
+            self._note_checkpoint(read_json_or_none(self._ended_progress) or {})
+            self._ended_progress = None
         if r is not None:
             prog = read_json_or_none(r.files.progress) or {}
             if prog.get("pid") == r.child.pid:  # this attempt's, not the previous one's leftovers
@@ -152,10 +151,17 @@ class Metrics:
             self._recorded_key, self._recorded_val = key, led.batch_progress(batch_id)
         return self._recorded_val
 
+    def attempt_ended(self, progress: Path) -> None:
+        """Told by the daemon as it reaps a worker. An event, not an edge between two looks: an
+        attempt that began and ended between them (a fast one) would not be seen at all."""
+        self._ended_progress = progress
+
     def _note_checkpoint(self, progress: dict[str, Any]) -> None:
         ck = progress.get("checkpoint") or {}
-        if ck.get("at"):
-            self._checkpoint = (ck.get("seconds"), ck["at"])
+        at = ck.get("at")
+        # The newest wins: an attempt that wrote nothing leaves an older attempt's progress.json.
+        if at and (self._checkpoint is None or self._checkpoint[1] is None or at >= self._checkpoint[1]):
+            self._checkpoint = (ck.get("seconds"), at)
 
     def _derived_totals(self, led: Any) -> dict[str, Any]:
         """Tokens, steps and restarts by reason from the ledger's running totals (trainerd/supervisor/ledger/aggregates.py:
