@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from support.daemon import Daemon
+from support.procsig import has_signal
 from trainerd.supervisor.ledger import Ledger
 from workerutil import sample_lines
 
@@ -278,13 +279,8 @@ def _frozen(pid: int) -> bool:
 
 
 def _term_pending(pid: int) -> bool:
-    """SIGTERM waits in the (stopped) process's pending set: /proc/<pid>/status ShdPnd or SigPnd."""
-    try:
-        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if ":\t" in line)
-    except OSError:
-        return False
-    return any(int(fields.get(k, "0"), 16) & (1 << (signal.SIGTERM - 1)) for k in ("ShdPnd", "SigPnd"))
+    """SIGTERM waits in the (stopped) process's pending sets."""
+    return has_signal(pid, signal.SIGTERM, "ShdPnd", "SigPnd")
 
 
 def _torn(bdir: Path) -> list[str]:

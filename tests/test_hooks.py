@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import subprocess_env
+from support.procsig import has_signal
 from test_cancel import FAKE_ENV, plan_line, trainerd
 from test_supervisor import FAKE_WORKER_CONFIG
 from trainerd.supervisor.ledger import Ledger
@@ -157,10 +158,7 @@ def test_a_hook_interrupted_by_a_killed_daemon_runs_again(daemon_factory, tmp_pa
 
 
 def _ignores_sigterm(pid: int) -> bool:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
-    return False
+    return has_signal(pid, signal.SIGTERM, "SigIgn")
 
 
 def _running_hook_with_helper(daemon_factory, tmp_path):
